@@ -1,0 +1,256 @@
+"""Model configuration (from a checkpoint's config.json or a named preset) and engine settings.
+
+`ModelConfig` is plain data; `EngineSettings` is a pydantic-settings model, so every option can come from a
+keyword argument, an `ERNIE_SERVE_*` environment variable or a CLI flag, validated in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SUPPORTED_MODEL_TYPES = {
+    "ernie4_5": "Ernie4_5ForCausalLM",
+    "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+}
+
+
+class ModelConfigError(ValueError):
+    """A checkpoint's config.json that ernie-serve cannot serve."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one ERNIE 4.5 checkpoint; every field of REFERENCE's config.json table."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    use_bias: bool = False
+    tie_word_embeddings: bool = True
+    rope_theta: float = 500000.0
+    # MoE (ignored for model_type ernie4_5)
+    moe_intermediate_size: int = 0
+    moe_k: int = 0
+    moe_num_experts: int = 0
+    moe_num_shared_experts: int = 0
+    moe_layer_start_index: int = 0
+    moe_layer_end_index: int = -1  # -1: the last layer
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    dtype: str = "bfloat16"  # on-disk dtype named by config.json
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # fields we accept but do not use
+
+    @property
+    def architecture(self) -> str:
+        return SUPPORTED_MODEL_TYPES[self.model_type]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "ernie4_5_moe" and self.moe_num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """REFERENCE: `(i + 1) % interval == 0 and start <= i <= end`, end -1 meaning the last layer."""
+        if not self.is_moe:
+            return False
+        end = self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
+        return (layer + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= layer <= end
+
+    @property
+    def num_parameters(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        for i in range(self.num_hidden_layers):
+            if self.is_moe_layer(i):
+                mlp = 3 * h * self.moe_intermediate_size * (self.moe_num_experts + self.moe_num_shared_experts)
+                mlp += self.moe_num_experts * h
+            else:
+                mlp = 3 * h * self.intermediate_size
+            total += attn + mlp + 2 * h
+        return total + h
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                f"unsupported model_type {model_type!r}: ernie-serve serves "
+                f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+            )
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 500000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ModelConfigError(f"unsupported rope_type {rope_type!r}: only the default RoPE is implemented")
+        heads = raw["num_attention_heads"]
+        eos = raw.get("eos_token_id", 2)
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            config = cls(
+                model_type=model_type,
+                vocab_size=raw["vocab_size"],
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+                hidden_act=raw.get("hidden_act", "silu"),
+                max_position_embeddings=raw.get("max_position_embeddings", 131072),
+                rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+                use_bias=bool(raw.get("use_bias", False)),
+                tie_word_embeddings=raw.get("tie_word_embeddings", True),
+                rope_theta=float(rope_theta),
+                moe_intermediate_size=raw.get("moe_intermediate_size", 0) or 0,
+                moe_k=raw.get("moe_k", 0) or 0,
+                moe_num_experts=raw.get("moe_num_experts", 0) or 0,
+                moe_num_shared_experts=raw.get("moe_num_shared_experts", 0) or 0,
+                moe_layer_start_index=raw.get("moe_layer_start_index", 0) or 0,
+                moe_layer_end_index=raw.get("moe_layer_end_index", -1),
+                moe_layer_interval=raw.get("moe_layer_interval", 1) or 1,
+                moe_norm_min=raw.get("moe_norm_min", 1e-12),
+                pad_token_id=raw.get("pad_token_id", 0) or 0,
+                bos_token_id=raw.get("bos_token_id", 1),
+                eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+                dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+                extra={k: v for k, v in raw.items() if k not in known},
+            )
+        except KeyError as missing:
+            raise ModelConfigError(f"config.json lacks the required field {missing.args[0]!r}") from None
+        if config.hidden_act != "silu":
+            raise ModelConfigError(f"unsupported hidden_act {config.hidden_act!r}: ERNIE 4.5 uses silu")
+        if heads % config.num_key_value_heads:
+            raise ModelConfigError(
+                f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                f"({config.num_key_value_heads})"
+            )
+        if config.is_moe and not 0 < config.moe_k <= config.moe_num_experts:
+            raise ModelConfigError(f"moe_k ({config.moe_k}) must be in 1..moe_num_experts")
+        return config
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ModelConfigError(f"{path} has no config.json: not a HuggingFace-format checkpoint")
+        return cls.from_dict(json.loads(config_file.read_text()))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json contents for this shape (used to write the demo and dummy checkpoints)."""
+        raw = {k: v for k, v in asdict(self).items() if k not in ("extra", "eos_token_ids", "dtype")}
+        raw["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
+        raw["architectures"] = [self.architecture]
+        raw["dtype"] = self.dtype
+        return raw
+
+
+_COMMON = dict(
+    vocab_size=103424,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    head_dim=128,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "ernie-4.5-0.3b": ModelConfig(
+        model_type="ernie4_5",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        **_COMMON,
+    ),
+    "ernie-4.5-21b-a3b": ModelConfig(
+        model_type="ernie4_5_moe",
+        hidden_size=2560,
+        intermediate_size=12288,
+        num_hidden_layers=28,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        moe_intermediate_size=1536,
+        moe_k=6,
+        moe_num_experts=64,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=27,
+        moe_layer_interval=1,
+        **_COMMON,
+    ),
+    "ernie-4.5-300b-a47b": ModelConfig(
+        model_type="ernie4_5_moe",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=54,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        moe_intermediate_size=3584,
+        moe_k=8,
+        moe_num_experts=64,
+        moe_num_shared_experts=0,
+        moe_layer_start_index=3,
+        moe_layer_end_index=53,
+        moe_layer_interval=1,
+        **_COMMON,
+    ),
+}
+
+
+class EngineSettings(BaseSettings):
+    """Every engine option. Field names are FastDeploy/vLLM flag names with `_` for `-`."""
+
+    model_config = SettingsConfigDict(env_prefix="ERNIE_SERVE_", extra="forbid", validate_assignment=True)
+
+    model: str = Field("demo", description="checkpoint directory, a preset name, or 'demo'")
+    tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's)")
+    backend: str = Field("torch", description="registered backend name")
+    scheduler: str = Field("fcfs", description="registered scheduler name")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        "auto", description="dummy = random weights of the model's shape"
+    )
+    seed: int = Field(0, description="seed for dummy weights and requests without a seed")
+    max_model_len: int | None = Field(None, ge=1, description="context limit (default: the model's, capped)")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens computed in one step")
+    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    num_gpu_blocks_override: int | None = Field(None, ge=1, description="KV pool size in blocks")
+    kv_cache_memory_bytes: int | None = Field(None, ge=1, description="KV pool size in bytes")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory to use")
+    enable_chunked_prefill: bool = Field(True, description="split long prompts over several steps")
+    enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prefixes")
+    quantization: str | None = Field(None, description="weight-only quantization: wint8 or wint4")
+    tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
+    chat_template: str | None = Field(None, description="Jinja chat template file or string")
+    log_format: Literal["console", "json"] = Field("console", description="log output format")
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, value: str | None) -> str | None:
+        if value not in (None, "wint8", "wint4"):
+            raise ValueError(f"unknown quantization {value!r}; choose wint8 or wint4")
+        return value

@@ -1,0 +1,124 @@
+"""Per-request sampling options, shaped like vLLM's `SamplingParams`.
+
+Pure Python (no torch): the scheduler and the gateway validate and read these without touching tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+class SamplingParamsError(ValueError):
+    """A sampling option out of range; `param` names the offending field (the gateway puts it in the 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request.
+
+    `temperature` and `top_p` default to `None`, meaning "not said by the request": the engine then takes the
+    checkpoint's `generation_config.json` values (ERNIE's card recommends 0.8 / 0.8), or 1.0 when it has none.
+    """
+
+    n: int = 1  # completions per prompt
+    temperature: float | None = None  # 0 means greedy
+    top_p: float | None = None  # nucleus mass in (0, 1]
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0  # drop tokens below min_p * p(max)
+    seed: int | None = None  # per-request generator; same seed, same output whatever the batch
+    stop: list[str] = field(default_factory=list)  # stop strings, cut from the text
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens, kept in token_ids
+    max_tokens: int | None = 16  # None: up to the context limit
+    min_tokens: int = 0  # eos/stop tokens are masked until this many tokens exist
+    presence_penalty: float = 0.0  # OpenAI meaning, over generated tokens
+    frequency_penalty: float = 0.0  # OpenAI meaning, over generated tokens
+    repetition_penalty: float = 1.0  # CTRL meaning, over prompt and generated tokens
+    ignore_eos: bool = False  # keep going past eos / <|end_of_sentence|>
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top k
+    prompt_logprobs: int | None = None  # accepted for vLLM compatibility; not computed yet
+    skip_special_tokens: bool = True  # leave special tokens out of the detokenized text
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `SamplingParamsError` naming the first field out of range."""
+        checks: list[tuple[bool, str, str]] = [
+            (self.n >= 1, "n", f"n must be at least 1, got {self.n}"),
+            (
+                self.temperature is None or self.temperature >= 0,
+                "temperature",
+                f"temperature must be >= 0, got {self.temperature}",
+            ),
+            (
+                self.top_p is None or 0 < self.top_p <= 1,
+                "top_p",
+                f"top_p must be in (0, 1], got {self.top_p}",
+            ),
+            (self.top_k >= -1, "top_k", f"top_k must be -1 (disabled) or >= 0, got {self.top_k}"),
+            (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
+            (
+                self.max_tokens is None or self.max_tokens >= 1,
+                "max_tokens",
+                f"max_tokens must be at least 1, got {self.max_tokens}",
+            ),
+            (self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+            ),
+            (
+                -2 <= self.presence_penalty <= 2,
+                "presence_penalty",
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                "frequency_penalty",
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                self.repetition_penalty > 0,
+                "repetition_penalty",
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            ),
+            (
+                self.logprobs is None or self.logprobs >= 0,
+                "logprobs",
+                f"logprobs must be >= 0, got {self.logprobs}",
+            ),
+            (all(s for s in self.stop), "stop", "stop strings must not be empty"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise SamplingParamsError(param, message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def with_defaults(self, temperature: float | None, top_p: float | None) -> SamplingParams:
+        """A copy with the unset temperature/top_p filled from the checkpoint's generation config."""
+        return replace(
+            self,
+            temperature=_first_set(self.temperature, temperature, 1.0),
+            top_p=_first_set(self.top_p, top_p, 1.0),
+        )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _first_set(*values: float | None) -> float:
+    return next(v for v in values if v is not None)
