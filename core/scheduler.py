@@ -5,10 +5,13 @@ Pure Python: importing this module must not import torch.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from ernie_serve.core.plan import StepPlan, StepResult
+from ernie_serve.core.block_manager import KVBlockManager
+from ernie_serve.core.plan import ScheduledRequest, StepPlan, StepResult
 from ernie_serve.core.request import Request, RequestStatus
 
 
@@ -40,3 +43,229 @@ class Scheduler(ABC):
     @abstractmethod
     def has_unfinished_requests(self) -> bool:
         """Called by the engine loop to decide whether to keep stepping."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The budgets a scheduler works within; the engine builds it from EngineSettings and the KV pool."""
+
+    max_num_seqs: int  # requests running at once
+    max_num_batched_tokens: int  # tokens computed in one step
+    max_model_len: int  # prompt + output limit per request
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV pool size
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the engine exports as metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class FCFSScheduler(Scheduler):
+    """First come, first served, with token budgets, chunked prefill, prefix caching and preemption.
+
+    There is no prefill or decode mode: each running request gets `num_tokens - num_computed_tokens` new tokens
+    (capped by the step budget), so chunked prefill, prefix-cache hits and decode are one case. Running requests
+    are served before waiting ones; when blocks run out the last-admitted running request is preempted (its
+    blocks freed, recomputed later). Subclasses change the order by overriding `waiting_order_key` and
+    `preemption_victim`.
+    """
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = KVBlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_since_plan: list[str] = []
+        self._preempted_since_plan: list[str] = []
+        self.num_preemptions = 0
+
+    # ----- policy hooks for subclasses -----
+    def waiting_order_key(self, request: Request) -> tuple:
+        """Sort key of the waiting queue: first element runs first."""
+        return (request.arrival_time,)
+
+    def preemption_victim(self) -> Request:
+        """The running request to evict when blocks run out: the one admitted last."""
+        return self.running[-1]
+
+    # ----- interface -----
+    def add_request(self, request: Request) -> None:
+        blocks_needed = self.block_manager.blocks_needed(
+            min(self.config.max_model_len, request.num_prompt_tokens + (request.sampling_params.max_tokens or 0))
+        )
+        if blocks_needed > self.config.num_blocks:
+            raise ValueError(
+                f"request {request.request_id} needs {blocks_needed} KV blocks but the pool has "
+                f"{self.config.num_blocks}: it can never be scheduled"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        self.waiting.sort(key=self.waiting_order_key)
+
+    def abort_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        aborted = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            aborted.append(request)
+        return aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        config = self.config
+        budget = config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted_now = False
+
+        # Running requests first, in admission order, so decodes keep flowing while long prompts prefill.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(request, num_new):
+                victim = self.preemption_victim()
+                victim_index = self.running.index(victim)
+                self._preempt(victim)
+                preempted_now = True
+                if victim is request:
+                    break
+                if victim_index < index:  # already scheduled this step: take its share back
+                    index -= 1
+                    taken = next(s for s in scheduled if s.request_id == victim.request_id)
+                    scheduled.remove(taken)
+                    budget += len(taken.token_ids)
+            if request.status != RequestStatus.RUNNING:
+                continue  # it preempted itself; `index` now points at the next one
+            self.block_manager.allocate(request, num_new)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            index += 1
+
+        # Then admit waiting requests while budgets and blocks allow (not in a step that had to preempt).
+        while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs and not preempted_now:
+            request = self.waiting[0]
+            cached = self.block_manager.find_cached_prefix(request)
+            request.num_computed_tokens = len(cached) * config.block_size
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget and not config.enable_chunked_prefill:
+                if scheduled:
+                    break
+                # an unchunked prompt larger than the step budget would wait forever: run it alone
+            else:
+                num_new = min(num_new, budget)
+            if not self.block_manager.can_allocate(request, num_new, cached):
+                request.num_computed_tokens = 0
+                break
+            self.waiting.pop(0)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = request.num_computed_tokens
+            self.block_manager.record_prefix_lookup(request, request.num_computed_tokens)
+            self.block_manager.allocate(request, num_new, cached)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        plan = StepPlan(
+            scheduled=scheduled,
+            finished_request_ids=self._finished_since_plan,
+            preempted_request_ids=self._preempted_since_plan,
+        )
+        self._finished_since_plan, self._preempted_since_plan = [], []
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        finished: list[Request] = []
+        for item in plan.scheduled:
+            request = self.requests[item.request_id]
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += len(item.token_ids)
+            self.block_manager.cache_computed_blocks(request)
+            sampled = result.sampled.get(item.request_id)
+            if sampled is None:
+                continue
+            request.output_token_ids.append(sampled.token_id)
+            status = self._stop_status(request, sampled.token_id)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+                finished.append(request)
+        return finished
+
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=bm.usage,
+            prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ----- internals -----
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids_slice(start, start + num_new),
+            start_position=start,
+            block_table=list(request.block_ids),
+            samples=start + num_new == request.num_tokens,
+        )
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if token_id in params.stop_token_ids and request.num_output_tokens >= params.min_tokens:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if (
+            not params.ignore_eos
+            and token_id in request.eos_token_ids
+            and request.num_output_tokens >= params.min_tokens
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        """Evict by recompute: drop its blocks and put it back at the head of the queue."""
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_since_plan.append(request.request_id)
+        self.waiting.insert(0, request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        request.finished_time = time.monotonic()
+        self.block_manager.free(request)
+        self._finished_since_plan.append(request.request_id)
+        del self.requests[request.request_id]

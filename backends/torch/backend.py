@@ -1,0 +1,124 @@
+"""The native PyTorch backend: our ERNIE 4.5 model over a paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
+from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
+from ernie_serve.core.backend import Backend, KVCacheSpec
+from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.plan import StepPlan
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {requested}: no CUDA GPU is visible to torch")
+    return device
+
+
+def resolve_dtype(requested: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU unless asked otherwise (bf16 matmul there is hundreds of times slower); on GPU the
+    checkpoint's dtype."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device.type == "cpu":
+        return torch.float32
+    return _DTYPES.get(checkpoint_dtype, torch.bfloat16)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.model: ErnieForCausalLM | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    def load(self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None) -> None:
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, model_config.dtype, self.device)
+        self.config = model_config
+        self.model = ErnieForCausalLM(model_config, self.dtype, self.device).eval()
+        if model_path is None:
+            init_dummy_weights(self.model, settings.seed)
+        else:
+            load_safetensors(self.model, model_path)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        c = self.config
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+        free = None
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        return KVCacheSpec(bytes_per_token=per_token, device_free_bytes=free)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        c = self.config
+        shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)  # [N, K, D]
+        self.block_size = block_size
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        assert self.model is not None, "execute before load"
+        input_ids, positions, sample_rows, meta = self._prepare(plan)
+        return self.model(input_ids, positions, self.kv_caches, meta, sample_rows)
+
+    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the plan into token rows and attention metadata (all index math on the host, once)."""
+        bs, device = self.block_size, self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_slots: list[list[int]] = []
+        prefills: list[PrefillGroup] = []
+        for item in plan.scheduled:
+            row = len(input_ids)
+            n = len(item.token_ids)
+            end = item.start_position + n
+            table = item.block_table
+            context = [table[p // bs] * bs + p % bs for p in range(end)]
+            input_ids += item.token_ids
+            positions += range(item.start_position, end)
+            slots += context[item.start_position :]
+            if item.samples:
+                sample_rows.append(row + n - 1)
+            if n == 1:
+                decode_rows.append(row)
+                decode_slots.append(context)
+            else:
+                cached = torch.tensor(context, device=device) if item.start_position else None
+                prefills.append(PrefillGroup(row, n, cached, item.start_position))
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=device), prefills=prefills)
+        if decode_rows:
+            longest = max(len(c) for c in decode_slots)
+            padded = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode_rows), longest, dtype=torch.bool)
+            for i, context in enumerate(decode_slots):
+                padded[i, : len(context)] = torch.tensor(context)
+                mask[i, : len(context)] = True
+            meta.decode_rows = torch.tensor(decode_rows, device=device)
+            meta.decode_slots = padded.to(device)
+            meta.decode_mask = mask[:, None, None, :].to(device)
+        return (
+            torch.tensor(input_ids, device=device),
+            torch.tensor(positions, device=device),
+            torch.tensor(sample_rows, device=device, dtype=torch.long),
+            meta,
+        )
+
+    def close(self) -> None:
+        self.kv_caches = []
+        self.model = None

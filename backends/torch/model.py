@@ -1,0 +1,291 @@
+"""ERNIE 4.5 (dense `Ernie4_5ForCausalLM` and MoE `Ernie4_5_MoeForCausalLM`) in plain PyTorch, over a paged KV
+cache. Single-device: parallelism is applied elsewhere, after construction.
+
+Legend: T tokens in the step (all requests, flattened), S tokens that sample, H hidden size, Q query heads,
+K key/value heads, D head dim, E routed experts, k experts per token, I expert (or dense) intermediate size,
+V vocab, N slots in the KV pool (blocks x block size), B requests in a batched attention group, L context length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernie_serve.core.config import ModelConfig
+
+
+@dataclass
+class PrefillGroup:
+    """One request computing more than one token this step."""
+
+    token_start: int  # its first row in the step's flattened tokens
+    num_tokens: int  # rows it computes
+    context_slots: torch.Tensor | None  # [L] KV slots of positions 0..start+num_tokens; None: no cached prefix
+    start_position: int  # tokens already cached before this step
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's KV goes and what each query attends to; built once per step, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] KV pool slot each new token writes
+    decode_rows: torch.Tensor | None = None  # [B] rows of single-token requests, batched together
+    decode_slots: torch.Tensor | None = None  # [B, L] their context slots, padded
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where the slot is real context
+    prefills: list[PrefillGroup] = field(default_factory=list)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ERNIE's RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style. x `[T, heads, D]`, cos/sin `[T, 1, D/2]`."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [T, heads, D/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_weight = _param(q + 2 * kv, config.hidden_size, dtype=dtype, device=device)  # q|k|v fused
+        self.o_weight = _param(config.hidden_size, q, dtype=dtype, device=device)
+        self.qkv_bias = _param(q + 2 * kv, dtype=dtype, device=device) if config.use_bias else None
+        self.o_bias = _param(config.hidden_size, dtype=dtype, device=device) if config.use_bias else None
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        cos: torch.Tensor,  # [T, 1, D/2]
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, K, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Q+2K)*D]
+        q = qkv[:, :q_size].unflatten(-1, (self.num_heads, self.head_dim))  # [T, Q, D]
+        k = qkv[:, q_size : q_size + kv_size].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, K, D]
+        v = qkv[:, q_size + kv_size :].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, K, D]
+        q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)  # [T, Q, D]
+        if meta.decode_rows is not None:
+            qd = q[meta.decode_rows].unsqueeze(2)  # [B, Q, 1, D]
+            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, K, L, D]
+            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+            )  # [B, Q, 1, D]
+            out[meta.decode_rows] = od.squeeze(2)
+        for group in meta.prefills:
+            rows = slice(group.token_start, group.token_start + group.num_tokens)
+            qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Q, n, D]
+            if group.context_slots is None:  # whole prompt in this step: causal over the new tokens only
+                kp = k[rows].transpose(0, 1).unsqueeze(0)  # [1, K, n, D]
+                vp = v[rows].transpose(0, 1).unsqueeze(0)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:  # continues a cached prefix: query i sees context positions <= start + i
+                kp = k_cache[group.context_slots].transpose(0, 1).unsqueeze(0)  # [1, K, L, D]
+                vp = v_cache[group.context_slots].transpose(0, 1).unsqueeze(0)
+                query_pos = torch.arange(group.num_tokens, device=x.device)[:, None] + group.start_position
+                key_pos = torch.arange(group.context_slots.shape[0], device=x.device)[None, :]
+                op = F.scaled_dot_product_attention(
+                    qp, kp, vp, attn_mask=key_pos <= query_pos, scale=self.scale, enable_gqa=True
+                )
+            out[rows] = op.squeeze(0).transpose(0, 1)
+        return F.linear(out.flatten(1), self.o_weight, self.o_bias)  # [T, H]
+
+
+class MLP(nn.Module):
+    """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
+
+    def __init__(
+        self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_weight = _param(2 * intermediate, hidden, dtype=dtype, device=device)  # gate|up
+        self.down_weight = _param(hidden, intermediate, dtype=dtype, device=device)
+        self.gate_up_bias = _param(2 * intermediate, dtype=dtype, device=device) if bias else None
+        self.down_bias = _param(hidden, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2I]
+        hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [T, I]
+        return F.linear(hidden, self.down_weight, self.down_bias)
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts plus optional always-on shared experts.
+
+    Routing is float32 with the correction bias used only to choose experts. Tokens are sorted by expert
+    and each active expert runs one matmul over all its tokens: the Python loop is over experts, never tokens.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        e, h, i = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.top_k, self.intermediate = e, config.moe_k, i
+        self.norm_min = config.moe_norm_min
+        self.router_weight = _param(e, h, dtype=torch.float32, device=device)  # [E, H], always float32
+        self.score_bias = _param(e, dtype=torch.float32, device=device)  # [E] selection-only correction
+        self.gate_up_weight = _param(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H]
+        self.down_weight = _param(e, h, i, dtype=dtype, device=device)  # [E, H, I]
+        shared = config.moe_num_shared_experts * i
+        self.shared = MLP(h, shared, config.use_bias, dtype, device) if shared else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids `[T, k]` and their renormalized weights `[T, k]` (float32)."""
+        probs = torch.softmax(F.linear(x.float(), self.router_weight), dim=-1)  # [T, E]
+        _, experts = torch.topk(probs + self.score_bias, self.top_k, dim=-1)  # [T, k]
+        weights = probs.gather(-1, experts)  # [T, k]
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        return experts, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        experts, weights = self.route(x)
+        flat_experts = experts.flatten()  # [T*k]
+        order = torch.argsort(flat_experts, stable=True)  # [T*k] assignments grouped by expert
+        token_of = order // self.top_k  # [T*k] source token of each sorted assignment
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        x_sorted = x[token_of]  # [T*k, H]
+        y_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            gate_up = F.linear(x_sorted[rows], self.gate_up_weight[expert])  # [n, 2I]
+            hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [n, I]
+            y_sorted[rows] = F.linear(hidden, self.down_weight[expert])  # [n, H]
+            start += count
+        y_sorted *= weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, y_sorted)  # [T, H]
+        if self.shared is not None:
+            out += self.shared(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.attn = Attention(config, dtype, device)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer):
+            self.mlp = SparseMoE(config, dtype, device)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype, device)
+
+    def forward(self, x, cos, sin, kv_cache, meta):  # [T, H] -> [T, H]
+        x = x + self.attn(self.input_norm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class ErnieForCausalLM(nn.Module):
+    """Both ERNIE 4.5 architectures: dense layers and MoE layers are chosen per layer from the config."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head_weight = self.embed_weight
+        else:
+            self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        half = config.head_dim // 2
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=device) * 2 / config.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, each [N, K, D]
+        meta: AttentionMetadata,
+        sample_rows: torch.Tensor,  # [S] rows whose next-token logits are wanted
+    ) -> torch.Tensor:  # [S, V] float32
+        x = F.embedding(input_ids, self.embed_weight)  # [T, H]
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)  # [T, 1, D/2]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        x = self.norm(x[sample_rows])  # [S, H]
+        return F.linear(x, self.lm_head_weight).float()  # [S, V]
+
+    # ----- checkpoint mapping -----
+    def checkpoint_targets(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HuggingFace tensor name, the view of our parameter it fills), for every tensor the checkpoint must
+        hold. Fused parameters (qkv, gate|up, stacked experts) are filled slice by slice."""
+        config = self.config
+        yield "model.embed_tokens.weight", self.embed_weight
+        yield "model.norm.weight", self.norm.weight
+        if not config.tie_word_embeddings:
+            yield "lm_head.weight", self.lm_head_weight
+        q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{i}"
+            yield f"{prefix}.input_layernorm.weight", layer.input_norm.weight
+            yield f"{prefix}.post_attention_layernorm.weight", layer.post_attention_norm.weight
+            attn = layer.attn
+            splits = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+            for name, rows in splits.items():
+                yield f"{prefix}.self_attn.{name}_proj.weight", attn.qkv_weight[rows]
+                if attn.qkv_bias is not None:
+                    yield f"{prefix}.self_attn.{name}_proj.bias", attn.qkv_bias[rows]
+            yield f"{prefix}.self_attn.o_proj.weight", attn.o_weight
+            if attn.o_bias is not None:
+                yield f"{prefix}.self_attn.o_proj.bias", attn.o_bias
+            mlp = layer.mlp
+            if isinstance(mlp, SparseMoE):
+                yield f"{prefix}.mlp.gate.weight", mlp.router_weight
+                yield f"{prefix}.mlp.moe_statics.e_score_correction_bias", mlp.score_bias.view(1, -1)
+                n = mlp.intermediate
+                for e in range(mlp.num_experts):
+                    yield f"{prefix}.mlp.experts.{e}.gate_proj.weight", mlp.gate_up_weight[e, :n]
+                    yield f"{prefix}.mlp.experts.{e}.up_proj.weight", mlp.gate_up_weight[e, n:]
+                    yield f"{prefix}.mlp.experts.{e}.down_proj.weight", mlp.down_weight[e]
+                if mlp.shared is not None:
+                    yield from _mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared)
+            else:
+                yield from _mlp_targets(f"{prefix}.mlp", mlp)
+
+
+def _mlp_targets(prefix: str, mlp: MLP) -> Iterator[tuple[str, torch.Tensor]]:
+    n = mlp.intermediate
+    yield f"{prefix}.gate_proj.weight", mlp.gate_up_weight[:n]
+    yield f"{prefix}.up_proj.weight", mlp.gate_up_weight[n:]
+    yield f"{prefix}.down_proj.weight", mlp.down_weight
+    if mlp.gate_up_bias is not None:
+        yield f"{prefix}.gate_proj.bias", mlp.gate_up_bias[:n]
+        yield f"{prefix}.up_proj.bias", mlp.gate_up_bias[n:]
+        yield f"{prefix}.down_proj.bias", mlp.down_bias

@@ -1,0 +1,133 @@
+"""The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.engine import Engine
+from ernie_serve.core.request import RequestOutput
+from ernie_serve.core.sampling_params import SamplingParams
+from ernie_serve.core.tokenizer import Tokenizer
+
+PromptInput = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} (optionally with "prompt")
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """One engine, used synchronously. Every request of one `generate`/`chat` call is batched together."""
+
+    def __init__(
+        self,
+        model: str = "demo",
+        backend: str = "torch",
+        dtype: str = "auto",
+        scheduler: str = "fcfs",
+        load_format: str = "auto",
+        **settings: Any,
+    ) -> None:
+        self.engine = Engine(
+            EngineSettings(
+                model=model, backend=backend, dtype=dtype, scheduler=scheduler, load_format=load_format, **settings
+            )
+        )
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = Engine(settings)
+        return llm
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt at once; outputs come back in input order."""
+        prompt_list = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        params_list = self._align(prompt_list, sampling_params)
+        ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
+                text, token_ids = self._tokenize(prompt)
+                ids.append(
+                    self.engine.add_request(
+                        token_ids, params, prompt=text, priority=priority[i] if priority else 0
+                    )
+                )
+        except Exception:
+            self.engine.abort_request(ids)
+            self._drain()
+            raise
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+        self._drain()
+        return [results[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation or a list of them, then `generate`."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params)
+
+    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> dict[str, Any]:
+        text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        # the template already places the special tokens: encode without adding any
+        return {"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(text)}
+
+    def stream(self, prompt: str, sampling_params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+        """Yield text deltas of one request as they are produced (the CLI's `generate`)."""
+        source: PromptInput = self.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
+        text, token_ids = self._tokenize(source)
+        request_id = self.engine.add_request(token_ids, sampling_params, prompt=text)
+        shown = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.request_id != request_id:
+                        continue
+                    full = output.outputs[0].text
+                    if len(full) > shown:
+                        yield full[shown:]
+                        shown = len(full)
+        finally:
+            self.engine.abort_request(request_id)
+            self._drain()
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenizer.encode(prompt)
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"], self.engine.tokenizer.encode(prompt["prompt"])
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+
+    @staticmethod
+    def _align(prompts: list[PromptInput], params: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in prompts]
+        if isinstance(params, SamplingParams):
+            return [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        return params
+
+    def _drain(self) -> None:
+        """Step until aborted requests are flushed, so the next call starts clean."""
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
