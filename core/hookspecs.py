@@ -1,0 +1,95 @@
+"""Every extension point of ernie-serve, in one module.
+
+A plugin is a module with functions decorated `@hookimpl` whose names match the hooks below. Built-ins
+(`ernie_serve.core.plugins.DEFAULT_PLUGINS`) and third-party packages (entry-point group `ernie_serve`,
+e.g. `[project.entry-points.ernie_serve] myplugin = "my_pkg.plugin"`) register through the same manager.
+
+Each hook receives a `register` callback instead of returning values, so a plugin can register any number
+of things and the registry records which plugin provided each one. Hooks are called once per process, when
+the registry is first built (`ernie_serve.core.plugins.registry()`), in plugin registration order.
+
+Core stays free of web-framework imports: gateway routes are typed structurally (`RouteLike`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ernie_serve.core.backend import Backend
+    from ernie_serve.core.scheduler import Scheduler
+
+PROJECT_NAME = "ernie_serve"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@runtime_checkable
+class RouteLike(Protocol):
+    """What the gateway mounts: a starlette `Route`/`Mount`/`WebSocketRoute` or anything shaped like one."""
+
+    path: str
+
+
+# A chat-request transform takes the request (the gateway's pydantic model, or a plain dict offline) and
+# returns the request to template: the same object changed, or a new one. It may be sync or async.
+RequestTransform = Callable[[Any], Any]
+
+RegisterBackend = Callable[[str, "type[Backend]"], None]
+RegisterScheduler = Callable[[str, "type[Scheduler]"], None]
+RegisterModel = Callable[[str, type], None]
+RegisterRoute = Callable[[RouteLike], None]
+RegisterRequestTransform = Callable[[str, RequestTransform], None]
+
+
+@hookspec
+def register_backends(register: RegisterBackend) -> None:
+    """Register backends: call `register(name, backend_cls)` with a `Backend` subclass per backend.
+
+    Called once when the registry is built (first `ernie-serve plugins`, or first engine start). `name` is
+    what `--backend` selects (e.g. "torch"). Register a backend even when its dependencies are missing here
+    and report that from `Backend.availability()`, so `ernie-serve plugins` can list it with the reason;
+    import heavy dependencies lazily, inside the backend's methods.
+    """
+
+
+@hookspec
+def register_schedulers(register: RegisterScheduler) -> None:
+    """Register schedulers: call `register(name, scheduler_cls)` with a `Scheduler` subclass per scheduler.
+
+    Called once when the registry is built. `name` is what `--scheduler` selects (e.g. "fcfs"); the engine
+    instantiates the class when it starts.
+    """
+
+
+@hookspec
+def register_models(register: RegisterModel) -> None:
+    """Register model architectures for the torch backend: `register(architecture_name, model_cls)`.
+
+    Called once when the registry is built. `architecture_name` is the HuggingFace `architectures[0]` of a
+    checkpoint's config.json (e.g. "Ernie4_5_MoeForCausalLM"); the torch backend looks the class up by the
+    loaded `ModelConfig.architecture` and constructs it.
+    """
+
+
+@hookspec
+def register_gateway_routes(register: RegisterRoute) -> None:
+    """Register extra HTTP routes on the gateway: `register(route)` with a starlette `Route`-like object.
+
+    Called once when the registry is built; the gateway mounts these routes after its built-in OpenAI
+    routes when it builds its app (a path it already serves is refused with a logged warning).
+    """
+
+
+@hookspec
+def register_request_transforms(register: RegisterRequestTransform) -> None:
+    """Register chat-request transforms: `register(name, transform)`.
+
+    Called once when the registry is built. The gateway (and the offline chat API) applies every registered
+    transform, in registration order, to each chat request before the chat template renders it; e.g. a
+    web-search plugin that adds retrieved context as a system message. See `RequestTransform`.
+    """
