@@ -17,7 +17,9 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and its tokens are computed
-    token_ids: tuple[int, ...] = ()  # the block's tokens when hashed; checked on a hit so a collision is harmless
+    token_ids: tuple[
+        int, ...
+    ] = ()  # the block's tokens when hashed; checked on a hit so a collision is harmless
 
 
 @dataclass
@@ -172,6 +174,8 @@ class KVBlockManager:
                 counts[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == counts[block.block_id], f"block {block.block_id} ref count is wrong"
-            assert (block.block_id in self._free) == (block.ref_count == 0), f"block {block.block_id} misfiled"
+            assert (block.block_id in self._free) == (block.ref_count == 0), (
+                f"block {block.block_id} misfiled"
+            )
         for block_hash, block_id in self._cached.items():
             assert self.blocks[block_id].block_hash == block_hash, "stale prefix cache entry"

@@ -109,7 +109,9 @@ class Engine:
         resolved = resolve_model(settings)
         self.model_config = resolved.config
         self.generation_defaults = resolved.generation_defaults
-        self.tokenizer = Tokenizer.from_pretrained(resolved.tokenizer_path, chat_template=settings.chat_template)
+        self.tokenizer = Tokenizer.from_pretrained(
+            resolved.tokenizer_path, chat_template=settings.chat_template
+        )
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids | set(self.model_config.eos_token_ids))
 
         backend_cls = get_backend_class(settings.backend)
@@ -155,8 +157,10 @@ class Engine:
         context limit to what the pool can hold for one request."""
         s, spec = self.settings, self.backend.kv_cache_spec()
         bytes_per_block = spec.bytes_per_token * s.block_size
-        model_len = min(s.max_model_len or self.model_config.max_position_embeddings,
-                        self.model_config.max_position_embeddings)
+        model_len = min(
+            s.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
         if s.num_gpu_blocks_override:
             num_blocks = s.num_gpu_blocks_override
         elif s.kv_cache_memory_bytes:
@@ -201,7 +205,9 @@ class Engine:
                 raise PromptTooLongError("prompt", self._too_long_message(len(prompt_token_ids), 1))
             params = replace(params, max_tokens=room)
         elif params.max_tokens > room:
-            raise PromptTooLongError("max_tokens", self._too_long_message(len(prompt_token_ids), params.max_tokens))
+            raise PromptTooLongError(
+                "max_tokens", self._too_long_message(len(prompt_token_ids), params.max_tokens)
+            )
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise SamplingParamsError("prompt", f"prompt token ids must be in [0, {vocab})")
@@ -279,7 +285,9 @@ class Engine:
                 for token_id, entry in token.logprobs.items():
                     entry.decoded_token = self.tokenizer.decode_token(token_id)
                 seq.logprobs.append(token.logprobs)
-                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + token.logprobs[token.token_id].logprob
+                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + token.logprobs[
+                    token.token_id
+                ].logprob
             hit = seq.detokenizer.add_tokens([token.token_id])
             if hit is not None and not request.is_finished:
                 request.stop_reason = hit

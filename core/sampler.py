@@ -84,7 +84,9 @@ class Sampler:
             if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
                 outputs = torch.tensor(request.output_token_ids, dtype=torch.long)
                 counts = torch.bincount(outputs[outputs < vocab], minlength=vocab).float()
-                logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+                logits[i] -= (
+                    params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+                )
         return logits
 
     @staticmethod

@@ -82,7 +82,9 @@ class FCFSScheduler(Scheduler):
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_manager = KVBlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = KVBlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -102,7 +104,10 @@ class FCFSScheduler(Scheduler):
     # ----- interface -----
     def add_request(self, request: Request) -> None:
         blocks_needed = self.block_manager.blocks_needed(
-            min(self.config.max_model_len, request.num_prompt_tokens + (request.sampling_params.max_tokens or 0))
+            min(
+                self.config.max_model_len,
+                request.num_prompt_tokens + (request.sampling_params.max_tokens or 0),
+            )
         )
         if blocks_needed > self.config.num_blocks:
             raise ValueError(

@@ -271,7 +271,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from ernie_serve.llm import LLM
 
     # Errors a user fixes by changing flags or installing something: one line, no traceback.
-    user_errors = (BackendUnavailableError, ModelConfigError, UnknownPluginError, FileNotFoundError)
+    user_errors = (BackendUnavailableError, ModelConfigError, UnknownPluginError, OSError, ValueError)
     out = sys.stdout
     llm: LLM | None = None
     try:

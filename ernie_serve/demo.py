@@ -65,8 +65,9 @@ def demo_checkpoint_dir() -> Path:
     return target
 
 
-def write_random_checkpoint(out_dir: Path, config: ModelConfig, seed: int, dtype: torch.dtype = torch.bfloat16,
-                            std: float = 0.05) -> None:
+def write_random_checkpoint(
+    out_dir: Path, config: ModelConfig, seed: int, dtype: torch.dtype = torch.bfloat16, std: float = 0.05
+) -> None:
     """A HuggingFace-layout checkpoint (config.json, generation_config.json, model.safetensors) with seeded
     random weights, named exactly like transformers' `save_pretrained` output."""
     from ernie_serve.backends.torch.model import ErnieForCausalLM

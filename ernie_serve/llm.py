@@ -29,7 +29,12 @@ class LLM:
     ) -> None:
         self.engine = Engine(
             EngineSettings(
-                model=model, backend=backend, dtype=dtype, scheduler=scheduler, load_format=load_format, **settings
+                model=model,
+                backend=backend,
+                dtype=dtype,
+                scheduler=scheduler,
+                load_format=load_format,
+                **settings,
             )
         )
 
@@ -84,11 +89,15 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> dict[str, Any]:
-        text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        text = self.engine.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt
+        )
         # the template already places the special tokens: encode without adding any
         return {"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(text)}
 
-    def stream(self, prompt: str, sampling_params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+    def stream(
+        self, prompt: str, sampling_params: SamplingParams | None = None, chat: bool = False
+    ) -> Iterator[str]:
         """Yield text deltas of one request as they are produced (the CLI's `generate`)."""
         source: PromptInput = self.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
         text, token_ids = self._tokenize(source)
@@ -117,7 +126,9 @@ class LLM:
         raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
 
     @staticmethod
-    def _align(prompts: list[PromptInput], params: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
+    def _align(
+        prompts: list[PromptInput], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[SamplingParams]:
         if params is None:
             return [SamplingParams() for _ in prompts]
         if isinstance(params, SamplingParams):

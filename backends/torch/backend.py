@@ -63,8 +63,10 @@ class TorchBackend(Backend):
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)  # [N, K, D]
         self.block_size = block_size
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(c.num_hidden_layers)
         ]
 

@@ -24,7 +24,9 @@ class PrefillGroup:
 
     token_start: int  # its first row in the step's flattened tokens
     num_tokens: int  # rows it computes
-    context_slots: torch.Tensor | None  # [L] KV slots of positions 0..start+num_tokens; None: no cached prefix
+    context_slots: (
+        torch.Tensor | None
+    )  # [L] KV slots of positions 0..start+num_tokens; None: no cached prefix
     start_position: int  # tokens already cached before this step
 
 
@@ -109,7 +111,9 @@ class Attention(nn.Module):
             if group.context_slots is None:  # whole prompt in this step: causal over the new tokens only
                 kp = k[rows].transpose(0, 1).unsqueeze(0)  # [1, K, n, D]
                 vp = v[rows].transpose(0, 1).unsqueeze(0)
-                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
+                op = F.scaled_dot_product_attention(
+                    qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True
+                )
             else:  # continues a cached prefix: query i sees context positions <= start + i
                 kp = k_cache[group.context_slots].transpose(0, 1).unsqueeze(0)  # [1, K, L, D]
                 vp = v_cache[group.context_slots].transpose(0, 1).unsqueeze(0)
@@ -215,15 +219,21 @@ class ErnieForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config = config
-        self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers))
+        self.embed_weight = _param(
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device
+        )  # [V, H]
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head_weight = self.embed_weight
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         half = config.head_dim // 2
-        inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=device) * 2 / config.head_dim)
+        inv_freq = 1.0 / config.rope_theta ** (
+            torch.arange(half, dtype=torch.float32, device=device) * 2 / config.head_dim
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
 
     def forward(

@@ -32,25 +32,51 @@ _BASE: dict[str, Any] = dict(
 TINY_SHAPES: dict[str, dict[str, Any]] = {
     # MoE with shared experts and tied embeddings (like 21B-A3B)
     "moe_shared_tied": dict(
-        model_type="ernie4_5_moe", num_hidden_layers=3, tie_word_embeddings=True, moe_intermediate_size=32,
-        moe_k=2, moe_num_experts=6, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
+        model_type="ernie4_5_moe",
+        num_hidden_layers=3,
+        tie_word_embeddings=True,
+        moe_intermediate_size=32,
+        moe_k=2,
+        moe_num_experts=6,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=-1,
         moe_layer_interval=1,
     ),
     # every second layer MoE up to the last (-1), no shared experts, untied head, one KV head (like 300B)
     "moe_interval2_untied_mqa": dict(
-        model_type="ernie4_5_moe", num_hidden_layers=4, tie_word_embeddings=False, num_key_value_heads=1,
-        moe_intermediate_size=32, moe_k=3, moe_num_experts=5, moe_num_shared_experts=0,
-        moe_layer_start_index=0, moe_layer_end_index=-1, moe_layer_interval=2,
+        model_type="ernie4_5_moe",
+        num_hidden_layers=4,
+        tie_word_embeddings=False,
+        num_key_value_heads=1,
+        moe_intermediate_size=32,
+        moe_k=3,
+        moe_num_experts=5,
+        moe_num_shared_experts=0,
+        moe_layer_start_index=0,
+        moe_layer_end_index=-1,
+        moe_layer_interval=2,
     ),
     # top-1 routing and a dense tail layer after the MoE range
     "moe_top1_dense_tail": dict(
-        model_type="ernie4_5_moe", num_hidden_layers=3, tie_word_embeddings=True, moe_intermediate_size=48,
-        moe_k=1, moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_end_index=1,
+        model_type="ernie4_5_moe",
+        num_hidden_layers=3,
+        tie_word_embeddings=True,
+        moe_intermediate_size=48,
+        moe_k=1,
+        moe_num_experts=4,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=0,
+        moe_layer_end_index=1,
         moe_layer_interval=1,
     ),
     # dense 0.3B-style with head_dim != hidden / heads and biases everywhere
     "dense_bias_headdim": dict(
-        model_type="ernie4_5", num_hidden_layers=2, tie_word_embeddings=True, head_dim=24, use_bias=True,
+        model_type="ernie4_5",
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+        head_dim=24,
+        use_bias=True,
     ),
 }
 
