@@ -62,10 +62,12 @@ class TorchBackend(Backend):
         c = self.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)  # [N, K, D]
         self.block_size = block_size
+        # Uninitialized on purpose (no page is touched until used): attention only ever reads slots that were
+        # written, padding included (see `_prepare`), so the pool never needs zeroing.
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device),
             )
             for _ in range(c.num_hidden_layers)
         ]
@@ -81,36 +83,36 @@ class TorchBackend(Backend):
         bs, device = self.block_size, self.device
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slots: list[torch.Tensor] = []
         sample_rows: list[int] = []
         decode_rows: list[int] = []
-        decode_slots: list[list[int]] = []
+        decode_slots: list[torch.Tensor] = []
         prefills: list[PrefillGroup] = []
+        offsets = torch.arange(bs)
         for item in plan.scheduled:
             row = len(input_ids)
             n = len(item.token_ids)
             end = item.start_position + n
-            table = item.block_table
-            context = [table[p // bs] * bs + p % bs for p in range(end)]
+            table = torch.tensor(item.block_table, dtype=torch.long)
+            context = (table[:, None] * bs + offsets).flatten()[:end]  # [L] slot of every position
             input_ids += item.token_ids
             positions += range(item.start_position, end)
-            slots += context[item.start_position :]
+            slots.append(context[item.start_position :])
             if item.samples:
                 sample_rows.append(row + n - 1)
             if n == 1:
                 decode_rows.append(row)
                 decode_slots.append(context)
             else:
-                cached = torch.tensor(context, device=device) if item.start_position else None
+                cached = context.to(device) if item.start_position else None
                 prefills.append(PrefillGroup(row, n, cached, item.start_position))
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=device), prefills=prefills)
+        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(device), prefills=prefills)
         if decode_rows:
             longest = max(len(c) for c in decode_slots)
-            padded = torch.zeros(len(decode_rows), longest, dtype=torch.long)
-            mask = torch.zeros(len(decode_rows), longest, dtype=torch.bool)
-            for i, context in enumerate(decode_slots):
-                padded[i, : len(context)] = torch.tensor(context)
-                mask[i, : len(context)] = True
+            # pad with each request's own first slot: always written, so masked reads are finite values
+            padded = torch.stack([torch.cat((c, c[:1].expand(longest - len(c)))) for c in decode_slots])
+            lengths = torch.tensor([len(c) for c in decode_slots])
+            mask = torch.arange(longest)[None, :] < lengths[:, None]  # [B, L]
             meta.decode_rows = torch.tensor(decode_rows, device=device)
             meta.decode_slots = padded.to(device)
             meta.decode_mask = mask[:, None, None, :].to(device)
