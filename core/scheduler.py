@@ -15,6 +15,18 @@ from ernie_serve.core.plan import ScheduledRequest, StepPlan, StepResult
 from ernie_serve.core.request import Request, RequestStatus
 
 
+@dataclass
+class SchedulerStats:
+    """Counters the engine exports as metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
 class Scheduler(ABC):
     """Decides which requests compute which tokens each step.
 
@@ -44,6 +56,10 @@ class Scheduler(ABC):
     def has_unfinished_requests(self) -> bool:
         """Called by the engine loop to decide whether to keep stepping."""
 
+    def stats(self) -> SchedulerStats:
+        """Called after every step for metrics; schedulers without counters may keep this default."""
+        return SchedulerStats()
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -58,18 +74,6 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
 
 
-@dataclass
-class SchedulerStats:
-    """Counters the engine exports as metrics."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-
-
 class FCFSScheduler(Scheduler):
     """First come, first served, with token budgets, chunked prefill, prefix caching and preemption.
 
@@ -82,9 +86,7 @@ class FCFSScheduler(Scheduler):
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_manager = KVBlockManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching
-        )
+        self.block_manager = KVBlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -103,12 +105,11 @@ class FCFSScheduler(Scheduler):
 
     # ----- interface -----
     def add_request(self, request: Request) -> None:
-        blocks_needed = self.block_manager.blocks_needed(
-            min(
-                self.config.max_model_len,
-                request.num_prompt_tokens + (request.sampling_params.max_tokens or 0),
-            )
-        )
+        max_tokens = request.sampling_params.max_tokens
+        max_len = self.config.max_model_len  # max_tokens=None: it may grow to the context limit
+        if max_tokens is not None:
+            max_len = min(max_len, request.num_prompt_tokens + max_tokens)
+        blocks_needed = self.block_manager.blocks_needed(max_len)
         if blocks_needed > self.config.num_blocks:
             raise ValueError(
                 f"request {request.request_id} needs {blocks_needed} KV blocks but the pool has "
@@ -202,8 +203,8 @@ class FCFSScheduler(Scheduler):
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         finished: list[Request] = []
         for item in plan.scheduled:
-            request = self.requests[item.request_id]
-            if request.is_finished:  # aborted while the step ran
+            request = self.requests.get(item.request_id)
+            if request is None or request.is_finished:  # aborted while the step ran: `_finish` dropped it
                 continue
             request.num_computed_tokens += len(item.token_ids)
             self.block_manager.cache_computed_blocks(request)

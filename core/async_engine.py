@@ -1,0 +1,215 @@
+"""The engine for servers: the step loop runs in its own thread, callers await per-request async streams.
+
+The event loop never runs model code. Commands (add, abort) cross into the engine thread through a queue and
+are applied between steps; outputs cross back with `call_soon_threadsafe`. A stream that is closed early (the
+client went away) aborts its request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.engine import Engine
+from ernie_serve.core.request import RequestOutput
+from ernie_serve.core.sampling_params import SamplingParams
+from ernie_serve.core.scheduler import SchedulerStats
+
+log = structlog.get_logger("ernie_serve.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shutdown or a crash); no more requests can be served."""
+
+
+@dataclass
+class EngineSnapshot:
+    """Engine statistics as of the last step, safe to read from the event loop."""
+
+    scheduler: SchedulerStats = field(default_factory=SchedulerStats)
+    steps: int = 0
+    last_step_seconds: float = 0.0
+
+
+_Command = Callable[[Engine], Any]
+
+
+class AsyncEngine:
+    """Owns an `Engine` in a background thread. Create it, then `await start()` (loading happens off the loop)."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.snapshot = EngineSnapshot()
+        self._commands: queue.SimpleQueue[tuple[_Command, concurrent.futures.Future]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # ----- lifecycle -----
+    @property
+    def is_ready(self) -> bool:
+        """True once the model is loaded and the loop runs, until shutdown or a crash."""
+        return self._ready.is_set() and not self._stopping.is_set() and self._error is None
+
+    async def start(self) -> None:
+        """Load the engine in its thread and wait until it can serve; re-raises load errors."""
+        self._loop = asyncio.get_running_loop()
+        loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(loaded,), name="ernie-serve-engine", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(loaded)
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Let in-flight requests finish for up to `timeout` seconds, abort the rest, stop the thread."""
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._streams:
+            await self.abort(list(self._streams))
+        self._stopping.set()
+        self._commands.put((lambda engine: None, concurrent.futures.Future()))  # wake the thread
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # ----- requests -----
+    @property
+    def tokenizer(self):
+        assert self.engine is not None
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.engine is not None
+        return self.engine.max_model_len
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its cumulative outputs as steps produce them; the last has `finished`.
+        Validation errors (too long, bad ids) are raised before the first yield. Closing the iterator early
+        aborts the request."""
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        try:
+            await self._call(
+                lambda engine: engine.add_request(
+                    prompt_token_ids, sampling_params, request_id=request_id, prompt=prompt, priority=priority
+                )
+            )
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and not self._stopping.is_set():
+                self._commands.put((lambda engine: engine.abort_request(request_id), concurrent.futures.Future()))
+
+    async def abort(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        await self._call(lambda engine: engine.abort_request(ids))
+
+    async def _call(self, command: _Command) -> Any:
+        """Run `command(engine)` in the engine thread between steps and return its result."""
+        if not self.is_ready:
+            raise EngineDeadError("the engine is not running") from self._error
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._commands.put((command, future))
+        return await asyncio.wrap_future(future)
+
+    # ----- the engine thread -----
+    def _run(self, loaded: concurrent.futures.Future[None]) -> None:
+        try:
+            self.engine = Engine(self.settings)
+        except BaseException as exc:
+            self._error = exc
+            loaded.set_exception(exc)
+            return
+        self._ready.set()
+        loaded.set_result(None)
+        engine = self.engine
+        try:
+            while not self._stopping.is_set():
+                self._apply_commands(block=not engine.has_unfinished_requests())
+                if engine.has_unfinished_requests():
+                    started = time.perf_counter()
+                    outputs = engine.step()
+                    self.snapshot = EngineSnapshot(
+                        engine.scheduler.stats(), self.snapshot.steps + 1, time.perf_counter() - started
+                    )
+                    self._deliver(outputs)
+                else:  # aborts applied while idle still change the counts
+                    self.snapshot = EngineSnapshot(engine.scheduler.stats(), self.snapshot.steps, 0.0)
+        except BaseException as exc:  # a crash must fail every waiting client, not hang them
+            self._error = exc
+            log.exception("engine loop crashed")
+            self._fail_all(exc)
+        finally:
+            # answer commands that raced with shutdown, so no caller awaits forever
+            while True:
+                try:
+                    _, future = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if not future.done():
+                    future.set_exception(EngineDeadError("the engine stopped"))
+            engine.close()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command, future = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                result = command(self.engine)
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+            try:
+                command, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                self._loop.call_soon_threadsafe(stream.put_nowait, output)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        assert self._loop is not None
+        error = EngineDeadError(f"the engine crashed: {exc}")
+        for stream in list(self._streams.values()):
+            self._loop.call_soon_threadsafe(stream.put_nowait, error)
