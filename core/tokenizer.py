@@ -1,0 +1,426 @@
+"""The tokenizer a served model speaks: text <-> token ids, special tokens, and the chat template.
+
+Loaded once per engine from the checkpoint directory (or `--tokenizer`). Two formats are read:
+`tokenizer.json` through the `tokenizers` library, or a SentencePiece `tokenizer.model` (what ERNIE 4.5
+ships) through `sentencepiece`, imported only when needed. transformers is never imported here: serving does
+not depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# ERNIE 4.5's chat template, verbatim from the model's tokenizer_config.json (REFERENCE.md). Used when a
+# checkpoint carries no template of its own.
+ERNIE_CHAT_TEMPLATE = r"""{%- if not add_generation_prompt is defined -%}{%- set add_generation_prompt = true -%}{%- endif -%}
+{%- if not cls_token is defined -%}{%- set cls_token = "<|begin_of_sentence|>" -%}{%- endif -%}
+{%- if not sep_token is defined -%}{%- set sep_token = "<|end_of_sentence|>" -%}{%- endif -%}
+{{- cls_token -}}
+{%- for message in messages -%}
+  {%- if message["role"] == "user" -%}{{- "User: " + message["content"] + "\n" -}}
+  {%- elif message["role"] == "assistant" -%}{{- "Assistant: " + message["content"] + sep_token -}}
+  {%- elif message["role"] == "system" -%}{{- message["content"] + "\n" -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- "Assistant: " -}}{%- endif -%}"""  # noqa: E501
+
+# The named special-token slots of a HuggingFace tokenizer_config.json, in the order HF lists them.
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+# ERNIE's conventions, applied to slots tokenizer_config.json does not mention (or when it is absent), and
+# only for tokens the vocabulary has: <unk> doubles as pad, <|end_of_sentence|> ends assistant turns.
+_ERNIE_SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<unk>",
+    "cls_token": "<|begin_of_sentence|>",
+    "sep_token": "<|end_of_sentence|>",
+}
+
+# Generation ends at eos and at the end of an assistant turn, whatever the config names as eos.
+_STOP_TOKENS = ("</s>", "<|end_of_sentence|>")
+
+
+class ChatTemplateError(ValueError):
+    """The messages cannot be rendered: bad content, or the template refused them (`raise_exception`).
+
+    A ValueError so the gateway answers 400 with the message."""
+
+
+class _Codec(Protocol):
+    """What `Tokenizer` needs from a tokenizer library; one implementation per file format."""
+
+    id_bound: int  # one past the largest id the codec knows
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
+
+    def id_to_token(self, token_id: int) -> str | None: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+    def special_ids(self) -> set[int]: ...
+
+
+class _HFCodec:
+    """`tokenizer.json`, run by the `tokenizers` library (Rust, fast; added tokens are split out by it)."""
+
+    def __init__(self, path: Path, added_tokens: Mapping[int, tuple[str, bool]], extra: Iterable[str]) -> None:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_file(str(path))
+        # tokenizer_config.json may declare tokens the tokenizer.json lacks; HF adds them on load, so do we
+        # (they get the next free ids, which is what HF does too).
+        for content, special in added_tokens.values():
+            if self._tok.token_to_id(content) is None:
+                self._tok.add_tokens([AddedToken(content, special=special, normalized=False)])
+        for content in extra:
+            if self._tok.token_to_id(content) is None:
+                self._tok.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+        added_ids = self._tok.get_added_tokens_decoder().keys()
+        self.id_bound = max([self._tok.get_vocab_size(with_added_tokens=True) - 1, *added_ids]) + 1
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        # The library skips unknown ids itself, but a negative or > 2**32 id raises OverflowError.
+        bound = self.id_bound
+        return self._tok.decode([i for i in ids if 0 <= i < bound], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id) if 0 <= token_id < self.id_bound else None
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def special_ids(self) -> set[int]:
+        return {i for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
+
+
+class _SentencePieceCodec:
+    """SentencePiece `tokenizer.model`, Llama-style "legacy": text between added tokens is encoded on its own
+    (each chunk gets SentencePiece's dummy-prefix space), no BOS unless tokenizer_config.json asks for it."""
+
+    def __init__(
+        self,
+        path: Path,
+        added_tokens: Mapping[int, tuple[str, bool]],
+        extra: Iterable[str],
+        add_bos: str | None,
+        add_eos: str | None,
+    ) -> None:
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise ImportError(
+                f"{path} is a SentencePiece model and the sentencepiece package is not installed: "
+                "pip install sentencepiece"
+            ) from e
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self._num_pieces = self._sp.get_piece_size()
+        # Added tokens: content -> id, and which of them are special (skipped by decode).
+        self._added: dict[str, int] = {content: i for i, (content, _) in added_tokens.items()}
+        self._special: set[int] = {i for i, (_, special) in added_tokens.items() if special}
+        # Control pieces (<s>, </s>, ...) and <unk> can never come out of sp.encode as themselves, so their
+        # text must be matched before SentencePiece sees it, like the named special tokens (and decode must
+        # print or skip them like specials, not as SentencePiece's " ⁇ "). One pass over the vocab at load.
+        for i in range(self._num_pieces):
+            if self._sp.is_control(i) or self._sp.is_unknown(i):
+                piece = self._sp.id_to_piece(i)
+                self._added.setdefault(piece, i)
+                self._special.add(self._added[piece])
+        for content in extra:
+            if content not in self._added:
+                piece_id = self._sp.piece_to_id(content)
+                # piece_to_id answers unk for unknown text; only an exact piece is the token itself.
+                if self._sp.id_to_piece(piece_id) != content:
+                    piece_id = max([self._num_pieces - 1, *self._added.values()]) + 1
+                self._added[content] = piece_id
+                self._special.add(piece_id)
+        self._added_by_id = {i: content for content, i in self._added.items()}
+        self.id_bound = max([self._num_pieces - 1, *self._added_by_id]) + 1
+        # Longest first, so "<mask:10>" is not cut as "<mask:1>" + "0>".
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)) + ")")
+        self._bos = self._added.get(add_bos) if add_bos else None
+        self._eos = self._added.get(add_eos) if add_eos else None
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = []
+        # re.split with one capture group alternates plain text (even indices) and added tokens (odd).
+        for n, chunk in enumerate(self._split.split(text)):
+            if n % 2:
+                ids.append(self._added[chunk])
+            elif chunk:
+                ids.extend(self._sp.encode(chunk))
+        if add_special_tokens:
+            ids = ([self._bos] if self._bos is not None else []) + ids
+            ids += [self._eos] if self._eos is not None else []
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        # Runs of ordinary pieces go to SentencePiece together (it joins byte-fallback pieces and turns
+        # "▁" into spaces); added tokens are emitted as their text, as ERNIE's own tokenizer does.
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self._added_by_id:
+                if run:
+                    out.append(self._sp.decode(run))
+                    run = []
+                if not (skip_special_tokens and i in self._special):
+                    out.append(self._added_by_id[i])
+            elif 0 <= i < self._num_pieces:
+                run.append(i)
+        if run:
+            out.append(self._sp.decode(run))
+        return "".join(out)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self._added_by_id:
+            return self._added_by_id[token_id]
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._num_pieces else None
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._added:
+            return self._added[token]
+        piece_id = self._sp.piece_to_id(token)
+        return piece_id if self._sp.id_to_piece(piece_id) == token else None
+
+    def special_ids(self) -> set[int]:
+        return set(self._special)
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or a serialized AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _template_from_config(value: Any) -> str | None:
+    """`chat_template` is a string, or (older HF) a list of {"name", "template"}: "default" is used."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        return named.get("default") or next(iter(named.values()), None)
+    return None
+
+
+def _template_from_argument(value: str) -> str:
+    """An explicit --chat-template: a Jinja string, or the path of a file holding one."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {value!r} is neither an existing file nor a Jinja template")
+    return path.read_text(encoding="utf-8")
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    # HF's filter: unlike Jinja's built-in it keeps non-ASCII text readable (tool schemas in Chinese).
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    """Compile once at load, with HF's environment (sandboxed: templates come from downloaded checkpoints)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not compile: {e}") from e
+
+
+def _flatten_content(content: Any) -> Any:
+    """OpenAI lets content be a list of parts; templates expect one string. Text parts are joined with
+    newlines, as vLLM does; other part types have nothing to render them with in a text-only model."""
+    if content is None:
+        return ""  # an assistant turn that only called tools
+    if not isinstance(content, list):
+        return content
+    texts: list[str] = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ChatTemplateError(f"unsupported message content part {kind!r}: only text parts are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class Tokenizer:
+    """Text <-> ids for one model. Built once at engine start by `from_pretrained`; thread-safe to read."""
+
+    def __init__(
+        self,
+        codec: _Codec,
+        special_tokens: Mapping[str, str],
+        additional_special_tokens: Sequence[str],
+        chat_template: str,
+    ) -> None:
+        self._codec = codec
+        # Slot name -> token text, only for tokens the vocabulary has.
+        self.special_tokens: dict[str, str] = {
+            k: v for k, v in special_tokens.items() if codec.token_to_id(v) is not None
+        }
+        self.chat_template = chat_template
+        self._template = _compile_template(chat_template)
+        named = [*self.special_tokens.values(), *additional_special_tokens]
+        ids = {codec.token_to_id(t) for t in named} | codec.special_ids()
+        self._all_special_ids = sorted(i for i in ids if i is not None)
+        stop = {codec.token_to_id(t) for t in (self.special_tokens.get("eos_token"), *_STOP_TOKENS) if t}
+        self._stop_token_ids = frozenset(i for i in stop if i is not None)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """Load the tokenizer in a checkpoint directory; called once when the engine starts.
+
+        `chat_template` (a Jinja string or a file path) overrides the checkpoint's template; without either,
+        ERNIE's template is used.
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+        config_path = directory / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+
+        added: dict[int, tuple[str, bool]] = {}
+        for key, entry in (config.get("added_tokens_decoder") or {}).items():
+            content = _token_content(entry)
+            if content is not None:
+                added[int(key)] = (content, bool(entry.get("special", True)))
+        configured = {k: _token_content(config[k]) for k in SPECIAL_TOKEN_KEYS if k in config}
+        additional = [t for t in map(_token_content, config.get("additional_special_tokens") or []) if t is not None]
+        # Tokens the config names are added to the vocabulary if missing (as HF does); the ERNIE defaults
+        # only fill slots the config is silent on, and only where the vocabulary has them.
+        extra = [*(t for t in configured.values() if t is not None), *additional]
+        special = {k: v for k, v in _ERNIE_SPECIAL_TOKENS.items() if k not in configured}
+        special.update({k: v for k, v in configured.items() if v is not None})
+
+        codec: _Codec
+        if (directory / "tokenizer.json").is_file():
+            codec = _HFCodec(directory / "tokenizer.json", added, extra)
+        elif (directory / "tokenizer.model").is_file():
+            add_bos = special.get("bos_token") if config.get("add_bos_token") else None
+            add_eos = special.get("eos_token") if config.get("add_eos_token") else None
+            codec = _SentencePieceCodec(directory / "tokenizer.model", added, extra, add_bos, add_eos)
+        else:
+            raise FileNotFoundError(f"no tokenizer in {str(directory)!r}: expected tokenizer.json or tokenizer.model")
+
+        if chat_template is not None:
+            template = _template_from_argument(chat_template)
+        elif (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        else:
+            template = _template_from_config(config.get("chat_template")) or ERNIE_CHAT_TEMPLATE
+        return cls(codec, special, additional, template)
+
+    # -- vocabulary ---------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """One past the largest token id, added tokens included (the model's embedding may be larger)."""
+        return self._codec.id_bound
+
+    def __len__(self) -> int:
+        return self._codec.id_bound
+
+    def _special_id(self, key: str) -> int | None:
+        token = self.special_tokens.get(key)
+        return self._codec.token_to_id(token) if token is not None else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Ids that end generation unless `ignore_eos`: eos, `</s>` and `<|end_of_sentence|>` when present."""
+        return self._stop_token_ids
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(self._all_special_ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._codec.token_to_id(token)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
+        """Vocabulary strings (e.g. byte-level "Ġthe"), None for ids the tokenizer does not have."""
+        return [self._codec.id_to_token(int(i)) for i in ids]
+
+    # -- text ---------------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings in it become their ids. Called once per prompt."""
+        return self._codec.encode(text, add_special_tokens)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`. Ids the tokenizer does not have (checkpoints pad the embedding past the vocabulary,
+        so a sampler can pick them) decode to nothing rather than failing."""
+        return self._codec.decode([int(i) for i in ids], skip_special_tokens)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text, special tokens included, for logprobs' `decoded_token`; "" when unknown."""
+        return self._codec.decode([int(token_id)], False)
+
+    # -- chat ---------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render a chat request's messages into the prompt text; called once per chat request.
+
+        `kwargs` reach the template as variables (e.g. `tools`), after the special tokens
+        (`bos_token`, `cls_token`, ...), as HF passes them.
+        """
+        flat = [{**m, "content": _flatten_content(m.get("content"))} for m in messages]
+        variables = {**self.special_tokens, **kwargs}
+        try:
+            return self._template.render(messages=flat, add_generation_prompt=add_generation_prompt, **variables)
+        except (jinja2.TemplateError, TypeError) as e:
+            # TypeError: the template concatenated a non-string the client sent (e.g. numeric content).
+            raise ChatTemplateError(f"cannot render chat template: {e}") from e
