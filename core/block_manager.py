@@ -1,25 +1,27 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, reference counts, a free list, and hash-chained prefix caching.
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts, a free list, and chained prefix caching.
 
 Pure Python. The scheduler asks `can_allocate` before `allocate`; the backend only ever sees block ids.
-Freed blocks that hold a full, hashed prefix stay findable until reused, least recently freed first.
+A full block is cached under the exact key (its parent block's cache id, its tokens): a hit is an exact
+prefix match, never a hash collision. Freed cached blocks stay findable until reused, least recently freed first.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ernie_serve.core.request import Request
+
+CacheKey = tuple[int | None, tuple[int, ...]]  # (parent block's cache id, the block's tokens)
 
 
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None  # set once the block is full and its tokens are computed
-    token_ids: tuple[
-        int, ...
-    ] = ()  # the block's tokens when hashed; checked on a hit so a collision is harmless
+    cache_id: int | None = None  # unique id of the cached content, set once the block is full and computed
+    cache_key: CacheKey | None = None  # (parent block's cache_id, this block's tokens)
 
 
 @dataclass
@@ -30,12 +32,7 @@ class PrefixCacheStats:
 
 @dataclass
 class _RequestBlocks:
-    block_hashes: list[int] = field(default_factory=list)  # hash chain of the request's full computed blocks
-
-
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    """The hash of a full block depends on every token before it, so equal hashes mean equal prefixes."""
-    return hash((parent, token_ids))
+    cache_ids: list[int] = field(default_factory=list)  # cache ids of the request's full computed blocks
 
 
 class KVBlockManager:
@@ -48,7 +45,8 @@ class KVBlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order (front = reuse first). Cached ones keep their hash until reused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[CacheKey, int] = {}  # exact content key -> block id
+        self._cache_ids = itertools.count()  # never reused, so a stale parent id can match nothing
         self._per_request: dict[str, _RequestBlocks] = {}
         self.stats = PrefixCacheStats()
 
@@ -76,12 +74,11 @@ class KVBlockManager:
         hit: list[int] = []
         parent: int | None = None
         for i in range(max_blocks):
-            chunk = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            parent = chain_hash(parent, chunk)
-            block_id = self._cached.get(parent)
-            if block_id is None or self.blocks[block_id].token_ids != chunk:
+            block_id = self._cached.get((parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size])))
+            if block_id is None:
                 break
             hit.append(block_id)
+            parent = self.blocks[block_id].cache_id
         return hit
 
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
@@ -110,39 +107,43 @@ class KVBlockManager:
                 del self._free[block_id]
             block.ref_count += 1
             request.block_ids.append(block_id)
-            assert block.block_hash is not None
-            state.block_hashes.append(block.block_hash)
+            assert block.cache_id is not None
+            state.cache_ids.append(block.cache_id)
         needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         for _ in range(needed):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             assert block.ref_count == 0, f"block {block_id} on the free list is referenced"
-            if block.block_hash is not None:  # evict the stale cached prefix it held
-                if self._cached.get(block.block_hash) == block_id:
-                    del self._cached[block.block_hash]
-                block.block_hash, block.token_ids = None, ()
+            if block.cache_key is not None:  # evict the cached prefix it held
+                if self._cached.get(block.cache_key) == block_id:
+                    del self._cached[block.cache_key]
+                block.cache_id, block.cache_key = None, None
             block.ref_count = 1
             request.block_ids.append(block_id)
 
     def cache_computed_blocks(self, request: Request) -> None:
-        """Called after a step advanced `num_computed_tokens`: hash blocks that became full so later requests
+        """Called after a step advanced `num_computed_tokens`: cache blocks that became full so later requests
         with the same prefix can share them."""
         if not self.enable_prefix_caching:
             return
         state = self._per_request.setdefault(request.request_id, _RequestBlocks())
         num_full = request.num_computed_tokens // self.block_size
-        if num_full <= len(state.block_hashes):
+        if num_full <= len(state.cache_ids):
             return
-        parent = state.block_hashes[-1] if state.block_hashes else None
-        for i in range(len(state.block_hashes), num_full):
-            chunk = tuple(request.token_ids_slice(i * self.block_size, (i + 1) * self.block_size))
-            parent = chain_hash(parent, chunk)
-            state.block_hashes.append(parent)
-            block = self.blocks[request.block_ids[i]]
-            if block.block_hash is None:
-                block.block_hash, block.token_ids = parent, chunk
-                # an identical block computed concurrently by another request stays the canonical one
-                self._cached.setdefault(parent, block.block_id)
+        parent = state.cache_ids[-1] if state.cache_ids else None
+        for i in range(len(state.cache_ids), num_full):
+            key = (parent, tuple(request.token_ids_slice(i * self.block_size, (i + 1) * self.block_size)))
+            canonical = self._cached.get(key)
+            if canonical is None:
+                block = self.blocks[request.block_ids[i]]
+                assert block.cache_id is None, f"block {block.block_id} cached twice"
+                block.cache_id, block.cache_key = next(self._cache_ids), key
+                self._cached[key] = block.block_id
+                canonical = block.block_id
+            # an identical block computed concurrently by another request stays the canonical one
+            parent = self.blocks[canonical].cache_id
+            assert parent is not None
+            state.cache_ids.append(parent)
 
     def free(self, request: Request) -> None:
         """Drop the request's references (finished, aborted or preempted). Its tail blocks go to the front of
@@ -152,19 +153,17 @@ class KVBlockManager:
             assert block.ref_count > 0, f"double free of block {block_id}"
             block.ref_count -= 1
             if block.ref_count == 0:
-                if block.block_hash is None:
-                    self._free[block_id] = None
+                self._free[block_id] = None
+                if block.cache_id is None:
                     self._free.move_to_end(block_id, last=False)  # nothing cached: reuse first
-                else:
-                    self._free[block_id] = None
         request.block_ids = []
         self._per_request.pop(request.request_id, None)
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
             if block.ref_count == 0:
-                block.block_hash, block.token_ids = None, ()
-        self._cached = {h: b for h, b in self._cached.items() if self.blocks[b].block_hash == h}
+                block.cache_id, block.cache_key = None, None
+        self._cached = {key: b for key, b in self._cached.items() if self.blocks[b].cache_key == key}
 
     def check_invariants(self, live_requests: list[Request]) -> None:
         """Every block is either free or referenced exactly as often as live requests hold it."""
@@ -174,8 +173,6 @@ class KVBlockManager:
                 counts[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == counts[block.block_id], f"block {block.block_id} ref count is wrong"
-            assert (block.block_id in self._free) == (block.ref_count == 0), (
-                f"block {block.block_id} misfiled"
-            )
-        for block_hash, block_id in self._cached.items():
-            assert self.blocks[block_id].block_hash == block_hash, "stale prefix cache entry"
+            assert (block.block_id in self._free) == (block.ref_count == 0), f"block {block.block_id} misfiled"
+        for key, block_id in self._cached.items():
+            assert self.blocks[block_id].cache_key == key, "stale prefix cache entry"

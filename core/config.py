@@ -79,9 +79,7 @@ class ModelConfig:
         total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         for i in range(self.num_hidden_layers):
             if self.is_moe_layer(i):
-                mlp = (
-                    3 * h * self.moe_intermediate_size * (self.moe_num_experts + self.moe_num_shared_experts)
-                )
+                mlp = 3 * h * self.moe_intermediate_size * (self.moe_num_experts + self.moe_num_shared_experts)
                 mlp += self.moe_num_experts * h
             else:
                 mlp = 3 * h * self.intermediate_size
@@ -93,16 +91,13 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(
-                f"unsupported model_type {model_type!r}: ernie-serve serves "
-                f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+                f"unsupported model_type {model_type!r}: ernie-serve serves {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
             )
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope_theta = raw.get("rope_theta", rope.get("rope_theta", 500000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
-            raise ModelConfigError(
-                f"unsupported rope_type {rope_type!r}: only the default RoPE is implemented"
-            )
+            raise ModelConfigError(f"unsupported rope_type {rope_type!r}: only the default RoPE is implemented")
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id", 2)
         known = {f for f in cls.__dataclass_fields__}
@@ -159,9 +154,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json contents for this shape (used to write the demo and dummy checkpoints)."""
         raw = {k: v for k, v in asdict(self).items() if k not in ("extra", "eos_token_ids", "dtype")}
-        raw["eos_token_id"] = (
-            list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
-        )
+        raw["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
         raw["architectures"] = [self.architecture]
         raw["dtype"] = self.dtype
         return raw

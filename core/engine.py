@@ -109,9 +109,7 @@ class Engine:
         resolved = resolve_model(settings)
         self.model_config = resolved.config
         self.generation_defaults = resolved.generation_defaults
-        self.tokenizer = Tokenizer.from_pretrained(
-            resolved.tokenizer_path, chat_template=settings.chat_template
-        )
+        self.tokenizer = Tokenizer.from_pretrained(resolved.tokenizer_path, chat_template=settings.chat_template)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids | set(self.model_config.eos_token_ids))
 
         backend_cls = get_backend_class(settings.backend)
@@ -170,6 +168,14 @@ class Engine:
         else:
             wanted = s.max_num_seqs * -(-model_len // s.block_size)
             num_blocks = min(wanted, DEFAULT_CPU_KV_CACHE_BYTES // bytes_per_block)
+        if not s.enable_chunked_prefill and s.max_num_batched_tokens < model_len:
+            model_len = s.max_num_batched_tokens  # without chunking, a whole prompt must fit one step
+            if s.max_model_len and s.max_model_len > model_len:
+                raise ValueError(
+                    f"--max-model-len {s.max_model_len} exceeds --max-num-batched-tokens {s.max_num_batched_tokens}"
+                    " with chunked prefill off: a prompt that long could never be scheduled; raise the step budget"
+                    " or enable chunked prefill"
+                )
         if num_blocks < 1:
             raise ValueError("the KV cache budget is smaller than one block; raise --kv-cache-memory-bytes")
         if model_len > num_blocks * s.block_size:
@@ -205,9 +211,7 @@ class Engine:
                 raise PromptTooLongError("prompt", self._too_long_message(len(prompt_token_ids), 1))
             params = replace(params, max_tokens=room)
         elif params.max_tokens > room:
-            raise PromptTooLongError(
-                "max_tokens", self._too_long_message(len(prompt_token_ids), params.max_tokens)
-            )
+            raise PromptTooLongError("max_tokens", self._too_long_message(len(prompt_token_ids), params.max_tokens))
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise SamplingParamsError("prompt", f"prompt token ids must be in [0, {vocab})")
@@ -285,9 +289,7 @@ class Engine:
                 for token_id, entry in token.logprobs.items():
                     entry.decoded_token = self.tokenizer.decode_token(token_id)
                 seq.logprobs.append(token.logprobs)
-                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + token.logprobs[
-                    token.token_id
-                ].logprob
+                seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + token.logprobs[token.token_id].logprob
             hit = seq.detokenizer.add_tokens([token.token_id])
             if hit is not None and not request.is_finished:
                 request.stop_reason = hit

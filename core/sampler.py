@@ -39,7 +39,8 @@ class Sampler:
         self, logits: torch.Tensor, requests: list[Request], states: list[SamplingState]
     ) -> list[SampledToken]:
         """Called once per step with the backend's logits `[B, V]` (row i for requests[i])."""
-        logits = logits.float()
+        # Sampling state (per-request generators, penalties) lives on the host; logits are [B, V], small.
+        logits = logits.float().cpu()
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
@@ -84,9 +85,7 @@ class Sampler:
             if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
                 outputs = torch.tensor(request.output_token_ids, dtype=torch.long)
                 counts = torch.bincount(outputs[outputs < vocab], minlength=vocab).float()
-                logits[i] -= (
-                    params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-                )
+                logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
         return logits
 
     @staticmethod
