@@ -100,8 +100,13 @@ class FCFSScheduler(Scheduler):
         return (request.arrival_time,)
 
     def preemption_victim(self) -> Request:
-        """The running request to evict when blocks run out: the one admitted last."""
+        """The running request to evict when a running one needs blocks: the one admitted last."""
         return self.running[-1]
+
+    def admission_victim(self, request: Request) -> Request | None:
+        """A running request to evict so that waiting `request` fits, or None to let it wait (FCFS never
+        evicts for a newcomer)."""
+        return None
 
     # ----- interface -----
     def add_request(self, request: Request) -> None:
@@ -149,16 +154,12 @@ class FCFSScheduler(Scheduler):
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(request, num_new):
                 victim = self.preemption_victim()
-                victim_index = self.running.index(victim)
-                self._preempt(victim)
+                if self.running.index(victim) < index:
+                    index -= 1
+                budget += self._preempt(victim, scheduled)
                 preempted_now = True
                 if victim is request:
                     break
-                if victim_index < index:  # already scheduled this step: take its share back
-                    index -= 1
-                    taken = next(s for s in scheduled if s.request_id == victim.request_id)
-                    scheduled.remove(taken)
-                    budget += len(taken.token_ids)
             if request.status != RequestStatus.RUNNING:
                 continue  # it preempted itself; `index` now points at the next one
             self.block_manager.allocate(request, num_new)
@@ -179,8 +180,12 @@ class FCFSScheduler(Scheduler):
             else:
                 num_new = min(num_new, budget)
             if not self.block_manager.can_allocate(request, num_new, cached):
-                request.num_computed_tokens = 0
-                break
+                victim = self.admission_victim(request)
+                if victim is None:
+                    request.num_computed_tokens = 0
+                    break
+                budget += self._preempt(victim, scheduled)
+                continue  # look again: the freed blocks may have changed the prefix hit too
             self.waiting.pop(0)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -258,8 +263,15 @@ class FCFSScheduler(Scheduler):
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _preempt(self, request: Request) -> None:
-        """Evict by recompute: drop its blocks and put it back at the head of the queue."""
+    def _preempt(self, request: Request, scheduled: list[ScheduledRequest]) -> int:
+        """Evict by recompute: drop its blocks and put it back in the waiting queue. If it was already in this
+        step's plan, take it out; returns the tokens that gives back to the step budget."""
+        returned = 0
+        for item in scheduled:
+            if item.request_id == request.request_id:
+                scheduled.remove(item)
+                returned = len(item.token_ids)
+                break
         self.running.remove(request)
         self.block_manager.free(request)
         request.status = RequestStatus.WAITING
@@ -268,6 +280,8 @@ class FCFSScheduler(Scheduler):
         self.num_preemptions += 1
         self._preempted_since_plan.append(request.request_id)
         self.waiting.insert(0, request)
+        self.waiting.sort(key=self.waiting_order_key)
+        return returned
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
@@ -275,3 +289,20 @@ class FCFSScheduler(Scheduler):
         self.block_manager.free(request)
         self._finished_since_plan.append(request.request_id)
         del self.requests[request.request_id]
+
+
+class PriorityScheduler(FCFSScheduler):
+    """Lower `priority` runs first, ties by arrival. When blocks run out the worst running request (highest
+    priority value, newest) is evicted, and a waiting request may evict a running one of worse priority."""
+
+    def waiting_order_key(self, request: Request) -> tuple:
+        return (request.priority, request.arrival_time)
+
+    def preemption_victim(self) -> Request:
+        return max(self.running, key=self.waiting_order_key)
+
+    def admission_victim(self, request: Request) -> Request | None:
+        if not self.running:
+            return None
+        victim = self.preemption_victim()
+        return victim if self.waiting_order_key(victim) > self.waiting_order_key(request) else None

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ernie_serve.core.plan import SampledToken, StepPlan, StepResult
 from ernie_serve.core.request import Request, RequestStatus
 from ernie_serve.core.sampling_params import SamplingParams
-from ernie_serve.core.scheduler import FCFSScheduler, SchedulerConfig
+from ernie_serve.core.scheduler import FCFSScheduler, PriorityScheduler, SchedulerConfig
 
 EOS = 2
 
@@ -51,17 +51,22 @@ class Sim:
     config: SchedulerConfig
     scripts: dict[str, list[int]] = field(default_factory=dict)  # request id -> forced output tokens
     check_budget: bool = True
+    scheduler_cls: type[FCFSScheduler] = FCFSScheduler
     scheduler: FCFSScheduler = field(init=False)
     requests: dict[str, Request] = field(default_factory=dict)
     kv: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # (block, slot) -> prefix held
     plans: list[StepPlan] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.scheduler = FCFSScheduler(self.config)
+        self.scheduler = self.scheduler_cls(self.config)
 
-    def add(self, request_id: str, prompt: list[int], script: list[int] | None = None, **params) -> Request:
+    def add(
+        self, request_id: str, prompt: list[int], script: list[int] | None = None, priority: int = 0, **params
+    ) -> Request:
         params.setdefault("temperature", 0.0)
-        request = Request(request_id, list(prompt), SamplingParams(**params), eos_token_ids=frozenset({EOS}))
+        request = Request(
+            request_id, list(prompt), SamplingParams(**params), eos_token_ids=frozenset({EOS}), priority=priority
+        )
         if script is not None:
             self.scripts[request_id] = script
         self.scheduler.add_request(request)
@@ -558,3 +563,61 @@ def test_random_workloads_keep_the_invariants(
     event(f"preempted: {sim.scheduler.num_preemptions > 0}")
     event(f"aborted: {bool(aborted)}")
     event(f"prefix hits: {sim.scheduler.stats().prefix_cache_hits > 0}")
+
+
+# ----- the priority scheduler -----
+
+
+def test_priority_orders_the_waiting_queue_lower_first_ties_by_arrival() -> None:
+    sim = Sim(config(max_num_seqs=1), scheduler_cls=PriorityScheduler)
+    for request_id, priority in (("late-low", 5), ("urgent", -1), ("normal-1", 0), ("normal-2", 0)):
+        sim.add(request_id, [1, 2, 3], max_tokens=2, priority=priority)
+    order = []
+    while sim.scheduler.has_unfinished_requests():
+        plan, _ = sim.step()
+        for item in plan.scheduled:
+            if item.request_id not in order:
+                order.append(item.request_id)
+    assert order == ["urgent", "normal-1", "normal-2", "late-low"]
+
+
+def test_priority_preemption_evicts_the_lowest_priority_and_outputs_are_unchanged() -> None:
+    prompts = {"low": list(range(10, 22)), "high": list(range(30, 42)), "mid": list(range(50, 62))}
+    priorities = {"low": 9, "high": 0, "mid": 5}
+    roomy = Sim(config(num_blocks=64), scheduler_cls=PriorityScheduler)
+    for request_id, prompt in prompts.items():
+        roomy.add(request_id, prompt, max_tokens=12, priority=priorities[request_id])
+    roomy.run()
+
+    tight = Sim(config(num_blocks=14), scheduler_cls=PriorityScheduler)
+    for request_id, prompt in prompts.items():
+        tight.add(request_id, prompt, max_tokens=12, priority=priorities[request_id])
+    tight.run()
+    assert tight.requests["low"].num_preemptions > 0
+    assert tight.requests["high"].num_preemptions == 0
+    assert tight.outputs() == roomy.outputs()
+    tight.assert_all_blocks_free()
+
+
+def test_a_waiting_high_priority_request_evicts_a_running_lower_one() -> None:
+    sim = Sim(config(num_blocks=8), scheduler_cls=PriorityScheduler)
+    sim.add("background", list(range(10, 26)), max_tokens=10, priority=10)
+    sim.step()
+    assert sim.requests["background"].status == RequestStatus.RUNNING
+    sim.add("urgent", list(range(30, 46)), max_tokens=10, priority=0)
+    plan, _ = sim.step()
+    assert [s.request_id for s in plan.scheduled] == ["urgent"]
+    assert sim.requests["background"].status == RequestStatus.WAITING
+    assert plan.preempted_request_ids == ["background"]
+    sim.run()
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in sim.requests.values())
+    sim.assert_all_blocks_free()
+
+
+def test_fcfs_never_evicts_for_a_newcomer() -> None:
+    sim = Sim(config(num_blocks=8))
+    sim.add("first", list(range(10, 26)), max_tokens=10, priority=10)
+    sim.step()
+    sim.add("second", list(range(30, 46)), max_tokens=10, priority=0)
+    plan, _ = sim.step()
+    assert [s.request_id for s in plan.scheduled] == ["first"]
