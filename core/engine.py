@@ -104,6 +104,9 @@ class Engine:
     """Owns the backend, scheduler, sampler and tokenizer. Not thread-safe: one caller steps it."""
 
     def __init__(self, settings: EngineSettings) -> None:
+        from ernie_serve.logging import ensure_logging
+
+        ensure_logging()
         started = time.monotonic()
         self.settings = settings
         resolved = resolve_model(settings)

@@ -32,6 +32,17 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+# Extras other libraries attach to their records that mean nothing in our output (uvicorn's ANSI variant of
+# each message).
+_DROPPED_KEYS = ("color_message",)
+
+
+def _drop_noise(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in _DROPPED_KEYS:
+        event.pop(key, None)
+    return event
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     """Called once by the CLI (and by embedding apps that want our format) before any work starts.
 
@@ -73,7 +84,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         # `ExtraAdder` turns `logger.warning(..., extra={...})` fields of stdlib records into event keys.
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_noise],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final, renderer],
     )
     handler = _StderrHandler()
@@ -85,3 +96,10 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric_level)
+
+
+def ensure_logging() -> None:
+    """Called when an engine starts: apply the default set-up unless the application configured structlog
+    itself. Unconfigured structlog prints to stdout, which belongs to the caller's own output."""
+    if not structlog.is_configured():
+        configure_logging()

@@ -1,0 +1,1 @@
+"""Example ernie-serve plugin package."""
