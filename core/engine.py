@@ -288,6 +288,9 @@ class Engine:
             request = seq.request
             if request.first_token_time is None:
                 request.first_token_time = now
+            else:
+                request.inter_token_latencies.append(now - (request.last_token_time or now))
+            request.last_token_time = now
             if seq.logprobs is not None and token.logprobs is not None:
                 for token_id, entry in token.logprobs.items():
                     entry.decoded_token = self.tokenizer.decode_token(token_id)
@@ -339,12 +342,29 @@ class Engine:
         return outputs
 
     def _metrics(self, group: _Group) -> dict[str, float]:
+        """Timings of a finished request (monotonic seconds; of its first sequence when n > 1): arrival_time,
+        first_scheduled_time, first_token_time, finished_time, queue_time, time_to_first_token, e2e_latency,
+        mean_inter_token_latency, num_cached_tokens, num_prompt_tokens, num_generation_tokens."""
         first = self._sequences[group.child_ids[0]].request
-        metrics = {"arrival_time": first.arrival_time, "num_cached_tokens": float(first.num_cached_tokens)}
+        metrics = {
+            "arrival_time": first.arrival_time,
+            "num_cached_tokens": float(first.num_cached_tokens),
+            "num_prompt_tokens": float(first.num_prompt_tokens),
+            "num_generation_tokens": float(sum(self._sequences[c].request.num_output_tokens for c in group.child_ids)),
+            "num_preemptions": float(first.num_preemptions),
+        }
         for name in ("first_scheduled_time", "first_token_time", "finished_time"):
             value = getattr(first, name)
             if value is not None:
                 metrics[name] = value
+        if first.first_scheduled_time is not None:
+            metrics["queue_time"] = first.first_scheduled_time - first.arrival_time
+        if first.first_token_time is not None:
+            metrics["time_to_first_token"] = first.first_token_time - first.arrival_time
+        if first.finished_time is not None:
+            metrics["e2e_latency"] = first.finished_time - first.arrival_time
+        if first.inter_token_latencies:
+            metrics["mean_inter_token_latency"] = sum(first.inter_token_latencies) / len(first.inter_token_latencies)
         return metrics
 
     def _release(self, group: _Group) -> None:

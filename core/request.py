@@ -45,6 +45,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between consecutive tokens
     finished_time: float | None = None
 
     @property
@@ -119,4 +121,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: dict[str, float] | None = None
+    metrics: dict[str, float] | None = None  # on the final output: see `Engine` for the keys
