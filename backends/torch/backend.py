@@ -9,6 +9,7 @@ from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM
 from ernie_serve.core.backend import Backend, KVCacheSpec
 from ernie_serve.core.config import EngineSettings, ModelConfig
 from ernie_serve.core.plan import StepPlan
+from ernie_serve.core.plugins import get_model_class
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,7 +45,9 @@ class TorchBackend(Backend):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, model_config.dtype, self.device)
         self.config = model_config
-        self.model = ErnieForCausalLM(model_config, self.dtype, self.device).eval()
+        # the architecture is looked up in the plugin registry, so a plugin can register its own model class
+        model_cls = get_model_class(model_config.architecture)
+        self.model = model_cls(model_config, self.dtype, self.device).eval()
         if model_path is None:
             init_dummy_weights(self.model, settings.seed)
         else:
