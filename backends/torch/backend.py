@@ -65,8 +65,8 @@ class TorchBackend(Backend):
         c = self.config
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)  # [N, K, D]
         self.block_size = block_size
-        # Uninitialized on purpose (no page is touched until used): attention only ever reads slots that were
-        # written, padding included (see `_prepare`), so the pool never needs zeroing.
+        # Uninitialized on purpose (no page is touched until used): a block is zeroed when its first slot is
+        # written (see `_prepare`), so attention never reads uninitialized memory.
         self.kv_caches = [
             (
                 torch.empty(shape, dtype=self.dtype, device=self.device),
@@ -89,35 +89,44 @@ class TorchBackend(Backend):
         slots: list[torch.Tensor] = []
         sample_rows: list[int] = []
         decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
+        decode_tables: list[torch.Tensor] = []
+        fresh: list[int] = []
+        decode_lengths: list[int] = []
         prefills: list[PrefillGroup] = []
         offsets = torch.arange(bs)
         for item in plan.scheduled:
             row = len(input_ids)
             n = len(item.token_ids)
-            end = item.start_position + n
-            table = torch.tensor(item.block_table, dtype=torch.long)
-            context = (table[:, None] * bs + offsets).flatten()[:end]  # [L] slot of every position
+            start, end = item.start_position, item.start_position + n
+            table = torch.tensor(item.block_table[: -(-end // bs)], dtype=torch.long)  # blocks holding 0..end
             input_ids += item.token_ids
-            positions += range(item.start_position, end)
-            slots.append(context[item.start_position :])
+            positions += range(start, end)
+            slots.append((table[:, None] * bs + offsets).flatten()[start:end])
+            first_new_block = -(-start // bs)  # blocks whose slot 0 is written now
+            fresh += item.block_table[first_new_block : -(-end // bs)]
             if item.samples:
                 sample_rows.append(row + n - 1)
             if n == 1:
                 decode_rows.append(row)
-                decode_slots.append(context)
+                decode_tables.append(table)
+                decode_lengths.append(end)
+            elif start == 0:
+                prefills.append(PrefillGroup(row, n))
             else:
-                cached = context.to(device) if item.start_position else None
-                prefills.append(PrefillGroup(row, n, cached, item.start_position))
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(device), prefills=prefills)
+                query_pos = torch.arange(start, end)[:, None]
+                mask = torch.arange(end)[None, :] <= query_pos  # [n, L]
+                prefills.append(PrefillGroup(row, n, table.to(device), end, mask.to(device)))
+        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(device), block_size=bs, prefills=prefills)
+        if fresh:
+            meta.fresh_blocks = torch.tensor(fresh, device=device)
         if decode_rows:
-            longest = max(len(c) for c in decode_slots)
-            # pad with each request's own first slot: always written, so masked reads are finite values
-            padded = torch.stack([torch.cat((c, c[:1].expand(longest - len(c)))) for c in decode_slots])
-            lengths = torch.tensor([len(c) for c in decode_slots])
-            mask = torch.arange(longest)[None, :] < lengths[:, None]  # [B, L]
+            widest = max(len(t) for t in decode_tables)
+            # pad with each request's own first block: always written, so masked reads are finite values
+            padded = torch.stack([torch.cat((t, t[:1].expand(widest - len(t)))) for t in decode_tables])
+            lengths = torch.tensor(decode_lengths)
+            mask = torch.arange(widest * bs)[None, :] < lengths[:, None]  # [B, L]
             meta.decode_rows = torch.tensor(decode_rows, device=device)
-            meta.decode_slots = padded.to(device)
+            meta.decode_blocks = padded.to(device)
             meta.decode_mask = mask[:, None, None, :].to(device)
         return (
             torch.tensor(input_ids, device=device),

@@ -24,10 +24,9 @@ class PrefillGroup:
 
     token_start: int  # its first row in the step's flattened tokens
     num_tokens: int  # rows it computes
-    context_slots: (
-        torch.Tensor | None
-    )  # [L] KV slots of positions 0..start+num_tokens; None: no cached prefix
-    start_position: int  # tokens already cached before this step
+    context_blocks: torch.Tensor | None = None  # [nb] KV blocks of its context; None: no cached prefix
+    context_len: int = 0  # tokens of context, cached prefix included
+    mask: torch.Tensor | None = None  # [n, L] query i sees context positions <= start + i
 
 
 @dataclass
@@ -35,10 +34,20 @@ class AttentionMetadata:
     """Where each token's KV goes and what each query attends to; built once per step, shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] KV pool slot each new token writes
+    block_size: int
+    fresh_blocks: torch.Tensor | None = None  # [F] blocks written from their first slot this step: zeroed first
     decode_rows: torch.Tensor | None = None  # [B] rows of single-token requests, batched together
-    decode_slots: torch.Tensor | None = None  # [B, L] their context slots, padded
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where the slot is real context
+    decode_blocks: torch.Tensor | None = None  # [B, nb] their block tables, padded with a real block
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] True where the slot is real context
     prefills: list[PrefillGroup] = field(default_factory=list)
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy whole KV blocks out of the pool `[N, K, D]` -> `[*blocks.shape[:-1], nb * block_size, K, D]`.
+    `index_select` over block rows copies contiguous memory; per-slot advanced indexing is many times slower."""
+    per_block = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])  # [N / block_size, bs*K*D]
+    rows = per_block.index_select(0, blocks.flatten())
+    return rows.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, cache.shape[1], cache.shape[2])
 
 
 class RMSNorm(nn.Module):
@@ -93,34 +102,43 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size :].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, K, D]
         q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
         k_cache, v_cache = kv_cache
+        if meta.fresh_blocks is not None:
+            # Attention reads whole blocks; the unwritten tail of a block must hold finite values (masked
+            # scores are zero weights, and 0 * NaN from uninitialized memory would still poison the output).
+            for cache in (k_cache, v_cache):
+                cache.view(-1, meta.block_size * cache.shape[1] * cache.shape[2]).index_fill_(0, meta.fresh_blocks, 0)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
 
         out = torch.empty_like(q)  # [T, Q, D]
+        groups = self.num_heads // self.num_kv_heads
         if meta.decode_rows is not None:
-            qd = q[meta.decode_rows].unsqueeze(2)  # [B, Q, 1, D]
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, K, L, D]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
-            )  # [B, Q, 1, D]
-            out[meta.decode_rows] = od.squeeze(2)
+            batch = meta.decode_rows.shape[0]
+            # Query heads sharing a KV head become that head's "query positions" (all at the same place), so
+            # attention needs no copy of K/V per query head.
+            qd = q.index_select(0, meta.decode_rows).view(batch, self.num_kv_heads, groups, self.head_dim)
+            kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)  # [B, K, L, D]
+            vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale)
+            out.index_copy_(0, meta.decode_rows, od.reshape(batch, self.num_heads, self.head_dim))
         for group in meta.prefills:
             rows = slice(group.token_start, group.token_start + group.num_tokens)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Q, n, D]
-            if group.context_slots is None:  # whole prompt in this step: causal over the new tokens only
+            if group.context_blocks is None:  # whole prompt in this step: causal over the new tokens only
                 kp = k[rows].transpose(0, 1).unsqueeze(0)  # [1, K, n, D]
                 vp = v[rows].transpose(0, 1).unsqueeze(0)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:  # continues a cached prefix
+                length = group.context_len
+                kp = gather_blocks(k_cache, group.context_blocks, meta.block_size)[:length]  # [L, K, D]
+                vp = gather_blocks(v_cache, group.context_blocks, meta.block_size)[:length]
                 op = F.scaled_dot_product_attention(
-                    qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True
-                )
-            else:  # continues a cached prefix: query i sees context positions <= start + i
-                kp = k_cache[group.context_slots].transpose(0, 1).unsqueeze(0)  # [1, K, L, D]
-                vp = v_cache[group.context_slots].transpose(0, 1).unsqueeze(0)
-                query_pos = torch.arange(group.num_tokens, device=x.device)[:, None] + group.start_position
-                key_pos = torch.arange(group.context_slots.shape[0], device=x.device)[None, :]
-                op = F.scaled_dot_product_attention(
-                    qp, kp, vp, attn_mask=key_pos <= query_pos, scale=self.scale, enable_gqa=True
+                    qp,
+                    kp.transpose(0, 1).unsqueeze(0),  # [1, K, L, D]
+                    vp.transpose(0, 1).unsqueeze(0),
+                    attn_mask=group.mask,
+                    scale=self.scale,
+                    enable_gqa=True,
                 )
             out[rows] = op.squeeze(0).transpose(0, 1)
         return F.linear(out.flatten(1), self.o_weight, self.o_bias)  # [T, H]
@@ -129,9 +147,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
 
-    def __init__(
-        self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.intermediate = intermediate
         self.gate_up_weight = _param(2 * intermediate, hidden, dtype=dtype, device=device)  # gate|up
@@ -178,7 +194,7 @@ class SparseMoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # [T*k] assignments grouped by expert
         token_of = order // self.top_k  # [T*k] source token of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        x_sorted = x[token_of]  # [T*k, H]
+        x_sorted = x.index_select(0, token_of)  # [T*k, H]
         y_sorted = torch.empty_like(x_sorted)
         start = 0
         for expert, count in enumerate(counts):
@@ -189,7 +205,7 @@ class SparseMoE(nn.Module):
             hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [n, I]
             y_sorted[rows] = F.linear(hidden, self.down_weight[expert])  # [n, H]
             start += count
-        y_sorted *= weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+        y_sorted *= weights.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y_sorted)  # [T, H]
         if self.shared is not None:
             out += self.shared(x)
@@ -219,12 +235,8 @@ class ErnieForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config = config
-        self.embed_weight = _param(
-            config.vocab_size, config.hidden_size, dtype=dtype, device=device
-        )  # [V, H]
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers)
-        )
+        self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head_weight = self.embed_weight
@@ -249,7 +261,7 @@ class ErnieForCausalLM(nn.Module):
         cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)  # [T, 1, D/2]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv_cache, meta)
-        x = self.norm(x[sample_rows])  # [S, H]
+        x = self.norm(x.index_select(0, sample_rows))  # [S, H]
         return F.linear(x, self.lm_head_weight).float()  # [S, V]
 
     # ----- checkpoint mapping -----
