@@ -57,6 +57,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; the same math when nothing needs casting
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -66,12 +68,12 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """ERNIE's RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style. x `[T, heads, D]`, cos/sin `[T, 1, D/2]`."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [T, heads, D/2, 2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def rope_interleaved(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """ERNIE's RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style: as complex numbers `x[2i] + i x[2i+1]`
+    that is one multiplication by `cos + i sin`, computed in float32. x `[T, heads, D]`, rotation
+    `[T, 1, D/2]` complex64."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [T, heads, D/2]
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -90,17 +92,16 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
-        cos: torch.Tensor,  # [T, 1, D/2]
-        sin: torch.Tensor,
+        rotation: torch.Tensor,  # [T, 1, D/2] complex RoPE factors
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, K, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Q+2K)*D]
-        q = qkv[:, :q_size].unflatten(-1, (self.num_heads, self.head_dim))  # [T, Q, D]
-        k = qkv[:, q_size : q_size + kv_size].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, K, D]
+        # q and k sit side by side in the fused output: rotate both with one multiplication
+        qk = rope_interleaved(qkv[:, : q_size + kv_size].unflatten(-1, (-1, self.head_dim)), rotation)  # [T, Q+K, D]
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, Q, D], [T, K, D]
         v = qkv[:, q_size + kv_size :].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, K, D]
-        q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
         k_cache, v_cache = kv_cache
         if meta.fresh_blocks is not None:
             # Attention reads whole blocks; the unwritten tail of a block must hold finite values (masked
@@ -224,8 +225,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype, device)
 
-    def forward(self, x, cos, sin, kv_cache, meta):  # [T, H] -> [T, H]
-        x = x + self.attn(self.input_norm(x), cos, sin, kv_cache, meta)
+    def forward(self, x, rotation, kv_cache, meta):  # [T, H] -> [T, H]
+        x = x + self.attn(self.input_norm(x), rotation, kv_cache, meta)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -258,9 +259,9 @@ class ErnieForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [S, V] float32
         x = F.embedding(input_ids, self.embed_weight)  # [T, H]
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)  # [T, 1, D/2]
+        rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2] cos + i sin
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
+            x = layer(x, rotation, kv_cache, meta)
         x = self.norm(x.index_select(0, sample_rows))  # [S, H]
         return F.linear(x, self.lm_head_weight).float()  # [S, V]
 
