@@ -1,0 +1,135 @@
+"""`ernie-serve bench throughput`: the offline engine against transformers' `generate` on the same weights and
+the same mixed workload, in one run, so the ratio is fair on a noisy machine."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ernie_serve.bench.workload import BenchRequest, bench_checkpoint, mixed_workload
+
+
+@dataclass
+class ThroughputResult:
+    system: str
+    requests: int
+    output_tokens: int  # requested output tokens (what a user asked for)
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def run_ernie_serve(checkpoint: Path, workload: list[BenchRequest], **settings) -> ThroughputResult:
+    from ernie_serve import LLM, SamplingParams
+
+    llm = LLM(model=str(checkpoint), **settings)
+    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate({"prompt_token_ids": workload[0].prompt_token_ids}, warm)
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in workload], params)
+    seconds = time.perf_counter() - started
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    requested = sum(r.output_len for r in workload)
+    assert produced == requested, f"ernie-serve produced {produced} tokens, {requested} were requested"
+    llm.engine.close()
+    return ThroughputResult("ernie-serve", len(workload), requested, seconds)
+
+
+def run_transformers(checkpoint: Path, workload: list[BenchRequest], batch_size: int = 16) -> ThroughputResult:
+    """Static batches with left padding; each batch runs until its longest request has all its tokens."""
+    import torch
+
+    from ernie_serve.testing.checkpoints import load_reference
+
+    model = load_reference(checkpoint)
+    pad = 0
+
+    def generate(batch: list[BenchRequest]) -> None:
+        longest = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, request in enumerate(batch):
+            n = len(request.prompt_token_ids)
+            ids[row, longest - n :] = torch.tensor(request.prompt_token_ids)
+            mask[row, longest - n :] = 1
+        new_tokens = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+
+    generate(workload[:1])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(workload), batch_size):
+        generate(workload[start : start + batch_size])
+    seconds = time.perf_counter() - started
+    return ThroughputResult("transformers", len(workload), sum(r.output_len for r in workload), seconds)
+
+
+def single_request_decode(checkpoint: Path, new_tokens: int = 128, repeats: int = 3) -> float:
+    """Median decode tokens/s of one request alone (32-token prompt; prefill excluded)."""
+    from ernie_serve import LLM, SamplingParams
+
+    llm = LLM(model=str(checkpoint))
+    engine = llm.engine
+    rates = []
+    for _ in range(repeats):
+        engine.add_request(list(range(10, 42)), SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        engine.step()  # prefill + first token
+        started, steps = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        rates.append(steps / (time.perf_counter() - started))
+    llm.engine.close()
+    return statistics.median(rates)
+
+
+def main(
+    model: str | None,
+    num_requests: int,
+    seed: int,
+    skip_transformers: bool,
+    output_json: str | None,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+) -> int:
+    checkpoint = Path(model) if model else bench_checkpoint()
+    workload = mixed_workload(num_requests=num_requests, seed=seed)
+    print(f"model: {checkpoint}")
+    print(
+        f"workload: {len(workload)} requests, prompts {min(len(r.prompt_token_ids) for r in workload)}.."
+        f"{max(len(r.prompt_token_ids) for r in workload)} tokens, outputs "
+        f"{min(r.output_len for r in workload)}..{max(r.output_len for r in workload)} tokens, greedy, ignore_eos"
+    )
+    results = [
+        run_ernie_serve(checkpoint, workload, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    ]
+    if not skip_transformers:
+        results.append(run_transformers(checkpoint, workload))
+    decode = single_request_decode(checkpoint)
+
+    print(f"\n{'system':<14} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10}")
+    for r in results:
+        print(f"{r.system:<14} {r.requests:>8} {r.output_tokens:>10} {r.seconds:>8.2f} {r.tokens_per_second:>10.1f}")
+    summary: dict = {"results": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]}
+    if len(results) == 2:
+        ratio = results[0].tokens_per_second / results[1].tokens_per_second
+        summary["ratio"] = ratio
+        print(f"\nernie-serve / transformers throughput: {ratio:.2f}x")
+    summary["single_request_decode_tok_s"] = decode
+    print(f"single-request decode (ernie-serve, median of 3): {decode:.1f} tok/s")
+    if output_json:
+        Path(output_json).write_text(json.dumps(summary, indent=2))
+    return 0
