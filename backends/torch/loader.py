@@ -52,9 +52,7 @@ def load_safetensors(model: ErnieForCausalLM, path: str | Path) -> None:
                     continue
                 target = targets.get(name)
                 if target is None:
-                    raise CheckpointError(
-                        f"unexpected tensor {name!r} in {file.name}: not part of this config"
-                    )
+                    raise CheckpointError(f"unexpected tensor {name!r} in {file.name}: not part of this config")
                 tensor = reader.get_tensor(name)
                 if tuple(tensor.shape) != tuple(target.shape):
                     raise CheckpointError(
@@ -65,9 +63,7 @@ def load_safetensors(model: ErnieForCausalLM, path: str | Path) -> None:
                 loaded.add(name)
     missing = [name for name in targets if name not in loaded]
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} is missing tensor {shown}")
 
 

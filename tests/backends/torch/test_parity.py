@@ -27,15 +27,11 @@ def test_greedy_and_logprobs_match_transformers(tiny_checkpoint, shape: str, dis
         completion = output.outputs[0]
         assert completion.token_ids == reference_greedy(reference, prompt, NEW_TOKENS)
         assert completion.finish_reason == "length"
-        ours = [
-            entry[token].logprob
-            for entry, token in zip(completion.logprobs, completion.token_ids, strict=True)
-        ]
+        ours = [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids, strict=True)]
         theirs = reference_logprobs(reference, prompt, completion.token_ids)
         assert ours == pytest.approx(theirs, abs=1e-3)
         assert all(
-            entry[token].rank == 1
-            for entry, token in zip(completion.logprobs, completion.token_ids, strict=True)
+            entry[token].rank == 1 for entry, token in zip(completion.logprobs, completion.token_ids, strict=True)
         )
 
 
