@@ -220,6 +220,7 @@ class Engine:
             raise SamplingParamsError("prompt", f"prompt token ids must be in [0, {vocab})")
 
         child_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        sequences = []
         for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1:
@@ -232,21 +233,33 @@ class Engine:
                 eos_token_ids=self.eos_token_ids,
                 priority=priority,
             )
-            self.scheduler.add_request(request)
-            self._sequences[child_id] = _Sequence(
-                request=request,
-                detokenizer=IncrementalDetokenizer(
-                    self.tokenizer,
-                    prompt_token_ids,
-                    stop=child_params.stop,
-                    include_stop_str_in_output=child_params.include_stop_str_in_output,
-                    skip_special_tokens=child_params.skip_special_tokens,
-                ),
-                sampling=self.sampler.new_state(child_params.seed),
-                logprobs=[] if child_params.logprobs is not None else None,
-                cumulative_logprob=0.0 if child_params.logprobs is not None else None,
+            sequences.append(
+                _Sequence(
+                    request=request,
+                    detokenizer=IncrementalDetokenizer(
+                        self.tokenizer,
+                        prompt_token_ids,
+                        stop=child_params.stop,
+                        include_stop_str_in_output=child_params.include_stop_str_in_output,
+                        skip_special_tokens=child_params.skip_special_tokens,
+                    ),
+                    sampling=self.sampler.new_state(child_params.seed),
+                    logprobs=[] if child_params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if child_params.logprobs is not None else None,
+                )
             )
-            self._parent_of[child_id] = request_id
+        # Everything that can fail is built; only now does the request become visible, all n or none.
+        added: list[str] = []
+        try:
+            for seq in sequences:
+                self.scheduler.add_request(seq.request)
+                added.append(seq.request.request_id)
+        except Exception:
+            self.scheduler.abort_requests(added, RequestStatus.FINISHED_ABORTED)
+            raise
+        for seq in sequences:
+            self._sequences[seq.request.request_id] = seq
+            self._parent_of[seq.request.request_id] = request_id
         self._groups[request_id] = _Group(request_id, prompt, list(prompt_token_ids), child_ids)
         return request_id
 

@@ -104,6 +104,7 @@ def main(
     output_json: str | None,
     max_num_seqs: int,
     max_num_batched_tokens: int,
+    profile: bool = False,
 ) -> int:
     checkpoint = Path(model) if model else bench_checkpoint()
     workload = mixed_workload(num_requests=num_requests, seed=seed)
@@ -130,6 +131,91 @@ def main(
         print(f"\nernie-serve / transformers throughput: {ratio:.2f}x")
     summary["single_request_decode_tok_s"] = decode
     print(f"single-request decode (ernie-serve, median of 3): {decode:.1f} tok/s")
+    if profile:
+        settings = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        breakdown = profile_breakdown(checkpoint, workload, **settings)
+        summary["profile"] = breakdown
+        print(f"\nwhere the time goes ({breakdown['wall_seconds']:.1f} s run; fractions of wall time):")
+        for name, fraction in breakdown.items():
+            if name != "wall_seconds":
+                print(f"  {name:<40} {fraction * 100:5.1f}%")
+        outside = 1 - breakdown["torch ops: matmul"]
+        print(f"  {'outside the model matmuls':<40} {outside * 100:5.1f}%")
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+# torch operators grouped into the parts of a step the benchmark reports
+_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+_ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention"}
+_GATHER_OPS = {"aten::index_select", "aten::index", "aten::index_copy_", "aten::index_add_", "aten::index_fill_"}
+
+
+class _Timed:
+    """Stands in for an object whose calls are timed; everything else passes through."""
+
+    def __init__(self, inner, call) -> None:
+        self._inner, self._call = inner, call
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+
+def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings) -> dict[str, float]:
+    """Where the offline engine's time goes on the workload, as fractions of the wall time of an unprofiled
+    run: the engine phases (timed directly), and within the model, time in matmuls, attention kernels and KV
+    gathers (torch profiler self times, from a second, profiled run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ernie_serve import LLM, SamplingParams
+
+    llm = LLM(model=str(checkpoint), **settings)
+    engine = llm.engine
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload]
+    phases = {"schedule": 0.0, "backend.execute": 0.0, "sample": 0.0, "update": 0.0}
+
+    def timed(name: str, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                phases[name] += time.perf_counter() - started
+
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.backend.execute = timed("backend.execute", engine.backend.execute)
+    engine.sampler = _Timed(engine.sampler, timed("sample", engine.sampler))
+    engine.scheduler.update = timed("update", engine.scheduler.update)
+    llm.generate(prompts[:1], params[:1])  # warm-up
+    phases = dict.fromkeys(phases, 0.0)
+    started = time.perf_counter()
+    llm.generate(prompts, params)
+    wall = time.perf_counter() - started
+    phase_seconds = dict(phases)  # the profiled run below keeps adding to `phases`
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        llm.generate(prompts, params)
+    engine.close()
+    ops = {"matmul": 0.0, "attention kernels": 0.0, "KV gather/scatter": 0.0, "other torch ops": 0.0}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key in _MATMUL_OPS:
+            ops["matmul"] += seconds
+        elif event.key in _ATTENTION_OPS:
+            ops["attention kernels"] += seconds
+        elif event.key in _GATHER_OPS:
+            ops["KV gather/scatter"] += seconds
+        elif event.key.startswith("aten::"):
+            ops["other torch ops"] += seconds
+    result = {f"engine: {name}": seconds / wall for name, seconds in phase_seconds.items()}
+    result["engine: detokenize, outputs, rest"] = max(0.0, 1 - sum(phase_seconds.values()) / wall)
+    result |= {f"torch ops: {name}": seconds / wall for name, seconds in ops.items()}
+    result["wall_seconds"] = wall
+    return result
