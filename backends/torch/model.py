@@ -178,6 +178,8 @@ class SparseMoE(nn.Module):
         self.score_bias = _param(e, dtype=torch.float32, device=device)  # [E] selection-only correction
         self.gate_up_weight = _param(e, 2 * i, h, dtype=dtype, device=device)  # [E, 2I, H]
         self.down_weight = _param(e, h, i, dtype=dtype, device=device)  # [E, H, I]
+        # per-expert views, taken once, so the hot loop indexes a Python list instead of slicing a tensor
+        self.expert_weights = list(zip(self.gate_up_weight.unbind(0), self.down_weight.unbind(0), strict=True))
         shared = config.moe_num_shared_experts * i
         self.shared = MLP(h, shared, config.use_bias, dtype, device) if shared else None
 
@@ -196,16 +198,15 @@ class SparseMoE(nn.Module):
         token_of = order // self.top_k  # [T*k] source token of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         x_sorted = x.index_select(0, token_of)  # [T*k, H]
-        y_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
+        outputs = []
+        for expert, rows in enumerate(x_sorted.split(counts)):  # [n_e, H] views, one per expert
+            if rows.shape[0] == 0:
                 continue
-            rows = slice(start, start + count)
-            gate_up = F.linear(x_sorted[rows], self.gate_up_weight[expert])  # [n, 2I]
+            gate_up_weight, down_weight = self.expert_weights[expert]
+            gate_up = F.linear(rows, gate_up_weight)  # [n, 2I]
             hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [n, I]
-            y_sorted[rows] = F.linear(hidden, self.down_weight[expert])  # [n, H]
-            start += count
+            outputs.append(F.linear(hidden, down_weight))  # [n, H]
+        y_sorted = torch.cat(outputs)  # [T*k, H], still grouped by expert
         y_sorted *= weights.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y_sorted)  # [T, H]
         if self.shared is not None:
