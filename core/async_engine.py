@@ -43,6 +43,11 @@ class EngineSnapshot:
 _Command = Callable[[Engine], Any]
 
 
+def _done() -> concurrent.futures.Future[Any]:
+    """A future nobody awaits, for fire-and-forget commands."""
+    return concurrent.futures.Future()
+
+
 class AsyncEngine:
     """Owns an `Engine` in a background thread. Create it, then `await start()` (loading happens off the loop)."""
 
@@ -114,8 +119,11 @@ class AsyncEngine:
                     prompt_token_ids, sampling_params, request_id=request_id, prompt=prompt, priority=priority
                 )
             )
-        except BaseException:
+        except BaseException as exc:
             self._streams.pop(request_id, None)
+            if not isinstance(exc, Exception) and not self._stopping.is_set():
+                # Cancelled while the add was in flight (the client left): the engine may still add it.
+                self._commands.put((lambda engine: self._abort_and_flush(engine, [request_id]), _done()))
             raise
         finished = False
         try:
@@ -130,11 +138,19 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self._stopping.is_set():
-                self._commands.put((lambda engine: engine.abort_request(request_id), concurrent.futures.Future()))
+                self._commands.put((lambda engine: self._abort_and_flush(engine, [request_id]), _done()))
 
     async def abort(self, request_ids: str | list[str]) -> None:
+        """Abort requests; their streams end with a last output whose finish_reason is "abort"."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        await self._call(lambda engine: engine.abort_request(ids))
+        await self._call(lambda engine: self._abort_and_flush(engine, ids))
+
+    def _abort_and_flush(self, engine: Engine, ids: list[str]) -> None:
+        """In the engine thread: abort, and when nothing is left to step, run one empty step so the aborted
+        requests' final outputs still reach their streams (the loop only steps while work remains)."""
+        engine.abort_request(ids)
+        if not engine.has_unfinished_requests():
+            self._deliver(engine.step())
 
     async def _call(self, command: _Command) -> Any:
         """Run `command(engine)` in the engine thread between steps and return its result."""

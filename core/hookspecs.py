@@ -90,6 +90,8 @@ def register_request_transforms(register: RegisterRequestTransform) -> None:
     """Register chat-request transforms: `register(name, transform)`.
 
     Called once when the registry is built. The gateway (and the offline chat API) applies every registered
-    transform, in registration order, to each chat request before the chat template renders it; e.g. a
-    web-search plugin that adds retrieved context as a system message. See `RequestTransform`.
+    transform, in registration order, to each chat request before the chat template renders it; e.g. the
+    built-in web-search plugin (`ernie_serve.plugins.web_search`), which rewrites the last user message with
+    ERNIE's search prompt when the request carries search results. See `RequestTransform`. A transform that
+    raises `ValueError` (with an optional `param` attribute naming the field) rejects the request with a 400.
     """

@@ -1,9 +1,12 @@
 """The `ernie-serve` command.
 
 Subcommands:
+- `serve` (also what `ernie-serve --model X ...` without a subcommand means): the OpenAI-compatible server.
+  FastDeploy's command lines from the model card run unchanged.
 - `plugins`: every registered backend, scheduler and model architecture, where it comes from, and whether
   each backend can run on this machine; plugins that failed to load, with the reason.
 - `generate`: offline generation with the `LLM` API, streaming text to stdout as it is produced.
+- `bench serve`: a serving benchmark against a running server (vLLM's `bench serve`), or `--offline`.
 
 Errors the user can fix (bad flag values, unknown backend, missing checkpoint) are one line on stderr and
 a non-zero exit, never a traceback; argparse usage errors exit 2 as usual.
@@ -65,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, /metrics). `ernie-serve --model PATH ...` without a subcommand means this. "
+        "Options also read ERNIE_SERVE_* environment variables.",
+    )
+    serve.add_argument(
+        "model_tag", nargs="?", metavar="MODEL", help="the model, as an alternative to --model (vLLM style)"
+    )
+    add_settings_arguments(serve.add_argument_group("engine options"), EngineSettings)
+    add_settings_arguments(serve.add_argument_group("server options"), _server_settings_cls())
+    _add_log_level(serve)
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    _add_bench_serve(bench_sub)
+
     plugins = sub.add_parser(
         "plugins",
         help="list registered backends, schedulers and models",
@@ -93,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(engine, EngineSettings)
     _add_log_level(generate)
     sampling = generate.add_argument_group("sampling options")
-    sampling.add_argument(
-        "--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)"
-    )
+    sampling.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     sampling.add_argument(
         "--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's, else 1.0)"
     )
@@ -106,10 +125,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="nucleus mass in (0, 1] (default: the checkpoint's, else 1.0)",
     )
     sampling.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off")
-    sampling.add_argument(
-        "--chat", action="store_true", help="wrap each prompt as a user turn in the chat template"
-    )
+    sampling.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
     return parser
+
+
+def _server_settings_cls() -> type:
+    from ernie_serve.gateway.settings import ServerSettings
+
+    return ServerSettings
+
+
+def _add_bench_serve(bench_sub: Any) -> None:
+    bench = bench_sub.add_parser(
+        "serve",
+        help="benchmark a running server (or the offline engine) on random prompts",
+        description="Send random prompts to a running server's /v1/completions as streams and report "
+        "throughput, TTFT, TPOT and ITL (like vLLM's `bench serve`). With --offline, run the same requests "
+        "through the in-process engine instead, to see what the HTTP layer costs.",
+    )
+    bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)")
+    bench.add_argument("--endpoint", default="/v1/completions", help="API path (default: %(default)s)")
+    bench.add_argument(
+        "--model", default=None, help="model name in the requests (default: none); with --offline, the checkpoint"
+    )
+    bench.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: %(default)s)")
+    bench.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight (default: all at once)"
+    )
+    bench.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (default: inf, all at once)",
+    )
+    bench.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (default: %(default)s)")
+    bench.add_argument("--random-output-len", type=int, default=128, help="tokens to generate (default: %(default)s)")
+    bench.add_argument(
+        "--random-range-ratio", type=float, default=0.0, help="length spread, in [0, 1) (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--random-vocab-size",
+        type=int,
+        default=1000,
+        help="prompt token ids are drawn from [10, this) (default: %(default)s)",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)")
+    bench.add_argument("--ignore-eos", action="store_true", help="generate exactly --random-output-len tokens")
+    bench.add_argument(
+        "--api-key",
+        default=os.environ.get("ERNIE_SERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="bearer key (default: env ERNIE_SERVE_API_KEY or OPENAI_API_KEY)",
+    )
+    bench.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    bench.add_argument("--offline", action="store_true", help="run the requests in-process, without HTTP")
+    bench.add_argument("--save-result", action="store_true", help="write the results as JSON")
+    bench.add_argument("--result-dir", default=".", help="where --save-result writes (default: %(default)s)")
+    bench.add_argument("--result-filename", default=None, help="file name for --save-result")
+    _add_log_level(bench)
+
+
+def _argv_with_default_command(argv: Sequence[str]) -> list[str]:
+    """`ernie-serve --model X ...` (FastDeploy's command line after the module name) means `serve`."""
+    argv = list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        return ["serve", *argv]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_argv_with_default_command(sys.argv[1:] if argv is None else argv))
     if args.command == "plugins":
         try:
             configure_logging(args.log_format, args.log_level)
@@ -136,6 +216,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return _cmd_plugins(args, sys.stdout)
     if args.command == "generate":
         return _cmd_generate(args)
+    if args.command == "serve":
+        return _cmd_serve(args)
+    if args.command == "bench":
+        return _cmd_bench_serve(args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: subparsers are required
     return EXIT_USAGE
 
@@ -215,8 +299,7 @@ def _cmd_plugins(args: argparse.Namespace, out: TextIO) -> int:
         _table(out, "Request transforms", [(r.name, _source(r)) for r in reg.request_transforms.values()])
     if reg.failures:
         failed = [
-            (f.name, f"{f.distribution} {f.version or '?'}" if f.distribution else "-", f.error)
-            for f in reg.failures
+            (f.name, f"{f.distribution} {f.version or '?'}" if f.distribution else "-", f.error) for f in reg.failures
         ]
         _table(out, "Failed plugins (skipped)", failed)
     return EXIT_OK
@@ -296,6 +379,158 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if callable(close):
             close()
     return EXIT_OK
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+# A server's compute threads share the CPU with the event loop and often with other processes. OpenMP's
+# default busy-waiting then stalls every parallel region whose partner thread lost its core: measured on a
+# 2-core machine under load (docs/gateway.md), 9 output tok/s spinning vs 120 sleeping. Read by the OpenMP
+# runtime when torch loads it, so it is set before the engine is imported; a user's own value wins.
+_SERVER_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    for name, value in _SERVER_OMP_ENV.items():
+        os.environ.setdefault(name, value)
+    from ernie_serve.gateway.settings import ServerSettings, inert_option_notes
+
+    given_engine = given_settings(args, EngineSettings)
+    given_server = given_settings(args, ServerSettings)
+    if args.model_tag is not None:
+        if "model" in given_engine and given_engine["model"] != args.model_tag:
+            _error(f"the model is given twice: {args.model_tag!r} and --model {given_engine['model']!r}")
+            return EXIT_USAGE
+        given_engine["model"] = args.model_tag
+    lines: list[str] = []
+    try:
+        engine_settings = EngineSettings(**given_engine)
+    except ValidationError as exc:
+        lines += format_validation_error(exc, EngineSettings, given_engine)
+    try:
+        server_settings = ServerSettings(**given_server)
+    except ValidationError as exc:
+        lines += format_validation_error(exc, ServerSettings, given_server)
+    if lines:
+        for line in lines:
+            sys.stderr.write(line + "\n")
+        return EXIT_USAGE
+    configure_logging(engine_settings.log_format, args.log_level)
+
+    import structlog
+
+    from ernie_serve.core.plugins import UnknownPluginError, get_backend_class
+    from ernie_serve.gateway.server import ServerStartError, run
+
+    log = structlog.get_logger("ernie_serve.cli")
+    try:
+        backend_cls = get_backend_class(engine_settings.backend)
+        get_scheduler_class_checked(engine_settings.scheduler)
+    except UnknownPluginError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    for note in inert_option_notes(engine_settings, server_settings, backend_cls):
+        log.warning(note)
+    try:
+        result = run(engine_settings, server_settings)
+    except ServerStartError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    if result.error is not None:
+        _error(str(result.error))
+        return EXIT_FAILURE
+    return result.exit_code
+
+
+def get_scheduler_class_checked(name: str) -> None:
+    """Fail before binding ports and loading weights when `--scheduler` names nothing registered."""
+    from ernie_serve.core.plugins import get_scheduler_class
+
+    get_scheduler_class(name)
+
+
+# --- bench ---------------------------------------------------------------------------------------------
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+    from pathlib import Path
+
+    from ernie_serve.gateway import bench
+
+    configure_logging("console", args.log_level)
+    for flag, value in (("--num-prompts", args.num_prompts), ("--max-concurrency", args.max_concurrency)):
+        if value is not None and value < 1:
+            _error(f"{flag} must be at least 1")
+            return EXIT_USAGE
+    if args.random_input_len < 1 or args.random_output_len < 1:
+        _error("--random-input-len and --random-output-len must be at least 1")
+        return EXIT_USAGE
+    try:
+        requests = bench.random_requests(
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            args.random_vocab_size,
+            args.seed,
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    config = {k: v for k, v in vars(args).items() if k not in ("command", "bench_command", "api_key", "log_level")}
+    if args.offline:
+        from ernie_serve.core.backend import BackendUnavailableError
+        from ernie_serve.core.config import ModelConfigError
+        from ernie_serve.core.plugins import UnknownPluginError
+
+        try:
+            settings = EngineSettings(**({"model": args.model} if args.model else {}))
+            results, duration = bench.run_offline(
+                settings, requests, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos
+            )
+        except (
+            ValidationError,
+            BackendUnavailableError,
+            ModelConfigError,
+            UnknownPluginError,
+            OSError,
+            ValueError,
+        ) as exc:
+            _error(str(exc).splitlines()[0])
+            return EXIT_FAILURE
+        title = "Offline Engine Benchmark Result"
+    else:
+        results, duration = asyncio.run(
+            bench.run_http(
+                args.base_url,
+                requests,
+                model=args.model,
+                endpoint=args.endpoint,
+                max_concurrency=args.max_concurrency,
+                request_rate=args.request_rate,
+                ignore_eos=args.ignore_eos,
+                api_key=args.api_key,
+                seed=args.seed,
+                timeout=args.timeout,
+            )
+        )
+        title = "Serving Benchmark Result"
+    summary = bench.summarize(results, duration)
+    sys.stdout.write(bench.format_report(summary, title) + "\n")
+    if args.save_result:
+        name = (
+            args.result_filename
+            or f"bench-{'offline' if args.offline else 'serve'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        )
+        path = Path(args.result_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config["request_rate"] = str(config["request_rate"])  # inf is not JSON
+        path.write_text(json.dumps(bench.result_document(summary, config, results), indent=2) + "\n")
+        sys.stdout.write(f"results written to {path}\n")
+    return EXIT_OK if summary["completed"] else EXIT_FAILURE
 
 
 if __name__ == "__main__":

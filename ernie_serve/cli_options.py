@@ -1,6 +1,6 @@
 """Command-line flags generated from pydantic-settings models, and one-line error messages naming them.
 
-Shared by every CLI subcommand that builds settings (`generate` now, `serve` later), so a new settings
+Shared by every CLI subcommand that builds settings (`generate`, `serve`), so a new settings
 field is a new flag everywhere with no CLI change. Precedence: an explicit flag, then the `ERNIE_SERVE_*`
 environment variable, then the field default; that falls out of passing only the flags the user gave.
 """
@@ -37,6 +37,13 @@ def env_var_name(settings_cls: type[BaseSettings], field_name: str) -> str:
 
 def _is_bool(annotation: Any) -> bool:
     return annotation is bool
+
+
+def _is_list(annotation: Any) -> bool:
+    """`list[str]` or a union with one (`list[str] | str`): the flag may be repeated."""
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(typing.get_origin(arg) is list for arg in typing.get_args(annotation))
 
 
 def _literal_choices(annotation: Any) -> tuple[Any, ...] | None:
@@ -77,8 +84,11 @@ def add_settings_arguments(
         flag = field_to_flag(name)
         help_text = _help(settings_cls, name, info)
         if _is_bool(info.annotation):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        if _is_list(info.annotation):
             parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+                flag, dest=name, action="append", default=None, metavar=name.upper(), help=help_text + " [repeatable]"
             )
             continue
         choices = _literal_choices(info.annotation)
@@ -91,11 +101,7 @@ def add_settings_arguments(
 def given_settings(namespace: argparse.Namespace, settings_cls: type[BaseSettings]) -> dict[str, Any]:
     """The settings fields the user gave as flags (not None) in a parsed namespace."""
     values = vars(namespace)
-    return {
-        name: values[name]
-        for name in settings_cls.model_fields
-        if name in values and values[name] is not None
-    }
+    return {name: values[name] for name in settings_cls.model_fields if name in values and values[name] is not None}
 
 
 def settings_from_args(namespace: argparse.Namespace, settings_cls: type[BaseSettings]) -> BaseSettings:

@@ -176,15 +176,12 @@ def test_flag_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (
             ["--quantization", "wint3"],
-            "ernie-serve: error: --quantization: "
-            "Value error, unknown quantization 'wint3'; choose wint8 or wint4",
+            "ernie-serve: error: --quantization: Value error, unknown quantization 'wint3'; choose wint8 or wint4",
         ),
         (["--top-p", "2"], "ernie-serve: error: --top-p: top_p must be in (0, 1], got 2.0"),
     ],
 )
-def test_bad_value_is_one_line_and_exit_2(
-    flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_value_is_one_line_and_exit_2(flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", *flags, "hello"]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [expected]
@@ -204,8 +201,7 @@ def test_bad_env_value_names_the_env_var_and_flag(
     monkeypatch.setenv("ERNIE_SERVE_MAX_NUM_SEQS", "0")
     assert main(["generate", "hello"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "ernie-serve: error: ERNIE_SERVE_MAX_NUM_SEQS (--max-num-seqs): "
-        "Input should be greater than or equal to 1"
+        "ernie-serve: error: ERNIE_SERVE_MAX_NUM_SEQS (--max-num-seqs): Input should be greater than or equal to 1"
     ]
 
 

@@ -122,9 +122,7 @@ def test_builtins_are_registered_like_plugins(dists: DistFactory) -> None:
     # Needs the lead's ernie_serve.backends.torch.backend / .model modules.
     assert reg.backends["torch"].provider == "ernie_serve.backends.torch.plugin"
     assert reg.backends["torch"].obj.__name__ == "TorchBackend"
-    assert plugins.get_model_class("Ernie4_5_MoeForCausalLM") is plugins.get_model_class(
-        "Ernie4_5ForCausalLM"
-    )
+    assert plugins.get_model_class("Ernie4_5_MoeForCausalLM") is plugins.get_model_class("Ernie4_5ForCausalLM")
     assert {p.name for p in reg.plugins if p.builtin} == set(plugins.DEFAULT_PLUGINS)
 
 
@@ -143,9 +141,7 @@ def test_allowlist_loads_only_listed_plugins(dists: DistFactory, monkeypatch: py
     assert "beta_plugin" not in sys.modules  # not even imported
 
 
-def test_empty_allowlist_loads_no_third_party_plugins(
-    dists: DistFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     dists.backend_module("alpha_plugin", backend="alpha")
     dists.dist("alpha-dist", "1.0", {"alpha": "alpha_plugin"})
     monkeypatch.setenv("ERNIE_SERVE_PLUGINS", "")
@@ -166,9 +162,7 @@ def test_allowlisted_plugin_that_is_not_installed_is_logged(
     assert "'ghost'" in caplog.text
 
 
-def test_plugin_failing_on_import_is_skipped_and_logged(
-    dists: DistFactory, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_plugin_failing_on_import_is_skipped_and_logged(dists: DistFactory, caplog: pytest.LogCaptureFixture) -> None:
     dists.module("broken_plugin", "raise ImportError('needs libfrob.so')\n")
     dists.backend_module("good_plugin", backend="good")
     dists.dist("broken-dist", "0.1", {"broken": "broken_plugin"})
@@ -215,9 +209,7 @@ def test_hook_name_typo_is_reported_and_the_plugin_skipped(
     assert plugins.get_plugin_manager().get_plugin("typo") is None
 
 
-def test_plugin_raising_in_a_hook_is_skipped_entirely(
-    dists: DistFactory, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_plugin_raising_in_a_hook_is_skipped_entirely(dists: DistFactory, caplog: pytest.LogCaptureFixture) -> None:
     dists.module(
         "raising_plugin",
         """

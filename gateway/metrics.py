@@ -1,0 +1,173 @@
+"""Prometheus metrics, named as vLLM and FastDeploy name them with an `ernie_serve:` prefix.
+
+Each app owns a `CollectorRegistry` (several apps can live in one test process). Per-request latencies are
+observed by the gateway as it streams (`RequestTracker`); scheduler gauges and counters are read from the
+engine's snapshot at scrape time, so they cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ernie_serve.core.async_engine import AsyncEngine
+
+PREFIX = "ernie_serve:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+FINISH_REASONS = ("stop", "length", "abort")
+
+# vLLM's buckets, so dashboards built for it read ours the same way.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)  # fmt: skip
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)  # fmt: skip
+
+
+class _EngineCollector(Collector):
+    """Scheduler state from the engine's last snapshot, read at scrape time."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self.engine.snapshot.scheduler
+        labels = ["model_name"]
+        values = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        yield gauge("num_requests_running", "Sequences holding KV blocks and scheduled every step.", stats.num_running)
+        yield gauge("num_requests_waiting", "Sequences queued or preempted, waiting to run.", stats.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
+        yield counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries
+        )
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        yield counter("num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
+
+
+class GatewayMetrics:
+    """The app's metrics; `track()` one `RequestTracker` per generation request."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        r = self.registry
+        labels = ["model_name"]
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Seconds from request arrival to the first generated token.",
+            labels,
+            registry=r,
+            buckets=TTFT_BUCKETS,
+        ).labels(model_name)
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Seconds between two successive outputs of one request.",
+            labels,
+            registry=r,
+            buckets=ITL_BUCKETS,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Seconds from request arrival to its last token.",
+            labels,
+            registry=r,
+            buckets=E2E_BUCKETS,
+        ).labels(model_name)
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Seconds a request waited in the engine before it was first scheduled.",
+            labels,
+            registry=r,
+            buckets=TTFT_BUCKETS,
+        ).labels(model_name)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens of finished requests.", labels, registry=r
+        ).labels(model_name)
+        success = Counter(
+            PREFIX + "request_success",
+            "Finished requests by finish reason (abort: the client left or the server shut down).",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self._success_family = success
+        r.register(_EngineCollector(engine, model_name))
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def finished(self, reason: str) -> None:
+        counter = self.success.get(reason)
+        if counter is None:  # e.g. "error": counted, though not pre-declared
+            counter = self.success[reason] = self._success_family.labels(self.model_name, reason)
+        counter.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Latency bookkeeping of one request, fed by the handler as outputs arrive."""
+
+    __slots__ = ("metrics", "arrival", "first_token", "last_output", "done")
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+        self.last_output: float | None = None
+        self.done = False
+
+    def output(self) -> None:
+        """Called for every engine output that carries new tokens."""
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+            self.metrics.ttft.observe(now - self.arrival)
+        elif self.last_output is not None:
+            self.metrics.itl.observe(now - self.last_output)
+        self.last_output = now
+
+    def finish(
+        self, reason: str, prompt_tokens: int, output_tokens: int, engine_metrics: dict[str, float] | None
+    ) -> float:
+        """Called once when the request ends (finished, aborted or failed); returns its duration."""
+        duration = time.monotonic() - self.arrival
+        if self.done:
+            return duration
+        self.done = True
+        m = self.metrics
+        m.e2e.observe(duration)
+        m.prompt_tokens.inc(prompt_tokens)
+        m.generation_tokens.inc(output_tokens)
+        m.finished(reason)
+        if engine_metrics and "first_scheduled_time" in engine_metrics and "arrival_time" in engine_metrics:
+            m.queue_time.observe(max(0.0, engine_metrics["first_scheduled_time"] - engine_metrics["arrival_time"]))
+        return duration
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival

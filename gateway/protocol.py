@@ -1,0 +1,405 @@
+"""OpenAI's request and response bodies as pydantic models, plus vLLM's sampling extensions.
+
+Requests are validated strictly (a string where a number belongs is a 400, as OpenAI answers), unknown fields
+are kept in `model_extra` and otherwise ignored (the OpenAI SDK forwards `extra_body` keys as top-level
+fields, and plugins read their extensions from there), and parameters we do not implement yet are refused by
+`unsupported_parameter` rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from ernie_serve.core.sampling_params import SamplingParams
+
+
+class RequestModel(BaseModel):
+    """Base of request bodies: strict types, unknown fields kept (for plugins) and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ----- requests ------------------------------------------------------------------------------------------
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
+class TextContentPart(RequestModel):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextContentPart:
+        if self.type != "text":
+            raise ValueError(f"content part type {self.type!r} is not supported: only 'text' parts are")
+        if self.text is None:
+            raise ValueError("a text content part needs a 'text' string")
+        return self
+
+
+class ChatMessage(RequestModel):
+    """One turn. `developer` is OpenAI's newer name for `system` and is rendered as one."""
+
+    role: str
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role in ("tool", "function"):
+            raise ValueError(f"'{role}' messages are not supported yet (tool calling is not implemented)")
+        if role not in ("system", "user", "assistant", "developer"):
+            raise ValueError(f"unknown role {role!r}: use 'system', 'user' or 'assistant'")
+        return role
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        extra = self.model_extra or {}
+        if extra.get("tool_calls") or extra.get("function_call"):
+            raise ValueError("assistant tool calls are not supported yet (tool calling is not implemented)")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs content")
+        return self
+
+    def text(self) -> str:
+        """The content as one string; text parts are joined with newlines (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.text()}
+
+
+class SamplingRequest(RequestModel):
+    """Fields shared by chat and completions: OpenAI's sampling parameters and vLLM's extensions."""
+
+    model: str | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    priority: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None and any(s == "" for s in ([stop] if isinstance(stop, str) else stop)):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop_list(),
+            stop_token_ids=list(self.stop_token_ids or []),
+            min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        if self.top_k is not None:
+            kwargs["top_k"] = self.top_k
+        if self.min_p is not None:
+            kwargs["min_p"] = self.min_p
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# name -> the values that mean "not used"; any other value is a 400 naming the parameter.
+_UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "prediction": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+}
+
+
+def unsupported_parameter(request: RequestModel) -> tuple[str, str] | None:
+    """(parameter, message) for the first parameter the request uses that we do not implement yet."""
+    fields = {**request.__dict__, **(request.model_extra or {})}
+    table = dict(_UNSUPPORTED_COMMON)
+    if isinstance(request, CompletionRequest):
+        table["suffix"] = (None, "")
+    for name, unused in table.items():
+        if name in fields and not any(fields[name] == u and type(fields[name]) is type(u) for u in unused):
+            return name, f"'{name}' is not supported yet by ernie-serve"
+    response_format = fields.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind != "text":
+            return "response_format", f"response_format type {kind!r} is not supported yet: only 'text' is"
+    modalities = fields.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        return "modalities", "only the 'text' modality is supported"
+    best_of = fields.get("best_of")
+    if best_of is not None and best_of != fields.get("n", 1):
+        return "best_of", "best_of other than n is not supported yet"
+    return None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True  # vLLM extension
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self) -> SamplingParams:
+        """Raises `SamplingParamsError` naming the field when a value is out of range."""
+        return SamplingParams(
+            **self._sampling_kwargs(),
+            max_tokens=self.effective_max_tokens,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+        )
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> PromptInput:
+        """A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's four)."""
+        ok = False
+        if isinstance(prompt, str):
+            ok = True
+        elif isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                ok = True
+            elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                ok = True
+            elif all(
+                isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                for p in prompt
+            ):
+                ok = True
+        if not ok:
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists, "
+                "and not empty"
+            )
+        return prompt
+
+    @model_validator(mode="after")
+    def _echo_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported yet (prompt logprobs are not computed)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of single prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(t, int) for t in p):
+            return [list(p)]
+        return list(p)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self._sampling_kwargs(), max_tokens=self.max_tokens, logprobs=self.logprobs)
+
+
+# ----- responses -----------------------------------------------------------------------------------------
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(ResponseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(ResponseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop string or token that ended it
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(ResponseModel):
+    """Only the keys that are set, as OpenAI streams them: `{"role": ...}` first, then `{"content": ...}`,
+    and `{}` in the chunk that carries the finish reason."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_keys_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionStreamChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class _OmitNullUsage(ResponseModel):
+    """Stream chunks carry `usage` only when it is asked for (`stream_options`)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_null_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("usage", 0) is None:
+            del data["usage"]
+        return data
+
+
+class ChatCompletionChunk(_OmitNullUsage):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(ResponseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_OmitNullUsage):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "ernie-serve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

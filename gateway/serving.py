@@ -1,0 +1,747 @@
+"""The OpenAI endpoints: a request body in, engine requests out, a JSON body or an SSE stream back.
+
+The gateway knows the engine only through `AsyncEngine`'s async API. A client that goes away aborts its
+engine requests at once: non-streaming handlers race the generation against the ASGI `http.disconnect`
+message; streaming responses are cancelled by Starlette on disconnect, which closes the engine iterators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import structlog
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ernie_serve.core.async_engine import AsyncEngine, EngineDeadError
+from ernie_serve.core.request import CompletionOutput, RequestOutput, SampleLogprobs
+from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
+from ernie_serve.gateway import sse
+from ernie_serve.gateway.auth import request_id as scope_request_id
+from ernie_serve.gateway.errors import APIError, bad_request, from_validation_error
+from ernie_serve.gateway.metrics import GatewayMetrics, RequestTracker
+from ernie_serve.gateway.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    SamplingRequest,
+    TopLogprob,
+    UsageInfo,
+    unsupported_parameter,
+)
+
+log = structlog.get_logger("ernie_serve.gateway")
+
+T = TypeVar("T")
+RequestTransform = Callable[[Any], Any]
+
+# JSON has no -inf; vLLM reports impossible tokens with this floor too.
+_MIN_LOGPROB = -9999.0
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready."""
+
+
+@dataclass
+class _Call:
+    """One API call in flight: what the drain, the metrics and the request log need."""
+
+    id: str  # the response id ("chatcmpl-..." / "cmpl-...")
+    request_id: str  # X-Request-Id
+    endpoint: str
+    tracker: RequestTracker
+    engine_ids: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    reason: str | None = None
+    engine_metrics: dict[str, float] | None = None
+
+
+def _stop_hold(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` that could begin a stop string: not streamed until settled, because
+    a stop string completed later cuts the text where it began."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def _clamp(logprob: float) -> float:
+    return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
+
+
+def chat_logprobs(
+    token_ids: Sequence[int], entries: SampleLogprobs, top_k: int, decode: Callable[[int], str]
+) -> list[ChatTokenLogprob]:
+    """OpenAI's chat `logprobs.content` for generated tokens: each token with its `top_k` alternatives."""
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen = entry.get(token_id)
+        text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None else decode(token_id)
+        tops = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank <= top_k), key=lambda item: item[1].rank)
+        content.append(
+            ChatTokenLogprob(
+                token=text,
+                logprob=_clamp(chosen.logprob) if chosen is not None else _MIN_LOGPROB,
+                bytes=list(text.encode()),
+                top_logprobs=[
+                    TopLogprob(
+                        token=(t := lp.decoded_token if lp.decoded_token is not None else decode(tid)),
+                        logprob=_clamp(lp.logprob),
+                        bytes=list(t.encode()),
+                    )
+                    for tid, lp in tops[:top_k]
+                ],
+            )
+        )
+    return content
+
+
+def completion_logprobs(
+    token_ids: Sequence[int], entries: SampleLogprobs, top_k: int, decode: Callable[[int], str], offset: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy completions `logprobs`: tokens, their logprobs, top alternatives, text offsets."""
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen = entry.get(token_id)
+        text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None else decode(token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(_clamp(chosen.logprob) if chosen is not None else _MIN_LOGPROB)
+        tops = {
+            (lp.decoded_token if lp.decoded_token is not None else decode(tid)): _clamp(lp.logprob)
+            for tid, lp in entry.items()
+            if lp.rank <= top_k or tid == token_id
+        }
+        result.top_logprobs.append(tops)
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away. Only call once the body is read: then the server's next message
+    can only be `http.disconnect`."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, or cancel it and raise `ClientDisconnected` as soon as the client goes away."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+async def _next(stream: AsyncIterator[T]) -> T:
+    return await stream.__anext__()
+
+
+async def gather_or_cancel(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Like `asyncio.gather`, but the first failure (or our cancellation) cancels the others, so no engine
+    stream is left running in a task nobody watches."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [task.result() for task in tasks]
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that always closes its body iterator, however the response ends (client gone,
+    server shutdown), so the generator's cleanup (engine abort, metrics, request log) runs at once."""
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+
+
+class OpenAIServing:
+    """Handlers for `/v1/chat/completions` and `/v1/completions`, sharing one engine."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: GatewayMetrics,
+        model_name: str,
+        max_concurrency: int | None = None,
+        transforms: Sequence[tuple[str, RequestTransform]] = (),
+        accepted_model_names: Sequence[str] = (),
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.model_name = model_name
+        self.model_names = {model_name, *accepted_model_names}
+        self.max_concurrency = max_concurrency
+        self.transforms = list(transforms)
+        self.active: dict[str, _Call] = {}
+        self.draining = False
+        self._drained = asyncio.Event()
+
+    # ----- lifecycle -----
+    async def drain(self, timeout: float) -> None:
+        """Called on SIGTERM: refuse new calls, let the running ones finish for up to `timeout` seconds, then
+        abort the rest (their streams end with finish_reason "abort")."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.active and self.engine.is_ready:
+            ids = [i for call in self.active.values() for i in call.engine_ids]
+            log.warning("shutdown timeout: aborting requests still running", requests=len(self.active))
+            with contextlib.suppress(EngineDeadError):
+                await self.engine.abort(ids)
+
+    def _check_available(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if not self.engine.is_ready:
+            raise APIError(503, "the model is not ready: it is loading, or the engine stopped", code="not_ready")
+        if self.max_concurrency is not None and len(self.active) >= self.max_concurrency:
+            raise APIError(
+                429,
+                f"too many concurrent requests: this server takes {self.max_concurrency} at a time; retry later",
+                code="rate_limit_exceeded",
+            )
+
+    def _check_model(self, request: SamplingRequest) -> None:
+        if request.model is not None and request.model not in self.model_names:
+            raise APIError(404, f"the model '{request.model}' does not exist", param="model", code="model_not_found")
+
+    def _begin(self, call: _Call) -> None:
+        self.active[call.id] = call
+
+    def _reject(self, call: _Call) -> None:
+        """The engine refused the request when it was added (a 400): it only gives its slot back."""
+        self.active.pop(call.id, None)
+
+    def _end(self, call: _Call, reason: str) -> None:
+        """Once per call, however it ended: metrics, the request log line, the concurrency slot."""
+        if self.active.pop(call.id, None) is None:
+            return
+        call.reason = reason
+        duration = call.tracker.finish(reason, call.prompt_tokens, call.output_tokens, call.engine_metrics)
+        ttft = call.tracker.ttft
+        log.info(
+            "request finished",
+            id=call.id,
+            request_id=call.request_id,
+            endpoint=call.endpoint,
+            prompt_tokens=call.prompt_tokens,
+            output_tokens=call.output_tokens,
+            ttft_s=None if ttft is None else round(ttft, 4),
+            duration_s=round(duration, 4),
+            finish_reason=reason,
+        )
+
+    # ----- common steps -----
+    async def _parse(self, request: Request, model: type[SamplingRequest]) -> Any:
+        self._check_available()
+        body = await request.body()
+        try:
+            parsed = model.model_validate_json(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+        unsupported = unsupported_parameter(parsed)
+        if unsupported is not None:
+            raise bad_request(unsupported[1], unsupported[0])
+        self._check_model(parsed)
+        return parsed
+
+    @staticmethod
+    def _params(parsed: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        try:
+            return parsed.sampling_params()
+        except SamplingParamsError as exc:
+            raise bad_request(str(exc), exc.param) from None
+
+    async def _first_outputs(
+        self, request: Request, call: _Call, streams: list[AsyncIterator[RequestOutput]]
+    ) -> list[RequestOutput]:
+        """Wait for every stream's first output: the engine validates a request (length, token ids) when it
+        is added, so its errors arrive here, before any response is started."""
+
+        try:
+            return await until_disconnect(request, gather_or_cancel([_next(s) for s in streams]))
+        except SamplingParamsError as exc:
+            raise bad_request(str(exc), exc.param) from None
+        except EngineDeadError:
+            raise APIError(503, "the engine is not running", code="not_ready") from None
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+
+    async def _apply_transforms(self, parsed: ChatCompletionRequest) -> ChatCompletionRequest:
+        for name, transform in self.transforms:
+            try:
+                result = transform(parsed)
+                if inspect.isawaitable(result):
+                    result = await result
+                if isinstance(result, dict):
+                    result = ChatCompletionRequest.model_validate(result)
+            except ValidationError as exc:
+                raise from_validation_error(exc) from None
+            except ValueError as exc:
+                raise bad_request(str(exc), getattr(exc, "param", None)) from None
+            if not isinstance(result, ChatCompletionRequest):
+                raise TypeError(f"request transform {name!r} returned {type(result).__name__}, not the request")
+            parsed = result
+        return parsed
+
+    async def _close(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
+        for stream in streams:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+
+    # ----- /v1/chat/completions -----
+    async def chat(self, request: Request) -> Response:
+        parsed: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        parsed = await self._apply_transforms(parsed)
+        params = self._params(parsed)
+        tokenizer = self.engine.tokenizer
+        try:
+            prompt = tokenizer.apply_chat_template(
+                [m.for_template() for m in parsed.messages], add_generation_prompt=parsed.add_generation_prompt
+            )
+        except ValueError as exc:
+            raise bad_request(str(exc), "messages") from None
+        prompt_ids = tokenizer.encode(prompt)
+        self._check_available()  # the checks again: the body may have taken a while to arrive
+        call = _Call(f"chatcmpl-{uuid.uuid4().hex}", scope_request_id(request.scope), "chat", self.metrics.track())
+        call.engine_ids = [call.id]
+        call.prompt_tokens = len(prompt_ids)
+        self._begin(call)
+        stream = self.engine.generate(prompt_ids, params, call.id, prompt=prompt, priority=parsed.priority)
+        try:
+            (first,) = await self._first_outputs(request, call, [stream])
+        except ClientDisconnected:
+            await self._close([stream])
+            self._end(call, "abort")
+            return Response(status_code=499)
+        except BaseException:
+            await self._close([stream])
+            self._reject(call)
+            raise
+        if parsed.stream:
+            return EventStream(self._chat_stream(call, parsed, first, stream))
+        try:
+            final = await until_disconnect(request, self._last(call, first, stream))
+        except ClientDisconnected:
+            self._end(call, "abort")
+            return Response(status_code=499)
+        except EngineDeadError:
+            self._end(call, "error")
+            raise APIError(503, "the engine stopped while generating", code="not_ready") from None
+        except BaseException:
+            self._end(call, "error")
+            raise
+        finally:
+            await self._close([stream])
+        return JSONResponse(self._chat_response(call, parsed, final).model_dump(mode="json"))
+
+    async def _last(self, call: _Call, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        output = first
+        seen = self._count_new(call, output, 0)
+        while not output.finished:
+            output = await stream.__anext__()
+            seen = self._count_new(call, output, seen)
+        call.engine_metrics = output.metrics
+        return output
+
+    def _count_new(self, call: _Call, output: RequestOutput, seen: int) -> int:
+        total = sum(len(c.token_ids) for c in output.outputs)
+        if total > seen:
+            call.tracker.output()
+        return total
+
+    def _chat_response(
+        self, call: _Call, parsed: ChatCompletionRequest, final: RequestOutput
+    ) -> ChatCompletionResponse:
+        decode = self.engine.tokenizer.decode_token
+        choices = []
+        for c in final.outputs:
+            logprobs = None
+            if parsed.logprobs and c.logprobs is not None:
+                logprobs = ChatLogprobs(
+                    content=chat_logprobs(c.token_ids, c.logprobs, parsed.top_logprobs or 0, decode)
+                )
+            choices.append(
+                ChatCompletionChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content=c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        call.output_tokens = sum(len(c.token_ids) for c in final.outputs)
+        self._end(call, _reason(final.outputs))
+        return ChatCompletionResponse(
+            id=call.id,
+            model=self.model_name,
+            choices=choices,
+            usage=_usage(call.prompt_tokens, call.output_tokens),
+        )
+
+    async def _chat_stream(
+        self,
+        call: _Call,
+        parsed: ChatCompletionRequest,
+        first: RequestOutput,
+        stream: AsyncIterator[RequestOutput],
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        stops = parsed.stop_list()
+        want_logprobs = parsed.logprobs
+        top_k = parsed.top_logprobs or 0
+        decode = self.engine.tokenizer.decode_token
+        continuous = bool(parsed.stream_options and parsed.stream_options.continuous_usage_stats)
+        n = parsed.n
+        sent_text = [0] * n
+        sent_tokens = [0] * n
+        done = [False] * n
+        reason = "abort"
+        model = self.model_name
+
+        def chunk(choice: ChatCompletionStreamChoice) -> bytes:
+            usage = _usage(call.prompt_tokens, sum(sent_tokens)) if continuous else None
+            return sse.encode_data(
+                ChatCompletionChunk(id=call.id, created=created, model=model, choices=[choice], usage=usage)
+            )
+
+        try:
+            for i in range(n):
+                yield chunk(ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            output = first
+            while True:
+                new_tokens = False
+                for c in output.outputs:
+                    i = c.index
+                    if done[i]:
+                        continue
+                    finished = c.finish_reason is not None
+                    text = c.text
+                    visible = len(text) if finished or not stops else len(text) - _stop_hold(text, stops)
+                    num_tokens = len(c.token_ids)
+                    delta = text[sent_text[i] : visible] if visible > sent_text[i] else ""
+                    logprobs = None
+                    if want_logprobs and c.logprobs is not None and num_tokens > sent_tokens[i]:
+                        logprobs = ChatLogprobs(
+                            content=chat_logprobs(
+                                c.token_ids[sent_tokens[i] :], c.logprobs[sent_tokens[i] :], top_k, decode
+                            )
+                        )
+                    if num_tokens > sent_tokens[i]:
+                        new_tokens = True
+                        sent_tokens[i] = num_tokens
+                    if delta or logprobs is not None:
+                        sent_text[i] = max(visible, sent_text[i])
+                        yield chunk(
+                            ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs)
+                        )
+                    if finished:
+                        done[i] = True
+                        yield chunk(
+                            ChatCompletionStreamChoice(
+                                index=i, delta=DeltaMessage(), finish_reason=c.finish_reason, stop_reason=c.stop_reason
+                            )
+                        )
+                if new_tokens:
+                    call.tracker.output()
+                call.output_tokens = sum(sent_tokens)
+                if output.finished:
+                    call.engine_metrics = output.metrics
+                    reason = _reason(output.outputs)
+                    break
+                output = await stream.__anext__()
+            if parsed.include_usage:
+                yield sse.encode_data(
+                    ChatCompletionChunk(
+                        id=call.id,
+                        created=created,
+                        model=model,
+                        choices=[],
+                        usage=_usage(call.prompt_tokens, call.output_tokens),
+                    )
+                )
+            yield sse.DONE
+        except EngineDeadError as exc:
+            reason = "error"
+            yield sse.encode_data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": 500}})
+            yield sse.DONE
+        finally:
+            await self._close([stream])
+            self._end(call, reason)
+
+    # ----- /v1/completions -----
+    async def completions(self, request: Request) -> Response:
+        parsed: CompletionRequest = await self._parse(request, CompletionRequest)
+        params = self._params(parsed)
+        tokenizer = self.engine.tokenizer
+        prompts: list[tuple[str | None, list[int]]] = []
+        for p in parsed.prompts():
+            if isinstance(p, str):
+                prompts.append((p, tokenizer.encode(p)))
+            else:
+                prompts.append((None, list(p)))
+        self._check_available()
+        call = _Call(f"cmpl-{uuid.uuid4().hex}", scope_request_id(request.scope), "completions", self.metrics.track())
+        call.engine_ids = [call.id] if len(prompts) == 1 else [f"{call.id}-{i}" for i in range(len(prompts))]
+        call.prompt_tokens = sum(len(ids) for _, ids in prompts)
+        self._begin(call)
+        streams = [
+            self.engine.generate(ids, params, eid, prompt=text, priority=parsed.priority)
+            for eid, (text, ids) in zip(call.engine_ids, prompts, strict=True)
+        ]
+        try:
+            firsts = await self._first_outputs(request, call, streams)
+        except ClientDisconnected:
+            await self._close(streams)
+            self._end(call, "abort")
+            return Response(status_code=499)
+        except BaseException:
+            await self._close(streams)
+            self._reject(call)
+            raise
+        echoes = [(text if text is not None else tokenizer.decode(ids)) if parsed.echo else "" for text, ids in prompts]
+        if parsed.stream:
+            return EventStream(self._completion_stream(call, parsed, firsts, streams, echoes))
+
+        collect = gather_or_cancel([self._last(call, f, s) for f, s in zip(firsts, streams, strict=True)])
+        try:
+            finals = await until_disconnect(request, collect)
+        except ClientDisconnected:
+            self._end(call, "abort")
+            return Response(status_code=499)
+        except EngineDeadError:
+            self._end(call, "error")
+            raise APIError(503, "the engine stopped while generating", code="not_ready") from None
+        except BaseException:
+            self._end(call, "error")
+            raise
+        finally:
+            await self._close(streams)
+        return JSONResponse(self._completion_response(call, parsed, finals, echoes).model_dump(mode="json"))
+
+    def _completion_response(
+        self, call: _Call, parsed: CompletionRequest, finals: list[RequestOutput], echoes: list[str]
+    ) -> CompletionResponse:
+        decode = self.engine.tokenizer.decode_token
+        choices = []
+        for p, final in enumerate(finals):
+            for c in final.outputs:
+                logprobs = None
+                if parsed.logprobs is not None and c.logprobs is not None:
+                    logprobs = completion_logprobs(c.token_ids, c.logprobs, parsed.logprobs, decode, len(echoes[p]))
+                choices.append(
+                    CompletionChoice(
+                        index=p * parsed.n + c.index,
+                        text=echoes[p] + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        call.output_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+        self._end(call, _reason([c for f in finals for c in f.outputs]))
+        return CompletionResponse(
+            id=call.id, model=self.model_name, choices=choices, usage=_usage(call.prompt_tokens, call.output_tokens)
+        )
+
+    async def _completion_stream(
+        self,
+        call: _Call,
+        parsed: CompletionRequest,
+        firsts: list[RequestOutput],
+        streams: list[AsyncIterator[RequestOutput]],
+        echoes: list[str],
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        stops = parsed.stop_list()
+        top_k = parsed.logprobs
+        decode = self.engine.tokenizer.decode_token
+        n = parsed.n
+        total = n * len(streams)
+        sent_text = [0] * total
+        sent_tokens = [0] * total
+        offsets = [len(echoes[i // n]) for i in range(total)]
+        done = [False] * total
+        reason = "abort"
+        model = self.model_name
+        continuous = bool(parsed.stream_options and parsed.stream_options.continuous_usage_stats)
+
+        def chunk(choice: CompletionChoice) -> bytes:
+            usage = _usage(call.prompt_tokens, sum(sent_tokens)) if continuous else None
+            return sse.encode_data(
+                CompletionResponse(id=call.id, created=created, model=model, choices=[choice], usage=usage)
+            )
+
+        merged = _merge(firsts, streams)
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            if parsed.echo:
+                for index in range(total):
+                    if echoes[index // n]:
+                        yield chunk(CompletionChoice(index=index, text=echoes[index // n]))
+            async for p, output in merged:
+                new_tokens = False
+                for c in output.outputs:
+                    i = p * n + c.index
+                    if done[i]:
+                        continue
+                    finished = c.finish_reason is not None
+                    text = c.text
+                    visible = len(text) if finished or not stops else len(text) - _stop_hold(text, stops)
+                    num_tokens = len(c.token_ids)
+                    delta = text[sent_text[i] : visible] if visible > sent_text[i] else ""
+                    logprobs = None
+                    if top_k is not None and c.logprobs is not None and num_tokens > sent_tokens[i]:
+                        logprobs = completion_logprobs(
+                            c.token_ids[sent_tokens[i] :], c.logprobs[sent_tokens[i] :], top_k, decode, offsets[i]
+                        )
+                        offsets[i] += sum(len(t) for t in logprobs.tokens)
+                    if num_tokens > sent_tokens[i]:
+                        new_tokens = True
+                        sent_tokens[i] = num_tokens
+                    if delta or logprobs is not None or finished:
+                        sent_text[i] = max(visible, sent_text[i])
+                        if finished:
+                            done[i] = True
+                        yield chunk(
+                            CompletionChoice(
+                                index=i,
+                                text=delta,
+                                logprobs=logprobs,
+                                finish_reason=c.finish_reason,
+                                stop_reason=c.stop_reason,
+                            )
+                        )
+                if new_tokens:
+                    call.tracker.output()
+                call.output_tokens = sum(sent_tokens)
+                if output.finished:
+                    finals[p] = output
+            call.engine_metrics = finals[0].metrics if finals[0] is not None else None
+            reason = _reason([c for f in finals if f is not None for c in f.outputs])
+            if parsed.include_usage:
+                yield sse.encode_data(
+                    CompletionResponse(
+                        id=call.id,
+                        created=created,
+                        model=model,
+                        choices=[],
+                        usage=_usage(call.prompt_tokens, call.output_tokens),
+                    )
+                )
+            yield sse.DONE
+        except EngineDeadError as exc:
+            reason = "error"
+            yield sse.encode_data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": 500}})
+            yield sse.DONE
+        finally:
+            await merged.aclose()
+            await self._close(streams)
+            self._end(call, reason)
+
+
+async def _merge(
+    firsts: list[RequestOutput], streams: list[AsyncIterator[RequestOutput]]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several engine streams as they arrive, each stream's first output first.
+
+    One stream (the usual case) is read directly; several are read by one task each into a queue."""
+    for p, first in enumerate(firsts):
+        yield p, first
+    if len(streams) == 1:
+        if not firsts[0].finished:
+            async for output in streams[0]:
+                yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+    async def pump(p: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((p, output))
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams) if not firsts[p].finished]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def _reason(outputs: Sequence[CompletionOutput]) -> str:
+    """One finish reason for the call (metrics and the log): an abort wins, else the first choice's."""
+    reasons = [c.finish_reason or "abort" for c in outputs]
+    if "abort" in reasons:
+        return "abort"
+    return reasons[0] if reasons else "abort"

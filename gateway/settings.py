@@ -1,0 +1,98 @@
+"""Server options (`ernie-serve serve`): where to listen, who may call, how much load to take.
+
+Engine options live in `EngineSettings`; the CLI builds one flag per field of both classes. FastDeploy's
+serving flags that mean nothing for an in-process engine are accepted here so the model card's command lines
+run unchanged; `inert_option_notes` says which of them were given, for one log line each.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ernie_serve.core.config import EngineSettings
+
+# FastDeploy's name for the key variable; read when ERNIE_SERVE_API_KEY and --api-key are both absent.
+FD_API_KEY_ENV = "FD_API_KEY"
+
+
+class ServerSettings(BaseSettings):
+    """Every gateway option. Field names are FastDeploy/vLLM flag names with `_` for `-`."""
+
+    model_config = SettingsConfigDict(env_prefix="ERNIE_SERVE_", extra="forbid", validate_assignment=True)
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the OpenAI API")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="also serve /metrics on this port (default: only on --port)"
+    )
+    served_model_name: str | None = Field(None, description="model name in the API (default: the --model value)")
+    # `list[str] | str` rather than `list[str]`: pydantic-settings then passes a plain env string through
+    # instead of failing to parse it as JSON; `_split_keys` turns "a,b" into two keys.
+    api_key: list[str] | str = Field(
+        default_factory=list,
+        description="API key clients must send as 'Authorization: Bearer KEY'; repeat the flag for several "
+        "keys (env ERNIE_SERVE_API_KEY or FD_API_KEY, comma-separated; default: no authentication)",
+    )
+    max_concurrency: int | None = Field(
+        None, ge=1, description="most generation requests in flight; more get HTTP 429 (default: no limit)"
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="seconds in-flight requests may run after SIGTERM before they are aborted"
+    )
+    # Accepted for FastDeploy command lines; they have no effect here (see `inert_option_notes`).
+    engine_worker_queue_port: int | None = Field(
+        None, description="FastDeploy's engine queue port; no effect here (the engine runs in-process)"
+    )
+    plas_attention_config: str | None = Field(
+        None, description="FastDeploy's PLAS sparse-attention JSON; no effect here (full attention only)"
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str | int | float):  # env values that happened to parse as JSON numbers
+            value = [str(value)]
+        keys = [k.strip() for item in value for k in str(item).split(",")]
+        return [k for k in keys if k]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fastdeploy_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("api_key") and os.environ.get(FD_API_KEY_ENV):
+            data = {**data, "api_key": os.environ[FD_API_KEY_ENV]}
+        return data
+
+    @property
+    def api_keys(self) -> list[str]:
+        return list(self.api_key) if isinstance(self.api_key, list) else [self.api_key]
+
+
+def inert_option_notes(engine: EngineSettings, server: ServerSettings, backend_cls: type | None) -> list[str]:
+    """One line per given option that has no effect with this backend, for the log at start-up.
+
+    A backend that implements an option says so with a class attribute (`supports_quantization = True`,
+    `supports_tensor_parallel = True`); without it the option is accepted and reported as inert.
+    """
+    notes = []
+    name = engine.backend
+    if engine.quantization and not getattr(backend_cls, "supports_quantization", False):
+        notes.append(
+            f"--quantization {engine.quantization} has no effect here: the {name} backend does not implement "
+            "weight-only quantization yet; weights stay in their compute dtype"
+        )
+    if engine.tensor_parallel_size > 1 and not getattr(backend_cls, "supports_tensor_parallel", False):
+        notes.append(
+            f"--tensor-parallel-size {engine.tensor_parallel_size} has no effect here: the {name} backend runs "
+            "on one device"
+        )
+    if server.engine_worker_queue_port is not None:
+        notes.append("--engine-worker-queue-port has no effect here: the engine runs in the server process")
+    if server.plas_attention_config is not None:
+        notes.append("--plas-attention-config has no effect here: PLAS sparse attention is not implemented")
+    return notes

@@ -1,0 +1,126 @@
+"""Every caller mistake is a 4xx with OpenAI's error body; nothing is a 500 or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from ernie_serve.gateway.errors import EXCEPTION_HANDLERS, APIError, error_body
+
+MODEL = "ernie-tiny"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def post(server: Any, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", timeout=60, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, needle: str = "") -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param
+    assert needle in body["error"]["message"]
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"messages": MESSAGES, "top_p": 1.5}, "top_p", ""),
+        ({"messages": MESSAGES, "n": 0}, "n", ""),
+        ({"messages": MESSAGES, "temperature": "warm"}, "temperature", "valid number"),
+        ({"messages": MESSAGES, "frequency_penalty": -3}, "frequency_penalty", ""),
+        ({"messages": MESSAGES, "min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed"),
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role", "not supported"),
+        ({"messages": []}, "messages", ""),
+        ({}, "messages", "required"),
+        ({"messages": "hi"}, "messages", ""),
+    ],
+)
+def test_chat_bad_requests(server: Any, body: dict, param: str, needle: str) -> None:
+    error = assert_error(post(server, "/v1/chat/completions", json=body), 400, param, needle)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw", [b'{"messages": [', b"", b"not json", b"\xff\xfe"])
+def test_malformed_json_is_400(server: Any, raw: bytes) -> None:
+    response = post(server, "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert_error(response, 400, None, "not valid JSON")
+
+
+def test_body_must_be_an_object(server: Any) -> None:
+    assert_error(post(server, "/v1/completions", json=[1, 2]), 400, None, "JSON object")
+
+
+def test_prompt_plus_max_tokens_over_the_context_names_both_lengths(server: Any) -> None:
+    error = assert_error(
+        post(server, "/v1/completions", json={"prompt": [5] * 100, "max_tokens": 5000}), 400, "max_tokens"
+    )
+    assert "2048" in error["message"] and "100" in error["message"] and "5000" in error["message"]
+    error = assert_error(
+        post(server, "/v1/completions", json={"prompt": [5] * 2100, "max_tokens": 1}), 400, "max_tokens"
+    )
+    assert "2048" in error["message"] and "2100" in error["message"]
+
+
+def test_out_of_vocabulary_token_ids(server: Any) -> None:
+    assert_error(post(server, "/v1/completions", json={"prompt": [10**9]}), 400, "prompt", "token ids")
+
+
+def test_unknown_model_is_404(server: Any) -> None:
+    error = assert_error(
+        post(server, "/v1/chat/completions", json={"model": "gpt-4", "messages": MESSAGES}), 404, "model"
+    )
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_route_and_wrong_method(server: Any) -> None:
+    assert_error(httpx.get(f"{server.base_url}/v1/nothing"), 404, None, "no route")
+    assert_error(httpx.get(f"{server.base_url}/v1/chat/completions"), 405, None, "not allowed")
+
+
+def test_openai_client_sees_typed_errors(server: Any) -> None:
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=0)  # type: ignore[arg-type]
+    assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, max_tokens=10**6)  # type: ignore[arg-type]
+
+
+def test_unexpected_exception_is_a_500_without_a_traceback() -> None:
+    asyncio.run(_unexpected_exception())
+
+
+async def _unexpected_exception() -> None:
+    async def boom(request: Any) -> Any:
+        raise RuntimeError("secret internals at /srv/app.py line 3")
+
+    async def teapot(request: Any) -> Any:
+        raise APIError(418, "short and stout", param="x", code="teapot")
+
+    app = Starlette(
+        routes=[Route("/boom", boom), Route("/teapot", teapot)],
+        exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/boom")
+        assert response.status_code == 500
+        assert response.json() == error_body("internal server error", "server_error")
+        assert "secret" not in response.text
+        response = await client.get("/teapot")
+        assert response.status_code == 418 and response.json()["error"]["code"] == "teapot"

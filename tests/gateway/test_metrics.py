@@ -1,0 +1,93 @@
+"""Prometheus metrics: names with the `ernie_serve:` prefix, per-app registries, engine gauges at scrape."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+
+from ernie_serve.core.async_engine import EngineSnapshot
+from ernie_serve.core.scheduler import SchedulerStats
+from ernie_serve.gateway.metrics import GatewayMetrics
+
+HISTOGRAMS = (
+    "time_to_first_token_seconds",
+    "inter_token_latency_seconds",
+    "e2e_request_latency_seconds",
+    "request_queue_time_seconds",
+)
+GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+COUNTERS = (
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "num_preemptions_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "request_success_total",
+)
+
+
+def fake_engine(**stats: Any) -> Any:
+    return SimpleNamespace(snapshot=EngineSnapshot(scheduler=SchedulerStats(**stats)))
+
+
+def test_engine_state_is_read_at_scrape_time(metric) -> None:
+    engine = fake_engine()
+    metrics = GatewayMetrics(engine, "m")
+    assert metric(metrics.render().decode(), "ernie_serve:num_requests_running", model_name="m") == 0
+    engine.snapshot = EngineSnapshot(
+        scheduler=SchedulerStats(
+            num_running=3,
+            num_waiting=2,
+            kv_cache_usage=0.25,
+            prefix_cache_queries=40,
+            prefix_cache_hits=10,
+            num_preemptions=1,
+        )
+    )
+    text = metrics.render().decode()
+    assert metric(text, "ernie_serve:num_requests_running") == 3
+    assert metric(text, "ernie_serve:num_requests_waiting") == 2
+    assert metric(text, "ernie_serve:kv_cache_usage_perc") == 0.25
+    assert metric(text, "ernie_serve:prefix_cache_queries_total") == 40
+    assert metric(text, "ernie_serve:prefix_cache_hits_total") == 10
+    assert metric(text, "ernie_serve:num_preemptions_total") == 1
+
+
+def test_request_tracking_and_separate_registries(metric) -> None:
+    first, second = GatewayMetrics(fake_engine(), "a"), GatewayMetrics(fake_engine(), "b")
+    tracker = first.track()
+    tracker.output()
+    tracker.output()
+    tracker.finish("stop", 5, 2, {"arrival_time": 1.0, "first_scheduled_time": 1.5})
+    tracker.finish("stop", 5, 2, None)  # a second finish is ignored
+    first.track().finish("abort", 3, 0, None)
+    text = first.render().decode()
+    assert metric(text, "ernie_serve:request_success_total", finished_reason="stop") == 1
+    assert metric(text, "ernie_serve:request_success_total", finished_reason="abort") == 1
+    assert metric(text, "ernie_serve:request_success_total", finished_reason="length") == 0
+    assert metric(text, "ernie_serve:prompt_tokens_total") == 8
+    assert metric(text, "ernie_serve:generation_tokens_total") == 2
+    assert metric(text, "ernie_serve:time_to_first_token_seconds_count") == 1
+    assert metric(text, "ernie_serve:inter_token_latency_seconds_count") == 1
+    assert metric(text, "ernie_serve:e2e_request_latency_seconds_count") == 2
+    assert metric(text, "ernie_serve:request_queue_time_seconds_sum") == 0.5
+    assert metric(second.render().decode(), "ernie_serve:prompt_tokens_total") == 0
+
+
+def test_server_exposes_every_metric(server: Any, metric) -> None:
+    httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+    response = httpx.get(f"{server.base_url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in HISTOGRAMS:
+        assert f"# TYPE ernie_serve:{name} histogram" in text
+    for name in GAUGES:
+        assert f"# TYPE ernie_serve:{name} gauge" in text
+    for name in COUNTERS:
+        assert re.search(rf"^# TYPE ernie_serve:{name.removesuffix('_total')}(_total)? counter$", text, re.M)
+        assert f"ernie_serve:{name}{{" in text
+    assert metric(text, "ernie_serve:generation_tokens_total", model_name="ernie-tiny") >= 3
+    assert metric(text, "ernie_serve:e2e_request_latency_seconds_count") >= 1

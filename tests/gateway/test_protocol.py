@@ -1,0 +1,184 @@
+"""Request models: OpenAI's shapes, strict types, extensions, and refusal of what we do not support."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from ernie_serve.gateway.errors import error_param, from_validation_error
+from ernie_serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_parameter
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    body = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    return ChatCompletionRequest.model_validate_json(json.dumps(body))
+
+
+def chat_error(**fields):
+    with pytest.raises(ValidationError) as info:
+        chat(**fields)
+    return from_validation_error(info.value)
+
+
+def test_content_parts_join_and_developer_is_system() -> None:
+    request = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert [m.for_template() for m in request.messages] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "needle"),
+    [
+        ([{"role": "tool", "content": "x"}], "messages.0.role", "not supported yet"),
+        ([{"role": "wizard", "content": "x"}], "messages.0.role", "unknown role"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "messages.0.content.0",
+            "only 'text' parts",
+        ),
+        ([{"role": "user"}], "messages.0", "needs content"),
+        ([], "messages", "at least 1"),
+    ],
+)
+def test_bad_messages_name_the_field(messages: list, param: str, needle: str) -> None:
+    error = chat_error(messages=messages)
+    assert error.status_code == 400
+    assert error.param == param
+    assert needle in error.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": "2"}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"stream": "yes"}, "stream"),
+        ({"stop": [1]}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, None),
+        ({"top_logprobs": 2}, None),
+    ],
+)
+def test_wrong_types_and_ranges_are_400s(fields: dict, param: str | None) -> None:
+    error = chat_error(**fields)
+    assert error.status_code == 400 and error.type == "invalid_request_error"
+    assert error.param == param
+
+
+def test_unknown_fields_are_kept_for_plugins_and_otherwise_ignored() -> None:
+    request = chat(web_search={"references": []}, metadata={"x": 1}, store=False)
+    assert request.model_extra == {"web_search": {"references": []}, "metadata": {"x": 1}, "store": False}
+    assert unsupported_parameter(request) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+    ],
+)
+def test_unsupported_parameters_are_named(fields: dict, param: str) -> None:
+    found = unsupported_parameter(chat(**fields))
+    assert found is not None and found[0] == param
+    assert "not supported" in found[1] or "only" in found[1]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"logit_bias": {}}],
+)
+def test_neutral_values_of_unsupported_parameters_pass(fields: dict) -> None:
+    assert unsupported_parameter(chat(**fields)) is None
+
+
+def test_chat_sampling_params_mapping() -> None:
+    params = chat(
+        max_tokens=5,
+        max_completion_tokens=7,
+        logprobs=True,
+        top_logprobs=3,
+        stop="x",
+        top_k=4,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        min_tokens=2,
+        ignore_eos=True,
+        stop_token_ids=[9],
+        seed=3,
+    ).sampling_params()
+    assert params.max_tokens == 7  # max_completion_tokens wins
+    assert params.logprobs == 3 and params.stop == ["x"] and params.stop_token_ids == [9]
+    assert (params.top_k, params.min_p, params.repetition_penalty, params.min_tokens) == (4, 0.1, 1.2, 2)
+    assert params.ignore_eos and params.seed == 3
+    assert chat().sampling_params().max_tokens is None  # chat default: up to the context limit
+    assert chat(logprobs=True).sampling_params().logprobs == 0
+    assert chat().sampling_params().logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a", ["a"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2], [[1, 2]]),
+        ([[1], [2, 3]], [[1], [2, 3]]),
+    ],
+)
+def test_completion_prompt_shapes(prompt, expected) -> None:
+    request = CompletionRequest.model_validate_json(json.dumps({"prompt": prompt}))
+    assert request.prompts() == expected
+    assert request.sampling_params().max_tokens == 16  # OpenAI's completions default
+
+
+@pytest.mark.parametrize("prompt", [[], [1, "a"], [[]], [True], 3, None])
+def test_bad_completion_prompts(prompt) -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate_json(json.dumps({"prompt": prompt}))
+    assert from_validation_error(info.value).param == "prompt"
+
+
+def test_completion_missing_prompt_and_echo_with_logprobs() -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate_json("{}")
+    error = from_validation_error(info.value)
+    assert (error.param, error.message) == ("prompt", "'prompt' is required")
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate_json('{"prompt": "a", "echo": true, "logprobs": 1}')
+    assert "not supported" in from_validation_error(info.value).message
+    assert unsupported_parameter(CompletionRequest.model_validate_json('{"prompt": "a", "suffix": "z"}'))
+
+
+def test_error_param_drops_union_labels() -> None:
+    assert error_param(("messages", 0, "content", "str")) == "messages.0.content"
+    assert error_param(("stop", "list[str]", 1)) == "stop.1"
+    assert error_param(("messages", 0, "function-after[_known_role(), str]")) == "messages.0"
+    assert error_param(()) is None
+
+
+def test_malformed_json_and_non_objects() -> None:
+    for body, needle in (('{"messages": ', "not valid JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate_json(body)
+        assert needle in from_validation_error(info.value).message
