@@ -35,6 +35,8 @@ ALLOWLIST_ENV = "ERNIE_SERVE_PLUGINS"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "ernie_serve.plugins.schedulers",
     "ernie_serve.backends.torch.plugin",
+    "ernie_serve.backends.onnx.plugin",
+    "ernie_serve.plugins.web_search",
 )
 _OWN_DISTRIBUTION = "ernie-serve"
 
@@ -186,9 +188,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             continue
         _register(pm, _Loaded(ep.name, plugin, dist, version, builtin=False))
     for missing in sorted((allow or set()) - found):
-        logger.warning(
-            "%s names plugin %r, but no installed distribution provides it", ALLOWLIST_ENV, missing
-        )
+        logger.warning("%s names plugin %r, but no installed distribution provides it", ALLOWLIST_ENV, missing)
 
 
 def _drop_pending(pm: pluggy.PluginManager) -> None:
@@ -357,8 +357,7 @@ def registry() -> Registry:
                     continue
                 _merge(reg, collector)
             reg.plugins = [
-                PluginInfo(e.name, _module_name(e.plugin), e.distribution, e.version, e.builtin)
-                for e in _loaded
+                PluginInfo(e.name, _module_name(e.plugin), e.distribution, e.version, e.builtin) for e in _loaded
             ]
             reg.failures = list(_failures)
             _registry = reg

@@ -1,0 +1,293 @@
+"""The ONNX Runtime backend: the exported graph (see `graph.py`), one KV cache per request kept on the host.
+
+Each step, the plan's requests are grouped by how many tokens they compute (decodes together, prompt chunks of
+similar length together), each group is padded into one batch, every request's own cache is copied into the
+batch's `past_*` inputs, and the graph's `new_*` outputs are appended to each request's cache. Caches are
+keyed by request id and dropped when a plan lists the request as finished or preempted. Block tables are not
+used to address memory, only to bound it: a request's cache never grows beyond the blocks the block manager
+gave it, so the pool size the engine chose still caps the backend's KV memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import structlog
+
+from ernie_serve.backends.onnx.graph import (
+    ATTENTION_BIAS,
+    INPUT_IDS,
+    LOGITS_INDEX,
+    MASKED,
+    POSITION_IDS,
+    past_names,
+)
+from ernie_serve.core.backend import Backend, BackendUnavailableError, KVCacheSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from ernie_serve.core.config import EngineSettings, ModelConfig
+    from ernie_serve.core.plan import ScheduledRequest, StepPlan
+
+log = structlog.get_logger("ernie_serve.onnx")
+
+PROVIDERS_ENV = "ERNIE_SERVE_ONNX_PROVIDERS"  # until EngineSettings has `onnx_providers`
+# Short names accepted by --onnx-providers, besides onnxruntime's full provider names.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+# A group of requests batched into one run may compute at most this factor more token rows than it needs.
+MAX_PADDING = 1.25
+
+
+def resolve_providers(requested: list[str] | str | None, device: str, available: list[str]) -> list[str]:
+    """Execution providers in priority order, CPU always last as the fallback for unsupported nodes.
+
+    `requested` (from --onnx-providers: a list whose items may be comma-separated, or one string) takes full
+    or short names. Without it, a CUDA device (or `auto` with a CUDA-capable onnxruntime) picks CUDA. A
+    requested provider this onnxruntime lacks raises `BackendUnavailableError` saying what to install."""
+    if isinstance(requested, str):
+        requested = [requested]
+    requested = [name for item in requested or () for name in item.split(",") if name.strip()]
+    if not requested:
+        wants_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
+        requested = ["CUDAExecutionProvider"] if wants_cuda else []
+    providers = []
+    for raw in requested:
+        name = PROVIDER_ALIASES.get(raw.strip().lower(), raw.strip())
+        if name not in available:
+            hint = (
+                "install onnxruntime-gpu (pip install onnxruntime-gpu) on a machine with an NVIDIA GPU"
+                + (" and TensorRT" if name == "TensorrtExecutionProvider" else "")
+                if name in _GPU_PROVIDERS
+                else "install an onnxruntime build that includes it"
+            )
+            known = ", ".join(sorted(set(PROVIDER_ALIASES)))
+            raise BackendUnavailableError(
+                f"onnxruntime execution provider {name!r} is not available here (this onnxruntime has "
+                f"{', '.join(available)}): {hint}; short names: {known}"
+            )
+        if name not in providers:
+            providers.append(name)
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")
+    return providers
+
+
+@dataclass
+class _Cache:
+    """One request's keys and values, all layers: `data[layer, 0=key/1=value, K, capacity, D]`."""
+
+    data: np.ndarray
+    length: int = 0  # positions filled
+
+    def reserve(self, needed: int, limit: int) -> None:
+        """Grow to hold `needed` positions: doubling (few copies), but never past `limit`, the positions
+        the request's KV blocks cover, so the block manager's pool still bounds memory."""
+        capacity = self.data.shape[3]
+        if needed <= capacity:
+            return
+        if needed > limit:
+            raise RuntimeError(f"KV cache needs {needed} positions but the request's blocks cover {limit}")
+        grown = np.empty((*self.data.shape[:3], min(max(needed, 2 * capacity), limit), self.data.shape[4]), np.float32)
+        grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
+        self.data = grown
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    # Caches are per request, so a prefix-cache hit (a new request whose first tokens' KV lives in another
+    # request's blocks) has nothing to read from: the scheduler must compute every prompt from position 0.
+    supports_prefix_caching: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.session: Any = None
+        self._caches: dict[str, _Cache] = {}
+        self._buffer = np.zeros(0, np.float32)  # staging for the batch's past KV, see `_staging`
+        self.block_size = 0
+
+    @classmethod
+    def availability(cls) -> str | None:
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{' and '.join(missing)} not installed: pip install 'ernie-serve[onnx]'"
+        return None
+
+    def load(self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None) -> None:
+        import onnxruntime as ort
+
+        from ernie_serve.backends.onnx.export import cached_export
+
+        if settings.quantization:
+            raise ValueError(f"--quantization {settings.quantization} is not supported by the onnx backend")
+        if settings.dtype not in ("auto", "float32"):
+            raise ValueError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
+        if settings.tensor_parallel_size > 1:
+            raise ValueError("--tensor-parallel-size > 1 is not supported by the onnx backend")
+        requested = getattr(settings, "onnx_providers", None) or os.environ.get(PROVIDERS_ENV)
+        providers = resolve_providers(requested, settings.device, ort.get_available_providers())
+        if settings.enable_prefix_caching:
+            # The engine builds the scheduler after `load`, from these settings. See supports_prefix_caching.
+            log.info("prefix caching turned off: the onnx backend keeps one KV cache per request")
+            settings.enable_prefix_caching = False
+
+        self.config = model_config
+        export = cached_export(model_config, model_path, settings.seed)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # warnings about unused constants etc. are not the user's concern
+        # Idle worker threads sleep instead of spinning: between runs this thread copies caches and the engine
+        # samples with torch, and spinning workers take the cores from both (measured on a shared 2-core
+        # machine: twice the throughput).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # One thread knob for every backend: as many intra-op threads as torch uses (torch.set_num_threads,
+        # OMP_NUM_THREADS; by default the physical cores, which is also onnxruntime's default).
+        import torch
+
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(export.path), options, providers=providers)
+        self._output_names = [o.name for o in self.session.get_outputs()]
+        log.info(
+            "onnx session ready",
+            path=str(export.path),
+            cached_export=export.cached,
+            export_seconds=round(export.seconds, 2),
+            providers=self.session.get_providers(),
+        )
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        c = self.config
+        # float32 keys and values on the host, whatever the execution provider
+        return KVCacheSpec(bytes_per_token=2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        # Nothing to allocate up front: caches grow per request, within the blocks each one holds.
+        self.block_size = block_size
+
+    @property
+    def num_cached_requests(self) -> int:
+        """Requests whose KV the backend holds (for tests: drops to 0 once everything finished)."""
+        return len(self._caches)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        import torch
+
+        assert self.session is not None, "execute before load"
+        for request_id in (*plan.finished_request_ids, *plan.preempted_request_ids):
+            self._caches.pop(request_id, None)
+        for item in plan.scheduled:
+            self._check_position(item)
+        rows: dict[str, np.ndarray] = {}
+        for group in self._groups(plan.scheduled):
+            logits = self._run(group)
+            for b, item in enumerate(group):
+                if item.samples:
+                    rows[item.request_id] = logits[b]
+        ids = plan.sampling_request_ids
+        if not ids:
+            return torch.empty((0, self.config.vocab_size), dtype=torch.float32)
+        return torch.from_numpy(np.stack([rows[i] for i in ids]))
+
+    def _check_position(self, item: ScheduledRequest) -> None:
+        cache = self._caches.get(item.request_id)
+        cached = cache.length if cache is not None else 0
+        if item.start_position != cached:
+            raise RuntimeError(
+                f"request {item.request_id!r} continues at position {item.start_position}, but the onnx backend "
+                f"holds {cached} positions for it: prefix caching must be off for this backend "
+                "(--no-enable-prefix-caching)"
+            )
+        if cache is None:
+            c = self.config
+            shape = (c.num_hidden_layers, 2, c.num_key_value_heads, 0, c.head_dim)
+            self._caches[item.request_id] = _Cache(np.empty(shape, np.float32))
+
+    @staticmethod
+    def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
+        """Requests batched into one run each: longest first, a request joins the current group while the
+        group's padded token rows stay within `MAX_PADDING` of the rows it really computes."""
+        groups: list[list[ScheduledRequest]] = []
+        real = 0
+        for item in sorted(items, key=lambda it: len(it.token_ids), reverse=True):
+            n = len(item.token_ids)
+            if groups:
+                group = groups[-1]
+                longest = len(group[0].token_ids)
+                if (len(group) + 1) * longest <= MAX_PADDING * (real + n):
+                    group.append(item)
+                    real += n
+                    continue
+            groups.append([item])
+            real = n
+        return groups
+
+    def _run(self, group: list[ScheduledRequest]) -> np.ndarray:
+        """One onnxruntime call for a padded batch; appends each request's new KV; returns logits [B, V]."""
+        c = self.config
+        layers, kv_heads, head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+        caches = [self._caches[item.request_id] for item in group]
+        batch = len(group)
+        seq = max(len(item.token_ids) for item in group)
+        past = max(cache.length for cache in caches)
+
+        input_ids = np.zeros((batch, seq), np.int64)
+        positions = np.zeros((batch, seq), np.int64)
+        logits_index = np.zeros(batch, np.int64)
+        # Keys 0..past-1 are cached positions (right-padded per request), keys past.. the new tokens; new
+        # tokens are causal among themselves. A padding query row still sees itself, so nothing is NaN.
+        bias = np.full((batch, seq, past + seq), MASKED, np.float32)
+        bias[:, :, past:] = np.triu(np.full((seq, seq), MASKED, np.float32), k=1)
+        kv = self._staging((layers, 2, batch, kv_heads, past, head_dim))
+        for b, (item, cache) in enumerate(zip(group, caches, strict=True)):
+            n, start = len(item.token_ids), cache.length
+            input_ids[b, :n] = item.token_ids
+            positions[b] = np.arange(start, start + seq)
+            logits_index[b] = n - 1
+            bias[b, :, :start] = 0.0
+            kv[:, :, b, :, :start] = cache.data[:, :, :, :start]
+        feed: dict[str, np.ndarray] = {
+            INPUT_IDS: input_ids,
+            POSITION_IDS: positions,
+            ATTENTION_BIAS: bias,
+            LOGITS_INDEX: logits_index,
+        }
+        for layer in range(layers):
+            key_name, value_name = past_names(layer)
+            feed[key_name], feed[value_name] = kv[layer, 0], kv[layer, 1]
+        outputs = self.session.run(self._output_names, feed)
+        new = np.stack(outputs[1:]).reshape(layers, 2, batch, kv_heads, seq, head_dim)
+        for b, (item, cache) in enumerate(zip(group, caches, strict=True)):
+            n, start = len(item.token_ids), cache.length
+            cache.reserve(start + n, len(item.block_table) * self.block_size)
+            cache.data[:, :, :, start : start + n] = new[:, :, b, :, :n]
+            cache.length = start + n
+        return outputs[0]
+
+    def _staging(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A contiguous [L, 2, B, K, P, D] view of one reused buffer, for the batch's past keys and values.
+
+        Not cleared between steps: padding positions keep whatever an earlier step left there, which is
+        always finite (the buffer starts zeroed), and the attention bias gives them exactly zero weight.
+        Reusing it avoids faulting in fresh pages for the whole batch cache every step."""
+        size = int(np.prod(shape))
+        if self._buffer.size < size:
+            self._buffer = np.zeros(max(size, self._buffer.size * 3 // 2), np.float32)
+        return self._buffer[:size].reshape(shape)
+
+    def close(self) -> None:
+        self._caches.clear()
+        self._buffer = np.zeros(0, np.float32)
+        self.session = None

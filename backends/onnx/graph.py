@@ -1,0 +1,361 @@
+"""ERNIE 4.5 (dense and MoE) as an ONNX graph with a per-sequence KV cache, built node by node.
+
+The weights come in by their HuggingFace checkpoint names (`model.layers.0.self_attn.q_proj.weight`, ...),
+as the torch backend's loader fills them (`ErnieForCausalLM.checkpoint_targets()`): reading checkpoints
+(shard index, dtype conversion, shape checks, dummy weights) exists once, and the graph depends on no torch
+internals. The graph is written with `onnx.helper` rather than traced with `torch.onnx.export`: the
+torch.export-based exporter needs about a minute for a 3-layer toy model (the data-dependent expert routing
+makes it reason symbolically about every node), the TorchScript one is deprecated, and both add hundreds of
+shape-plumbing nodes. Built by hand, the graph has only the ops it needs, a tiny model exports in a tenth of a
+second, and it stays within what TensorRT's ONNX parser accepts.
+
+Legend: B sequences in the batch, S new tokens per sequence (right-padded), P cached tokens per sequence
+(right-padded), H hidden, Q query heads, K key/value heads, G = Q / K, D head dim, E routed experts, k experts
+per token, I intermediate size, V vocab, T = B * S token rows, n tokens routed to one expert.
+
+Inputs:
+  input_ids        [B, S]       int64
+  position_ids     [B, S]       int64
+  attention_bias   [B, S, P+S]  float32  0 where query s may see key j (past 0..P-1, then the new tokens),
+                                         `MASKED` elsewhere; the caller encodes causality and padding here
+  logits_index     [B]          int64    the row in 0..S-1 whose next-token logits each sequence wants
+  past_key_{i}     [B, K, P, D] float32  per layer i; P may be 0
+  past_value_{i}   [B, K, P, D] float32
+Outputs:
+  logits           [B, V]       float32
+  new_key_{i}      [B, K, S, D] float32  keys (after RoPE) of the S new tokens only: the caller appends them to
+  new_value_{i}    [B, K, S, D] float32  each sequence's own cache (returning past + new would copy the whole
+                                         cache out of the runtime every step)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ernie_serve.core.config import ModelConfig
+
+# Bump when the graph's math, inputs or outputs change: it is part of the export cache key.
+GRAPH_VERSION = "1"
+OPSET = 17  # ScatterND, GatherND batch_dims, TopK with a k input; ORT >= 1.12 and TensorRT >= 8.6 accept it
+MASKED = -1e9  # finite, so a fully masked row softmaxes to finite values instead of NaN
+# Tensors at least this large go to the external data file (small ones stay inline in model.onnx).
+EXTERNAL_THRESHOLD = 1024
+_ALIGN = 4096  # external tensors start at page boundaries, so onnxruntime can map them
+
+INPUT_IDS, POSITION_IDS, ATTENTION_BIAS, LOGITS_INDEX, LOGITS = (
+    "input_ids",
+    "position_ids",
+    "attention_bias",
+    "logits_index",
+    "logits",
+)
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_{layer}", f"past_value_{layer}"
+
+
+def new_names(layer: int) -> tuple[str, str]:
+    return f"new_key_{layer}", f"new_value_{layer}"
+
+
+def _np(tensor: Any) -> np.ndarray:
+    """A torch tensor (any dtype, any device) or array as float32 numpy."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().to(device="cpu").float().numpy()
+    return np.asarray(tensor, dtype=np.float32)
+
+
+@dataclass
+class GraphStats:
+    """What `build_graph` produced, for the export summary."""
+
+    num_nodes: int = 0
+    num_parameters: int = 0
+    external_bytes: int = 0
+    op_counts: Counter[str] = field(default_factory=Counter)
+
+
+class _Builder:
+    """Appends nodes and initializers; large initializers stream to an external data file as they come."""
+
+    def __init__(self, data_file: BinaryIO | None, data_location: str) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.data_file, self.data_location = data_file, data_location
+        self.stats = GraphStats()
+        self._names: Counter[str] = Counter()
+
+    def fresh(self, hint: str) -> str:
+        self._names[hint] += 1
+        return f"{hint}_{self._names[hint]}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None, **attrs: Any):
+        """Add one node; returns its output name (or a list of names when `outputs > 1`)."""
+        outs = [name] if name and outputs == 1 else [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type), **attrs))
+        self.stats.op_counts[op_type] += 1
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value: Any, dtype: Any = np.int64) -> str:
+        """A small constant (shape vectors, scalars), stored inline."""
+        array = np.asarray(value, dtype=dtype)
+        name = self.fresh("const")
+        self.initializers.append(self.numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A model weight: counted as a parameter, written to the external data file when large."""
+        from onnx import TensorProto
+
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        self.stats.num_parameters += array.size
+        if self.data_file is None or array.nbytes < EXTERNAL_THRESHOLD:
+            self.initializers.append(self.numpy_helper.from_array(array, name))
+            return name
+        offset = -self.data_file.tell() % _ALIGN + self.data_file.tell()
+        self.data_file.seek(offset)
+        self.data_file.write(array.tobytes())
+        proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+        for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):
+            proto.external_data.add(key=key, value=str(value))
+        proto.data_location = TensorProto.EXTERNAL
+        self.initializers.append(proto)
+        self.stats.external_bytes += array.nbytes
+        return name
+
+
+class _ErnieGraph:
+    """Emits the forward pass layer by layer; initializer names follow the checkpoint's."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Any], b: _Builder) -> None:
+        self.config, self.weights, self.b = config, weights, b
+        self.q_heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.axis_last = b.const([-1])
+
+    def w(self, *names: str) -> np.ndarray:
+        """Checkpoint tensors as float32 numpy, concatenated along the output rows when several (fusion)."""
+        arrays = [_np(self.weights[name]) for name in names]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+    # ----- building blocks -----
+    def rmsnorm(self, x: str, weight: str) -> str:
+        """`w * x / sqrt(mean(x^2) + eps)` in float32; this Pow/ReduceMean/Add/Sqrt/Div/Mul chain is the one
+        onnxruntime fuses into SimplifiedLayerNormalization. `weight` is the checkpoint name."""
+        b = self.b
+        power = b.op("Pow", x, b.const(2.0, np.float32))
+        mean = b.op("ReduceMean", power, axes=[-1], keepdims=1)
+        denom = b.op("Sqrt", b.op("Add", mean, b.const(self.config.rms_norm_eps, np.float32)))
+        return b.op("Mul", b.op("Div", x, denom), b.weight(weight, self.w(weight)))
+
+    def linear(self, x: str, name: str, *parts: str) -> str:
+        """`x @ W^T + b` for checkpoint projections `{prefix}.{part}.weight` (several parts fused along the
+        output), with W stored transposed ([in, out]) so MatMul reads it directly; bias when the checkpoint
+        has one. `name` names the fused initializer."""
+        b = self.b
+        y = b.op("MatMul", x, b.weight(f"{name}.weight", self.w(*(f"{p}.weight" for p in parts)).T))
+        if self.has(f"{parts[0]}.bias"):
+            y = b.op("Add", y, b.weight(f"{name}.bias", self.w(*(f"{p}.bias" for p in parts))))
+        return y
+
+    def swiglu(self, x: str, prefix: str) -> str:
+        """`down(silu(gate(x)) * up(x))` of the MLP at checkpoint `prefix`, gate and up fused in one MatMul.
+        x [.., H] -> [.., H]."""
+        b = self.b
+        intermediate = self.weights[f"{prefix}.gate_proj.weight"].shape[0]
+        gate_up = self.linear(x, f"{prefix}.gate_up_proj", f"{prefix}.gate_proj", f"{prefix}.up_proj")  # [.., 2I]
+        gate, up = b.op("Split", gate_up, b.const([intermediate, intermediate]), axis=-1, outputs=2)
+        hidden = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # [.., I]
+        return self.linear(hidden, f"{prefix}.down_proj", f"{prefix}.down_proj")
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        """Interleaved pairs (2i, 2i+1) rotate, GPT-J style. x [B, heads, S, D], cos/sin [B, 1, S, D/2, 1]."""
+        b = self.b
+        pairs = b.op("Reshape", x, b.const([0, 0, 0, -1, 2]))  # [B, heads, S, D/2, 2]
+        even, odd = b.op("Split", pairs, b.const([1, 1]), axis=-1, outputs=2)  # each [B, heads, S, D/2, 1]
+        new_even = b.op("Sub", b.op("Mul", even, cos), b.op("Mul", odd, sin))
+        new_odd = b.op("Add", b.op("Mul", odd, cos), b.op("Mul", even, sin))
+        rotated = b.op("Concat", new_even, new_odd, axis=-1)
+        return b.op("Reshape", rotated, b.const([0, 0, 0, -1]))  # [B, heads, S, D]
+
+    # ----- layers -----
+    def attention(self, i: int, x: str, cos: str, sin: str, bias: str) -> str:
+        b = self.b
+        q_heads, kv_heads, d = self.q_heads, self.kv_heads, self.head_dim
+        name = f"model.layers.{i}.self_attn"
+        qkv = self.linear(
+            x, f"{name}.qkv_proj", f"{name}.q_proj", f"{name}.k_proj", f"{name}.v_proj"
+        )  # [B, S, (Q+2K)D]
+        q, k, v = b.op("Split", qkv, b.const([q_heads * d, kv_heads * d, kv_heads * d]), axis=-1, outputs=3)
+        q = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, q_heads, d])), perm=[0, 2, 1, 3])  # [B, Q, S, D]
+        k = b.op("Transpose", b.op("Reshape", k, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3])  # [B, K, S, D]
+        v_new, k_new = new_names(i)[1], new_names(i)[0]
+        b.op("Transpose", b.op("Reshape", v, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3], name=v_new)
+        q = b.op("Mul", self.rope(q, cos, sin), b.const(d**-0.5, np.float32))  # scale q: fewer elements
+        b.op("Identity", self.rope(k, cos, sin), name=k_new)
+        past_k, past_v = past_names(i)
+        # GQA without repeating KV: query head h uses KV head h // G, so the G query heads of one KV head are
+        # G*S rows of one matrix, row g*S + s: [B, Q, S, D] -> [B, K, G*S, D].
+        q = b.op("Reshape", q, b.const([0, kv_heads, -1, d]))
+        # Past and new keys are scored separately and only the small score matrices are concatenated: the
+        # cache is read in place, never copied into a [P+S] tensor. (onnxruntime folds each Transpose into
+        # its MatMul.)
+        scores_past = b.op("MatMul", q, b.op("Transpose", past_k, perm=[0, 1, 3, 2]))  # [B, K, G*S, P]
+        scores_new = b.op("MatMul", q, b.op("Transpose", k_new, perm=[0, 1, 3, 2]))  # [B, K, G*S, S]
+        scores = b.op("Add", b.op("Concat", scores_past, scores_new, axis=-1), bias)  # [B, K, G*S, P+S]
+        probs_past, probs_new = b.op("Split", b.op("Softmax", scores, axis=-1), self.split_ps, axis=-1, outputs=2)
+        out = b.op("Add", b.op("MatMul", probs_past, past_v), b.op("MatMul", probs_new, v_new))  # [B, K, G*S, D]
+        out = b.op("Reshape", out, b.const([0, q_heads, -1, d]))  # [B, Q, S, D]
+        out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, q_heads * d]))
+        return self.linear(out, f"{name}.o_proj", f"{name}.o_proj")  # [B, S, H]
+
+    def moe(self, i: int, x: str) -> str:
+        """Route each token to its top-k experts and run each expert on its own tokens only.
+
+        Router (float32): probs = softmax(x Wr^T); experts = TopK(probs + bias) (the bias only selects);
+        weights = probs at those experts, renormalized. Then, unrolled over the E experts (a fixed count, no
+        Loop): Equal + NonZero list the (token, slot) pairs that chose expert e, Gather pulls those n token
+        rows, the expert's two MatMuls run on [n, H], and ScatterND writes the n results into their (token,
+        slot) rows of a [T, k, H] buffer. One weighted sum over k finishes the layer. Expert work is
+        proportional to T * k, not T * E. Each (token, slot) is written by exactly one expert, so the scatter
+        needs no `reduction`, which TensorRT's parser does not support; NonZero reads a float mask for the
+        same reason (TensorRT's NonZero takes FP32/FP16 only).
+        """
+        from onnx import TensorProto
+
+        b, c, name = self.b, self.config, f"model.layers.{i}.mlp"
+        h = c.hidden_size
+        rows = b.op("Reshape", x, b.const([-1, h]))  # [T, H]
+        router = b.op("MatMul", rows, b.weight(f"{name}.gate.weight", self.w(f"{name}.gate.weight").T))  # [T, E]
+        probs = b.op("Softmax", router, axis=-1)
+        bias_name = f"{name}.moe_statics.e_score_correction_bias"
+        selection = b.op("Add", probs, b.weight(bias_name, self.w(bias_name).reshape(-1)))  # [T, E]
+        _, experts = b.op("TopK", selection, b.const([c.moe_k]), axis=-1, largest=1, sorted=1, outputs=2)
+        weights = b.op("GatherElements", probs, experts, axis=1)  # [T, k]
+        total = b.op("ReduceSum", weights, self.axis_last, keepdims=1)
+        weights = b.op("Div", weights, b.op("Max", total, b.const(c.moe_norm_min, np.float32)))
+        # Each (token, slot) pair is chosen once overall, so every expert writes disjoint rows of `slots`.
+        shape = b.op("Concat", b.op("Shape", experts), b.const([h]), axis=0)  # [T, k, H]
+        slots = b.op("ConstantOfShape", shape, value=b.numpy_helper.from_array(np.zeros(1, np.float32)))
+        for e in range(c.moe_num_experts):
+            chosen = b.op("Cast", b.op("Equal", experts, b.const(e)), to=TensorProto.FLOAT)  # [T, k]
+            pairs = b.op("Transpose", b.op("NonZero", chosen), perm=[1, 0])  # [n, 2]: (token, slot)
+            tokens = b.op("Gather", pairs, b.const(0), axis=1)  # [n]
+            y = self.swiglu(b.op("Gather", rows, tokens, axis=0), f"{name}.experts.{e}")  # [n, H]
+            slots = b.op("ScatterND", slots, pairs, y)
+        weighted = b.op("Mul", slots, b.op("Unsqueeze", weights, self.axis_last))  # [T, k, H]
+        out = b.op("ReduceSum", weighted, b.const([1]), keepdims=0)  # [T, H]
+        if c.moe_num_shared_experts:
+            out = b.op("Add", out, self.swiglu(rows, f"{name}.shared_experts"))
+        return out
+
+    def build(self) -> tuple[list[Any], list[Any]]:
+        """Emit every node; returns (graph inputs, graph outputs) value infos."""
+        from onnx import TensorProto, helper
+
+        b, c = self.b, self.config
+        kd = [self.kv_heads, self.head_dim]
+        inputs = [
+            helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info(ATTENTION_BIAS, TensorProto.FLOAT, ["batch", "seq", "total"]),
+            helper.make_tensor_value_info(LOGITS_INDEX, TensorProto.INT64, ["batch"]),
+        ]
+        outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", c.vocab_size])]
+        for i in range(c.num_hidden_layers):
+            for name in past_names(i):
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kd[0], "past", kd[1]]))
+            for name in new_names(i):
+                outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kd[0], "seq", kd[1]]))
+
+        embed = b.weight("model.embed_tokens.weight", self.w("model.embed_tokens.weight"))  # [V, H]
+        x = b.op("Gather", embed, INPUT_IDS, axis=0)  # [B, S, H]
+        half = np.arange(self.head_dim // 2, dtype=np.float32)
+        inv_freq = 1.0 / np.float32(c.rope_theta) ** (half * 2 / self.head_dim)  # [D/2], as the torch backend's
+        inv_freq = b.weight("rope.inv_freq", inv_freq)
+        positions = b.op("Unsqueeze", b.op("Cast", POSITION_IDS, to=TensorProto.FLOAT), self.axis_last)
+        angles = b.op("Mul", positions, inv_freq)  # [B, S, D/2]
+        trig_axes = b.const([1, 4])
+        cos = b.op("Unsqueeze", b.op("Cos", angles), trig_axes)  # [B, 1, S, D/2, 1]
+        sin = b.op("Unsqueeze", b.op("Sin", angles), trig_axes)
+        # Row g*S + s of every query group uses query s's mask: [B, S, P+S] -> [B, 1, G*S, P+S]
+        groups = self.q_heads // self.kv_heads
+        bias = b.op("Tile", b.op("Unsqueeze", ATTENTION_BIAS, b.const([1])), b.const([1, 1, groups, 1]))
+        past_len = b.op("Shape", past_names(0)[0], start=2, end=3)  # [1]: P
+        self.split_ps = b.op("Concat", past_len, b.op("Shape", INPUT_IDS, start=1, end=2), axis=0)  # [P, S]
+        shape_bsh = b.op("Shape", x)
+        for i in range(c.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            h = self.rmsnorm(x, f"{prefix}.input_layernorm.weight")
+            x = b.op("Add", x, self.attention(i, h, cos, sin, bias))
+            h = self.rmsnorm(x, f"{prefix}.post_attention_layernorm.weight")
+            if c.is_moe_layer(i):
+                y = b.op("Reshape", self.moe(i, h), shape_bsh)
+            else:
+                y = self.swiglu(h, f"{prefix}.mlp")
+            x = b.op("Add", x, y)
+        index = b.op("Unsqueeze", LOGITS_INDEX, self.axis_last)  # [B, 1]
+        last = b.op("GatherND", x, index, batch_dims=1)  # [B, H]
+        last = self.rmsnorm(last, "model.norm.weight")
+        head = embed if c.tie_word_embeddings else b.weight("lm_head.weight", self.w("lm_head.weight"))
+        b.op("Gemm", last, head, transB=1, name=LOGITS)  # [B, V]
+        return inputs, outputs
+
+
+def build_graph(
+    config: ModelConfig, weights: Mapping[str, Any], data_file: BinaryIO | None = None, data_location: str = ""
+) -> tuple[onnx.ModelProto, GraphStats]:
+    """The whole model as an ONNX `ModelProto`. `weights` maps checkpoint names to tensors or arrays (every
+    name `checkpoint_targets()` yields; `lm_head.weight` only when untied). With `data_file`, weights of at
+    least `EXTERNAL_THRESHOLD` bytes are streamed there (named `data_location` relative to the model file)."""
+    from onnx import helper
+
+    builder = _Builder(data_file, data_location)
+    inputs, outputs = _ErnieGraph(config, weights, builder).build()
+    graph = helper.make_graph(builder.nodes, "ernie4_5", inputs, outputs, initializer=builder.initializers)
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="ernie-serve",
+        producer_version=GRAPH_VERSION,
+    )
+    proto.ir_version = 8  # the newest IR that onnxruntime >= 1.14 loads; opset 17 needs >= 8
+    builder.stats.num_nodes = len(builder.nodes)
+    return proto, builder.stats
+
+
+def save_graph(
+    config: ModelConfig, weights: Mapping[str, Any], out_dir: str | os.PathLike[str], name: str = "model.onnx"
+) -> GraphStats:
+    """Write `name` and its external weights `name.data` into `out_dir` (see `build_graph`)."""
+    import onnx
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_name = f"{name}.data"
+    with open(out / data_name, "wb") as data_file:
+        proto, stats = build_graph(config, weights, data_file, data_name)
+    if stats.external_bytes == 0:
+        (out / data_name).unlink()
+    onnx.save_model(proto, str(out / name))
+    return stats

@@ -1,0 +1,166 @@
+"""The onnx backend in the engine: providers, availability, per-request caches under continuous batching,
+preemption, and the memory bound."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from ernie_serve.backends.onnx.backend import OnnxBackend, resolve_providers
+from ernie_serve.core.backend import BackendUnavailableError
+
+CPU = ["CPUExecutionProvider"]
+
+
+def test_registered_as_a_builtin_plugin() -> None:
+    from ernie_serve.core.plugins import get_backend_class
+
+    assert get_backend_class("onnx") is OnnxBackend
+
+
+def test_availability_names_the_extra_when_onnxruntime_is_missing(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name))
+    assert OnnxBackend.availability() == "onnxruntime not installed: pip install 'ernie-serve[onnx]'"
+
+
+def test_provider_names_aliases_and_fallback() -> None:
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers(None, "auto", CPU) == CPU
+    assert resolve_providers(None, "cpu", gpu) == CPU
+    assert resolve_providers(None, "auto", gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("trt,cuda", "auto", gpu) == gpu
+    assert resolve_providers(["CPUExecutionProvider"], "auto", gpu) == CPU
+    assert resolve_providers(["cuda,cpu", "tensorrt"], "auto", gpu) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+        "TensorrtExecutionProvider",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("requested", "hint"),
+    [("cuda", "pip install onnxruntime-gpu"), ("tensorrt", "and TensorRT"), ("OpenVINOExecutionProvider", "build")],
+)
+def test_an_unavailable_provider_is_one_clear_error(requested: str, hint: str) -> None:
+    with pytest.raises(BackendUnavailableError) as error:
+        resolve_providers(requested, "auto", CPU)
+    message = str(error.value)
+    assert "is not available here" in message and hint in message and "\n" not in message
+
+
+# ----- in the engine -----
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def torch_llm(checkpoint):
+    from ernie_serve import LLM
+
+    llm = LLM(model=str(checkpoint), backend="torch", block_size=4)
+    yield llm
+    llm.engine.close()
+
+
+def _greedy(llm, prompts, max_tokens=6):
+    from ernie_serve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+def _onnx_llm(checkpoint, **settings):
+    from ernie_serve import LLM
+
+    return LLM(model=str(checkpoint), backend="onnx", block_size=4, **settings)
+
+
+def test_requests_join_and_leave_every_step_and_caches_are_freed(checkpoint, torch_llm) -> None:
+    from ernie_serve import SamplingParams
+
+    llm = _onnx_llm(checkpoint, max_num_batched_tokens=16)
+    engine, backend = llm.engine, llm.engine.backend
+    assert not engine.scheduler.config.enable_prefix_caching  # turned off by the backend at load
+    prompts = [list(range(10, 10 + n)) for n in (3, 17, 5, 30, 2)]
+    lengths = [2, 9, 5, 3, 7]
+    expected = [_greedy(torch_llm, [p], m)[0] for p, m in zip(prompts, lengths, strict=True)]
+
+    got: dict[str, list[int]] = {}
+    pending = list(zip(prompts, lengths, strict=True))
+    ids: list[str] = []
+    held = []
+    while pending or engine.has_unfinished_requests():
+        if pending:  # a new request joins at every step while others run and leave
+            prompt, length = pending.pop(0)
+            ids.append(engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)))
+        for output in engine.step():
+            if output.finished:
+                got[output.request_id] = output.outputs[0].token_ids
+        held.append(backend.num_cached_requests)
+        for request_id, cache in backend._caches.items():
+            request = engine.scheduler.requests.get(request_id)
+            if request is not None:  # the block manager's grant bounds each cache
+                assert cache.length <= cache.data.shape[3] <= len(request.block_ids) * 4
+    assert [got[i] for i in ids] == expected
+    assert max(held) >= 3
+    llm.generate({"prompt_token_ids": [5]}, SamplingParams(max_tokens=1))
+    assert backend.num_cached_requests <= 1  # only the last request, freed with the next plan
+    llm.engine.close()
+
+
+def test_preempted_requests_recompute_and_match(checkpoint, torch_llm) -> None:
+    # 12 blocks of 4 tokens cannot hold three 10-token prompts growing to 24 tokens: the scheduler preempts.
+    llm = _onnx_llm(checkpoint, num_gpu_blocks_override=12, max_model_len=48)
+    prompts = [list(range(20 + i, 30 + i)) for i in range(3)]
+    assert _greedy(llm, prompts, 14) == _greedy(torch_llm, prompts, 14)
+    assert llm.engine.scheduler.num_preemptions > 0
+    llm.engine.close()
+
+
+def test_a_prefix_cache_hit_is_refused_clearly(checkpoint) -> None:
+    from ernie_serve.core.plan import ScheduledRequest, StepPlan
+
+    llm = _onnx_llm(checkpoint)
+    plan = StepPlan([ScheduledRequest("r", [5, 6], start_position=4, block_table=[0, 1], samples=True)])
+    with pytest.raises(RuntimeError, match="prefix caching must be off"):
+        llm.engine.backend.execute(plan)
+    llm.engine.close()
+
+
+def test_a_step_without_sampling_rows_returns_no_logits(checkpoint) -> None:
+    from ernie_serve.core.plan import ScheduledRequest, StepPlan
+
+    llm = _onnx_llm(checkpoint)
+    plan = StepPlan([ScheduledRequest("r", [5, 6, 7], start_position=0, block_table=[0], samples=False)])
+    logits = llm.engine.backend.execute(plan)
+    assert logits.shape == (0, llm.engine.model_config.vocab_size) and logits.dtype == torch.float32
+    llm.engine.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"dtype": "bfloat16"}, "computes in float32"), ({"quantization": "wint8"}, "not supported by the onnx")],
+)
+def test_unsupported_settings_are_named(checkpoint, settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _onnx_llm(checkpoint, **settings)
+
+
+def test_providers_from_the_environment(checkpoint, monkeypatch) -> None:
+    monkeypatch.setenv("ERNIE_SERVE_ONNX_PROVIDERS", "cuda")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        _onnx_llm(checkpoint)
+    monkeypatch.setenv("ERNIE_SERVE_ONNX_PROVIDERS", "cpu")
+    llm = _onnx_llm(checkpoint)
+    assert llm.engine.backend.session.get_providers() == CPU
+    llm.engine.close()

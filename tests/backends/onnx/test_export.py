@@ -1,0 +1,100 @@
+"""The export cache (reuse, invalidation) and the `ernie-serve export onnx` command."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from ernie_serve.backends.onnx import export as export_mod  # noqa: E402
+from ernie_serve.backends.onnx.export import ExportOptions, cached_export, export_command, export_key  # noqa: E402
+from ernie_serve.core.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture()
+def checkpoint_copy(tiny_checkpoint, tmp_path):
+    """A private copy of a tiny checkpoint that a test may modify."""
+    source = tiny_checkpoint("moe_top1_dense_tail", torch.bfloat16)
+    return shutil.copytree(source, tmp_path / "checkpoint")
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERNIE_SERVE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "onnx"
+
+
+def test_second_start_reuses_the_export_and_a_changed_checkpoint_reexports(checkpoint_copy, cache_dir) -> None:
+    config = ModelConfig.from_pretrained(checkpoint_copy)
+    first = cached_export(config, str(checkpoint_copy))
+    assert not first.cached and first.path.is_file() and first.path.parent.parent == cache_dir
+    info = json.loads((first.path.parent / "export.json").read_text())
+    assert info["key"] == first.key and info["nodes"] > 0
+
+    again = cached_export(config, str(checkpoint_copy))
+    assert again.cached and again.path == first.path
+
+    # Same size, same name, different bytes: the key follows the contents.
+    index = json.loads((checkpoint_copy / "model.safetensors.index.json").read_text())
+    shard = checkpoint_copy / sorted(set(index["weight_map"].values()))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    changed = cached_export(config, str(checkpoint_copy))
+    assert not changed.cached and changed.key != first.key
+    assert len(list(cache_dir.iterdir())) == 2
+
+
+def test_key_covers_options_config_and_dummy_seed(checkpoint_copy, cache_dir) -> None:
+    config = ModelConfig.from_pretrained(checkpoint_copy)
+    base, material = export_key(config, str(checkpoint_copy), 0, ExportOptions())
+    assert {"source", "options", "graph_version", "graph_builder", "onnx"} <= set(material)
+    assert export_key(config, str(checkpoint_copy), 0, ExportOptions(opset=18))[0] != base
+    (checkpoint_copy / "config.json").write_text((checkpoint_copy / "config.json").read_text() + "\n")
+    assert export_key(config, str(checkpoint_copy), 0, ExportOptions())[0] != base
+    dummy = export_key(config, None, 0, ExportOptions())[0]
+    assert dummy != base and export_key(config, None, 1, ExportOptions())[0] != dummy
+
+
+def test_large_checkpoints_are_keyed_by_stat_and_header(checkpoint_copy, monkeypatch) -> None:
+    monkeypatch.setattr(export_mod, "CONTENT_HASH_LIMIT", 0)
+    fingerprint = export_mod.checkpoint_fingerprint(checkpoint_copy)
+    entry = fingerprint["weights"][0]
+    assert "blake2b" not in entry and {"size", "mtime_ns", "header"} <= set(entry)
+
+
+def test_export_command_writes_a_checked_model_and_prints_a_summary(tiny_checkpoint, tmp_path) -> None:
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+    out, err = io.StringIO(), io.StringIO()
+    code = export_command(str(checkpoint), str(tmp_path / "exported"), out=out, err=err)
+    assert code == 0, err.getvalue()
+    onnx.checker.check_model(str(tmp_path / "exported" / "model.onnx"))
+    assert (tmp_path / "exported" / "model.onnx.data").is_file()
+    summary = out.getvalue()
+    assert "Ernie4_5_MoeForCausalLM" in summary and "6 experts top-2 + 2 shared" in summary
+    assert "onnx.checker: passed" in summary and "external weights" in summary
+    assert err.getvalue() == ""
+
+
+def test_export_command_reports_a_bad_model_in_one_line(tmp_path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert export_command(str(tmp_path / "missing"), str(tmp_path / "x"), out=out, err=err) == 1
+    assert err.getvalue().startswith("ernie-serve: error: ") and err.getvalue().count("\n") == 1
+    assert out.getvalue() == ""
+
+
+def test_export_arguments_parse() -> None:
+    import argparse
+
+    from ernie_serve.backends.onnx.export import add_export_onnx_arguments
+
+    parser = argparse.ArgumentParser()
+    add_export_onnx_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--output", "o"])
+    assert (args.model, args.output, args.load_format, args.seed) == ("m", "o", "auto", 0)
