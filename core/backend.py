@@ -33,6 +33,9 @@ class Backend(ABC):
     """
 
     name: ClassVar[str] = ""
+    # False for backends that keep one cache per request: the engine then turns prefix caching off, since a
+    # prefix hit would point at KV held in another request's blocks.
+    supports_prefix_caching: ClassVar[bool] = True
 
     @classmethod
     def availability(cls) -> str | None:
@@ -58,6 +61,11 @@ class Backend(ABC):
         """Called once per engine step. Computes KV for every scheduled token and returns float32 logits
         `[len(plan.sampling_request_ids), vocab]`, one row per request with `samples=True`, in plan order.
         Must first drop state of `plan.finished_request_ids` / `preempted_request_ids`."""
+
+    def release(self, request_ids: list[str]) -> None:  # noqa: B027 - optional hook
+        """Called as soon as requests end (finished, stopped, aborted), so per-request state does not outlive
+        them while the engine is idle. The ids also arrive in the next plan's `finished_request_ids` (and
+        preempted ones in `preempted_request_ids`); releasing an unknown id must be a no-op."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once when the engine shuts down: release memory, threads, devices."""

@@ -133,9 +133,11 @@ class Engine:
                 block_size=settings.block_size,
                 num_blocks=num_blocks,
                 enable_chunked_prefill=settings.enable_chunked_prefill,
-                enable_prefix_caching=settings.enable_prefix_caching,
+                enable_prefix_caching=settings.enable_prefix_caching and backend_cls.supports_prefix_caching,
             )
         )
+        if settings.enable_prefix_caching and not backend_cls.supports_prefix_caching:
+            log.info("prefix caching turned off: this backend keeps one KV cache per request", backend=settings.backend)
         self.sampler = Sampler(settings.seed)
         self._sequences: dict[str, _Sequence] = {}
         self._groups: dict[str, _Group] = {}
@@ -273,7 +275,8 @@ class Engine:
         """Abort user requests (all their `n` sequences); blocks are freed before the next step."""
         ids = [request_ids] if isinstance(request_ids, str) else request_ids
         children = [c for rid in ids if rid in self._groups for c in self._groups[rid].child_ids]
-        self.scheduler.abort_requests(children, RequestStatus.FINISHED_ABORTED)
+        aborted = self.scheduler.abort_requests(children, RequestStatus.FINISHED_ABORTED)
+        self.backend.release([r.request_id for r in aborted])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -285,6 +288,8 @@ class Engine:
         plan = self.scheduler.schedule()
         touched: set[str] = set(plan.finished_request_ids)
         result = StepResult()
+        if plan.is_empty and plan.preempted_request_ids:
+            self.backend.release(plan.preempted_request_ids)
         if not plan.is_empty:
             logits = self.backend.execute(plan)
             sampling_ids = plan.sampling_request_ids
@@ -292,7 +297,7 @@ class Engine:
             states = [self._sequences[i].sampling for i in sampling_ids]
             sampled = self.sampler(logits, requests, states)
             result.sampled = dict(zip(sampling_ids, sampled, strict=True))
-        self.scheduler.update(plan, result)
+        ended = [r.request_id for r in self.scheduler.update(plan, result)]
 
         now = time.monotonic()
         stopped_by_string: list[str] = []
@@ -316,6 +321,9 @@ class Engine:
             touched.add(request_id)
         if stopped_by_string:
             self.scheduler.abort_requests(stopped_by_string, RequestStatus.FINISHED_STOPPED)
+            ended += stopped_by_string
+        if ended:  # free per-request backend state now, not when (or if) the next step runs
+            self.backend.release(ended)
             touched.update(stopped_by_string)  # their ids are also in the next plan's finished list
         return self._collect_outputs(touched)
 

@@ -139,11 +139,6 @@ class OnnxBackend(Backend):
             raise ValueError("--tensor-parallel-size > 1 is not supported by the onnx backend")
         requested = getattr(settings, "onnx_providers", None) or os.environ.get(PROVIDERS_ENV)
         providers = resolve_providers(requested, settings.device, ort.get_available_providers())
-        if settings.enable_prefix_caching:
-            # The engine builds the scheduler after `load`, from these settings. See supports_prefix_caching.
-            log.info("prefix caching turned off: the onnx backend keeps one KV cache per request")
-            settings.enable_prefix_caching = False
-
         self.config = model_config
         export = cached_export(model_config, model_path, settings.seed)
         options = ort.SessionOptions()
@@ -182,12 +177,15 @@ class OnnxBackend(Backend):
         """Requests whose KV the backend holds (for tests: drops to 0 once everything finished)."""
         return len(self._caches)
 
+    def release(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._caches.pop(request_id, None)
+
     def execute(self, plan: StepPlan) -> torch.Tensor:
         import torch
 
         assert self.session is not None, "execute before load"
-        for request_id in (*plan.finished_request_ids, *plan.preempted_request_ids):
-            self._caches.pop(request_id, None)
+        self.release([*plan.finished_request_ids, *plan.preempted_request_ids])
         for item in plan.scheduled:
             self._check_position(item)
         rows: dict[str, np.ndarray] = {}

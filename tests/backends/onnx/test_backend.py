@@ -88,7 +88,7 @@ def test_requests_join_and_leave_every_step_and_caches_are_freed(checkpoint, tor
 
     llm = _onnx_llm(checkpoint, max_num_batched_tokens=16)
     engine, backend = llm.engine, llm.engine.backend
-    assert not engine.scheduler.config.enable_prefix_caching  # turned off by the backend at load
+    assert not engine.scheduler.config.enable_prefix_caching  # turned off by the engine for this backend
     prompts = [list(range(10, 10 + n)) for n in (3, 17, 5, 30, 2)]
     lengths = [2, 9, 5, 3, 7]
     expected = [_greedy(torch_llm, [p], m)[0] for p, m in zip(prompts, lengths, strict=True)]
@@ -164,3 +164,18 @@ def test_providers_from_the_environment(checkpoint, monkeypatch) -> None:
     llm = _onnx_llm(checkpoint)
     assert llm.engine.backend.session.get_providers() == CPU
     llm.engine.close()
+
+
+def test_caches_are_freed_when_requests_end_even_if_the_engine_goes_idle(checkpoint) -> None:
+    from ernie_serve import SamplingParams
+
+    llm = _onnx_llm(checkpoint)
+    backend = llm.engine.backend
+    llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert backend.num_cached_requests == 0  # no further step ran, yet the cache is gone
+    engine = llm.engine
+    request_id = engine.add_request([8, 9, 10], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert backend.num_cached_requests == 1
+    engine.abort_request(request_id)
+    assert backend.num_cached_requests == 0
