@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SUPPORTED_MODEL_TYPES = {
     "ernie4_5": "Ernie4_5ForCausalLM",
@@ -245,7 +245,20 @@ class EngineSettings(BaseSettings):
     quantization: str | None = Field(None, description="weight-only quantization: wint8 or wint4")
     tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
     chat_template: str | None = Field(None, description="Jinja chat template file or string")
+    onnx_providers: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="onnxruntime execution providers for --backend onnx, in priority order: cpu, cuda, tensorrt "
+        "or full names (comma-separated)",
+    )
     log_format: Literal["console", "json"] = Field("console", description="log output format")
+
+    @field_validator("onnx_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> list[str] | None:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        return [p.strip() for item in items for p in str(item).split(",") if p.strip()] or None
 
     @field_validator("quantization")
     @classmethod

@@ -7,6 +7,8 @@ Subcommands:
   each backend can run on this machine; plugins that failed to load, with the reason.
 - `generate`: offline generation with the `LLM` API, streaming text to stdout as it is produced.
 - `bench serve`: a serving benchmark against a running server (vLLM's `bench serve`), or `--offline`.
+- `bench throughput`: the offline engine against transformers' `generate`; `bench scheduler`: scheduler cost.
+- `export onnx`: write a checkpoint's model as an ONNX graph.
 
 Errors the user can fix (bad flag values, unknown backend, missing checkpoint) are one line on stderr and
 a non-zero exit, never a traceback; argparse usage errors exit 2 as usual.
@@ -85,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     _add_bench_serve(bench_sub)
+    _add_bench_throughput(bench_sub)
+    scheduler_bench = bench_sub.add_parser(
+        "scheduler",
+        help="scheduler cost per step against the number of running requests",
+        description="Time schedule() + update() (no model) with 1..512 requests decoding.",
+    )
+    _add_log_level(scheduler_bench)
+
+    export = sub.add_parser("export", help="export a model for another runtime", description="Export a model.")
+    export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    export_onnx = export_sub.add_parser(
+        "onnx",
+        help="write model.onnx + model.onnx.data, checked with onnx.checker",
+        description="Export the ERNIE model of a checkpoint to ONNX (with KV cache inputs and outputs).",
+    )
+    from ernie_serve.backends.onnx.export import add_export_onnx_arguments
+
+    add_export_onnx_arguments(export_onnx)
+    _add_log_level(export_onnx)
 
     plugins = sub.add_parser(
         "plugins",
@@ -133,6 +154,49 @@ def _server_settings_cls() -> type:
     from ernie_serve.gateway.settings import ServerSettings
 
     return ServerSettings
+
+
+def _add_bench_throughput(bench_sub: Any) -> None:
+    bench = bench_sub.add_parser(
+        "throughput",
+        help="offline engine vs transformers generate, same weights and workload, one run",
+        description="Run a mixed workload (prompts 16..256, outputs 16..128 tokens, greedy, ignore_eos) through "
+        "ernie-serve's offline engine and transformers' generate (static batches of 16, left padding) on the "
+        "same weights, and print both throughputs and their ratio. Needs transformers (the test extra).",
+    )
+    bench.add_argument("--model", default=None, help="checkpoint directory (default: the ~70M CPU benchmark model)")
+    bench.add_argument("--num-requests", type=int, default=48, help="requests in the workload (default: 48)")
+    bench.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    bench.add_argument("--max-num-seqs", type=int, default=64, help="engine --max-num-seqs (default: 64)")
+    bench.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="engine --max-num-batched-tokens (default: 2048)"
+    )
+    bench.add_argument("--skip-transformers", action="store_true", help="time ernie-serve only")
+    bench.add_argument("--profile", action="store_true", help="also report where the engine's time goes")
+    bench.add_argument("--output-json", default=None, help="write the results to this JSON file")
+    _add_log_level(bench)
+
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    configure_logging("console", args.log_level)
+    if not args.skip_transformers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            _error("bench throughput compares against transformers: pip install 'ernie-serve[test]'")
+            return EXIT_FAILURE
+    from ernie_serve.bench.throughput import main as throughput_main
+
+    return throughput_main(
+        args.model,
+        args.num_requests,
+        args.seed,
+        args.skip_transformers,
+        args.output_json,
+        args.max_num_seqs,
+        args.max_num_batched_tokens,
+        profile=args.profile,
+    )
 
 
 def _add_bench_serve(bench_sub: Any) -> None:
@@ -219,7 +283,18 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "serve":
         return _cmd_serve(args)
     if args.command == "bench":
+        if args.bench_command == "throughput":
+            return _cmd_bench_throughput(args)
+        if args.bench_command == "scheduler":
+            from ernie_serve.bench.scheduler import main as scheduler_main
+
+            return scheduler_main()
         return _cmd_bench_serve(args)
+    if args.command == "export":
+        configure_logging("console", args.log_level)
+        from ernie_serve.backends.onnx.export import run_export_onnx
+
+        return run_export_onnx(args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: subparsers are required
     return EXIT_USAGE
 

@@ -226,3 +226,26 @@ def test_console_script_bad_value_has_no_traceback() -> None:
     assert proc.stderr.splitlines() == [
         "ernie-serve: error: --max-num-seqs: Input should be greater than or equal to 1"
     ]
+
+
+def test_export_onnx_and_bench_commands_are_wired(tmp_path, tiny_checkpoint, capsys) -> None:
+    import json
+
+    import torch
+
+    from ernie_serve.cli import main
+
+    assert main(["export", "onnx", "--model", "demo", "--output", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert "onnx.checker: passed" in capsys.readouterr().out
+
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
+    result = tmp_path / "throughput.json"
+    args = ["bench", "throughput", "--model", str(checkpoint), "--num-requests", "3", "--output-json", str(result)]
+    assert main(args) == 0
+    summary = json.loads(result.read_text())
+    assert summary["ratio"] > 0 and summary["single_request_decode_tok_s"] > 0
+    assert "ernie-serve / transformers throughput" in capsys.readouterr().out
+
+    assert main(["bench", "scheduler"]) == 0
+    assert "us/request" in capsys.readouterr().out

@@ -107,7 +107,10 @@ def main(
     profile: bool = False,
 ) -> int:
     checkpoint = Path(model) if model else bench_checkpoint()
-    workload = mixed_workload(num_requests=num_requests, seed=seed)
+    from ernie_serve.core.config import ModelConfig
+
+    vocab = min(2000, ModelConfig.from_pretrained(checkpoint).vocab_size)
+    workload = mixed_workload(num_requests=num_requests, seed=seed, vocab=vocab)
     print(f"model: {checkpoint}")
     print(
         f"workload: {len(workload)} requests, prompts {min(len(r.prompt_token_ids) for r in workload)}.."
