@@ -52,6 +52,9 @@ class TorchBackend(Backend):
             init_dummy_weights(self.model, settings.seed)
         else:
             load_safetensors(self.model, model_path)
+        prepare = getattr(self.model, "prepare_for_inference", None)  # optional for plugin model classes
+        if prepare is not None:
+            prepare()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config

@@ -244,6 +244,7 @@ class ErnieForCausalLM(nn.Module):
             self.lm_head_weight = self.embed_weight
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.lm_head_by_column: torch.Tensor | None = None  # [H, V], see prepare_for_inference
         half = config.head_dim // 2
         inv_freq = 1.0 / config.rope_theta ** (
             torch.arange(half, dtype=torch.float32, device=device) * 2 / config.head_dim
@@ -264,7 +265,17 @@ class ErnieForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rotation, kv_cache, meta)
         x = self.norm(x.index_select(0, sample_rows))  # [S, H]
+        if self.lm_head_by_column is not None:
+            return (x @ self.lm_head_by_column).float()  # [S, V]
         return F.linear(x, self.lm_head_weight).float()  # [S, V]
+
+    def prepare_for_inference(self) -> None:
+        """Called once after the weights are loaded. On CPU the LM head, the largest matrix, is multiplied in
+        `[H, V]` layout: MKL's GEMM with the vocabulary contiguous runs ~1.3-2x faster than `F.linear`'s
+        `[V, H]` at decode batch sizes, measured on these CPUs. It costs a copy of the head when embeddings are
+        tied (vocab x hidden floats)."""
+        if self.lm_head_weight.device.type == "cpu":
+            self.lm_head_by_column = self.lm_head_weight.t().contiguous()  # [H, V]
 
     # ----- checkpoint mapping -----
     def checkpoint_targets(self) -> Iterator[tuple[str, torch.Tensor]]:
