@@ -69,3 +69,29 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once when the engine shuts down: release memory, threads, devices."""
+
+
+def unavailable_backend(name: str, reason: str) -> type[Backend]:
+    """A stand-in to register when a backend's module cannot even be imported here (its package is missing):
+    `ernie-serve plugins` lists it with `reason`, and selecting it fails with that line."""
+
+    class UnavailableBackend(Backend):
+        @classmethod
+        def availability(cls) -> str | None:
+            return reason
+
+        def load(self, model_config, settings, model_path) -> None:  # type: ignore[no-untyped-def]
+            raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
+
+        def kv_cache_spec(self) -> KVCacheSpec:
+            raise BackendUnavailableError(reason)
+
+        def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+            raise BackendUnavailableError(reason)
+
+        def execute(self, plan):  # type: ignore[no-untyped-def]
+            raise BackendUnavailableError(reason)
+
+    UnavailableBackend.name = name
+    UnavailableBackend.__qualname__ = UnavailableBackend.__name__ = f"Unavailable[{name}]"
+    return UnavailableBackend

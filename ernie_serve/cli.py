@@ -102,9 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="write model.onnx + model.onnx.data, checked with onnx.checker",
         description="Export the ERNIE model of a checkpoint to ONNX (with KV cache inputs and outputs).",
     )
-    from ernie_serve.backends.onnx.export import add_export_onnx_arguments
-
-    add_export_onnx_arguments(export_onnx)
+    export_onnx.add_argument("--model", required=True, help="checkpoint directory, 'demo', or a preset name")
+    export_onnx.add_argument("--output", required=True, help="directory to write model.onnx and model.onnx.data")
+    export_onnx.add_argument(
+        "--load-format",
+        choices=("auto", "safetensors", "dummy"),
+        default="auto",
+        help="dummy = random weights of the model's shape (default: auto)",
+    )
+    export_onnx.add_argument("--seed", type=int, default=0, help="seed for dummy weights (default: 0)")
     _add_log_level(export_onnx)
 
     plugins = sub.add_parser(
@@ -292,9 +298,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return _cmd_bench_serve(args)
     if args.command == "export":
         configure_logging("console", args.log_level)
-        from ernie_serve.backends.onnx.export import run_export_onnx
-
-        return run_export_onnx(args)
+        try:  # the exporter needs the onnx extra; the rest of the CLI must not
+            from ernie_serve.backends.onnx.export import export_command
+        except ImportError as missing:
+            _error(f"export onnx needs {missing.name or 'onnx'}: pip install 'ernie-serve[onnx]'")
+            return EXIT_FAILURE
+        return export_command(args.model, args.output, load_format=args.load_format, seed=args.seed)
     parser.error(f"unknown command {args.command!r}")  # unreachable: subparsers are required
     return EXIT_USAGE
 

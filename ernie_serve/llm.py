@@ -61,9 +61,7 @@ class LLM:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 text, token_ids = self._tokenize(prompt)
                 ids.append(
-                    self.engine.add_request(
-                        token_ids, params, prompt=text, priority=priority[i] if priority else 0
-                    )
+                    self.engine.add_request(token_ids, params, prompt=text, priority=priority[i] if priority else 0)
                 )
         except Exception:
             self.engine.abort_request(ids)
@@ -89,15 +87,11 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> dict[str, Any]:
-        text = self.engine.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt
-        )
+        text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
         # the template already places the special tokens: encode without adding any
         return {"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(text)}
 
-    def stream(
-        self, prompt: str, sampling_params: SamplingParams | None = None, chat: bool = False
-    ) -> Iterator[str]:
+    def stream(self, prompt: str, sampling_params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
         """Yield text deltas of one request as they are produced (the CLI's `generate`)."""
         source: PromptInput = self.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
         text, token_ids = self._tokenize(source)

@@ -28,8 +28,6 @@ from ernie_serve.backends.onnx import graph as graph_module
 from ernie_serve.backends.onnx.graph import GRAPH_VERSION, OPSET, GraphStats, past_names
 
 if TYPE_CHECKING:
-    import argparse
-
     from ernie_serve.core.config import ModelConfig
 
 log = structlog.get_logger("ernie_serve.onnx")
@@ -270,21 +268,3 @@ def export_command(
     ]
     out.write("\n".join(lines) + "\n")
     return 0
-
-
-def add_export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `ernie-serve export onnx`, for the CLI to call on its subparser."""
-    parser.add_argument("--model", required=True, help="checkpoint directory, 'demo', or a preset name")
-    parser.add_argument("--output", required=True, help="directory to write model.onnx and model.onnx.data")
-    parser.add_argument(
-        "--load-format",
-        choices=("auto", "safetensors", "dummy"),
-        default="auto",
-        help="dummy = random weights of the model's shape (default: auto)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for dummy weights (default: 0)")
-
-
-def run_export_onnx(args: argparse.Namespace) -> int:
-    """Run the command from parsed `add_export_onnx_arguments` flags."""
-    return export_command(args.model, args.output, load_format=args.load_format, seed=args.seed)

@@ -90,11 +90,26 @@ def test_export_command_reports_a_bad_model_in_one_line(tmp_path) -> None:
 
 
 def test_export_arguments_parse() -> None:
-    import argparse
+    from ernie_serve.cli import build_parser
 
-    from ernie_serve.backends.onnx.export import add_export_onnx_arguments
-
-    parser = argparse.ArgumentParser()
-    add_export_onnx_arguments(parser)
-    args = parser.parse_args(["--model", "m", "--output", "o"])
+    args = build_parser().parse_args(["export", "onnx", "--model", "m", "--output", "o"])
     assert (args.model, args.output, args.load_format, args.seed) == ("m", "o", "auto", 0)
+
+
+def test_the_cli_works_without_the_onnx_extra() -> None:
+    """A plain `pip install ernie-serve` has neither numpy nor onnx: the CLI must still start, list the onnx
+    backend as unavailable with the reason, and answer `export onnx` with one line."""
+    import subprocess
+    import sys
+
+    blocked = "import sys\nfor m in ('numpy', 'onnx', 'onnxruntime'): sys.modules[m] = None\n"
+    script = blocked + (
+        "from ernie_serve.cli import main\n"
+        "assert main(['plugins']) == 0\n"
+        "sys.exit(main(['export', 'onnx', '--model', 'demo', '--output', 'unused']))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    onnx_line = next(line for line in run.stdout.splitlines() if line.strip().startswith("onnx "))
+    assert "pip install" in onnx_line
+    assert "export onnx needs" in run.stderr and "Traceback" not in run.stderr
