@@ -69,6 +69,11 @@ class AsyncEngine:
         """True once the model is loaded and the loop runs, until shutdown or a crash."""
         return self._ready.is_set() and not self._stopping.is_set() and self._error is None
 
+    @property
+    def is_loading(self) -> bool:
+        """True from construction until the model has loaded (or failed to)."""
+        return not self._ready.is_set() and self._error is None
+
     async def start(self) -> None:
         """Load the engine in its thread and wait until it can serve; re-raises load errors."""
         self._loop = asyncio.get_running_loop()

@@ -74,7 +74,7 @@ def build_app(
         if state["load_error"] is not None:
             return JSONResponse({"status": "error", "error": str(state["load_error"])}, status_code=503)
         if not engine.is_ready:
-            status = "loading" if engine.engine is None else "stopped"
+            status = "loading" if engine.is_loading else "stopped"
             return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 

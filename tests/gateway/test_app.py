@@ -314,14 +314,14 @@ class _SlowEngine:
 
         self.settings = EngineSettings(model="slow")
         self.snapshot = EngineSnapshot()
-        self.engine = None
+        self.is_loading = True
         self.is_ready = False
         self.max_model_len = 64
         self.loaded = asyncio.Event()
 
     async def start(self) -> None:
         await self.loaded.wait()
-        self.engine, self.is_ready = object(), True
+        self.is_loading, self.is_ready = False, True
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         self.is_ready = False
