@@ -19,31 +19,13 @@ from ernie_serve.core import plugins
 from ernie_serve.core.config import EngineSettings
 
 UNAVAILABLE_PLUGIN = """
-from ernie_serve.core.backend import Backend
+from ernie_serve.core.backend import unavailable_backend
 from ernie_serve.core.hookspecs import hookimpl
-
-
-class FrobBackend(Backend):
-    @classmethod
-    def availability(cls):
-        return "needs an NVIDIA GPU and tensorrt>=10 (pip install tensorrt)"
-
-    def load(self, model_config, settings, model_path):
-        pass
-
-    def kv_cache_spec(self):
-        raise NotImplementedError
-
-    def allocate_kv_cache(self, num_blocks, block_size):
-        pass
-
-    def execute(self, plan):
-        raise NotImplementedError
 
 
 @hookimpl
 def register_backends(register):
-    register("frob", FrobBackend)
+    register("frob", unavailable_backend("frob", "needs an NVIDIA GPU and tensorrt>=10 (pip install tensorrt)"))
 """
 
 
