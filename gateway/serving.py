@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -502,21 +502,12 @@ class OpenAIServing:
                     reason = _reason(output.outputs)
                     break
                 output = await stream.__anext__()
-            if parsed.include_usage:
-                yield sse.encode_data(
-                    ChatCompletionChunk(
-                        id=call.id,
-                        created=created,
-                        model=model,
-                        choices=[],
-                        usage=_usage(call.prompt_tokens, call.output_tokens),
-                    )
-                )
-            yield sse.DONE
+            for line in _stream_end(call, created, model, ChatCompletionChunk, parsed.include_usage):
+                yield line
         except EngineDeadError as exc:
             reason = "error"
-            yield sse.encode_data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": 500}})
-            yield sse.DONE
+            for line in _stream_error(exc):
+                yield line
         finally:
             await self._close([stream])
             self._end(call, reason)
@@ -671,21 +662,12 @@ class OpenAIServing:
                     finals[p] = output
             call.engine_metrics = finals[0].metrics if finals[0] is not None else None
             reason = _reason([c for f in finals if f is not None for c in f.outputs])
-            if parsed.include_usage:
-                yield sse.encode_data(
-                    CompletionResponse(
-                        id=call.id,
-                        created=created,
-                        model=model,
-                        choices=[],
-                        usage=_usage(call.prompt_tokens, call.output_tokens),
-                    )
-                )
-            yield sse.DONE
+            for line in _stream_end(call, created, model, CompletionResponse, parsed.include_usage):
+                yield line
         except EngineDeadError as exc:
             reason = "error"
-            yield sse.encode_data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": 500}})
-            yield sse.DONE
+            for line in _stream_error(exc):
+                yield line
         finally:
             await merged.aclose()
             await self._close(streams)
@@ -731,6 +713,20 @@ async def _merge(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stream_end(call: Any, created: int, model: str, chunk_cls: Any, include_usage: bool) -> Iterator[str]:
+    """The last SSE lines of a stream: the usage chunk when asked for, then `[DONE]`."""
+    if include_usage:
+        usage = _usage(call.prompt_tokens, call.output_tokens)
+        yield sse.encode_data(chunk_cls(id=call.id, created=created, model=model, choices=[], usage=usage))
+    yield sse.DONE
+
+
+def _stream_error(exc: Exception) -> Iterator[str]:
+    """An engine failure mid-stream: an OpenAI-style error event, then `[DONE]`."""
+    yield sse.encode_data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": 500}})
+    yield sse.DONE
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
