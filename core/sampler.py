@@ -44,13 +44,16 @@ class Sampler:
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        logits = self._apply_penalties(logits.clone(), requests)
-        self._mask_early_stops(logits, requests)
+        if any(_changes_logits(r) for r in requests):  # else the backend's logits are used as they are
+            logits = self._apply_penalties(logits.clone(), requests)
+            self._mask_early_stops(logits, requests)
 
         token_ids = torch.empty(len(requests), dtype=torch.long)
         greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        if greedy_rows:
+        if len(greedy_rows) == len(requests):
+            token_ids = logits.argmax(dim=-1)
+        elif greedy_rows:
             token_ids[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
         if random_rows:
             probs = self._filtered_probs(logits[random_rows], [requests[i] for i in random_rows])
@@ -130,6 +133,16 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
         filtered = torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
         return torch.softmax(filtered, dim=-1)
+
+
+def _changes_logits(request: Request) -> bool:
+    """Whether penalties or `min_tokens` may change this request's logits this step."""
+    params = request.sampling_params
+    return (
+        params.repetition_penalty != 1.0
+        or bool(params.presence_penalty or params.frequency_penalty)
+        or request.num_output_tokens < params.min_tokens
+    )
 
 
 def _logprobs_entry(row_logprobs: torch.Tensor, token_id: int, top_k: int) -> dict[int, Logprob]:

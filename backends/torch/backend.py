@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 import torch
 
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
@@ -10,6 +11,8 @@ from ernie_serve.core.backend import Backend, KVCacheSpec
 from ernie_serve.core.config import EngineSettings, ModelConfig
 from ernie_serve.core.plan import StepPlan
 from ernie_serve.core.plugins import get_model_class
+
+log = structlog.get_logger("ernie_serve.torch")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,8 +56,9 @@ class TorchBackend(Backend):
         else:
             load_safetensors(self.model, model_path)
         prepare = getattr(self.model, "prepare_for_inference", None)  # optional for plugin model classes
-        if prepare is not None:
-            prepare()
+        extra_bytes = prepare() if prepare is not None else 0
+        if extra_bytes:
+            log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config
@@ -126,11 +130,14 @@ class TorchBackend(Backend):
             widest = max(len(t) for t in decode_tables)
             # pad with each request's own first block: always written, so masked reads are finite values
             padded = torch.stack([torch.cat((t, t[:1].expand(widest - len(t)))) for t in decode_tables])
-            lengths = torch.tensor(decode_lengths)
-            mask = torch.arange(widest * bs)[None, :] < lengths[:, None]  # [B, L]
             meta.decode_rows = torch.tensor(decode_rows, device=device)
             meta.decode_blocks = padded.to(device)
-            meta.decode_mask = mask[:, None, None, :].to(device)
+            meta.decode_only = not prefills  # then each row is one decode, in order
+            if len(decode_rows) == 1:  # attention reads exactly its context: no mask
+                meta.decode_context_len = decode_lengths[0]
+            else:
+                mask = torch.arange(widest * bs)[None, :] < torch.tensor(decode_lengths)[:, None]  # [B, L]
+                meta.decode_mask = mask[:, None, None, :].to(device)
         return (
             torch.tensor(input_ids, device=device),
             torch.tensor(positions, device=device),

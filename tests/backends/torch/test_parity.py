@@ -13,12 +13,17 @@ PROMPTS = [[5, 6, 7], list(range(10, 31)), [100] * 9 + [7, 8], [300, 301], list(
 NEW_TOKENS = 8
 
 
+# 24 tokens a step forces chunked prefill, prefix continuation and small steps (the MoE's few-token path);
+# 256 prefills every prompt in one step (one GEMM per expert)
+@pytest.mark.parametrize("step_tokens", [24, 256], ids=["chunked", "one-step-prefill"])
 @pytest.mark.parametrize("disk_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", list(TINY_SHAPES))
-def test_greedy_and_logprobs_match_transformers(tiny_checkpoint, shape: str, disk_dtype: torch.dtype) -> None:
+def test_greedy_and_logprobs_match_transformers(
+    tiny_checkpoint, shape: str, disk_dtype: torch.dtype, step_tokens: int
+) -> None:
     checkpoint = tiny_checkpoint(shape, disk_dtype)
-    # a small step budget and block size force chunked prefill, prefix continuation and block boundaries
-    llm = LLM(model=str(checkpoint), block_size=4, max_num_batched_tokens=24)
+    # a small block size puts block boundaries inside every prompt
+    llm = LLM(model=str(checkpoint), block_size=4, max_num_batched_tokens=step_tokens)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
 
@@ -47,3 +52,17 @@ def test_tiny_checkpoints_are_sharded_with_selection_bias(tiny_checkpoint) -> No
     name = "model.layers.1.mlp.moe_statics.e_score_correction_bias"
     with safe_open(str(checkpoint / index["weight_map"][name]), "pt") as reader:
         assert reader.get_tensor(name).abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", list(TINY_SHAPES))
+def test_single_request_decode_matches_transformers(tiny_checkpoint, shape: str) -> None:
+    """A request alone decodes one token per step, which takes the MoE layers' one-token path."""
+    checkpoint = tiny_checkpoint(shape, torch.float32)
+    llm = LLM(model=str(checkpoint), block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    reference = load_reference(checkpoint)
+    for prompt in (PROMPTS[1], PROMPTS[3]):
+        completion = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
+        assert completion.token_ids == reference_greedy(reference, prompt, NEW_TOKENS)
+        ours = [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids, strict=True)]
+        assert ours == pytest.approx(reference_logprobs(reference, prompt, completion.token_ids), abs=1e-3)
