@@ -177,6 +177,9 @@ def _add_bench_throughput(bench_sub: Any) -> None:
     bench.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="engine --max-num-batched-tokens (default: 2048)"
     )
+    bench.add_argument(
+        "--backend", default="torch", help="the backend ernie-serve runs the model with (default: torch)"
+    )
     bench.add_argument("--skip-transformers", action="store_true", help="time ernie-serve only")
     bench.add_argument("--profile", action="store_true", help="also report where the engine's time goes")
     bench.add_argument("--output-json", default=None, help="write the results to this JSON file")
@@ -192,17 +195,24 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             _error("bench throughput compares against transformers: pip install 'ernie-serve[test]'")
             return EXIT_FAILURE
     from ernie_serve.bench.throughput import main as throughput_main
+    from ernie_serve.core.backend import BackendUnavailableError
+    from ernie_serve.core.plugins import UnknownPluginError
 
-    return throughput_main(
-        args.model,
-        args.num_requests,
-        args.seed,
-        args.skip_transformers,
-        args.output_json,
-        args.max_num_seqs,
-        args.max_num_batched_tokens,
-        profile=args.profile,
-    )
+    try:
+        return throughput_main(
+            args.model,
+            args.num_requests,
+            args.seed,
+            args.skip_transformers,
+            args.output_json,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            profile=args.profile,
+            backend=args.backend,
+        )
+    except (UnknownPluginError, BackendUnavailableError) as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
 
 
 def _add_bench_serve(bench_sub: Any) -> None:

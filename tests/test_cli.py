@@ -231,3 +231,23 @@ def test_export_onnx_and_bench_commands_are_wired(tmp_path, tiny_checkpoint, cap
 
     assert main(["bench", "scheduler"]) == 0
     assert "us/request" in capsys.readouterr().out
+
+
+def test_bench_throughput_runs_any_backend_and_rejects_unknown_ones(tmp_path, tiny_checkpoint, capsys) -> None:
+    import json
+
+    import torch
+
+    from ernie_serve.cli import main
+
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
+    result = tmp_path / "onnx.json"
+    args = ["bench", "throughput", "--model", str(checkpoint), "--num-requests", "2", "--skip-transformers"]
+    assert main([*args, "--backend", "onnx", "--output-json", str(result)]) == 0
+    summary = json.loads(result.read_text())
+    assert summary["results"][0]["system"] == "ernie-serve (onnx)"
+    assert summary["single_request_decode_tok_s"] > 0
+    capsys.readouterr()
+
+    assert main([*args, "--backend", "nope"]) == 1
+    assert "unknown backend 'nope'" in capsys.readouterr().err

@@ -71,12 +71,12 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def streams_weight_rows(x: torch.Tensor) -> bool:
-    """Whether a single row `x` is multiplied as a weighted sum of weight rows (`embedding_bag`) instead of a
-    matmul. On CPU in float32, one-row products are bound by how fast the weights stream from memory, and
-    fbgemm's `embedding_bag` kernels stream `[in, out]` weights up to ~2x faster than MKL's GEMV on these CPUs,
-    with one bag per thread."""
-    return x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
+def sums_weight_rows(x: torch.Tensor, max_rows: int = 1) -> bool:
+    """Whether `x` (at most `max_rows` rows) is multiplied as weighted sums of weight rows (`embedding_bag`)
+    instead of a matmul. On CPU in float32, products with a row or a few are bound by how fast the weights
+    stream from memory, and fbgemm's `embedding_bag` kernels stream `[in, out]` weights up to ~2x faster than
+    MKL's GEMV on these CPUs, with one bag per thread."""
+    return x.shape[0] <= max_rows and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 @functools.cache
@@ -116,9 +116,9 @@ def project(
     packed: torch.Tensor | None = None,  # the same weight from `onednn_pack`, if prepared
 ) -> torch.Tensor:
     """`x @ weight (+ bias) (+ residual)`, by the fastest kernel for the shape: a single row on CPU as weight row
-    sums (`streams_weight_rows`), several rows by oneDNN when the weight was packed, otherwise one (add)mm.
+    sums (`sums_weight_rows`), several rows by oneDNN when the weight was packed, otherwise one (add)mm.
     Projection weights are stored `[in, out]`, the layout the row sums need."""
-    if streams_weight_rows(x):
+    if sums_weight_rows(x):
         rows, starts = _half_bags(weight.shape[0])
         halves = F.embedding_bag(rows, weight, starts, mode="sum", per_sample_weights=x[0])  # [2, out]
         out = halves.sum(0, keepdim=True)  # [1, out]
@@ -310,7 +310,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, H] -> residual + [T, H]
         experts, weights = self.route(x)
-        if x.shape[0] * self.top_k <= FEW_TOKEN_ASSIGNMENTS and x.device.type == "cpu" and x.dtype == torch.float32:
+        if sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
             out = self._forward_few_tokens(x, experts, weights, residual)
         else:
             out = self._forward_grouped(x, experts, weights, residual)

@@ -38,7 +38,7 @@ def run_ernie_serve(checkpoint: Path, workload: list[BenchRequest], **settings) 
     requested = sum(r.output_len for r in workload)
     assert produced == requested, f"ernie-serve produced {produced} tokens, {requested} were requested"
     llm.engine.close()
-    return ThroughputResult("ernie-serve", len(workload), requested, seconds)
+    return ThroughputResult(f"ernie-serve ({llm.engine.backend.name})", len(workload), requested, seconds)
 
 
 def run_transformers(checkpoint: Path, workload: list[BenchRequest], batch_size: int = 16) -> ThroughputResult:
@@ -81,11 +81,11 @@ def run_transformers(checkpoint: Path, workload: list[BenchRequest], batch_size:
 SINGLE_DECODE_REQUEST = BenchRequest(list(range(10, 42)), 128)
 
 
-def single_request_decode(checkpoint: Path, repeats: int = 5) -> float:
+def single_request_decode(checkpoint: Path, repeats: int = 5, **settings) -> float:
     """Median decode tokens/s of `SINGLE_DECODE_REQUEST` alone (prefill excluded)."""
     from ernie_serve import LLM, SamplingParams
 
-    llm = LLM(model=str(checkpoint))
+    llm = LLM(model=str(checkpoint), **settings)
     engine = llm.engine
     request = SINGLE_DECODE_REQUEST
     params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
@@ -111,6 +111,7 @@ def main(
     max_num_seqs: int,
     max_num_batched_tokens: int,
     profile: bool = False,
+    backend: str = "torch",
 ) -> int:
     checkpoint = Path(model) if model else bench_checkpoint()
     from ernie_serve.core.config import ModelConfig
@@ -123,16 +124,15 @@ def main(
         f"{max(len(r.prompt_token_ids) for r in workload)} tokens, outputs "
         f"{min(r.output_len for r in workload)}..{max(r.output_len for r in workload)} tokens, greedy, ignore_eos"
     )
-    results = [
-        run_ernie_serve(checkpoint, workload, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    ]
+    settings = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, backend=backend)
+    results = [run_ernie_serve(checkpoint, workload, **settings)]
     if not skip_transformers:
         results.append(run_transformers(checkpoint, workload))
-    decode = single_request_decode(checkpoint)
+    decode = single_request_decode(checkpoint, backend=backend)
 
-    print(f"\n{'system':<14} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10}")
+    print(f"\n{'system':<20} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10}")
     for r in results:
-        print(f"{r.system:<14} {r.requests:>8} {r.output_tokens:>10} {r.seconds:>8.2f} {r.tokens_per_second:>10.1f}")
+        print(f"{r.system:<20} {r.requests:>8} {r.output_tokens:>10} {r.seconds:>8.2f} {r.tokens_per_second:>10.1f}")
     summary: dict = {"results": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]}
     if len(results) == 2:
         ratio = results[0].tokens_per_second / results[1].tokens_per_second
@@ -141,7 +141,6 @@ def main(
     summary["single_request_decode_tok_s"] = decode
     print(f"single-request decode (ernie-serve, median of 5): {decode:.1f} tok/s")
     if profile:
-        settings = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         summary["profile"] = profile_breakdown(checkpoint, workload, **settings)
         _print_breakdown("the mixed workload", summary["profile"])
         summary["decode_profile"] = profile_breakdown(checkpoint, [SINGLE_DECODE_REQUEST], **settings)
@@ -156,13 +155,15 @@ def _print_breakdown(title: str, breakdown: dict[str, float]) -> None:
     for name, fraction in breakdown.items():
         if name != "wall_seconds":
             print(f"  {name:<40} {fraction * 100:5.1f}%")
-    outside = 1 - breakdown["torch ops: matmul"]
-    print(f"  {'outside the model matmuls':<40} {outside * 100:5.1f}%")
+    if "torch ops: matmul" in breakdown:
+        outside = 1 - breakdown["torch ops: matmul"]
+        print(f"  {'outside the model matmuls':<40} {outside * 100:5.1f}%")
 
 
-# torch operators grouped into the parts of a step the benchmark reports; `embedding_bag` is how the torch
-# backend multiplies a single row on CPU (weighted sums of weight rows)
+# torch operators grouped into the parts of a step the benchmark reports; on CPU the torch backend multiplies
+# single rows with `embedding_bag` (weighted sums of weight rows) and several rows with oneDNN's linear
 _MATMUL_OPS = {
+    "mkldnn::_linear_pointwise",
     "aten::mm",
     "aten::addmm",
     "aten::bmm",
@@ -192,7 +193,7 @@ class _Timed:
 def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings) -> dict[str, float]:
     """Where the offline engine's time goes on the workload, as fractions of the wall time of an unprofiled
     run: the engine phases (timed directly), and within the model, time in matmuls, attention kernels and KV
-    gathers (torch profiler self times, from a second, profiled run)."""
+    gathers (torch profiler self times, from a second, profiled run; torch backend only)."""
     from torch.profiler import ProfilerActivity, profile
 
     from ernie_serve import LLM, SamplingParams
@@ -223,6 +224,12 @@ def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings
     llm.generate(prompts, params)
     wall = time.perf_counter() - started
     phase_seconds = dict(phases)  # the profiled run below keeps adding to `phases`
+    result = {f"engine: {name}": seconds / wall for name, seconds in phase_seconds.items()}
+    result["engine: detokenize, outputs, rest"] = max(0.0, 1 - sum(phase_seconds.values()) / wall)
+    result["wall_seconds"] = wall
+    if engine.backend.name != "torch":  # the torch profiler sees no other backend's kernels
+        engine.close()
+        return result
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, params)
@@ -236,10 +243,6 @@ def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings
             ops["attention kernels"] += seconds
         elif event.key in _GATHER_OPS:
             ops["KV gather/scatter"] += seconds
-        elif event.key.startswith("aten::"):
+        elif event.key.startswith(("aten::", "mkldnn::")):
             ops["other torch ops"] += seconds
-    result = {f"engine: {name}": seconds / wall for name, seconds in phase_seconds.items()}
-    result["engine: detokenize, outputs, rest"] = max(0.0, 1 - sum(phase_seconds.values()) / wall)
-    result |= {f"torch ops: {name}": seconds / wall for name, seconds in ops.items()}
-    result["wall_seconds"] = wall
-    return result
+    return result | {f"torch ops: {name}": seconds / wall for name, seconds in ops.items()}
