@@ -55,7 +55,8 @@ class TorchBackend(Backend):
             init_dummy_weights(self.model, settings.seed)
         else:
             load_safetensors(self.model, model_path)
-        prepare = getattr(self.model, "prepare_for_inference", None)  # optional for plugin model classes
+        # optional for plugin model classes; ours repacks weights for CPU kernels, which costs memory
+        prepare = getattr(self.model, "prepare_for_inference", None) if settings.cpu_weight_prepack else None
         extra_bytes = prepare() if prepare is not None else 0
         if extra_bytes:
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))

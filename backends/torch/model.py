@@ -39,8 +39,9 @@ class AttentionMetadata:
     fresh_blocks: torch.Tensor | None = None  # [F] blocks written from their first slot this step: zeroed first
     decode_rows: torch.Tensor | None = None  # [B] rows of single-token requests, batched together
     decode_blocks: torch.Tensor | None = None  # [B, nb] their block tables, padded with a real block
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] True where the slot is real context
-    decode_context_len: int = 0  # one decode request (no mask): its context length
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] True where the slot is real context;
+    # None for a lone decode, which reads exactly `decode_context_len` slots instead
+    decode_context_len: int = 0
     decode_only: bool = False  # every row is a decode, in order: attention skips the row gather and scatter
     prefills: list[PrefillGroup] = field(default_factory=list)
 
@@ -75,14 +76,24 @@ def sums_weight_rows(x: torch.Tensor, max_rows: int = 1) -> bool:
     """Whether `x` (at most `max_rows` rows) is multiplied as weighted sums of weight rows (`embedding_bag`)
     instead of a matmul. On CPU in float32, products with a row or a few are bound by how fast the weights
     stream from memory, and fbgemm's `embedding_bag` kernels stream `[in, out]` weights up to ~2x faster than
-    MKL's GEMV on these CPUs, with one bag per thread."""
+    MKL's GEMV on these CPUs. `embedding_bag` runs its bags in parallel, so a single sum is split into one bag
+    per torch thread (`split_bags`)."""
     return x.shape[0] <= max_rows and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 @functools.cache
-def _half_bags(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row numbers `0..rows-1` and the starts of two bags splitting them in half."""
-    return torch.arange(rows), torch.tensor([0, rows // 2])
+def _split_bags(rows: int, parts: int) -> torch.Tensor:
+    return torch.arange(min(parts, rows)) * -(-rows // min(parts, rows))
+
+
+def split_bags(rows: int) -> torch.Tensor:
+    """Starts of the bags that split `rows` summed rows evenly over the torch threads."""
+    return _split_bags(rows, max(1, torch.get_num_threads()))
+
+
+@functools.cache
+def _row_numbers(rows: int) -> torch.Tensor:
+    return torch.arange(rows)
 
 
 @functools.cache
@@ -119,9 +130,9 @@ def project(
     sums (`sums_weight_rows`), several rows by oneDNN when the weight was packed, otherwise one (add)mm.
     Projection weights are stored `[in, out]`, the layout the row sums need."""
     if sums_weight_rows(x):
-        rows, starts = _half_bags(weight.shape[0])
-        halves = F.embedding_bag(rows, weight, starts, mode="sum", per_sample_weights=x[0])  # [2, out]
-        out = halves.sum(0, keepdim=True)  # [1, out]
+        rows = weight.shape[0]
+        parts = F.embedding_bag(_row_numbers(rows), weight, split_bags(rows), mode="sum", per_sample_weights=x[0])
+        out = parts.sum(0, keepdim=True)  # [1, out] from [threads, out]
         out = out if bias is None else out + bias
         return out if residual is None else out + residual
     if packed is not None:
@@ -253,19 +264,20 @@ class MLP(nn.Module):
 
 
 # Up to this many (token, expert) assignments in a step, the MoE runs as weighted sums of weight rows
-# (`SparseMoE._forward_few_tokens`); above it, one GEMM per expert is faster. Measured crossover on these
-# CPUs with the benchmark model (16 experts, top-4): ~20 tokens.
+# (`SparseMoE._forward_few_tokens`); above it, one GEMM per expert is faster. Measured on these CPUs with the
+# benchmark model (16 experts, top-4): the row sums were faster up to 16 tokens, the GEMMs from 27.
 FEW_TOKEN_ASSIGNMENTS = 64
 
 
 @functools.cache
-def _expert_bag_starts(tokens: int, top_k: int, hidden: int, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bag starts for `_forward_few_tokens`: one bag of `hidden` rows per (token, expert) for gate|up; for the
-    down projection one bag per token over its k experts' rows (a lone token's split in two, one per core)."""
-    gate_up = torch.arange(tokens * top_k) * hidden
-    if tokens == 1 and top_k > 1:
-        return gate_up, torch.tensor([0, (top_k // 2) * intermediate])
-    return gate_up, torch.arange(tokens) * (top_k * intermediate)
+def _expert_bag_starts(tokens: int, top_k: int, hidden: int) -> torch.Tensor:
+    """gate|up bags of `_forward_few_tokens`: `hidden` rows per (token, expert)."""
+    return torch.arange(tokens * top_k) * hidden
+
+
+@functools.cache
+def _token_bag_starts(tokens: int, rows_per_token: int) -> torch.Tensor:
+    return torch.arange(tokens) * rows_per_token
 
 
 class SparseMoE(nn.Module):
@@ -349,23 +361,24 @@ class SparseMoE(nn.Module):
         it is 1.2-2x faster than GEMMs per expert up to ~16 tokens, in a fraction of the calls."""
         tokens, h = x.shape
         i, k = self.intermediate, self.top_k
-        gate_up_starts, down_starts = _expert_bag_starts(tokens, k, h, i)
         flat_experts = experts.flatten()  # [T*k]
         gate_up = F.embedding_bag(
             self.expert_input_rows.index_select(0, flat_experts).flatten(),  # [T*k*H]
             self.gate_up_weight.view(-1, 2 * i),  # [E*H, 2I]
-            gate_up_starts,
+            _expert_bag_starts(tokens, k, h),
             mode="sum",
             per_sample_weights=x.unsqueeze(1).expand(tokens, k, h).flatten(),  # [T*k*H]
         )  # [T*k, 2I]
         hidden = F.silu(gate_up[:, :i]) * gate_up[:, i:] * weights.view(-1, 1).to(x.dtype)  # [T*k, I]
+        # one bag per token over its k experts' down rows; a lone token's split over the threads
+        down_starts = split_bags(k * i) if tokens == 1 else _token_bag_starts(tokens, k * i)
         routed = F.embedding_bag(
             self.expert_hidden_rows.index_select(0, flat_experts).flatten(),  # [T*k*I]
             self.down_weight.view(-1, h),  # [E*I, H]
             down_starts,
             mode="sum",
             per_sample_weights=hidden.flatten(),
-        )  # [T, H], or [2, H] halves of a lone token's sum
+        )  # [T, H], or [threads, H] parts of a lone token's sum
         if routed.shape[0] != tokens:
             routed = routed.sum(0, keepdim=True)
         return residual + routed
@@ -427,10 +440,11 @@ class ErnieForCausalLM(nn.Module):
         return F.linear(x, self.lm_head_weight).float()  # [S, V]
 
     def prepare_for_inference(self) -> int:
-        """Called once after the weights are loaded. On CPU in float32, every projection, expert and the LM head
-        gets a oneDNN copy (`onednn_pack`) for steps of several tokens: 1.5-3x faster than MKL's GEMM at decode
-        batch sizes on these CPUs, for about the model's size again in memory (the plain weights stay: single
-        rows are multiplied from them). Returns the bytes the copies take (0 elsewhere)."""
+        """Called once after the weights are loaded (unless `--no-cpu-weight-prepack`). On CPU in float32, every
+        projection, expert and the LM head gets a oneDNN copy (`onednn_pack`): 1.5-3x faster than MKL's GEMM at
+        decode batch sizes on these CPUs, for about the model's size again in memory (the plain weights stay:
+        single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
+        bytes the copies take (0 elsewhere)."""
         extra = sum(m.pack_weights() for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE))
         self.lm_head_packed = onednn_pack(self.lm_head_weight)
         return extra + packed_bytes(self.lm_head_packed)
@@ -438,8 +452,9 @@ class ErnieForCausalLM(nn.Module):
     # ----- checkpoint mapping -----
     def checkpoint_targets(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HuggingFace tensor name, the view of our parameter it fills), for every tensor the checkpoint must
-        hold. Fused parameters (qkv, gate|up, stacked experts) are filled slice by slice; projections are stored
-        `[in, out]`, so their targets are transposed views in the checkpoint's `[out, in]` shape."""
+        hold. Fused parameters (qkv, gate|up, stacked experts) are filled slice by slice; projections (all but
+        the `[V, H]` embedding and LM head) are stored `[in, out]`, so their targets are transposed views in the
+        checkpoint's `[out, in]` shape."""
         config = self.config
         yield "model.embed_tokens.weight", self.embed_weight
         yield "model.norm.weight", self.norm.weight

@@ -234,7 +234,7 @@ def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, params)
     engine.close()
-    ops = {"matmul": 0.0, "attention kernels": 0.0, "KV gather/scatter": 0.0, "other torch ops": 0.0}
+    ops = {"matmul": 0.0, "attention kernels": 0.0, "gather/scatter (KV, rows)": 0.0, "other torch ops": 0.0}
     for event in prof.key_averages():
         seconds = event.self_cpu_time_total / 1e6
         if event.key in _MATMUL_OPS:
@@ -242,7 +242,7 @@ def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings
         elif event.key in _ATTENTION_OPS:
             ops["attention kernels"] += seconds
         elif event.key in _GATHER_OPS:
-            ops["KV gather/scatter"] += seconds
+            ops["gather/scatter (KV, rows)"] += seconds
         elif event.key.startswith(("aten::", "mkldnn::")):
             ops["other torch ops"] += seconds
     return result | {f"torch ops: {name}": seconds / wall for name, seconds in ops.items()}
