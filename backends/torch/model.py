@@ -39,8 +39,8 @@ class AttentionMetadata:
     fresh_blocks: torch.Tensor | None = None  # [F] blocks written from their first slot this step: zeroed first
     decode_rows: torch.Tensor | None = None  # [B] rows of single-token requests, batched together
     decode_blocks: torch.Tensor | None = None  # [B, nb] their block tables, padded with a real block
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] True where the slot is real context;
-    # None for a lone decode, which reads exactly `decode_context_len` slots instead
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] added to the scores: 0 where the slot
+    # is real context, -inf elsewhere; None for a lone decode, which reads exactly `decode_context_len` slots
     decode_context_len: int = 0
     decode_only: bool = False  # every row is a decode, in order: attention skips the row gather and scatter
     prefills: list[PrefillGroup] = field(default_factory=list)
@@ -434,7 +434,9 @@ class ErnieForCausalLM(nn.Module):
         rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2] cos + i sin
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rotation, kv_cache, meta)
-        x = self.norm(x.index_select(0, sample_rows))  # [S, H]
+        if sample_rows.shape[0] != x.shape[0]:  # else every row samples, in order
+            x = x.index_select(0, sample_rows)
+        x = self.norm(x)  # [S, H]
         if self.lm_head_packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.lm_head_packed, None, "none", [], "")  # [S, V]
         return F.linear(x, self.lm_head_weight).float()  # [S, V]
