@@ -304,18 +304,50 @@ class OpenAIServing:
 
     async def _first_outputs(
         self, request: Request, call: _Call, streams: list[AsyncIterator[RequestOutput]]
-    ) -> list[RequestOutput]:
+    ) -> list[RequestOutput] | None:
         """Wait for every stream's first output: the engine validates a request (length, token ids) when it
-        is added, so its errors arrive here, before any response is started."""
-
+        is added, so its errors arrive here, before any response is started. None: the client went away (the
+        call is ended and its streams closed)."""
         try:
-            return await until_disconnect(request, gather_or_cancel([_next(s) for s in streams]))
-        except SamplingParamsError as exc:
-            raise bad_request(str(exc), exc.param) from None
+            try:
+                return await until_disconnect(request, gather_or_cancel([_next(s) for s in streams]))
+            except SamplingParamsError as exc:
+                raise bad_request(str(exc), exc.param) from None
+            except EngineDeadError:
+                raise APIError(503, "the engine is not running", code="not_ready") from None
+            except ValueError as exc:
+                raise bad_request(str(exc)) from None
+        except ClientDisconnected:
+            await self._close(streams)
+            self._end(call, "abort")
+            return None
+        except BaseException:
+            await self._close(streams)
+            self._reject(call)
+            raise
+
+    async def _final_outputs(
+        self,
+        request: Request,
+        call: _Call,
+        streams: list[AsyncIterator[RequestOutput]],
+        finals: Awaitable[T],
+    ) -> T | None:
+        """Await the streams' last outputs (`finals`) for a response that is not streamed; the streams are
+        closed either way. None: the client went away (the call is ended as aborted)."""
+        try:
+            return await until_disconnect(request, finals)
+        except ClientDisconnected:
+            self._end(call, "abort")
+            return None
         except EngineDeadError:
-            raise APIError(503, "the engine is not running", code="not_ready") from None
-        except ValueError as exc:
-            raise bad_request(str(exc)) from None
+            self._end(call, "error")
+            raise APIError(503, "the engine stopped while generating", code="not_ready") from None
+        except BaseException:
+            self._end(call, "error")
+            raise
+        finally:
+            await self._close(streams)
 
     async def _apply_transforms(self, parsed: ChatCompletionRequest) -> ChatCompletionRequest:
         for name, transform in self.transforms:
@@ -360,31 +392,14 @@ class OpenAIServing:
         call.prompt_tokens = len(prompt_ids)
         self._begin(call)
         stream = self.engine.generate(prompt_ids, params, call.id, prompt=prompt, priority=parsed.priority)
-        try:
-            (first,) = await self._first_outputs(request, call, [stream])
-        except ClientDisconnected:
-            await self._close([stream])
-            self._end(call, "abort")
+        firsts = await self._first_outputs(request, call, [stream])
+        if firsts is None:
             return Response(status_code=499)
-        except BaseException:
-            await self._close([stream])
-            self._reject(call)
-            raise
         if parsed.stream:
-            return EventStream(self._chat_stream(call, parsed, first, stream))
-        try:
-            final = await until_disconnect(request, self._last(call, first, stream))
-        except ClientDisconnected:
-            self._end(call, "abort")
+            return EventStream(self._chat_stream(call, parsed, firsts[0], stream))
+        final = await self._final_outputs(request, call, [stream], self._last(call, firsts[0], stream))
+        if final is None:
             return Response(status_code=499)
-        except EngineDeadError:
-            self._end(call, "error")
-            raise APIError(503, "the engine stopped while generating", code="not_ready") from None
-        except BaseException:
-            self._end(call, "error")
-            raise
-        finally:
-            await self._close([stream])
         return JSONResponse(self._chat_response(call, parsed, final).model_dump(mode="json"))
 
     async def _last(self, call: _Call, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -532,34 +547,17 @@ class OpenAIServing:
             self.engine.generate(ids, params, eid, prompt=text, priority=parsed.priority)
             for eid, (text, ids) in zip(call.engine_ids, prompts, strict=True)
         ]
-        try:
-            firsts = await self._first_outputs(request, call, streams)
-        except ClientDisconnected:
-            await self._close(streams)
-            self._end(call, "abort")
+        firsts = await self._first_outputs(request, call, streams)
+        if firsts is None:
             return Response(status_code=499)
-        except BaseException:
-            await self._close(streams)
-            self._reject(call)
-            raise
         echoes = [(text if text is not None else tokenizer.decode(ids)) if parsed.echo else "" for text, ids in prompts]
         if parsed.stream:
             return EventStream(self._completion_stream(call, parsed, firsts, streams, echoes))
 
         collect = gather_or_cancel([self._last(call, f, s) for f, s in zip(firsts, streams, strict=True)])
-        try:
-            finals = await until_disconnect(request, collect)
-        except ClientDisconnected:
-            self._end(call, "abort")
+        finals = await self._final_outputs(request, call, streams, collect)
+        if finals is None:
             return Response(status_code=499)
-        except EngineDeadError:
-            self._end(call, "error")
-            raise APIError(503, "the engine stopped while generating", code="not_ready") from None
-        except BaseException:
-            self._end(call, "error")
-            raise
-        finally:
-            await self._close(streams)
         return JSONResponse(self._completion_response(call, parsed, finals, echoes).model_dump(mode="json"))
 
     def _completion_response(
