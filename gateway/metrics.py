@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -72,40 +72,29 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         labels = ["model_name"]
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Seconds from request arrival to the first generated token.",
-            labels,
-            registry=r,
-            buckets=TTFT_BUCKETS,
-        ).labels(model_name)
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Seconds between two successive outputs of one request.",
-            labels,
-            registry=r,
-            buckets=ITL_BUCKETS,
-        ).labels(model_name)
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Seconds from request arrival to its last token.",
-            labels,
-            registry=r,
-            buckets=E2E_BUCKETS,
-        ).labels(model_name)
-        self.queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds",
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(PREFIX + name, documentation, labels, registry=r, buckets=buckets).labels(model_name)
+
+        def counter(name: str, documentation: str) -> Any:
+            return Counter(PREFIX + name, documentation, labels, registry=r).labels(model_name)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Seconds from request arrival to the first generated token.", TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Seconds between two successive outputs of one request.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Seconds from request arrival to its last token.", E2E_BUCKETS
+        )
+        self.queue_time = histogram(
+            "request_queue_time_seconds",
             "Seconds a request waited in the engine before it was first scheduled.",
-            labels,
-            registry=r,
-            buckets=TTFT_BUCKETS,
-        ).labels(model_name)
-        self.prompt_tokens = Counter(
-            PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r
-        ).labels(model_name)
-        self.generation_tokens = Counter(
-            PREFIX + "generation_tokens", "Generated tokens of finished requests.", labels, registry=r
-        ).labels(model_name)
+            TTFT_BUCKETS,
+        )
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests.")
         success = Counter(
             PREFIX + "request_success",
             "Finished requests by finish reason (abort: the client left or the server shut down).",
