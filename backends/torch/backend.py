@@ -133,7 +133,6 @@ class TorchBackend(Backend):
             padded = torch.stack([torch.cat((t, t[:1].expand(widest - len(t)))) for t in decode_tables])
             meta.decode_rows = torch.tensor(decode_rows, device=device)
             meta.decode_blocks = padded.to(device)
-            meta.decode_only = not prefills  # then each row is one decode, in order
             if len(decode_rows) == 1:  # attention reads exactly its context: no mask
                 meta.decode_context_len = decode_lengths[0]
             else:

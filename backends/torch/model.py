@@ -42,7 +42,6 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] added to the scores: 0 where the slot
     # is real context, -inf elsewhere; None for a lone decode, which reads exactly `decode_context_len` slots
     decode_context_len: int = 0
-    decode_only: bool = False  # every row is a decode, in order: attention skips the row gather and scatter
     prefills: list[PrefillGroup] = field(default_factory=list)
 
 
@@ -201,7 +200,8 @@ class Attention(nn.Module):
             batch = meta.decode_rows.shape[0]
             # Query heads sharing a KV head become that head's "query positions" (all at the same place), so
             # attention needs no copy of K/V per query head.
-            qd = q if meta.decode_only else q.index_select(0, meta.decode_rows)
+            decode_only = not meta.prefills  # then every row is one decode, in order: no row gather or scatter
+            qd = q if decode_only else q.index_select(0, meta.decode_rows)
             qd = qd.view(batch, self.num_kv_heads, groups, self.head_dim)
             kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)  # [B, K, L, D]
             vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)
@@ -209,7 +209,7 @@ class Attention(nn.Module):
                 kd, vd = kd[:, :, : meta.decode_context_len], vd[:, :, : meta.decode_context_len]
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale)
             od = od.reshape(batch, self.num_heads * self.head_dim)  # [B, Q*D]
-            if meta.decode_only:
+            if decode_only:
                 return project(od, self.o_weight, self.o_bias, residual, self.o_packed)
         out = torch.empty_like(q)  # [T, Q, D]
         if meta.decode_rows is not None:
