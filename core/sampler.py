@@ -48,13 +48,8 @@ class Sampler:
             logits = self._apply_penalties(logits.clone(), requests)
             self._mask_early_stops(logits, requests)
 
-        token_ids = torch.empty(len(requests), dtype=torch.long)
-        greedy_rows = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        token_ids = logits.argmax(dim=-1)  # the greedy rows' tokens; sampled rows are replaced below
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        if len(greedy_rows) == len(requests):
-            token_ids = logits.argmax(dim=-1)
-        elif greedy_rows:
-            token_ids[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
         if random_rows:
             probs = self._filtered_probs(logits[random_rows], [requests[i] for i in random_rows])
             # Exponential race (argmax p/q with q ~ Exp(1)) samples from p; each row uses its own generator.
