@@ -16,32 +16,8 @@ import argparse
 import statistics
 import time
 
+from ernie_serve.bench.throughput import decode_rate, time_workload
 from ernie_serve.bench.workload import bench_checkpoint, mixed_workload
-
-
-def _throughput(llm, workload) -> tuple[float, int]:
-    """(seconds, output tokens) for the whole workload submitted at once."""
-    from ernie_serve import SamplingParams
-
-    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
-    started = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in workload], params)
-    seconds = time.perf_counter() - started
-    return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
-
-
-def _single_decode(llm, new_tokens: int = 64) -> float:
-    """Decode tokens/s of one request alone (32-token prompt, prefill excluded)."""
-    from ernie_serve import SamplingParams
-
-    engine = llm.engine
-    engine.add_request(list(range(10, 42)), SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-    engine.step()
-    started, steps = time.perf_counter(), 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    return steps / (time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     decodes: dict[str, list[float]] = {b: [] for b in backends}
     for _ in range(args.rounds):
         for backend in backends:
-            seconds, produced = _throughput(llms[backend], workload)
-            assert produced == requested, f"{backend} produced {produced} of {requested} tokens"
-            runs[backend].append(seconds)
-            decodes[backend].append(_single_decode(llms[backend]))
+            runs[backend].append(time_workload(llms[backend], workload))
+            decodes[backend].append(decode_rate(llms[backend], new_tokens=64))
     print(f"\n{'backend':<8} {'start s':>8} {'run s':>8} {'out tok/s':>10} {'1-request decode tok/s':>23}")
     for backend in backends:
         seconds = statistics.median(runs[backend])

@@ -24,12 +24,11 @@ class ThroughputResult:
         return self.output_tokens / self.seconds
 
 
-def run_ernie_serve(checkpoint: Path, workload: list[BenchRequest], **settings) -> ThroughputResult:
-    from ernie_serve import LLM, SamplingParams
+def time_workload(llm, workload: list[BenchRequest]) -> float:
+    """Seconds for `llm` (an `LLM`) to generate the whole workload submitted at once; checks every requested
+    token was produced."""
+    from ernie_serve import SamplingParams
 
-    llm = LLM(model=str(checkpoint), **settings)
-    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm.generate({"prompt_token_ids": workload[0].prompt_token_ids}, warm)
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
     started = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in workload], params)
@@ -37,7 +36,18 @@ def run_ernie_serve(checkpoint: Path, workload: list[BenchRequest], **settings) 
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     requested = sum(r.output_len for r in workload)
     assert produced == requested, f"ernie-serve produced {produced} tokens, {requested} were requested"
+    return seconds
+
+
+def run_ernie_serve(checkpoint: Path, workload: list[BenchRequest], **settings) -> ThroughputResult:
+    from ernie_serve import LLM, SamplingParams
+
+    llm = LLM(model=str(checkpoint), **settings)
+    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate({"prompt_token_ids": workload[0].prompt_token_ids}, warm)
+    seconds = time_workload(llm, workload)
     llm.engine.close()
+    requested = sum(r.output_len for r in workload)
     return ThroughputResult(f"ernie-serve ({llm.engine.backend.name})", len(workload), requested, seconds)
 
 
@@ -81,23 +91,28 @@ def run_transformers(checkpoint: Path, workload: list[BenchRequest], batch_size:
 SINGLE_DECODE_REQUEST = BenchRequest(list(range(10, 42)), 128)
 
 
+def decode_rate(llm, new_tokens: int = SINGLE_DECODE_REQUEST.output_len) -> float:
+    """Decode tokens/s of `SINGLE_DECODE_REQUEST`'s prompt alone on `llm` (an idle `LLM`), prefill excluded."""
+    from ernie_serve import SamplingParams
+
+    engine = llm.engine
+    engine.add_request(
+        SINGLE_DECODE_REQUEST.prompt_token_ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    )
+    engine.step()  # prefill + first token
+    started, steps = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return steps / (time.perf_counter() - started)
+
+
 def single_request_decode(checkpoint: Path, repeats: int = 5, **settings) -> float:
-    """Median decode tokens/s of `SINGLE_DECODE_REQUEST` alone (prefill excluded)."""
-    from ernie_serve import LLM, SamplingParams
+    """Median `decode_rate` over `repeats` passes on a fresh engine."""
+    from ernie_serve import LLM
 
     llm = LLM(model=str(checkpoint), **settings)
-    engine = llm.engine
-    request = SINGLE_DECODE_REQUEST
-    params = SamplingParams(temperature=0, max_tokens=request.output_len, ignore_eos=True)
-    rates = []
-    for _ in range(repeats):
-        engine.add_request(request.prompt_token_ids, params)
-        engine.step()  # prefill + first token
-        started, steps = time.perf_counter(), 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        rates.append(steps / (time.perf_counter() - started))
+    rates = [decode_rate(llm) for _ in range(repeats)]
     llm.engine.close()
     return statistics.median(rates)
 
