@@ -306,8 +306,6 @@ class Engine:
             request = seq.request
             if request.first_token_time is None:
                 request.first_token_time = now
-            else:
-                request.inter_token_latencies.append(now - (request.last_token_time or now))
             request.last_token_time = now
             if seq.logprobs is not None and token.logprobs is not None:
                 for token_id, entry in token.logprobs.items():
@@ -324,7 +322,6 @@ class Engine:
             ended += stopped_by_string
         if ended:  # free per-request backend state now, not when (or if) the next step runs
             self.backend.release(ended)
-            touched.update(stopped_by_string)  # their ids are also in the next plan's finished list
         return self._collect_outputs(touched)
 
     def _collect_outputs(self, child_ids: set[str]) -> list[RequestOutput]:
@@ -384,8 +381,10 @@ class Engine:
             metrics["time_to_first_token"] = first.first_token_time - first.arrival_time
         if first.finished_time is not None:
             metrics["e2e_latency"] = first.finished_time - first.arrival_time
-        if first.inter_token_latencies:
-            metrics["mean_inter_token_latency"] = sum(first.inter_token_latencies) / len(first.inter_token_latencies)
+        if first.first_token_time is not None and first.last_token_time is not None and first.num_output_tokens > 1:
+            # the gaps between successive tokens add up to last minus first
+            gaps = first.num_output_tokens - 1
+            metrics["mean_inter_token_latency"] = (first.last_token_time - first.first_token_time) / gaps
         return metrics
 
     def _release(self, group: _Group) -> None:

@@ -46,7 +46,6 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
-    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between consecutive tokens
     finished_time: float | None = None
 
     @property
