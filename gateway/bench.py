@@ -25,16 +25,11 @@ from typing import Any
 
 import h11
 
+from ernie_serve.bench.workload import BenchRequest
 from ernie_serve.gateway.sse import DONE_DATA, SSEDecoder
 
 # Token ids below this are ERNIE's special tokens (<unk>, <s>, </s>, <|begin_of_sentence|>, ...).
 FIRST_ORDINARY_TOKEN = 10
-
-
-@dataclass(frozen=True)
-class BenchRequest:
-    prompt_token_ids: list[int]
-    output_len: int
 
 
 @dataclass

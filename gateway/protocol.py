@@ -163,6 +163,11 @@ class SamplingRequest(RequestModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's `continuous_usage_stats`: usage on every streamed chunk."""
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
 
 # name -> the values that mean "not used"; any other value is a 400 naming the parameter.
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {

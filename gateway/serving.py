@@ -74,7 +74,6 @@ class _Call:
     engine_ids: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
-    reason: str | None = None
     engine_metrics: dict[str, float] | None = None
 
 
@@ -266,7 +265,6 @@ class OpenAIServing:
         """Once per call, however it ended: metrics, the request log line, the concurrency slot."""
         if self.active.pop(call.id, None) is None:
             return
-        call.reason = reason
         duration = call.tracker.finish(reason, call.prompt_tokens, call.output_tokens, call.engine_metrics)
         ttft = call.tracker.ttft
         log.info(
@@ -458,7 +456,7 @@ class OpenAIServing:
         want_logprobs = parsed.logprobs
         top_k = parsed.top_logprobs or 0
         decode = self.engine.tokenizer.decode_token
-        continuous = bool(parsed.stream_options and parsed.stream_options.continuous_usage_stats)
+        continuous = parsed.continuous_usage
         n = parsed.n
         sent_text = [0] * n
         sent_tokens = [0] * n
@@ -605,7 +603,7 @@ class OpenAIServing:
         done = [False] * total
         reason = "abort"
         model = self.model_name
-        continuous = bool(parsed.stream_options and parsed.stream_options.continuous_usage_stats)
+        continuous = parsed.continuous_usage
 
         def chunk(choice: CompletionChoice) -> bytes:
             usage = _usage(call.prompt_tokens, sum(sent_tokens)) if continuous else None
