@@ -11,7 +11,6 @@ gave it, so the pool size the engine chose still caps the backend's KV memory.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ernie_serve.onnx")
 
-PROVIDERS_ENV = "ERNIE_SERVE_ONNX_PROVIDERS"  # until EngineSettings has `onnx_providers`
 # Short names accepted by --onnx-providers, besides onnxruntime's full provider names.
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -137,8 +135,8 @@ class OnnxBackend(Backend):
             raise ValueError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
         if settings.tensor_parallel_size > 1:
             raise ValueError("--tensor-parallel-size > 1 is not supported by the onnx backend")
-        requested = getattr(settings, "onnx_providers", None) or os.environ.get(PROVIDERS_ENV)
-        providers = resolve_providers(requested, settings.device, ort.get_available_providers())
+        # EngineSettings also reads ERNIE_SERVE_ONNX_PROVIDERS from the environment
+        providers = resolve_providers(settings.onnx_providers, settings.device, ort.get_available_providers())
         self.config = model_config
         export = cached_export(model_config, model_path, settings.seed)
         options = ort.SessionOptions()
