@@ -195,8 +195,6 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             _error("bench throughput compares against transformers: pip install 'ernie-serve[test]'")
             return EXIT_FAILURE
     from ernie_serve.bench.throughput import main as throughput_main
-    from ernie_serve.core.backend import BackendUnavailableError
-    from ernie_serve.core.plugins import UnknownPluginError
 
     try:
         return throughput_main(
@@ -210,7 +208,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             profile=args.profile,
             backend=args.backend,
         )
-    except (UnknownPluginError, BackendUnavailableError) as exc:
+    except _user_errors() as exc:
         _error(str(exc))
         return EXIT_FAILURE
 
@@ -442,13 +440,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, args.log_level)
     prompts = _read_prompts(args.prompts)
 
-    from ernie_serve.core.backend import BackendUnavailableError
-    from ernie_serve.core.config import ModelConfigError
-    from ernie_serve.core.plugins import UnknownPluginError
     from ernie_serve.llm import LLM
 
-    # Errors a user fixes by changing flags or installing something: one line, no traceback.
-    user_errors = (BackendUnavailableError, ModelConfigError, UnknownPluginError, OSError, ValueError)
     out = sys.stdout
     llm: LLM | None = None
     try:
@@ -461,7 +454,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 out.flush()  # stream: show each piece as soon as it is decoded
             out.write("\n")
             out.flush()
-    except user_errors as exc:
+    except _user_errors() as exc:
         _error(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -514,13 +507,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import structlog
 
-    from ernie_serve.core.plugins import UnknownPluginError, get_backend_class
+    from ernie_serve.core.plugins import UnknownPluginError, get_backend_class, get_scheduler_class
     from ernie_serve.gateway.server import ServerStartError, run
 
     log = structlog.get_logger("ernie_serve.cli")
-    try:
+    try:  # fail before binding ports and loading weights when a plugin name is unknown
         backend_cls = get_backend_class(engine_settings.backend)
-        get_scheduler_class_checked(engine_settings.scheduler)
+        get_scheduler_class(engine_settings.scheduler)
     except UnknownPluginError as exc:
         _error(str(exc))
         return EXIT_FAILURE
@@ -537,11 +530,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def get_scheduler_class_checked(name: str) -> None:
-    """Fail before binding ports and loading weights when `--scheduler` names nothing registered."""
-    from ernie_serve.core.plugins import get_scheduler_class
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user fixes by changing flags or installing something: reported in one line, no traceback."""
+    from ernie_serve.core.backend import BackendUnavailableError
+    from ernie_serve.core.config import ModelConfigError
+    from ernie_serve.core.plugins import UnknownPluginError
 
-    get_scheduler_class(name)
+    return (BackendUnavailableError, ModelConfigError, UnknownPluginError, OSError, ValueError)
 
 
 # --- bench ---------------------------------------------------------------------------------------------
@@ -576,23 +571,12 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = {k: v for k, v in vars(args).items() if k not in ("command", "bench_command", "api_key", "log_level")}
     if args.offline:
-        from ernie_serve.core.backend import BackendUnavailableError
-        from ernie_serve.core.config import ModelConfigError
-        from ernie_serve.core.plugins import UnknownPluginError
-
         try:
             settings = EngineSettings(**({"model": args.model} if args.model else {}))
             results, duration = bench.run_offline(
                 settings, requests, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos
             )
-        except (
-            ValidationError,
-            BackendUnavailableError,
-            ModelConfigError,
-            UnknownPluginError,
-            OSError,
-            ValueError,
-        ) as exc:
+        except (ValidationError, *_user_errors()) as exc:
             _error(str(exc).splitlines()[0])
             return EXIT_FAILURE
         title = "Offline Engine Benchmark Result"
