@@ -90,7 +90,7 @@ class AsyncEngine:
         if self._streams:
             await self.abort(list(self._streams))
         self._stopping.set()
-        self._commands.put((lambda engine: None, concurrent.futures.Future()))  # wake the thread
+        self._commands.put((lambda engine: None, _done()))  # wake the thread
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
 
@@ -128,7 +128,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not isinstance(exc, Exception) and not self._stopping.is_set():
                 # Cancelled while the add was in flight (the client left): the engine may still add it.
-                self._commands.put((lambda engine: self._abort_and_flush(engine, [request_id]), _done()))
+                self._abort_later(request_id)
             raise
         finished = False
         try:
@@ -143,7 +143,11 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self._stopping.is_set():
-                self._commands.put((lambda engine: self._abort_and_flush(engine, [request_id]), _done()))
+                self._abort_later(request_id)
+
+    def _abort_later(self, request_id: str) -> None:
+        """Queue an abort for the engine thread without waiting for it (from cleanup code)."""
+        self._commands.put((lambda engine: self._abort_and_flush(engine, [request_id]), _done()))
 
     async def abort(self, request_ids: str | list[str]) -> None:
         """Abort requests; their streams end with a last output whose finish_reason is "abort"."""

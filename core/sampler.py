@@ -131,7 +131,8 @@ class Sampler:
 
 
 def _changes_logits(request: Request) -> bool:
-    """Whether penalties or `min_tokens` may change this request's logits this step."""
+    """Whether penalties or `min_tokens` may change this request's logits this step. Mirrors the conditions of
+    `Sampler._apply_penalties` and `Sampler._mask_early_stops`: one they act on must be covered here too."""
     params = request.sampling_params
     return (
         params.repetition_penalty != 1.0
