@@ -458,14 +458,12 @@ class OpenAIServing:
         decode = self.engine.tokenizer.decode_token
         continuous = parsed.continuous_usage
         n = parsed.n
-        sent_text = [0] * n
-        sent_tokens = [0] * n
-        done = [False] * n
+        progress = [_ChoiceProgress() for _ in range(n)]
         reason = "abort"
         model = self.model_name
 
         def chunk(choice: ChatCompletionStreamChoice) -> bytes:
-            usage = _usage(call.prompt_tokens, sum(sent_tokens)) if continuous else None
+            usage = _usage(call.prompt_tokens, _sent_tokens(progress)) if continuous else None
             return sse.encode_data(
                 ChatCompletionChunk(id=call.id, created=created, model=model, choices=[choice], usage=usage)
             )
@@ -478,30 +476,21 @@ class OpenAIServing:
                 new_tokens = False
                 for c in output.outputs:
                     i = c.index
-                    if done[i]:
+                    if progress[i].done:
                         continue
-                    finished = c.finish_reason is not None
-                    text = c.text
-                    visible = len(text) if finished or not stops else len(text) - _stop_hold(text, stops)
-                    num_tokens = len(c.token_ids)
-                    delta = text[sent_text[i] : visible] if visible > sent_text[i] else ""
+                    delta, first_new, finished = progress[i].advance(c, stops)
                     logprobs = None
-                    if want_logprobs and c.logprobs is not None and num_tokens > sent_tokens[i]:
-                        logprobs = ChatLogprobs(
-                            content=chat_logprobs(
-                                c.token_ids[sent_tokens[i] :], c.logprobs[sent_tokens[i] :], top_k, decode
-                            )
-                        )
-                    if num_tokens > sent_tokens[i]:
+                    if len(c.token_ids) > first_new:
                         new_tokens = True
-                        sent_tokens[i] = num_tokens
+                        if want_logprobs and c.logprobs is not None:
+                            logprobs = ChatLogprobs(
+                                content=chat_logprobs(c.token_ids[first_new:], c.logprobs[first_new:], top_k, decode)
+                            )
                     if delta or logprobs is not None:
-                        sent_text[i] = max(visible, sent_text[i])
                         yield chunk(
                             ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs)
                         )
                     if finished:
-                        done[i] = True
                         yield chunk(
                             ChatCompletionStreamChoice(
                                 index=i, delta=DeltaMessage(), finish_reason=c.finish_reason, stop_reason=c.stop_reason
@@ -509,7 +498,7 @@ class OpenAIServing:
                         )
                 if new_tokens:
                     call.tracker.output()
-                call.output_tokens = sum(sent_tokens)
+                call.output_tokens = _sent_tokens(progress)
                 if output.finished:
                     call.engine_metrics = output.metrics
                     reason = _reason(output.outputs)
@@ -597,16 +586,14 @@ class OpenAIServing:
         decode = self.engine.tokenizer.decode_token
         n = parsed.n
         total = n * len(streams)
-        sent_text = [0] * total
-        sent_tokens = [0] * total
+        progress = [_ChoiceProgress() for _ in range(total)]
         offsets = [len(echoes[i // n]) for i in range(total)]
-        done = [False] * total
         reason = "abort"
         model = self.model_name
         continuous = parsed.continuous_usage
 
         def chunk(choice: CompletionChoice) -> bytes:
-            usage = _usage(call.prompt_tokens, sum(sent_tokens)) if continuous else None
+            usage = _usage(call.prompt_tokens, _sent_tokens(progress)) if continuous else None
             return sse.encode_data(
                 CompletionResponse(id=call.id, created=created, model=model, choices=[choice], usage=usage)
             )
@@ -622,26 +609,18 @@ class OpenAIServing:
                 new_tokens = False
                 for c in output.outputs:
                     i = p * n + c.index
-                    if done[i]:
+                    if progress[i].done:
                         continue
-                    finished = c.finish_reason is not None
-                    text = c.text
-                    visible = len(text) if finished or not stops else len(text) - _stop_hold(text, stops)
-                    num_tokens = len(c.token_ids)
-                    delta = text[sent_text[i] : visible] if visible > sent_text[i] else ""
+                    delta, first_new, finished = progress[i].advance(c, stops)
                     logprobs = None
-                    if top_k is not None and c.logprobs is not None and num_tokens > sent_tokens[i]:
-                        logprobs = completion_logprobs(
-                            c.token_ids[sent_tokens[i] :], c.logprobs[sent_tokens[i] :], top_k, decode, offsets[i]
-                        )
-                        offsets[i] += sum(len(t) for t in logprobs.tokens)
-                    if num_tokens > sent_tokens[i]:
+                    if len(c.token_ids) > first_new:
                         new_tokens = True
-                        sent_tokens[i] = num_tokens
+                        if top_k is not None and c.logprobs is not None:
+                            logprobs = completion_logprobs(
+                                c.token_ids[first_new:], c.logprobs[first_new:], top_k, decode, offsets[i]
+                            )
+                            offsets[i] += sum(len(t) for t in logprobs.tokens)
                     if delta or logprobs is not None or finished:
-                        sent_text[i] = max(visible, sent_text[i])
-                        if finished:
-                            done[i] = True
                         yield chunk(
                             CompletionChoice(
                                 index=i,
@@ -653,7 +632,7 @@ class OpenAIServing:
                         )
                 if new_tokens:
                     call.tracker.output()
-                call.output_tokens = sum(sent_tokens)
+                call.output_tokens = _sent_tokens(progress)
                 if output.finished:
                     finals[p] = output
             call.engine_metrics = finals[0].metrics if finals[0] is not None else None
@@ -668,6 +647,32 @@ class OpenAIServing:
             await merged.aclose()
             await self._close(streams)
             self._end(call, reason)
+
+
+@dataclass
+class _ChoiceProgress:
+    """How much of one streamed choice has been sent."""
+
+    text: int = 0  # characters of its text
+    tokens: int = 0  # of its token ids
+    done: bool = False  # its finish_reason went out
+
+    def advance(self, output: CompletionOutput, stops: list[str]) -> tuple[str, int, bool]:
+        """Take the choice's latest cumulative output: returns the text to send now, the index of its first
+        token not sent before, and whether it finished; everything returned counts as sent. Text that could
+        still become a stop string is held back until it cannot."""
+        finished = output.finish_reason is not None
+        text = output.text
+        visible = len(text) if finished or not stops else len(text) - _stop_hold(text, stops)
+        delta = text[self.text : visible] if visible > self.text else ""
+        self.text = max(self.text, visible)
+        first_new, self.tokens = self.tokens, max(self.tokens, len(output.token_ids))
+        self.done = finished
+        return delta, first_new, finished
+
+
+def _sent_tokens(progress: list[_ChoiceProgress]) -> int:
+    return sum(choice.tokens for choice in progress)
 
 
 async def _merge(
