@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -94,8 +94,7 @@ def build_app(
             raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
         return JSONResponse(model_card().model_dump(mode="json"))
 
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    metrics_endpoint = _metrics_endpoint(metrics)
 
     async def version(request: Request) -> Response:
         from ernie_serve import __version__
@@ -165,14 +164,20 @@ def _add_plugin_routes(routes: list[BaseRoute], extra: Sequence[Any]) -> None:
         routes.append(route)
 
 
-def build_metrics_app(metrics: GatewayMetrics) -> Starlette:
-    """The app behind `--metrics-port`: only `GET /metrics`, without authentication (scrapers reach it on
-    its own port, which is usually kept internal)."""
+def _metrics_endpoint(metrics: GatewayMetrics) -> Callable[[Request], Awaitable[Response]]:
+    """`GET /metrics` in Prometheus' text format."""
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    return metrics_endpoint
+
+
+def build_metrics_app(metrics: GatewayMetrics) -> Starlette:
+    """The app behind `--metrics-port`: only `GET /metrics`, without authentication (scrapers reach it on
+    its own port, which is usually kept internal)."""
+
     return Starlette(
-        routes=[Route("/metrics", metrics_endpoint, methods=["GET"])],
+        routes=[Route("/metrics", _metrics_endpoint(metrics), methods=["GET"])],
         exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
     )

@@ -114,15 +114,9 @@ class PortRouter:
             await self.app(scope, receive, send)
 
 
-async def serve(
-    engine_settings: EngineSettings, settings: ServerSettings, sockets: list[socket.socket] | None = None
-) -> ServeResult:
-    """Serve until a signal (exit 0) or an engine that fails to load (exit 1). `sockets`: already bound
-    (the API socket first, then the metrics socket when `--metrics-port` is set)."""
-    if sockets is None:
-        sockets = [bind_socket(settings.host, settings.port)]
-        if settings.metrics_port is not None:
-            sockets.append(bind_socket(settings.host, settings.metrics_port))
+async def serve(engine_settings: EngineSettings, settings: ServerSettings, sockets: list[socket.socket]) -> ServeResult:
+    """Serve until a signal (exit 0) or an engine that fails to load (exit 1). `sockets`: already bound by
+    `run` (the API socket first, then the metrics socket when `--metrics-port` is set)."""
     loop = asyncio.get_running_loop()
     result = ServeResult(0)
     engine = AsyncEngine(engine_settings)
