@@ -160,62 +160,6 @@ class ModelConfig:
         return raw
 
 
-_COMMON = dict(
-    vocab_size=103424,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    head_dim=128,
-)
-
-PRESETS: dict[str, ModelConfig] = {
-    "ernie-4.5-0.3b": ModelConfig(
-        model_type="ernie4_5",
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=18,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        **_COMMON,
-    ),
-    "ernie-4.5-21b-a3b": ModelConfig(
-        model_type="ernie4_5_moe",
-        hidden_size=2560,
-        intermediate_size=12288,
-        num_hidden_layers=28,
-        num_attention_heads=20,
-        num_key_value_heads=4,
-        tie_word_embeddings=True,
-        moe_intermediate_size=1536,
-        moe_k=6,
-        moe_num_experts=64,
-        moe_num_shared_experts=2,
-        moe_layer_start_index=1,
-        moe_layer_end_index=27,
-        moe_layer_interval=1,
-        **_COMMON,
-    ),
-    "ernie-4.5-300b-a47b": ModelConfig(
-        model_type="ernie4_5_moe",
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=54,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-        moe_intermediate_size=3584,
-        moe_k=8,
-        moe_num_experts=64,
-        moe_num_shared_experts=0,
-        moe_layer_start_index=3,
-        moe_layer_end_index=53,
-        moe_layer_interval=1,
-        **_COMMON,
-    ),
-}
-
-
 class EngineSettings(BaseSettings):
     """Every engine option. Field names are FastDeploy/vLLM flag names with `_` for `-`."""
 

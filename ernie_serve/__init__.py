@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LLM": "ernie_serve.llm",
-    "Engine": "ernie_serve.core.engine",
+    "Engine": "ernie_serve.engine",
     "EngineSettings": "ernie_serve.core.config",
     "ModelConfig": "ernie_serve.core.config",
     "RequestOutput": "ernie_serve.core.request",
@@ -37,9 +37,9 @@ __all__ = ["SamplingParams", "hookimpl", "__version__", *_LAZY]
 if TYPE_CHECKING:
     from ernie_serve.core.backend import Backend, KVCacheSpec
     from ernie_serve.core.config import EngineSettings, ModelConfig
-    from ernie_serve.core.engine import Engine
     from ernie_serve.core.request import CompletionOutput, Logprob, Request, RequestOutput
     from ernie_serve.core.scheduler import FCFSScheduler, PriorityScheduler, Scheduler, SchedulerConfig
+    from ernie_serve.engine import Engine
     from ernie_serve.llm import LLM
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ernie_serve.core.tokenizer import ERNIE_CHAT_TEMPLATE
+from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE
 
 # ERNIE 4.5's special tokens at its ids 0..9 (REFERENCE.md); the BPE trainer gives them the ids in order.
 DEMO_SPECIAL_TOKENS = (

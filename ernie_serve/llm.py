@@ -6,10 +6,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ernie_serve.core.config import EngineSettings
-from ernie_serve.core.engine import Engine
 from ernie_serve.core.request import RequestOutput
 from ernie_serve.core.sampling_params import SamplingParams
-from ernie_serve.core.tokenizer import Tokenizer
+from ernie_serve.engine import Engine
+from ernie_serve.tokenizer import Tokenizer
 
 PromptInput = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} (optionally with "prompt")
 Conversation = list[dict[str, Any]]

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from ernie_serve.core.async_engine import AsyncEngine
+from ernie_serve.async_engine import AsyncEngine
 from ernie_serve.gateway.auth import APIKeyMiddleware, RequestIdMiddleware
 from ernie_serve.gateway.errors import EXCEPTION_HANDLERS, APIError
 from ernie_serve.gateway.metrics import CONTENT_TYPE, GatewayMetrics

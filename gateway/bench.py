@@ -228,8 +228,8 @@ def run_offline(
 ) -> tuple[list[RequestResult], float]:
     """The same requests through the in-process engine (no HTTP), keeping at most `max_concurrency` in flight
     as the HTTP benchmark does. Times are measured per engine step; returns results and wall time."""
-    from ernie_serve.core.engine import Engine
     from ernie_serve.core.sampling_params import SamplingParams
+    from ernie_serve.engine import Engine
 
     engine = Engine(settings)
     try:

@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ernie_serve.core.async_engine import AsyncEngine
+    from ernie_serve.async_engine import AsyncEngine
 
 PREFIX = "ernie_serve:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -21,7 +21,7 @@ import structlog
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ernie_serve.core.async_engine import AsyncEngine
+from ernie_serve.async_engine import AsyncEngine
 from ernie_serve.core.config import EngineSettings
 from ernie_serve.gateway.app import build_app, build_metrics_app
 from ernie_serve.gateway.settings import ServerSettings

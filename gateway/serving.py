@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ernie_serve.core.async_engine import AsyncEngine, EngineDeadError
+from ernie_serve.async_engine import AsyncEngine, EngineDeadError
 from ernie_serve.core.request import CompletionOutput, RequestOutput, SampleLogprobs
 from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
 from ernie_serve.gateway import sse

@@ -231,7 +231,7 @@ def export_command(
         return 1
     from ernie_serve.backends.torch.loader import CheckpointError
     from ernie_serve.core.config import EngineSettings, ModelConfigError
-    from ernie_serve.core.engine import resolve_model
+    from ernie_serve.models import resolve_model
 
     started = time.monotonic()
     try:

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from ernie_serve.core.config import PRESETS, ModelConfig, ModelConfigError
+from ernie_serve.core.config import ModelConfig, ModelConfigError
+from ernie_serve.models import PRESETS
 
 MOE_21B = {
     "architectures": ["Ernie4_5_MoeForCausalLM"],

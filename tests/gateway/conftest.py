@@ -116,7 +116,7 @@ def server(checkpoint: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def tokenizer(checkpoint: Path):
-    from ernie_serve.core.tokenizer import Tokenizer
+    from ernie_serve.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(checkpoint)
 

@@ -309,7 +309,7 @@ class _SlowEngine:
     """Just enough of AsyncEngine for the app: loading waits until the test lets it finish."""
 
     def __init__(self) -> None:
-        from ernie_serve.core.async_engine import EngineSnapshot
+        from ernie_serve.async_engine import EngineSnapshot
         from ernie_serve.core.config import EngineSettings
 
         self.settings = EngineSettings(model="slow")

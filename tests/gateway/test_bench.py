@@ -88,8 +88,8 @@ def test_bench_against_nothing_reports_failures(port, capsys: pytest.CaptureFixt
 
 
 def test_word_tokenizer_streams_text_for_every_id(tmp_path: Path) -> None:
-    from ernie_serve.core.tokenizer import Tokenizer
     from ernie_serve.gateway.bench import write_word_tokenizer
+    from ernie_serve.tokenizer import Tokenizer
 
     write_word_tokenizer(tmp_path, 300)
     tokenizer = Tokenizer.from_pretrained(tmp_path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from ernie_serve.core.async_engine import EngineSnapshot
+from ernie_serve.async_engine import EngineSnapshot
 from ernie_serve.core.scheduler import SchedulerStats
 from ernie_serve.gateway.metrics import GatewayMetrics
 

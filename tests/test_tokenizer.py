@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ernie_serve.core.tokenizer import ERNIE_CHAT_TEMPLATE, ChatTemplateError, Tokenizer
 from ernie_serve.demo_tokenizer import DEMO_SPECIAL_TOKENS, build_demo_tokenizer, demo_corpus
+from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE, ChatTemplateError, Tokenizer
 
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -153,7 +153,7 @@ def test_matches_transformers(demo_dir: Path, tok: Tokenizer, skip: bool) -> Non
 
 def test_serving_does_not_import_transformers() -> None:
     code = (
-        "import sys, ernie_serve.core.tokenizer, ernie_serve.core.detokenizer, ernie_serve.demo_tokenizer\n"
+        "import sys, ernie_serve.tokenizer, ernie_serve.detokenizer, ernie_serve.demo_tokenizer\n"
         "assert 'transformers' not in sys.modules and 'sentencepiece' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,10 +19,10 @@ from typing import Any
 import structlog
 
 from ernie_serve.core.config import EngineSettings
-from ernie_serve.core.engine import Engine
 from ernie_serve.core.request import RequestOutput
 from ernie_serve.core.sampling_params import SamplingParams
 from ernie_serve.core.scheduler import SchedulerStats
+from ernie_serve.engine import Engine
 
 log = structlog.get_logger("ernie_serve.async_engine")
 

@@ -6,21 +6,17 @@ Used directly by the offline `LLM` API; the async engine runs the same steps off
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import structlog
 
 from ernie_serve.core.backend import Backend, BackendUnavailableError
-from ernie_serve.core.config import PRESETS, EngineSettings, ModelConfig
-from ernie_serve.core.detokenizer import IncrementalDetokenizer
+from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.plan import StepResult
 from ernie_serve.core.plugins import get_backend_class, get_scheduler_class
 from ernie_serve.core.request import (
     CompletionOutput,
-    Logprob,
     Request,
     RequestOutput,
     RequestStatus,
@@ -29,7 +25,9 @@ from ernie_serve.core.request import (
 from ernie_serve.core.sampler import Sampler, SamplingState
 from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
 from ernie_serve.core.scheduler import Scheduler, SchedulerConfig
-from ernie_serve.core.tokenizer import Tokenizer
+from ernie_serve.detokenizer import IncrementalDetokenizer
+from ernie_serve.models import resolve_model
+from ernie_serve.tokenizer import Tokenizer
 
 log = structlog.get_logger("ernie_serve.engine")
 
@@ -39,44 +37,6 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 class PromptTooLongError(SamplingParamsError):
     """Prompt plus max_tokens over the context limit (the gateway answers 400)."""
-
-
-@dataclass
-class ResolvedModel:
-    """Where weights, config and tokenizer come from for a `--model` value."""
-
-    config: ModelConfig
-    weights_path: str | None  # None: dummy weights
-    tokenizer_path: str
-    generation_defaults: dict[str, float]  # temperature / top_p from generation_config.json
-
-
-def resolve_model(settings: EngineSettings) -> ResolvedModel:
-    """`--model` is a checkpoint directory, a preset name (dummy weights only) or "demo"."""
-    from ernie_serve.demo import demo_checkpoint_dir
-
-    name = settings.model
-    if name == "demo":
-        path = demo_checkpoint_dir()
-    elif name in PRESETS:
-        if settings.load_format != "dummy":
-            raise ValueError(f"--model {name} is a preset shape without weights: add --load-format dummy")
-        return ResolvedModel(PRESETS[name], None, settings.tokenizer or str(demo_checkpoint_dir()), {})
-    else:
-        path = Path(name)
-        if not path.is_dir():
-            raise ValueError(
-                f"--model {name!r} is neither a checkpoint directory, 'demo', nor a preset "
-                f"({', '.join(PRESETS)}); downloads are not supported, pass a local path"
-            )
-    config = ModelConfig.from_pretrained(path)
-    defaults: dict[str, float] = {}
-    generation_config = path / "generation_config.json"
-    if generation_config.is_file():
-        raw = json.loads(generation_config.read_text())
-        defaults = {k: float(raw[k]) for k in ("temperature", "top_p") if raw.get(k) is not None}
-    weights = None if settings.load_format == "dummy" else str(path)
-    return ResolvedModel(config, weights, settings.tokenizer or str(path), defaults)
 
 
 @dataclass
@@ -397,4 +357,4 @@ class Engine:
         self.backend.close()
 
 
-__all__ = ["Engine", "PromptTooLongError", "Logprob", "resolve_model"]
+__all__ = ["Engine", "PromptTooLongError"]

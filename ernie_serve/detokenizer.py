@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ernie_serve.core.tokenizer import Tokenizer
+from ernie_serve.tokenizer import Tokenizer
 
 # What a tokenizer prints for bytes that are not (yet) a whole UTF-8 character.
 _REPLACEMENT = "\ufffd"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ernie_serve.core.detokenizer import IncrementalDetokenizer
-from ernie_serve.core.tokenizer import Tokenizer
 from ernie_serve.demo_tokenizer import build_demo_tokenizer, demo_corpus
+from ernie_serve.detokenizer import IncrementalDetokenizer
+from ernie_serve.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello world, how are you today?",
