@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,17 +27,38 @@ class KVCacheSpec:
     device_free_bytes: int | None = None  # free accelerator memory after loading weights; None on CPU
 
 
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can do, declared on its class; read by the engine before `load` (it refuses settings
+    the backend cannot honour, with one line) and shown by `ernie-serve plugins`."""
+
+    # False for backends that keep one cache per request: the engine then turns prefix caching off, since a
+    # prefix hit would point at KV held in another request's blocks.
+    prefix_caching: bool = True
+    quantization: tuple[str, ...] = ()  # `--quantization` schemes it implements, e.g. ("wint8", "wint4")
+    tensor_parallel: bool = False  # whether `--tensor-parallel-size` above 1 is implemented
+    devices: tuple[str, ...] = ("cpu",)  # device kinds it runs on: "cpu", "cuda"
+
+
+class BackendOptions(BaseSettings):
+    """A backend's own settings. Subclass it with pydantic fields and set `Backend.options_class`: every field
+    becomes a CLI flag (`--field-name`), an `ERNIE_SERVE_FIELD_NAME` environment variable and an `LLM(...)`
+    keyword. The engine builds the instance from the values the user gave and passes it to `load`."""
+
+    model_config = SettingsConfigDict(env_prefix="ERNIE_SERVE_", extra="forbid")
+
+
 class Backend(ABC):
     """Runs the model for a `StepPlan`. One instance per engine.
 
-    Lifecycle: the engine calls `load` once, then `kv_cache_spec` to size the pool, then `allocate_kv_cache`
-    with the block count it chose, then `execute` once per step, and finally `close`.
+    Lifecycle: the engine checks `availability` and `capabilities`, builds `options_class`, calls `load` once,
+    then `kv_cache_spec` to size the pool, then `allocate_kv_cache` with the block count it chose, then
+    `execute` once per step (with `release` between steps as requests end), and finally `close`.
     """
 
     name: ClassVar[str] = ""
-    # False for backends that keep one cache per request: the engine then turns prefix caching off, since a
-    # prefix hit would point at KV held in another request's blocks.
-    supports_prefix_caching: ClassVar[bool] = True
+    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities()
+    options_class: ClassVar[type[BackendOptions]] = BackendOptions
 
     @classmethod
     def availability(cls) -> str | None:
@@ -44,8 +67,11 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def load(self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None) -> None:
-        """Called once at start-up: build the model and load weights (`model_path` None with dummy weights)."""
+    def load(
+        self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None, options: BackendOptions
+    ) -> None:
+        """Called once at start-up: build the model and load weights (`model_path` None with dummy weights).
+        `options` is an instance of `options_class`."""
 
     @abstractmethod
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -60,12 +86,13 @@ class Backend(ABC):
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Called once per engine step. Computes KV for every scheduled token and returns float32 logits
         `[len(plan.sampling_request_ids), vocab]`, one row per request with `samples=True`, in plan order.
-        Must first drop state of `plan.finished_request_ids` / `preempted_request_ids`."""
+        A request's block table is sent whole on its `is_new` step and then only as `new_block_ids`: the
+        backend keeps it (and any other per-request state) until `release`."""
 
     def release(self, request_ids: list[str]) -> None:  # noqa: B027 - optional hook
-        """Called as soon as requests end (finished, stopped, aborted), so per-request state does not outlive
-        them while the engine is idle. The ids also arrive in the next plan's `finished_request_ids` (and
-        preempted ones in `preempted_request_ids`); releasing an unknown id must be a no-op."""
+        """The one way per-request state ends. Called between steps, once for every request that ended
+        (finished, stopped, aborted) and for every request that was preempted (it lost its KV; if it runs
+        again it comes back with `is_new=True`). Releasing an unknown id must be a no-op."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once when the engine shuts down: release memory, threads, devices."""
@@ -80,7 +107,7 @@ def unavailable_backend(name: str, reason: str) -> type[Backend]:
         def availability(cls) -> str | None:
             return reason
 
-        def load(self, model_config, settings, model_path) -> None:  # type: ignore[no-untyped-def]
+        def load(self, model_config, settings, model_path, options) -> None:  # type: ignore[no-untyped-def]
             raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
 
         def kv_cache_spec(self) -> KVCacheSpec:

@@ -14,7 +14,10 @@ class ScheduledRequest:
     request_id: str
     token_ids: list[int]  # the new tokens whose KV this step computes, in order
     start_position: int  # position of token_ids[0] == tokens already in the cache
-    block_table: list[int]  # KV block ids holding positions [0, start_position + len(token_ids))
+    # KV block ids appended to the request's block table this step; when `is_new`, the whole table (it holds
+    # positions [0, start_position + len(token_ids))). Backends keep each request's table between steps.
+    new_block_ids: list[int]
+    is_new: bool  # first step since (re)admission: the backend starts this request's state afresh
     samples: bool  # True when this step reaches the last known token: the backend returns its logits
 
 
@@ -23,8 +26,7 @@ class StepPlan:
     """One engine step: every scheduled request, in the order the backend returns logits for them."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # ended since the last plan: free state
-    preempted_request_ids: list[str] = field(default_factory=list)  # lost their KV: drop backend state
+    preempted_request_ids: list[str] = field(default_factory=list)  # lost their KV this step (for the engine)
 
     @property
     def num_tokens(self) -> int:

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO, TypeVar
 
 import structlog
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Progress bars are for people: off with `--log-format json`, and whenever stderr is not a terminal.
+_progress_allowed = True
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -91,6 +98,9 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
     handler.setFormatter(formatter)
     handler.set_name("ernie_serve")
 
+    global _progress_allowed
+    _progress_allowed = fmt == "console"
+
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "ernie_serve"]:
         root.removeHandler(old)
@@ -103,3 +113,11 @@ def ensure_logging() -> None:
     itself. Unconfigured structlog prints to stdout, which belongs to the caller's own output."""
     if not structlog.is_configured():
         configure_logging()
+
+
+def progress(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Iterate `items` with a progress bar on stderr, for long steps a user waits for (building the demo
+    model, loading weights, exporting, benchmarks). Shown only when stderr is a terminal and the log format
+    is the console one, so logs and pipes stay clean."""
+    show = _progress_allowed and sys.stderr.isatty()
+    yield from tqdm(items, desc=description, total=total, unit=unit, disable=not show, leave=False, file=sys.stderr)
