@@ -6,6 +6,7 @@ path of a real checkpoint, but its text is gibberish.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,10 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from ernie_serve.core.config import ModelConfig
-from ernie_serve.demo_tokenizer import build_demo_tokenizer
+from ernie_serve.demo_tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer
+from ernie_serve.logging import progress
+
+# stdlib, not structlog: callers that never configured logging (scripts calling demo_checkpoint_dir) must
+# not get an event printed into their stdout.
+log = logging.getLogger(__name__)
 
 DEMO_VERSION = "1"
-DEMO_TOKENIZER_VOCAB = 2048
 DEMO_CONFIG = ModelConfig(
     model_type="ernie4_5_moe",
     vocab_size=2112,  # a padded embedding, larger than the tokenizer, as in real checkpoints
@@ -42,6 +47,8 @@ DEMO_CONFIG = ModelConfig(
 
 
 def cache_root() -> Path:
+    """Where built artifacts (the demo model, ONNX exports, benchmark models) live: $ERNIE_SERVE_CACHE, else
+    ~/.cache/ernie-serve."""
     return Path(os.environ.get("ERNIE_SERVE_CACHE", Path.home() / ".cache" / "ernie-serve"))
 
 
@@ -50,11 +57,12 @@ def demo_checkpoint_dir() -> Path:
     target = cache_root() / f"demo-v{DEMO_VERSION}"
     if (target / "config.json").is_file():
         return target
+    log.info("building the demo model (once) in %s", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="demo-", dir=target.parent))
     try:
-        write_random_checkpoint(staging, DEMO_CONFIG, seed=0)
-        build_demo_tokenizer(staging, vocab_size=DEMO_TOKENIZER_VOCAB)
+        write_random_checkpoint(staging, DEMO_CONFIG, seed=0, description="building the demo model")
+        build_demo_tokenizer(staging, vocab_size=DEMO_VOCAB_SIZE)
         try:
             staging.rename(target)
         except OSError:  # another process finished first
@@ -66,16 +74,23 @@ def demo_checkpoint_dir() -> Path:
 
 
 def write_random_checkpoint(
-    out_dir: Path, config: ModelConfig, seed: int, dtype: torch.dtype = torch.bfloat16, std: float = 0.05
+    out_dir: Path,
+    config: ModelConfig,
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    std: float = 0.05,
+    description: str = "writing random weights",
 ) -> None:
     """A HuggingFace-layout checkpoint (config.json, generation_config.json, model.safetensors) with seeded
-    random weights, named exactly like transformers' `save_pretrained` output."""
+    random weights, named exactly like transformers' `save_pretrained` output. `description` labels the
+    progress bar shown meanwhile (one step per tensor)."""
     from ernie_serve.backends.torch.model import ErnieForCausalLM
 
     generator = torch.Generator().manual_seed(seed)
     skeleton = ErnieForCausalLM(config, torch.float32, torch.device("meta"))
+    targets = list(skeleton.checkpoint_targets())  # meta tensors: listing them costs nothing
     tensors: dict[str, torch.Tensor] = {}
-    for name, target in skeleton.checkpoint_targets():
+    for name, target in progress(targets, description, total=len(targets), unit="tensor"):
         if name.endswith("norm.weight"):
             value = 1.0 + 0.1 * torch.randn(target.shape, generator=generator)
         elif name.endswith("e_score_correction_bias"):

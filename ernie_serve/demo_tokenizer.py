@@ -1,19 +1,29 @@
-"""A small ERNIE-shaped tokenizer, trained on the spot, for the built-in demo model and tests' checkpoints.
+"""A small ERNIE-shaped tokenizer, trained on the spot, for the built-in demo model, preset shapes and tests.
 
 Real ERNIE tokenizers are 103k-piece SentencePiece models that would have to be downloaded; this is a
-byte-level BPE (any text round-trips, emoji and Chinese included) with ERNIE's special tokens at ERNIE's ids
-and ERNIE's chat template, trained in well under a second on a bundled corpus. Training is deterministic:
-the same arguments write byte-identical files.
+byte-level BPE (any text round-trips, emoji and Chinese included) with ERNIE's special tokens and ERNIE's chat
+template, trained in well under a second on a bundled corpus. Training is deterministic: the same arguments
+give byte-identical files.
+
+Three uses: `build_demo_tokenizer` writes it into a checkpoint directory (the demo model, tests' tiny
+checkpoints); `padded_demo_tokenizer` builds it in memory, padded with placeholder tokens up to a preset's
+103,424-id vocabulary, so a `--load-format dummy` preset has a tokenizer for every id it can sample and
+nothing is written to disk.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE
+from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE, Tokenizer
 
-# ERNIE 4.5's special tokens at its ids 0..9 (REFERENCE.md); the BPE trainer gives them the ids in order.
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RustTokenizer
+
+# ERNIE 4.5's special tokens in REFERENCE.md's order, which the BPE trainer turns into ids 0..9: <unk>, <s>
+# and </s> land on ERNIE's real ids 0, 1 and 2; REFERENCE.md gives no ids for the rest.
 DEMO_SPECIAL_TOKENS = (
     "<unk>",
     "<s>",
@@ -27,23 +37,28 @@ DEMO_SPECIAL_TOKENS = (
     "<mask:7>",
 )
 
+# The demo model's tokenizer size; the bundled corpus supports up to about 5000.
+DEMO_VOCAB_SIZE = 2048
+
+# Text of the padding ids of `padded_demo_tokenizer`. Visible when decoded (a dummy-weight model samples them
+# often), never produced by encoding text, and plainly not a word.
+PLACEHOLDER_TOKEN = "<|placeholder_{}|>"
+
 
 def demo_corpus() -> str:
     """The bundled training text: original mixed English/Chinese prose plus numbers, code and emoji."""
     return (Path(__file__).parent / "data" / "demo_corpus.txt").read_text(encoding="utf-8")
 
 
-def build_demo_tokenizer(out_dir: Path, vocab_size: int = 2048) -> None:
-    """Write `tokenizer.json` and `tokenizer_config.json` into `out_dir` (created if needed).
+def train_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE) -> RustTokenizer:
+    """The demo byte-level BPE as an in-memory `tokenizers.Tokenizer` (what tokenizer.json holds).
 
-    Called when the demo model is set up and by tests building tiny checkpoints. `vocab_size` counts the
-    special tokens and the 256 byte symbols; the bundled corpus supports up to about 5000.
+    `vocab_size` counts the special tokens and the 256 byte symbols; ValueError beyond what the corpus yields.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = RustTokenizer(models.BPE())
     # No prefix space: decode(encode(text)) must give back exactly `text`, and ERNIE adds no BOS either.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -57,9 +72,12 @@ def build_demo_tokenizer(out_dir: Path, vocab_size: int = 2048) -> None:
     tokenizer.train_from_iterator(demo_corpus().splitlines(keepends=True), trainer)
     if tokenizer.get_vocab_size() != vocab_size:
         raise ValueError(f"the demo corpus yields at most {tokenizer.get_vocab_size()} tokens, asked for {vocab_size}")
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    return tokenizer
 
-    config = {
+
+def demo_tokenizer_config() -> dict[str, Any]:
+    """What the demo tokenizer's tokenizer_config.json says: ERNIE's special-token slots and chat template."""
+    return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": {
             str(i): {
@@ -85,6 +103,38 @@ def build_demo_tokenizer(out_dir: Path, vocab_size: int = 2048) -> None:
         "model_max_length": 131072,
         "chat_template": ERNIE_CHAT_TEMPLATE,
     }
+
+
+def build_demo_tokenizer(out_dir: Path, vocab_size: int = DEMO_VOCAB_SIZE) -> None:
+    """Write `tokenizer.json` and `tokenizer_config.json` into `out_dir` (created if needed).
+
+    Called when the demo model is set up and by tests building tiny checkpoints.
+    """
+    tokenizer = train_demo_tokenizer(vocab_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        json.dumps(demo_tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
+
+
+def padded_demo_tokenizer(vocab_size: int, chat_template: str | None = None) -> Tokenizer:
+    """The demo tokenizer with ids `DEMO_VOCAB_SIZE .. vocab_size - 1` filled by placeholder tokens, built in
+    memory (nothing is written); the tokenizer of a preset shape run without `--tokenizer`.
+
+    Every id the model can sample then decodes to something (`<|placeholder_5000|>`), while text still
+    encodes with the demo BPE alone and round-trips exactly. Special tokens and the chat template are the demo
+    tokenizer's. `chat_template` overrides the template as in `Tokenizer.from_pretrained`.
+    """
+    if vocab_size < DEMO_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the demo tokenizer's {DEMO_VOCAB_SIZE}")
+    from tokenizers import Tokenizer as RustTokenizer
+
+    # Placeholders go into the BPE model's vocabulary without merges, so no text can ever encode to them (as
+    # added tokens they would be matched in prompt text, and 100k of them would slow every encode).
+    serialized = json.loads(train_demo_tokenizer(DEMO_VOCAB_SIZE).to_str())
+    vocab: dict[str, int] = serialized["model"]["vocab"]
+    vocab.update({PLACEHOLDER_TOKEN.format(i): i for i in range(DEMO_VOCAB_SIZE, vocab_size)})
+    padded = RustTokenizer.from_str(json.dumps(serialized))
+    return Tokenizer.from_tokenizers(padded, demo_tokenizer_config(), chat_template=chat_template)

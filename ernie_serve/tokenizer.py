@@ -1,9 +1,12 @@
 """The tokenizer a served model speaks: text <-> token ids, special tokens, and the chat template.
 
-Loaded once per engine from the checkpoint directory (or `--tokenizer`). Two formats are read:
-`tokenizer.json` through the `tokenizers` library, or a SentencePiece `tokenizer.model` (what ERNIE 4.5
-ships) through `sentencepiece`, imported only when needed. transformers is never imported here: serving does
-not depend on it.
+Loaded once per engine (`ResolvedModel.load_tokenizer` in ernie_serve/models.py) from the checkpoint
+directory, `--tokenizer`, or built in memory for a preset shape. Two formats are read: `tokenizer.json`
+through the `tokenizers` library, or a SentencePiece `tokenizer.model` (what ERNIE 4.5 ships) through
+`sentencepiece`, imported only when needed. transformers is never imported here: serving does not depend on it.
+
+`Tokenizer` is the whole interface the rest of ernie-serve (engine, output processing, gateway, offline API)
+sees; the file formats hide behind the private `_Codec` protocol, one implementation per format.
 """
 
 from __future__ import annotations
@@ -11,13 +14,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RustTokenizer
+
+__all__ = ["ERNIE_CHAT_TEMPLATE", "ChatTemplateError", "Tokenizer"]
 
 # ERNIE 4.5's chat template, verbatim from the model's tokenizer_config.json (REFERENCE.md). Used when a
 # checkpoint carries no template of its own.
@@ -34,7 +43,7 @@ ERNIE_CHAT_TEMPLATE = r"""{%- if not add_generation_prompt is defined -%}{%- set
 {%- if add_generation_prompt -%}{{- "Assistant: " -}}{%- endif -%}"""  # noqa: E501
 
 # The named special-token slots of a HuggingFace tokenizer_config.json, in the order HF lists them.
-SPECIAL_TOKEN_KEYS = (
+_SPECIAL_TOKEN_KEYS = (
     "bos_token",
     "eos_token",
     "unk_token",
@@ -82,13 +91,14 @@ class _Codec(Protocol):
 
 
 class _HFCodec:
-    """`tokenizer.json`, run by the `tokenizers` library (Rust, fast; added tokens are split out by it)."""
+    """`tokenizer.json`, run by the `tokenizers` library (Rust, fast; added tokens are split out by it).
 
-    def __init__(self, path: Path, added_tokens: Mapping[int, tuple[str, bool]], extra: Iterable[str]) -> None:
+    Takes ownership of `tok`: the tokens below are added to it in place."""
+
+    def __init__(self, tok: RustTokenizer, added_tokens: Mapping[int, tuple[str, bool]], extra: Iterable[str]) -> None:
         from tokenizers import AddedToken
-        from tokenizers import Tokenizer as RustTokenizer
 
-        self._tok = RustTokenizer.from_file(str(path))
+        self._tok = tok
         # tokenizer_config.json may declare tokens the tokenizer.json lacks; HF adds them on load, so do we
         # (they get the next free ids, which is what HF does too).
         for content, special in added_tokens.values():
@@ -220,6 +230,43 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _TokenizerConfig:
+    """What a tokenizer_config.json says that serving uses, read once by `_parse_tokenizer_config`."""
+
+    added: dict[int, tuple[str, bool]]  # added_tokens_decoder: id -> (content, special)
+    special: dict[str, str]  # slot name (bos_token, ...) -> token text, ERNIE's defaults filling silent slots
+    additional: list[str]  # additional_special_tokens
+    extra: list[str]  # every token the config names, added to the vocabulary if missing (as HF does)
+    add_bos: str | None  # the token to prepend when encoding with add_special_tokens (add_bos_token)
+    add_eos: str | None  # likewise appended (add_eos_token)
+    chat_template: str | None
+
+
+def _parse_tokenizer_config(config: Mapping[str, Any]) -> _TokenizerConfig:
+    added: dict[int, tuple[str, bool]] = {}
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        content = _token_content(entry)
+        if content is not None:
+            added[int(key)] = (content, bool(entry.get("special", True)))
+    configured = {k: _token_content(config[k]) for k in _SPECIAL_TOKEN_KEYS if k in config}
+    additional = [t for t in map(_token_content, config.get("additional_special_tokens") or []) if t is not None]
+    # Tokens the config names are added to the vocabulary if missing (as HF does); the ERNIE defaults
+    # only fill slots the config is silent on, and only where the vocabulary has them.
+    extra = [*(t for t in configured.values() if t is not None), *additional]
+    special = {k: v for k, v in _ERNIE_SPECIAL_TOKENS.items() if k not in configured}
+    special.update({k: v for k, v in configured.items() if v is not None})
+    return _TokenizerConfig(
+        added=added,
+        special=special,
+        additional=additional,
+        extra=extra,
+        add_bos=special.get("bos_token") if config.get("add_bos_token") else None,
+        add_eos=special.get("eos_token") if config.get("add_eos_token") else None,
+        chat_template=_template_from_config(config.get("chat_template")),
+    )
+
+
 def _template_from_config(value: Any) -> str | None:
     """`chat_template` is a string, or (older HF) a list of {"name", "template"}: "default" is used."""
     if isinstance(value, str):
@@ -238,6 +285,14 @@ def _template_from_argument(value: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"chat template {value!r} is neither an existing file nor a Jinja template")
     return path.read_text(encoding="utf-8")
+
+
+def _choose_template(argument: str | None, parsed: _TokenizerConfig) -> str:
+    """The template to use: the caller's (--chat-template or a chat_template.jinja file), else the config's,
+    else ERNIE's."""
+    if argument is not None:
+        return _template_from_argument(argument)
+    return parsed.chat_template or ERNIE_CHAT_TEMPLATE
 
 
 def _raise_exception(message: str) -> None:
@@ -282,7 +337,19 @@ def _flatten_content(content: Any) -> Any:
 
 
 class Tokenizer:
-    """Text <-> ids for one model. Built once at engine start by `from_pretrained`; thread-safe to read."""
+    """Text <-> ids for one model, built once at engine start; immutable afterwards, so any thread may read it.
+
+    The public surface, and who calls it:
+    - built by `from_pretrained(path)` (a checkpoint or `--tokenizer` directory) or `from_tokenizers(...)` (an
+      in-memory `tokenizers` object, e.g. the placeholder-padded demo tokenizer of a preset shape);
+    - per request: `encode` (prompts), `apply_chat_template` (chat requests), `decode` (the incremental
+      detokenizer's windows, echoed prompts), `decode_token` (logprobs' `decoded_token`);
+    - once at start: `stop_token_ids` (what ends generation), `vocab_size` (the id bound, checked against the
+      model's embedding), `eos_token_id` / `bos_token_id`;
+    - for users of `LLM.get_tokenizer()`, with HF's names and meanings: `len()`, `pad_token_id`,
+      `all_special_ids`, `token_to_id`, `convert_ids_to_tokens`, `chat_template`.
+    Nothing else is public.
+    """
 
     def __init__(
         self,
@@ -291,25 +358,27 @@ class Tokenizer:
         additional_special_tokens: Sequence[str],
         chat_template: str,
     ) -> None:
+        """Private to the constructors below: `codec` runs one file format, `special_tokens` maps slot names
+        to token text, `chat_template` is Jinja source."""
         self._codec = codec
-        # Slot name -> token text, only for tokens the vocabulary has.
-        self.special_tokens: dict[str, str] = {
+        # Slot name -> token text, only for tokens the vocabulary has; what templates see as `bos_token`, ...
+        self._special_tokens: dict[str, str] = {
             k: v for k, v in special_tokens.items() if codec.token_to_id(v) is not None
         }
         self.chat_template = chat_template
         self._template = _compile_template(chat_template)
-        named = [*self.special_tokens.values(), *additional_special_tokens]
+        named = [*self._special_tokens.values(), *additional_special_tokens]
         ids = {codec.token_to_id(t) for t in named} | codec.special_ids()
         self._all_special_ids = sorted(i for i in ids if i is not None)
-        stop = {codec.token_to_id(t) for t in (self.special_tokens.get("eos_token"), *_STOP_TOKENS) if t}
+        stop = {codec.token_to_id(t) for t in (self._special_tokens.get("eos_token"), *_STOP_TOKENS) if t}
         self._stop_token_ids = frozenset(i for i in stop if i is not None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
         """Load the tokenizer in a checkpoint directory; called once when the engine starts.
 
-        `chat_template` (a Jinja string or a file path) overrides the checkpoint's template; without either,
-        ERNIE's template is used.
+        `chat_template` (a Jinja string or a file path) overrides the checkpoint's template (a
+        chat_template.jinja file, else tokenizer_config.json's); without any, ERNIE's template is used.
         """
         directory = Path(path)
         if not directory.is_dir():
@@ -318,37 +387,38 @@ class Tokenizer:
         config: dict[str, Any] = {}
         if config_path.is_file():
             config = json.loads(config_path.read_text(encoding="utf-8"))
-
-        added: dict[int, tuple[str, bool]] = {}
-        for key, entry in (config.get("added_tokens_decoder") or {}).items():
-            content = _token_content(entry)
-            if content is not None:
-                added[int(key)] = (content, bool(entry.get("special", True)))
-        configured = {k: _token_content(config[k]) for k in SPECIAL_TOKEN_KEYS if k in config}
-        additional = [t for t in map(_token_content, config.get("additional_special_tokens") or []) if t is not None]
-        # Tokens the config names are added to the vocabulary if missing (as HF does); the ERNIE defaults
-        # only fill slots the config is silent on, and only where the vocabulary has them.
-        extra = [*(t for t in configured.values() if t is not None), *additional]
-        special = {k: v for k, v in _ERNIE_SPECIAL_TOKENS.items() if k not in configured}
-        special.update({k: v for k, v in configured.items() if v is not None})
+        parsed = _parse_tokenizer_config(config)
 
         codec: _Codec
         if (directory / "tokenizer.json").is_file():
-            codec = _HFCodec(directory / "tokenizer.json", added, extra)
+            from tokenizers import Tokenizer as RustTokenizer
+
+            rust = RustTokenizer.from_file(str(directory / "tokenizer.json"))
+            codec = _HFCodec(rust, parsed.added, parsed.extra)
         elif (directory / "tokenizer.model").is_file():
-            add_bos = special.get("bos_token") if config.get("add_bos_token") else None
-            add_eos = special.get("eos_token") if config.get("add_eos_token") else None
-            codec = _SentencePieceCodec(directory / "tokenizer.model", added, extra, add_bos, add_eos)
+            codec = _SentencePieceCodec(
+                directory / "tokenizer.model", parsed.added, parsed.extra, parsed.add_bos, parsed.add_eos
+            )
         else:
             raise FileNotFoundError(f"no tokenizer in {str(directory)!r}: expected tokenizer.json or tokenizer.model")
 
-        if chat_template is not None:
-            template = _template_from_argument(chat_template)
-        elif (directory / "chat_template.jinja").is_file():
-            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        else:
-            template = _template_from_config(config.get("chat_template")) or ERNIE_CHAT_TEMPLATE
-        return cls(codec, special, additional, template)
+        template_file = directory / "chat_template.jinja"
+        if chat_template is None and template_file.is_file():  # transformers 5's place for it wins over the config
+            chat_template = template_file.read_text(encoding="utf-8")
+        return cls(codec, parsed.special, parsed.additional, _choose_template(chat_template, parsed))
+
+    @classmethod
+    def from_tokenizers(
+        cls, tokenizer: RustTokenizer, config: Mapping[str, Any], chat_template: str | None = None
+    ) -> Tokenizer:
+        """A tokenizer built in memory: `tokenizer` is what tokenizer.json would hold (a `tokenizers.Tokenizer`,
+        owned by the result from now on) and `config` what tokenizer_config.json would say. Gives the same
+        tokenizer as `from_pretrained` on a directory holding those two files, without writing one; used for
+        preset shapes, whose tokenizer exists nowhere on disk.
+        """
+        parsed = _parse_tokenizer_config(config)
+        codec = _HFCodec(tokenizer, parsed.added, parsed.extra)
+        return cls(codec, parsed.special, parsed.additional, _choose_template(chat_template, parsed))
 
     # -- vocabulary ---------------------------------------------------------------------------------------
 
@@ -358,22 +428,26 @@ class Tokenizer:
         return self._codec.id_bound
 
     def __len__(self) -> int:
+        """`vocab_size`, as HF's `len(tokenizer)`."""
         return self._codec.id_bound
 
     def _special_id(self, key: str) -> int | None:
-        token = self.special_tokens.get(key)
+        token = self._special_tokens.get(key)
         return self._codec.token_to_id(token) if token is not None else None
 
     @property
     def eos_token_id(self) -> int | None:
+        """The configured eos token's id (ERNIE: `</s>` = 2); None when the vocabulary lacks it."""
         return self._special_id("eos_token")
 
     @property
     def bos_token_id(self) -> int | None:
+        """The configured bos token's id (ERNIE: `<s>` = 1), which ERNIE never adds to prompts itself."""
         return self._special_id("bos_token")
 
     @property
     def pad_token_id(self) -> int | None:
+        """The configured pad token's id (ERNIE: `<unk>` = 0)."""
         return self._special_id("pad_token")
 
     @property
@@ -383,9 +457,11 @@ class Tokenizer:
 
     @property
     def all_special_ids(self) -> list[int]:
+        """Sorted ids of every special token (named slots, additional and added-as-special tokens)."""
         return list(self._all_special_ids)
 
     def token_to_id(self, token: str) -> int | None:
+        """The id of one vocabulary string (special tokens included); None when it is not one token."""
         return self._codec.token_to_id(token)
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
@@ -418,7 +494,7 @@ class Tokenizer:
         (`bos_token`, `cls_token`, ...), as HF passes them.
         """
         flat = [{**m, "content": _flatten_content(m.get("content"))} for m in messages]
-        variables = {**self.special_tokens, **kwargs}
+        variables = {**self._special_tokens, **kwargs}
         try:
             return self._template.render(messages=flat, add_generation_prompt=add_generation_prompt, **variables)
         except (jinja2.TemplateError, TypeError) as e:

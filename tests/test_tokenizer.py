@@ -1,4 +1,5 @@
-"""Tokenizer: both file formats, special tokens, out-of-vocab ids, the chat template, the demo tokenizer."""
+"""Tokenizer: both file formats, in-memory construction, special tokens, out-of-vocab ids, the chat template,
+the demo tokenizer and its placeholder-padded form for preset shapes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from ernie_serve.demo_tokenizer import DEMO_SPECIAL_TOKENS, build_demo_tokenizer, demo_corpus
+from ernie_serve.demo_tokenizer import (
+    DEMO_SPECIAL_TOKENS,
+    DEMO_VOCAB_SIZE,
+    build_demo_tokenizer,
+    demo_corpus,
+    demo_tokenizer_config,
+    padded_demo_tokenizer,
+    train_demo_tokenizer,
+)
 from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE, ChatTemplateError, Tokenizer
 
 TEXTS = [
@@ -84,6 +93,59 @@ def test_demo_tokenizer_vocab_size(tmp_path: Path) -> None:
     assert Tokenizer.from_pretrained(tmp_path).vocab_size == 512
     with pytest.raises(ValueError, match="demo corpus"):
         build_demo_tokenizer(tmp_path, vocab_size=50_000)
+
+
+def test_in_memory_equals_loaded_from_files(demo_dir: Path, tok: Tokenizer) -> None:
+    # from_tokenizers is from_pretrained without the files: the same ids, specials and template.
+    mem = Tokenizer.from_tokenizers(train_demo_tokenizer(), demo_tokenizer_config())
+    assert mem.vocab_size == tok.vocab_size == DEMO_VOCAB_SIZE
+    for text in [*TEXTS, EXPECTED_PROMPT]:
+        assert mem.encode(text) == tok.encode(text)
+    assert (mem.all_special_ids, mem.stop_token_ids, mem.eos_token_id) == (tok.all_special_ids, {2, 4}, 2)
+    assert mem.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
+    assert Tokenizer.from_tokenizers(train_demo_tokenizer(), {}, chat_template=CUSTOM).chat_template == CUSTOM
+
+
+PRESET_VOCAB = 103_424  # every ERNIE 4.5 preset's embedding (REFERENCE.md)
+
+
+@pytest.fixture(scope="module")
+def padded() -> Tokenizer:
+    return padded_demo_tokenizer(PRESET_VOCAB)
+
+
+def test_padded_tokenizer_covers_the_vocabulary(padded: Tokenizer, tok: Tokenizer) -> None:
+    assert padded.vocab_size == len(padded) == PRESET_VOCAB
+    last = PRESET_VOCAB - 1
+    assert padded.convert_ids_to_tokens([2047, 2048, last, PRESET_VOCAB]) == [
+        tok.convert_ids_to_tokens([2047])[0],
+        "<|placeholder_2048|>",
+        f"<|placeholder_{last}|>",
+        None,
+    ]
+    # Any id a dummy-weight model samples decodes to visible text; ids past the vocabulary still to nothing.
+    assert padded.decode_token(last) == f"<|placeholder_{last}|>"
+    assert padded.decode([5000, 4, 70_000]) == "<|placeholder_5000|><|placeholder_70000|>"
+    assert padded.decode([PRESET_VOCAB, -1]) == ""
+
+
+@pytest.mark.parametrize("text", [*TEXTS, "a <|placeholder_5000|> in the text is just text"])
+def test_padded_tokenizer_encodes_with_the_demo_bpe(padded: Tokenizer, tok: Tokenizer, text: str) -> None:
+    ids = padded.encode(text)
+    assert ids == tok.encode(text) and all(i < DEMO_VOCAB_SIZE for i in ids)
+    assert padded.decode(ids) == text
+
+
+def test_padded_tokenizer_special_tokens_and_template(padded: Tokenizer) -> None:
+    assert [padded.token_to_id(t) for t in DEMO_SPECIAL_TOKENS] == list(range(10))
+    assert (padded.bos_token_id, padded.eos_token_id, padded.pad_token_id) == (1, 2, 0)
+    assert padded.stop_token_ids == frozenset({2, 4})
+    assert padded.all_special_ids == list(range(10))  # placeholders are ordinary tokens
+    assert padded.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
+    assert padded.encode(EXPECTED_PROMPT)[0] == 3
+    assert padded_demo_tokenizer(DEMO_VOCAB_SIZE, chat_template=CUSTOM).chat_template == CUSTOM
+    with pytest.raises(ValueError, match="smaller than the demo tokenizer"):
+        padded_demo_tokenizer(DEMO_VOCAB_SIZE - 1)
 
 
 def test_demo_corpus_is_mixed_and_sized() -> None:

@@ -1,0 +1,152 @@
+"""Model resolution: what `--model` and `--tokenizer` name, and the tokenizer each case gets (issue 9, bug 6:
+a preset got the 2,048-token demo tokenizer for its 103,424-id vocabulary and wrote the demo checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.errors import UserError
+from ernie_serve.demo import DEMO_CONFIG
+from ernie_serve.demo_tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer
+from ernie_serve.models import PRESETS, ModelResolutionError, ResolvedModel, resolve_model
+from ernie_serve.tokenizer import Tokenizer
+
+TEXTS = ["Hello world! 你好，世界。", "Emoji 😀🎉 and code: def f(x):\n    return x\n", ""]
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache directory (and home, its fallback), to see whether resolution writes anything."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    monkeypatch.setenv("ERNIE_SERVE_CACHE", str(root))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return root
+
+
+def _written(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _checkpoint(out: Path, vocab_size: int, tokenizer: bool = True) -> Path:
+    """A checkpoint directory without weights (enough for `--load-format dummy`), with a generation config."""
+    out.mkdir(parents=True)
+    config = replace(DEMO_CONFIG, vocab_size=vocab_size)
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    (out / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": None, "eos_token_id": 2}))
+    if tokenizer:
+        build_demo_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def preset_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> tuple[ResolvedModel, Tokenizer, list[str]]:
+    """The 21B-A3B preset resolved as `--model ernie-4.5-21b-a3b --load-format dummy`, its tokenizer, and
+    whatever that wrote to the (initially empty) cache."""
+    root = tmp_path_factory.mktemp("preset-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ERNIE_SERVE_CACHE", str(root))
+        mp.setenv("HOME", str(root / "home"))
+        resolved = resolve_model(EngineSettings(model="ernie-4.5-21b-a3b", load_format="dummy"))
+        tokenizer = resolved.load_tokenizer()
+    return resolved, tokenizer, _written(root)
+
+
+# -- presets ----------------------------------------------------------------------------------------------
+
+
+def test_preset_writes_nothing(preset_tokenizer: tuple[ResolvedModel, Tokenizer, list[str]]) -> None:
+    resolved, _, written = preset_tokenizer
+    assert written == []
+    assert resolved.weights_path is None and resolved.tokenizer_path is None
+    assert resolved.config == PRESETS["ernie-4.5-21b-a3b"] and resolved.generation_defaults == {}
+
+
+def test_preset_tokenizer_covers_the_vocabulary(preset_tokenizer: tuple[ResolvedModel, Tokenizer, list[str]]) -> None:
+    resolved, tokenizer, _ = preset_tokenizer
+    assert tokenizer.vocab_size == resolved.config.vocab_size == 103_424
+    # The highest id the model can sample has text; the demo tokenizer alone ended at 2,047.
+    assert tokenizer.decode_token(103_423) == "<|placeholder_103423|>"
+    for text in TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_preset_tokenizer_special_tokens(preset_tokenizer: tuple[ResolvedModel, Tokenizer, list[str]]) -> None:
+    resolved, tokenizer, _ = preset_tokenizer
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    assert tokenizer.stop_token_ids == frozenset({2, 4})
+    assert set(resolved.config.eos_token_ids) <= tokenizer.stop_token_ids
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert prompt == "<|begin_of_sentence|>User: hi\nAssistant: "
+    assert tokenizer.encode(prompt)[0] == tokenizer.token_to_id("<|begin_of_sentence|>") == 3
+
+
+def test_preset_chat_template_override(cache: Path) -> None:
+    resolved = resolve_model(EngineSettings(model="ernie-4.5-0.3b", load_format="dummy"))
+    tokenizer = resolved.load_tokenizer(chat_template="{{ messages[0]['content'] }}!")
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
+    assert _written(cache) == []
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_needs_dummy_weights(name: str, cache: Path) -> None:
+    with pytest.raises(ModelResolutionError, match="--load-format dummy"):
+        resolve_model(EngineSettings(model=name))
+    assert resolve_model(EngineSettings(model=name, load_format="dummy")).tokenizer_path is None
+    assert _written(cache) == []
+
+
+def test_preset_with_tokenizer_flag(tmp_path: Path, cache: Path) -> None:
+    build_demo_tokenizer(tmp_path / "tok", vocab_size=512)
+    settings = EngineSettings(model="ernie-4.5-21b-a3b", load_format="dummy", tokenizer=str(tmp_path / "tok"))
+    resolved = resolve_model(settings)
+    assert resolved.tokenizer_path == str(tmp_path / "tok")
+    assert resolved.load_tokenizer().vocab_size == 512
+    assert _written(cache) == []
+
+
+# -- checkpoint directories and --tokenizer ---------------------------------------------------------------
+
+
+def test_checkpoint_directory(tmp_path: Path, cache: Path) -> None:
+    path = _checkpoint(tmp_path / "ckpt", vocab_size=2112)
+    resolved = resolve_model(EngineSettings(model=str(path)))
+    assert (resolved.weights_path, resolved.tokenizer_path) == (str(path), str(path))
+    assert resolved.config.vocab_size == 2112
+    assert resolved.generation_defaults == {"temperature": 0.6}  # a null top_p is no default
+    assert resolved.load_tokenizer().vocab_size == DEMO_VOCAB_SIZE
+    assert resolve_model(EngineSettings(model=str(path), load_format="dummy")).weights_path is None
+    assert _written(cache) == []
+
+
+def test_tokenizer_flag_larger_than_the_model_is_refused(tmp_path: Path) -> None:
+    model = _checkpoint(tmp_path / "small", vocab_size=1000, tokenizer=False)
+    big = tmp_path / "big-tokenizer"
+    build_demo_tokenizer(big)
+    resolved = resolve_model(EngineSettings(model=str(model), load_format="dummy", tokenizer=str(big)))
+    with pytest.raises(ModelResolutionError, match=r"--tokenizer .*big-tokenizer has 2,048 token ids.* 1,000"):
+        resolved.load_tokenizer()
+    # The same tokenizer shipped inside a checkpoint is the checkpoint authors' pairing, and is loaded.
+    own = _checkpoint(tmp_path / "own", vocab_size=1000)
+    assert resolve_model(EngineSettings(model=str(own), load_format="dummy")).load_tokenizer().vocab_size == 2048
+
+
+def test_unknown_model_names_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ModelResolutionError, match="neither a checkpoint directory.*ernie-4.5-21b-a3b"):
+        resolve_model(EngineSettings(model=str(tmp_path / "missing")))
+
+
+def test_missing_tokenizer_directory_names_the_flag(tmp_path: Path) -> None:
+    settings = EngineSettings(model="ernie-4.5-0.3b", load_format="dummy", tokenizer=str(tmp_path / "nope"))
+    with pytest.raises(ModelResolutionError, match="--tokenizer .*nope.* is not a directory"):
+        resolve_model(settings)
+
+
+def test_resolution_errors_are_user_errors() -> None:
+    # One line from the CLI, no traceback; and a ValueError for callers that already catch that.
+    assert issubclass(ModelResolutionError, UserError) and issubclass(ModelResolutionError, ValueError)
