@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from ernie_serve.core.errors import UserError
 
-class SamplingParamsError(ValueError):
+# What a torch generator accepts as a seed: any signed or unsigned 64-bit value.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class SamplingParamsError(UserError, ValueError):
     """A sampling option out of range; `param` names the offending field (the gateway puts it in the 400)."""
 
     def __init__(self, param: str, message: str) -> None:
@@ -39,7 +44,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL meaning, over prompt and generated tokens
     ignore_eos: bool = False  # keep going past eos / <|end_of_sentence|>
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top k
-    prompt_logprobs: int | None = None  # accepted for vLLM compatibility; not computed yet
+    prompt_logprobs: int | None = None  # vLLM's name; not implemented: any value is refused
     skip_special_tokens: bool = True  # leave special tokens out of the detokenized text
     include_stop_str_in_output: bool = False
 
@@ -98,6 +103,16 @@ class SamplingParams:
                 f"logprobs must be >= 0, got {self.logprobs}",
             ),
             (all(s for s in self.stop), "stop", "stop strings must not be empty"),
+            (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                "seed",
+                f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}",
+            ),
+            (
+                self.prompt_logprobs is None,
+                "prompt_logprobs",
+                "prompt_logprobs is not supported: backends return logits only for the positions that sample",
+            ),
         ]
         for ok, param, message in checks:
             if not ok:
