@@ -1,12 +1,14 @@
 """Every extension point of ernie-serve, in one module.
 
-A plugin is a module with functions decorated `@hookimpl` whose names match the hooks below. Built-ins
-(`ernie_serve.core.plugins.DEFAULT_PLUGINS`) and third-party packages (entry-point group `ernie_serve`,
-e.g. `[project.entry-points.ernie_serve] myplugin = "my_pkg.plugin"`) register through the same manager.
+A plugin is a module with functions decorated `@hookimpl` whose names match the hooks below, named by an
+entry point in the `ernie_serve` group: `[project.entry-points.ernie_serve] myplugin = "my_pkg.plugin"`.
+The built-ins are declared the same way in ernie-serve's own pyproject.toml (`schedulers`, `torch`, `onnx`,
+`web_search`) and found the same way (`ernie_serve.core.plugins`).
 
 Each hook receives a `register` callback instead of returning values, so a plugin can register any number
 of things and the registry records which plugin provided each one. Hooks are called once per process, when
-the registry is first built (`ernie_serve.core.plugins.registry()`), in plugin registration order.
+the registry is first built (`ernie_serve.core.plugins.registry()`), plugin by plugin in load order: the
+built-ins, then third-party plugins sorted by distribution and entry-point name.
 
 Core stays free of web-framework imports: gateway routes are typed structurally (`RouteLike`).
 """
@@ -35,8 +37,8 @@ class RouteLike(Protocol):
     path: str
 
 
-# A chat-request transform takes the request (the gateway's pydantic model, or a plain dict offline) and
-# returns the request to template: the same object changed, or a new one. It may be sync or async.
+# A chat-request transform takes the gateway's chat request (its pydantic model) and returns the request to
+# template: the same object changed, a new one, or a dict the gateway validates into one. Sync or async.
 RequestTransform = Callable[[Any], Any]
 
 RegisterBackend = Callable[[str, "type[Backend]"], None]
@@ -52,8 +54,9 @@ def register_backends(register: RegisterBackend) -> None:
 
     Called once when the registry is built (first `ernie-serve plugins`, or first engine start). `name` is
     what `--backend` selects (e.g. "torch"). Register a backend even when its dependencies are missing here
-    and report that from `Backend.availability()`, so `ernie-serve plugins` can list it with the reason;
-    import heavy dependencies lazily, inside the backend's methods.
+    and report that from `Backend.availability()`, so `ernie-serve plugins` can list it with the reason (and
+    its class's `capabilities` and `options_class` flags); import heavy dependencies lazily, inside the
+    backend's methods or this hook.
     """
 
 
@@ -89,9 +92,9 @@ def register_gateway_routes(register: RegisterRoute) -> None:
 def register_request_transforms(register: RegisterRequestTransform) -> None:
     """Register chat-request transforms: `register(name, transform)`.
 
-    Called once when the registry is built. The gateway (and the offline chat API) applies every registered
-    transform, in registration order, to each chat request before the chat template renders it; e.g. the
-    built-in web-search plugin (`ernie_serve.plugins.web_search`), which rewrites the last user message with
+    Called once when the registry is built. The gateway applies every registered transform, in registration
+    order, to each chat request before the chat template renders it (the offline `LLM.chat` does not); e.g. the
+    built-in `web_search` plugin (plugins/web_search.py), which rewrites the last user message with
     ERNIE's search prompt when the request carries search results. See `RequestTransform`. A transform that
     raises `ValueError` (with an optional `param` attribute naming the field) rejects the request with a 400.
     """

@@ -1,2 +1,2 @@
-"""Built-in plugins, registered through the plugin manager exactly like third-party ones
-(`ernie_serve.core.plugins.DEFAULT_PLUGINS`): the schedulers, and ERNIE's web-search prompt."""
+"""Built-in plugins, declared as entry points in ernie-serve's pyproject.toml and loaded exactly like
+third-party ones: the schedulers (`schedulers`) and ERNIE's web-search prompt (`web_search`)."""

@@ -54,13 +54,22 @@ def test_example_scheduler_plugin_installs_lists_and_generates(tmp_path: Path) -
         [python, "-m", "ernie_serve.cli", "plugins"], capture_output=True, text=True, env=env, timeout=120
     )
     assert listing.returncode == 0, listing.stderr
-    line = next(row for row in listing.stdout.splitlines() if "shortest-first" in row)
-    assert "ernie-serve-shortest-first" in line and "0.1.0" in line
+    lines = listing.stdout.splitlines()
+    # the scheduler with its distribution, version and entry point; the plugin loaded after the built-ins
+    assert "  shortest-first  ernie-serve-shortest-first 0.1.0 [shortest-first]" in lines
+    plugins_at = next(i for i, line in enumerate(lines) if line.startswith("Plugins ")) + 1
+    assert [line.split()[0] for line in lines[plugins_at:]] == [
+        "onnx",
+        "schedulers",
+        "torch",
+        "web_search",
+        "shortest-first",
+    ]
 
     script = (
         "from ernie_serve import LLM, SamplingParams\n"
         "llm = LLM(model='demo', scheduler='shortest-first')\n"
-        "assert type(llm.engine.scheduler).__name__ == 'ShortestPromptFirstScheduler'\n"
+        "assert type(llm.engine.core.scheduler).__name__ == 'ShortestPromptFirstScheduler'\n"
         "outs = llm.generate(['a much longer prompt than the other one', 'hi'],"
         " SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))\n"
         "print([len(o.outputs[0].token_ids) for o in outs])\n"

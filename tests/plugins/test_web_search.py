@@ -158,6 +158,7 @@ def test_registered_as_a_builtin_transform() -> None:
     try:
         registration = plugins.registry().request_transforms[TRANSFORM_NAME]
         assert registration.obj is apply_web_search
-        assert registration.provider == "ernie_serve.plugins.web_search"
+        # through the `web_search` entry point that ernie-serve's pyproject.toml declares
+        assert (registration.provider, registration.distribution) == ("web_search", "ernie-serve")
     finally:
         plugins.reset_plugin_manager()
