@@ -1,1 +1,10 @@
-"""Benchmarks: `ernie-serve bench throughput` (offline engine vs transformers) and `bench serve` (HTTP)."""
+"""The benchmarks behind `ernie-serve bench`, all in this package.
+
+- `throughput`: the offline engine on one or more backends against transformers' `generate` (`bench throughput`);
+- `serve`: a running server over HTTP, or the in-process engine, on random prompts (`bench serve`, vLLM's
+  `bench serve`);
+- `scheduler`: the scheduler's own cost per step (`bench scheduler`);
+- `workload`: the CPU benchmark model and the request sets they share; `stats`: latency percentiles.
+
+The GPU check (`python -m ernie_serve.testing.gpu_check`) runs `throughput` on a preset model.
+"""

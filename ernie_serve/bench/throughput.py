@@ -1,66 +1,203 @@
-"""`ernie-serve bench throughput`: the offline engine against transformers' `generate` on the same weights and
-the same mixed workload, in one run, so the ratio is fair on a noisy machine."""
+"""`ernie-serve bench throughput`: the offline engine's throughput on one or more backends, against
+transformers' `generate` on the same weights and requests, in one run, so ratios are fair on a noisy machine.
+
+Each system starts first: an engine is created and warmed up on one short request (the onnx backend's export
+is made, or found in its cache, here, and counts as start-up), or transformers loads the checkpoint and warms
+up. Then every system runs the whole workload submitted at once, `rounds` times, taking turns, and the median
+is reported, so a machine shared with other work favours none of them. Last, each backend decodes one request
+alone on a fresh engine (`decode_repeats` times, median), and with `profile` the engine's time is broken down.
+
+The workload is `workload.mixed_workload` (prompts 16..256 tokens, outputs 16..128), or with `input_len` and
+`output_len` vLLM's random dataset at those fixed lengths (the GPU check's 8,000 in / 1,000 out).
+TTFT and TPOT come from the engine's own request metrics: with every request submitted at once, TTFT
+includes the time a request waits for the others' prefill.
+"""
 
 from __future__ import annotations
 
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ernie_serve.bench.workload import BenchRequest, bench_checkpoint, mixed_workload
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ernie_serve.bench.stats import latency_ms
+from ernie_serve.bench.workload import BenchRequest, bench_checkpoint, mixed_workload, random_requests
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.request import RequestOutput
+from ernie_serve.core.sampling_params import SamplingParams
+from ernie_serve.demo import demo_checkpoint_dir
+from ernie_serve.engine import Engine
+from ernie_serve.logging import progress
+
+# Random prompt ids are drawn below this (and below the tokenizer's size), as the recorded figures were.
+WORKLOAD_VOCAB = 2000
+WARM_UP_TOKENS = 4  # at most: never more than the workload's first request asks (it must fit the context)
+# one request alone: a 32-token prompt, then 128 tokens decoded one per step
+SINGLE_DECODE_REQUEST = BenchRequest(list(range(10, 42)), 128)
+TRANSFORMERS_BATCH = 16
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """One `bench throughput` run; the CLI builds it from its flags."""
+
+    model: str | None = None  # checkpoint directory, "demo" or a preset; None: the ~70M CPU benchmark model
+    backends: tuple[str, ...] = ("torch",)  # ernie-serve backends, each one system
+    num_requests: int = 48
+    input_len: int | None = None  # with output_len: fixed lengths (vLLM's random dataset), else the mixed one
+    output_len: int | None = None
+    seed: int = 0  # the workload's
+    rounds: int = 1  # workload runs per system, taking turns; medians are reported
+    decode_repeats: int = 5  # single-request decode passes per backend on a fresh engine; 0 skips them
+    compare_transformers: bool = True
+    profile: bool = False
+    threads: int | None = None  # torch (and onnxruntime) compute threads; None keeps torch's default
+    engine_settings: dict[str, Any] = field(default_factory=dict)  # further EngineSettings fields
+
+    def __post_init__(self) -> None:
+        if (self.input_len is None) != (self.output_len is None):
+            raise ValueError("--input-len and --output-len go together")
+        for name in ("num_requests", "rounds", "input_len", "output_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.decode_repeats < 0:
+            raise ValueError("--decode-repeats must be at least 0")
+        if self.compare_transformers:  # it runs on the checkpoint's own weights: there must be some
+            if self.engine_settings.get("load_format") == "dummy":
+                raise ValueError("transformers needs real weights: with --load-format dummy add --skip-transformers")
+            if self.model not in (None, "demo") and not Path(self.model).is_dir():
+                raise ValueError(
+                    f"transformers needs a checkpoint directory, not {self.model!r}: add --skip-transformers"
+                )
+        if not self.backends or len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"--backend must name distinct backends, got {','.join(self.backends)!r}")
 
 
 @dataclass
 class ThroughputResult:
+    """One system's figures."""
+
     system: str
     requests: int
-    output_tokens: int  # requested output tokens (what a user asked for)
-    seconds: float
+    output_tokens: int  # requested output tokens (what a user asked for); every one is checked to be produced
+    seconds: float  # the workload's wall time, median over the rounds
+    startup_seconds: float  # engine creation (or checkpoint loading) plus the warm-up request
+    ttft_ms: dict[str, float] | None = None  # mean/median/p99 over the last round's requests (engines only)
+    tpot_ms: dict[str, float] | None = None  # each request's mean inter-token latency, over requests
+    kv_blocks: int | None = None  # the engine's KV pool, in blocks
+    decode_tok_s: float | None = None  # single-request decode rate, median over the repeats
 
     @property
     def tokens_per_second(self) -> float:
         return self.output_tokens / self.seconds
 
 
-def time_workload(llm, workload: list[BenchRequest]) -> float:
-    """Seconds for `llm` (an `LLM`) to generate the whole workload submitted at once; checks every requested
-    token was produced."""
-    from ernie_serve import SamplingParams
+class BenchmarkError(RuntimeError):
+    """The system under test did something a benchmark must not paper over (missing tokens)."""
 
+
+# ----- running the engine -----
+
+
+def engine_settings(config: ThroughputConfig, backend: str) -> EngineSettings:
+    """The settings of `backend`'s engine for this run."""
+    return EngineSettings(model=checkpoint_of(config), backend=backend, **config.engine_settings)
+
+
+def checkpoint_of(config: ThroughputConfig) -> str:
+    return config.model if config.model is not None else str(bench_checkpoint())
+
+
+def _finished_outputs(engine: Engine) -> Iterator[RequestOutput]:
+    """Step `engine` until it is idle, yielding each request's final output as it finishes."""
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                yield output
+
+
+def _warm_up_request(workload: Sequence[BenchRequest]) -> BenchRequest:
+    """The workload's first prompt with a few output tokens: the shapes the run will see, cheaply."""
+    first = workload[0]
+    return BenchRequest(first.prompt_token_ids, min(WARM_UP_TOKENS, first.output_len))
+
+
+def run_workload(engine: Engine, workload: Sequence[BenchRequest], description: str) -> tuple[float, list[Any]]:
+    """Submit the whole workload at once (greedy, ignore_eos) to an idle engine and step it to the end, as
+    `LLM.generate` does; returns the seconds taken and the final outputs. Raises `BenchmarkError` unless
+    every requested token was produced."""
     params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
     started = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in workload], params)
+    for request, request_params in zip(workload, params, strict=True):
+        engine.add_request(request.prompt_token_ids, request_params)
+    outputs = list(progress(_finished_outputs(engine), description, total=len(workload), unit="req"))
     seconds = time.perf_counter() - started
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     requested = sum(r.output_len for r in workload)
-    assert produced == requested, f"ernie-serve produced {produced} tokens, {requested} were requested"
-    return seconds
+    if produced != requested:
+        raise BenchmarkError(f"ernie-serve produced {produced} tokens, {requested} were requested")
+    return seconds, outputs
 
 
-def run_ernie_serve(checkpoint: Path, workload: list[BenchRequest], **settings) -> ThroughputResult:
-    from ernie_serve import LLM, SamplingParams
-
-    llm = LLM(model=str(checkpoint), **settings)
-    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm.generate({"prompt_token_ids": workload[0].prompt_token_ids}, warm)
-    seconds = time_workload(llm, workload)
-    llm.engine.close()
-    requested = sum(r.output_len for r in workload)
-    return ThroughputResult(f"ernie-serve ({llm.engine.backend.name})", len(workload), requested, seconds)
+def request_latencies(outputs: Sequence[Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """TTFT and TPOT statistics (ms) from the final outputs' engine metrics; a request with one output token
+    has no inter-token latency and counts for TTFT only."""
+    metrics = [o.metrics or {} for o in outputs]
+    ttft = [m["time_to_first_token"] for m in metrics if m.get("time_to_first_token") is not None]
+    tpot = [m["mean_inter_token_latency"] for m in metrics if m.get("mean_inter_token_latency") is not None]
+    return latency_ms(ttft), latency_ms(tpot)
 
 
-def run_transformers(checkpoint: Path, workload: list[BenchRequest], batch_size: int = 16) -> ThroughputResult:
-    """Static batches with left padding; each batch runs until its longest request has all its tokens."""
-    import torch
+def kv_blocks(engine: Engine) -> int:
+    """The engine's KV pool size in blocks (what the engine logs as `kv_blocks` at start)."""
+    return engine.core.num_blocks
 
-    from ernie_serve.testing.checkpoints import load_reference
 
-    model = load_reference(checkpoint)
+def decode_rate(engine: Engine, new_tokens: int = SINGLE_DECODE_REQUEST.output_len) -> float:
+    """Decode tokens/s of `SINGLE_DECODE_REQUEST`'s prompt alone on an idle `engine`, prefill excluded."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    engine.add_request(SINGLE_DECODE_REQUEST.prompt_token_ids, params)
+    engine.step()  # prefill + first token
+    started, steps = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return steps / (time.perf_counter() - started)
+
+
+def single_request_decode(settings: EngineSettings, repeats: int = 5) -> float:
+    """Median `decode_rate` over `repeats` passes on a fresh engine (no earlier workload's cache state)."""
+    engine = Engine(settings)
+    try:
+        rates = [decode_rate(engine) for _ in progress(range(repeats), "single-request decode", unit="pass")]
+    finally:
+        engine.close()
+    return statistics.median(rates)
+
+
+# ----- transformers -----
+
+
+def load_transformers(checkpoint: str) -> Any:
+    """transformers' model of the checkpoint (float32, CPU), the comparison system."""
+    from ernie_serve.testing.checkpoints import load_reference  # needs the test extra: only when comparing
+
+    return load_reference(checkpoint)
+
+
+def run_transformers(model: Any, workload: Sequence[BenchRequest], batch_size: int = TRANSFORMERS_BATCH) -> float:
+    """Seconds for transformers' `generate` on the workload in static batches with left padding; each batch
+    runs until its longest request has all its tokens."""
     pad = 0
 
-    def generate(batch: list[BenchRequest]) -> None:
+    def generate(batch: Sequence[BenchRequest]) -> None:
         longest = max(len(r.prompt_token_ids) for r in batch)
         ids = torch.full((len(batch), longest), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -79,90 +216,164 @@ def run_transformers(checkpoint: Path, workload: list[BenchRequest], batch_size:
                 pad_token_id=pad,
             )
 
-    generate(workload[:1])  # warm-up
+    batches = [workload[start : start + batch_size] for start in range(0, len(workload), batch_size)]
     started = time.perf_counter()
-    for start in range(0, len(workload), batch_size):
-        generate(workload[start : start + batch_size])
-    seconds = time.perf_counter() - started
-    return ThroughputResult("transformers", len(workload), sum(r.output_len for r in workload), seconds)
+    for batch in progress(batches, "transformers", unit="batch"):
+        generate(batch)
+    return time.perf_counter() - started
 
 
-# one request alone: a 32-token prompt, then 128 tokens decoded one per step
-SINGLE_DECODE_REQUEST = BenchRequest(list(range(10, 42)), 128)
+# ----- the run -----
 
 
-def decode_rate(llm, new_tokens: int = SINGLE_DECODE_REQUEST.output_len) -> float:
-    """Decode tokens/s of `SINGLE_DECODE_REQUEST`'s prompt alone on `llm` (an idle `LLM`), prefill excluded."""
-    from ernie_serve import SamplingParams
+def make_workload(config: ThroughputConfig, vocab: int) -> list[BenchRequest]:
+    """The requests of this run, prompt ids drawn from [10, vocab)."""
+    if config.input_len is not None and config.output_len is not None:
+        return random_requests(config.num_requests, config.input_len, config.output_len, 0.0, vocab, config.seed)
+    return mixed_workload(num_requests=config.num_requests, seed=config.seed, vocab=vocab)
 
-    engine = llm.engine
-    engine.add_request(
-        SINGLE_DECODE_REQUEST.prompt_token_ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+def describe_workload(workload: Sequence[BenchRequest]) -> str:
+    prompts = [len(r.prompt_token_ids) for r in workload]
+    outputs = [r.output_len for r in workload]
+    return (
+        f"{len(workload)} requests, prompts {min(prompts)}..{max(prompts)} tokens ({sum(prompts)} in all), "
+        f"outputs {min(outputs)}..{max(outputs)} tokens ({sum(outputs)} in all), greedy, ignore_eos"
     )
-    engine.step()  # prefill + first token
-    started, steps = time.perf_counter(), 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    return steps / (time.perf_counter() - started)
 
 
-def single_request_decode(checkpoint: Path, repeats: int = 5, **settings) -> float:
-    """Median `decode_rate` over `repeats` passes on a fresh engine."""
-    from ernie_serve import LLM
-
-    llm = LLM(model=str(checkpoint), **settings)
-    rates = [decode_rate(llm) for _ in range(repeats)]
-    llm.engine.close()
-    return statistics.median(rates)
+def _transformers_checkpoint(config: ThroughputConfig) -> str:
+    """The directory transformers loads: the one ernie-serve reads its weights from."""
+    checkpoint = checkpoint_of(config)
+    return str(demo_checkpoint_dir()) if checkpoint == "demo" else checkpoint
 
 
-def main(
-    model: str | None,
-    num_requests: int,
-    seed: int,
-    skip_transformers: bool,
-    output_json: str | None,
-    max_num_seqs: int,
-    max_num_batched_tokens: int,
-    profile: bool = False,
-    backend: str = "torch",
-) -> int:
-    checkpoint = Path(model) if model else bench_checkpoint()
-    from ernie_serve.core.config import ModelConfig
+def run(
+    config: ThroughputConfig, log: Callable[[str], None] = print
+) -> tuple[list[BenchRequest], list[ThroughputResult]]:
+    """Start every system, run the rounds, then the single-request decodes; returns the workload and one
+    result per system (backends in order, then transformers). `log` gets the model and workload lines."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # the onnx backend follows torch's thread count
+    reference_checkpoint = _transformers_checkpoint(config) if config.compare_transformers else None
+    engines: dict[str, Engine] = {}
+    startup: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {}
+    last_outputs: dict[str, list[Any]] = {}
+    results: list[ThroughputResult] = []
+    try:
+        for backend in config.backends:
+            started = time.perf_counter()
+            engines[backend] = Engine(engine_settings(config, backend))
+            startup[backend] = time.perf_counter() - started
+        first = next(iter(engines.values()))
+        workload = make_workload(config, min(WORKLOAD_VOCAB, len(first.tokenizer)))
+        log(f"model: {checkpoint_of(config)}")
+        log(f"workload: {describe_workload(workload)}")
+        warm_up = [_warm_up_request(workload)]
+        for backend, engine in engines.items():
+            started = time.perf_counter()
+            run_workload(engine, warm_up, f"{backend} warm-up")
+            startup[backend] += time.perf_counter() - started
+            seconds[backend] = []
+        reference = None
+        if reference_checkpoint is not None:
+            started = time.perf_counter()
+            reference = load_transformers(reference_checkpoint)
+            run_transformers(reference, workload[:1])  # warm-up
+            startup["transformers"] = time.perf_counter() - started
+            seconds["transformers"] = []
+        for round_index in range(config.rounds):
+            for backend, engine in engines.items():
+                description = f"{backend}, round {round_index + 1}/{config.rounds}"
+                elapsed, last_outputs[backend] = run_workload(engine, workload, description)
+                seconds[backend].append(elapsed)
+            if reference is not None:
+                seconds["transformers"].append(run_transformers(reference, workload))
+        requested = sum(r.output_len for r in workload)
+        for backend, engine in engines.items():
+            ttft, tpot = request_latencies(last_outputs[backend])
+            system = f"ernie-serve ({backend})"
+            median = statistics.median(seconds[backend])
+            results.append(
+                ThroughputResult(
+                    system, len(workload), requested, median, startup[backend], ttft, tpot, kv_blocks(engine)
+                )
+            )
+        if reference is not None:
+            median = statistics.median(seconds["transformers"])
+            results.append(ThroughputResult("transformers", len(workload), requested, median, startup["transformers"]))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    if config.decode_repeats:
+        for backend, result in zip(config.backends, results[: len(config.backends)], strict=True):
+            result.decode_tok_s = single_request_decode(engine_settings(config, backend), config.decode_repeats)
+    return workload, results
 
-    vocab = min(2000, ModelConfig.from_pretrained(checkpoint).vocab_size)
-    workload = mixed_workload(num_requests=num_requests, seed=seed, vocab=vocab)
-    print(f"model: {checkpoint}")
-    print(
-        f"workload: {len(workload)} requests, prompts {min(len(r.prompt_token_ids) for r in workload)}.."
-        f"{max(len(r.prompt_token_ids) for r in workload)} tokens, outputs "
-        f"{min(r.output_len for r in workload)}..{max(r.output_len for r in workload)} tokens, greedy, ignore_eos"
-    )
-    settings = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, backend=backend)
-    results = [run_ernie_serve(checkpoint, workload, **settings)]
-    if not skip_transformers:
-        results.append(run_transformers(checkpoint, workload))
-    decode = single_request_decode(checkpoint, backend=backend)
 
-    print(f"\n{'system':<20} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10}")
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mean(stats: dict[str, float] | None) -> float | None:
+    return None if stats is None else stats["mean"]
+
+
+def format_table(results: Sequence[ThroughputResult]) -> str:
+    """One row per system: throughput, then the engine's latency means and KV pool."""
+    lines = [
+        f"{'system':<22} {'requests':>8} {'out tokens':>10} {'start s':>8} {'seconds':>8} {'out tok/s':>10} "
+        f"{'TTFT ms':>9} {'TPOT ms':>8} {'KV blocks':>9}"
+    ]
     for r in results:
-        print(f"{r.system:<20} {r.requests:>8} {r.output_tokens:>10} {r.seconds:>8.2f} {r.tokens_per_second:>10.1f}")
-    summary: dict = {"results": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results]}
-    if len(results) == 2:
-        ratio = results[0].tokens_per_second / results[1].tokens_per_second
-        summary["ratio"] = ratio
-        print(f"\nernie-serve / transformers throughput: {ratio:.2f}x")
-    summary["single_request_decode_tok_s"] = decode
-    print(f"single-request decode (ernie-serve, median of 5): {decode:.1f} tok/s")
-    if profile:
-        summary["profile"] = profile_breakdown(checkpoint, workload, **settings)
-        _print_breakdown("the mixed workload", summary["profile"])
-        summary["decode_profile"] = profile_breakdown(checkpoint, [SINGLE_DECODE_REQUEST], **settings)
+        lines.append(
+            f"{r.system:<22} {r.requests:>8} {r.output_tokens:>10} {r.startup_seconds:>8.1f} {r.seconds:>8.2f} "
+            f"{r.tokens_per_second:>10.1f} {_cell(_mean(r.ttft_ms), '9.1f'):>9} "
+            f"{_cell(_mean(r.tpot_ms), '8.2f'):>8} {_cell(r.kv_blocks, 'd'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def main(config: ThroughputConfig, output_json: str | None = None) -> int:
+    """`ernie-serve bench throughput`: run, print the table and ratios, optionally write JSON; returns 0."""
+    workload, results = run(config)
+    print()
+    print(format_table(results))
+    summary: dict[str, Any] = {
+        "workload": describe_workload(workload),
+        "rounds": config.rounds,
+        "results": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results],
+    }
+    engines = [r for r in results if r.system != "transformers"]
+    transformers = next((r for r in results if r.system == "transformers"), None)
+    print()
+    if transformers is not None:
+        summary["ratio"] = engines[0].tokens_per_second / transformers.tokens_per_second
+        for r in engines:
+            # the single-backend wording is the one the recorded figures used
+            name = "ernie-serve" if len(engines) == 1 else r.system
+            print(f"{name} / transformers throughput: {r.tokens_per_second / transformers.tokens_per_second:.2f}x")
+    if len(engines) == 2:
+        a, b = engines
+        summary["backend_ratio"] = a.tokens_per_second / b.tokens_per_second
+        print(f"{config.backends[0]} / {config.backends[1]} throughput: {summary['backend_ratio']:.2f}x")
+    if config.decode_repeats:
+        summary["single_request_decode_tok_s"] = engines[0].decode_tok_s
+        for r in engines:
+            print(f"single-request decode ({r.system}, median of {config.decode_repeats}): {r.decode_tok_s:.1f} tok/s")
+    if config.profile:
+        settings = engine_settings(config, config.backends[0])
+        summary["profile"] = profile_breakdown(settings, workload)
+        _print_breakdown("the workload", summary["profile"])
+        summary["decode_profile"] = profile_breakdown(settings, [SINGLE_DECODE_REQUEST])
         _print_breakdown("single-request decode", summary["decode_profile"])
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+# ----- where the time goes -----
 
 
 def _print_breakdown(title: str, breakdown: dict[str, float]) -> None:
@@ -195,32 +406,25 @@ _GATHER_OPS = {"aten::index_select", "aten::index", "aten::index_copy_", "aten::
 class _Timed:
     """Stands in for an object whose calls are timed; everything else passes through."""
 
-    def __init__(self, inner, call) -> None:
+    def __init__(self, inner: Any, call: Callable[..., Any]) -> None:
         self._inner, self._call = inner, call
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._call(*args, **kwargs)
 
 
-def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings) -> dict[str, float]:
+def profile_breakdown(settings: EngineSettings, workload: Sequence[BenchRequest]) -> dict[str, float]:
     """Where the offline engine's time goes on the workload, as fractions of the wall time of an unprofiled
     run: the engine phases (timed directly), and within the model, time in matmuls, attention kernels and KV
     gathers (torch profiler self times, from a second, profiled run; torch backend only)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from ernie_serve import LLM, SamplingParams
-
-    llm = LLM(model=str(checkpoint), **settings)
-    engine = llm.engine
-    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in workload]
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload]
+    engine = Engine(settings)
     phases = {"schedule": 0.0, "backend.execute": 0.0, "sample": 0.0, "update": 0.0}
 
-    def timed(name: str, function):
-        def wrapper(*args, **kwargs):
+    def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
@@ -229,26 +433,27 @@ def profile_breakdown(checkpoint: Path, workload: list[BenchRequest], **settings
 
         return wrapper
 
-    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.backend.execute = timed("backend.execute", engine.backend.execute)
-    engine.sampler = _Timed(engine.sampler, timed("sample", engine.sampler))
-    engine.scheduler.update = timed("update", engine.scheduler.update)
-    llm.generate(prompts[:1], params[:1])  # warm-up
-    phases = dict.fromkeys(phases, 0.0)
-    started = time.perf_counter()
-    llm.generate(prompts, params)
-    wall = time.perf_counter() - started
-    phase_seconds = dict(phases)  # the profiled run below keeps adding to `phases`
-    result = {f"engine: {name}": seconds / wall for name, seconds in phase_seconds.items()}
-    result["engine: detokenize, outputs, rest"] = max(0.0, 1 - sum(phase_seconds.values()) / wall)
-    result["wall_seconds"] = wall
-    if engine.backend.name != "torch":  # the torch profiler sees no other backend's kernels
+    try:
+        # Instance attributes shadow the methods for this engine only: the engine core's step
+        # (schedule -> execute -> sample -> update), each part timed.
+        core = engine.core
+        core.scheduler.schedule = timed("schedule", core.scheduler.schedule)  # type: ignore[method-assign]
+        core.backend.execute = timed("backend.execute", core.backend.execute)  # type: ignore[method-assign]
+        core.sampler = _Timed(core.sampler, timed("sample", core.sampler))  # type: ignore[assignment]
+        core.scheduler.update = timed("update", core.scheduler.update)  # type: ignore[method-assign]
+        run_workload(engine, [_warm_up_request(workload)], "profile warm-up")
+        phases = dict.fromkeys(phases, 0.0)
+        wall, _ = run_workload(engine, workload, "profile, timed run")
+        phase_seconds = dict(phases)  # the profiled run below keeps adding to `phases`
+        result = {f"engine: {name}": seconds / wall for name, seconds in phase_seconds.items()}
+        result["engine: detokenize, outputs, rest"] = max(0.0, 1 - sum(phase_seconds.values()) / wall)
+        result["wall_seconds"] = wall
+        if settings.backend != "torch":  # the torch profiler sees no other backend's kernels
+            return result
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_workload(engine, workload, "profile, torch profiler run")
+    finally:
         engine.close()
-        return result
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        llm.generate(prompts, params)
-    engine.close()
     ops = {"matmul": 0.0, "attention kernels": 0.0, "gather/scatter (KV, rows)": 0.0, "other torch ops": 0.0}
     for event in prof.key_averages():
         seconds = event.self_cpu_time_total / 1e6

@@ -1,0 +1,96 @@
+"""`python -m ernie_serve.testing.gpu_check`: one line and exit 0 without a GPU, its flags, its table, and its
+GPU path rehearsed on the CPU with the tiny checkpoint (`--device cpu`), since CI has no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ernie_serve.testing import gpu_check
+from ernie_serve.testing.gpu_check import FULL_WORKLOAD, NO_GPU_LINE, SMALL_WORKLOAD, CheckRow, build_parser
+
+
+def test_without_a_gpu_it_prints_one_line_and_exits_0(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == NO_GPU_LINE + "\n"
+    assert captured.err == ""
+
+
+def test_the_module_runs_as_a_script_without_a_gpu() -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    proc = subprocess.run(
+        [sys.executable, "-m", "ernie_serve.testing.gpu_check", "--small"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [NO_GPU_LINE]
+
+
+def test_workload_flags() -> None:
+    parser = build_parser()
+    assert gpu_check.workload_size(parser.parse_args([])) == FULL_WORKLOAD == (16, 8000, 1000)
+    assert gpu_check.workload_size(parser.parse_args(["--small"])) == SMALL_WORKLOAD
+    assert gpu_check.workload_size(parser.parse_args(["--small", "--output-len", "7"])) == (4, 1000, 7)
+    args = parser.parse_args(["--model", "ernie-4.5-0.3b", "--dtype", "float32", "--skip-conformance"])
+    assert (args.model, args.dtype, args.skip_conformance, args.skip_throughput) == (
+        "ernie-4.5-0.3b",
+        "float32",
+        True,
+        False,
+    )
+    defaults = parser.parse_args([])
+    assert (defaults.model, defaults.dtype, defaults.device, defaults.backend) == (
+        "ernie-4.5-21b-a3b",
+        "bfloat16",
+        "cuda",
+        "torch",
+    )
+
+
+@pytest.mark.parametrize("argv", [["--num-prompts", "many"], ["--device", "gpu0"], ["--log-level", "loud"]])
+def test_bad_flags_exit_2(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_table_has_a_row_per_check_and_lists_failures() -> None:
+    rows = [
+        CheckRow("conformance torch float32", True, "8/8 passed, 3 s"),
+        CheckRow("conformance torch bfloat16", False, "7/8 passed, 3 s", failures=["abort: leaked 2 blocks"]),
+        CheckRow("throughput x bfloat16", True, "16 x 8000 in / 1000 out", 1234.5, 321.0, 12.345, 9000),
+    ]
+    lines = gpu_check.format_table(rows).splitlines()
+    assert lines[0].split() == ["check", "result", "out", "tok/s", "TTFT", "ms", "TPOT", "ms", "KV", "blocks"]
+    assert lines[1].split()[-4:] == ["-", "-", "-", "-"]
+    assert lines[3].split()[-4:] == ["1234.5", "321.0", "12.35", "9000"]
+    assert lines[4] == "FAILED conformance torch bfloat16: abort: leaked 2 blocks"
+    assert len(lines) == 5
+
+
+def test_the_gpu_path_rehearsed_on_the_cpu(tiny_checkpoint, tmp_path: Path, capsys) -> None:
+    """Everything the GPU run does after its device check, on the CPU with a tiny model and workload."""
+    model = tiny_checkpoint("moe_shared_tied")
+    out_json = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--model", str(model), "--dtype", "float32", "--num-prompts", "2",
+            "--input-len", "8", "--output-len", "3", "--skip-conformance", "--output-json", str(out_json)]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"throughput {model} float32" in out and "2 x 8 in / 3 out" in out
+    (row,) = json.loads(out_json.read_text())
+    assert row["passed"] and row["failures"] == []
+    assert row["output_tok_s"] > 0 and row["ttft_ms"] > 0 and row["tpot_ms"] > 0
+    # --max-num-seqs 64 requests, each with room for 11 tokens: one 16-token block each
+    assert row["kv_blocks"] == 64
