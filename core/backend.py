@@ -91,8 +91,9 @@ class Backend(ABC):
 
     def release(self, request_ids: list[str]) -> None:  # noqa: B027 - optional hook
         """The one way per-request state ends. Called between steps, once for every request that ended
-        (finished, stopped, aborted) and for every request that was preempted (it lost its KV; if it runs
-        again it comes back with `is_new=True`). Releasing an unknown id must be a no-op."""
+        (finished, stopped, aborted), and for the plan's `preempted_request_ids` before that plan's `execute`
+        (they lost their KV; one may even be readmitted in the same plan, `is_new=True`). Releasing an unknown
+        id must be a no-op; a backend must not drop state for any other reason."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once when the engine shuts down: release memory, threads, devices."""

@@ -159,12 +159,6 @@ class KVBlockManager:
         request.block_ids = []
         self._per_request.pop(request.request_id, None)
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            if block.ref_count == 0:
-                block.cache_id, block.cache_key = None, None
-        self._cached = {key: b for key, b in self._cached.items() if self.blocks[b].cache_key == key}
-
     def check_invariants(self, live_requests: list[Request]) -> None:
         """Every block is either free or referenced exactly as often as live requests hold it."""
         counts = [0] * self.num_blocks

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SUPPORTED_MODEL_TYPES = {
     "ernie4_5": "Ernie4_5ForCausalLM",
@@ -186,28 +186,14 @@ class EngineSettings(BaseSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory to use")
     enable_chunked_prefill: bool = Field(True, description="split long prompts over several steps")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prefixes")
-    cpu_weight_prepack: bool = Field(
-        True,
-        description="torch backend on CPU: keep oneDNN-repacked copies of the weights for steps of several tokens "
-        "(1.5-3x faster there; about twice the weight memory)",
-    )
     quantization: str | None = Field(None, description="weight-only quantization: wint8 or wint4")
     tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
     chat_template: str | None = Field(None, description="Jinja chat template file or string")
-    onnx_providers: Annotated[list[str] | None, NoDecode] = Field(
-        None,
-        description="onnxruntime execution providers for --backend onnx, in priority order: cpu, cuda, tensorrt "
-        "or full names (comma-separated)",
-    )
     log_format: Literal["console", "json"] = Field("console", description="log output format")
-
-    @field_validator("onnx_providers", mode="before")
-    @classmethod
-    def _split_providers(cls, value: object) -> list[str] | None:
-        if value is None:
-            return None
-        items = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
-        return [p.strip() for item in items for p in str(item).split(",") if p.strip()] or None
+    # The selected backend's own options (`Backend.options_class` fields) that the user gave, by flag or
+    # `LLM(...)` keyword; the engine builds the options from them, and the options class reads the environment
+    # for the rest. No flag of its own: each option is a flag (see `ernie_serve.cli_options`).
+    backend_options: dict[str, Any] = Field(default_factory=dict, description="the backend's own options")
 
     @field_validator("quantization")
     @classmethod

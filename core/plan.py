@@ -26,7 +26,8 @@ class StepPlan:
     """One engine step: every scheduled request, in the order the backend returns logits for them."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_request_ids: list[str] = field(default_factory=list)  # lost their KV this step (for the engine)
+    # lost their KV this step: the engine releases them before `execute` (backends read nothing here)
+    preempted_request_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -45,7 +45,9 @@ class Scheduler(ABC):
 
     @abstractmethod
     def schedule(self) -> StepPlan:
-        """Called at the start of every step: pick requests and token counts within the budgets."""
+        """Called at the start of every step: pick requests and token counts within the budgets. A request's
+        first step after (re)admission is `is_new` and carries its whole block table; later steps carry only the
+        block ids allocated since, so the backend keeps each table until the engine calls `release`."""
 
     @abstractmethod
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
@@ -90,8 +92,6 @@ class FCFSScheduler(Scheduler):
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._finished_since_plan: list[str] = []
-        self._preempted_since_plan: list[str] = []
         self.num_preemptions = 0
 
     # ----- policy hooks for subclasses -----
@@ -145,7 +145,7 @@ class FCFSScheduler(Scheduler):
         config = self.config
         budget = config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        preempted_now = False
+        preempted: list[str] = []
 
         # Running requests first, in admission order, so decodes keep flowing while long prompts prefill.
         index = 0
@@ -156,19 +156,20 @@ class FCFSScheduler(Scheduler):
                 victim = self.preemption_victim()
                 if self.running.index(victim) < index:
                     index -= 1
-                budget += self._preempt(victim, scheduled)
-                preempted_now = True
+                budget += self._preempt(victim, scheduled, preempted)
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue  # it preempted itself; `index` now points at the next one
+            held = len(request.block_ids)  # the backend has these since earlier steps
             self.block_manager.allocate(request, num_new)
-            scheduled.append(self._scheduled(request, num_new))
+            scheduled.append(self._scheduled(request, num_new, request.block_ids[held:], is_new=False))
             budget -= num_new
             index += 1
 
         # Then admit waiting requests while budgets and blocks allow (not in a step that had to preempt).
-        while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs and not preempted_now:
+        blocks_ran_short = bool(preempted)
+        while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs and not blocks_ran_short:
             request = self.waiting[0]
             cached = self.block_manager.find_cached_prefix(request)
             request.num_computed_tokens = len(cached) * config.block_size
@@ -184,7 +185,7 @@ class FCFSScheduler(Scheduler):
                 if victim is None:
                     request.num_computed_tokens = 0
                     break
-                budget += self._preempt(victim, scheduled)
+                budget += self._preempt(victim, scheduled, preempted)
                 continue  # look again: the freed blocks may have changed the prefix hit too
             self.waiting.pop(0)
             if request.first_scheduled_time is None:
@@ -194,16 +195,10 @@ class FCFSScheduler(Scheduler):
             self.block_manager.allocate(request, num_new, cached)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(self._scheduled(request, num_new))
+            # admitted, or readmitted after preemption: the backend gets the whole table, prefix hits included
+            scheduled.append(self._scheduled(request, num_new, list(request.block_ids), is_new=True))
             budget -= num_new
-
-        plan = StepPlan(
-            scheduled=scheduled,
-            finished_request_ids=self._finished_since_plan,
-            preempted_request_ids=self._preempted_since_plan,
-        )
-        self._finished_since_plan, self._preempted_since_plan = [], []
-        return plan
+        return StepPlan(scheduled=scheduled, preempted_request_ids=preempted)
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         finished: list[Request] = []
@@ -236,13 +231,14 @@ class FCFSScheduler(Scheduler):
         )
 
     # ----- internals -----
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, new_block_ids: list[int], is_new: bool) -> ScheduledRequest:
         start = request.num_computed_tokens
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_ids_slice(start, start + num_new),
             start_position=start,
-            block_table=list(request.block_ids),
+            new_block_ids=new_block_ids,
+            is_new=is_new,
             samples=start + num_new == request.num_tokens,
         )
 
@@ -263,9 +259,10 @@ class FCFSScheduler(Scheduler):
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _preempt(self, request: Request, scheduled: list[ScheduledRequest]) -> int:
-        """Evict by recompute: drop its blocks and put it back in the waiting queue. If it was already in this
-        step's plan, take it out; returns the tokens that gives back to the step budget."""
+    def _preempt(self, request: Request, scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
+        """Evict by recompute: drop its blocks and put it back in the waiting queue (its next schedule is
+        `is_new`, with a fresh table). If it was already in this step's plan, take it out; returns the tokens
+        that gives back to the step budget."""
         returned = 0
         for item in scheduled:
             if item.request_id == request.request_id:
@@ -278,7 +275,7 @@ class FCFSScheduler(Scheduler):
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self._preempted_since_plan.append(request.request_id)
+        preempted.append(request.request_id)
         self.waiting.insert(0, request)
         self.waiting.sort(key=self.waiting_order_key)
         return returned
@@ -287,7 +284,6 @@ class FCFSScheduler(Scheduler):
         request.status = status
         request.finished_time = time.monotonic()
         self.block_manager.free(request)
-        self._finished_since_plan.append(request.request_id)
         del self.requests[request.request_id]
 
 

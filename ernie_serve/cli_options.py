@@ -3,6 +3,10 @@
 Shared by every CLI subcommand that builds settings (`generate`, `serve`), so a new settings
 field is a new flag everywhere with no CLI change. Precedence: an explicit flag, then the `ERNIE_SERVE_*`
 environment variable, then the field default; that falls out of passing only the flags the user gave.
+
+Backends declare their own options (`Backend.options_class`): every registered backend's fields become flags
+too, in a group per backend. The ones the user gave go into `EngineSettings.backend_options`; the selected
+backend's options class reads its environment variables itself.
 """
 
 from __future__ import annotations
@@ -10,13 +14,22 @@ from __future__ import annotations
 import argparse
 import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
+from ernie_serve.core.plugins import registry
+
+if TYPE_CHECKING:
+    from ernie_serve.core.backend import Backend
+
 PROG = "ernie-serve"
+
+
+class FlagClashError(ValueError):
+    """Two registered backends' options, or a backend option and one of the command's own, want one flag."""
 
 
 def field_to_flag(field_name: str) -> str:
@@ -37,6 +50,10 @@ def env_var_name(settings_cls: type[BaseSettings], field_name: str) -> str:
 
 def _is_bool(annotation: Any) -> bool:
     return annotation is bool
+
+
+def _is_dict(annotation: Any) -> bool:
+    return annotation is dict or typing.get_origin(annotation) is dict
 
 
 def _is_list(annotation: Any) -> bool:
@@ -79,7 +96,7 @@ def add_settings_arguments(
     """
     skip = set(exclude)
     for name, info in settings_cls.model_fields.items():
-        if name in skip:
+        if name in skip or _is_dict(info.annotation):  # `backend_options`: its entries are flags of their own
             continue
         flag = field_to_flag(name)
         help_text = _help(settings_cls, name, info)
@@ -98,10 +115,102 @@ def add_settings_arguments(
         parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
 
 
+def _flags(settings_cls: type[BaseSettings], name: str) -> list[str]:
+    """The option strings a field's flag takes (`--x`, and `--no-x` for booleans)."""
+    flag = field_to_flag(name)
+    if _is_bool(settings_cls.model_fields[name].annotation):
+        return [flag, "--no-" + flag[2:]]
+    return [flag]
+
+
+def registered_backends() -> dict[str, type[Backend]]:
+    """Every registered backend class by name (this builds the plugin registry)."""
+    return {name: registration.obj for name, registration in registry().backends.items()}
+
+
+def add_backend_arguments(
+    parser: argparse.ArgumentParser,
+    reserved: Mapping[str, type[BaseSettings]],
+    backends: Mapping[str, type[Backend]] | None = None,
+) -> None:
+    """Called while building `serve`'s and `generate`'s parsers, after their own flags: one group per backend
+    with options, one flag per field of its `options_class`. Backends sharing an options class (a subclass of
+    a built-in backend) share its flags.
+
+    `reserved` names the settings classes whose flags the command already has ("engine option":
+    EngineSettings, ...). Raises `FlagClashError` naming both owners when a backend option's flag is one of
+    those, another backend's, or any other flag of the command."""
+    backends = registered_backends() if backends is None else backends
+    owners: dict[str, str] = {}  # option string -> who declared it, for the message
+    for label, settings_cls in reserved.items():
+        for name in settings_cls.model_fields:
+            for flag in _flags(settings_cls, name):
+                owners[flag] = f"the {label} {field_to_flag(name)}"
+    added: set[type[BaseSettings]] = set()
+    for backend_name, backend_cls in backends.items():
+        options_cls = backend_cls.options_class
+        if options_cls in added or not options_cls.model_fields:
+            continue
+        added.add(options_cls)
+        owner = f"an option of backend {backend_name!r} ({options_cls.__module__}.{options_cls.__qualname__})"
+        for name in options_cls.model_fields:
+            for flag in _flags(options_cls, name):
+                if flag in owners:
+                    raise FlagClashError(f"flag {flag} is declared twice: by {owners[flag]} and by {owner}")
+                owners[flag] = owner
+        group = parser.add_argument_group(f"{backend_name} backend options")
+        try:
+            add_settings_arguments(group, options_cls)
+        except argparse.ArgumentError as clash:  # a flag of the command itself (e.g. a sampling flag)
+            raise FlagClashError(f"{owner} clashes with a flag of `{parser.prog}`: {clash}") from None
+
+
+def given_backend_options(
+    namespace: argparse.Namespace, backends: Mapping[str, type[Backend]] | None = None
+) -> dict[str, Any]:
+    """The backend options the user gave as flags, for `EngineSettings.backend_options` (whichever backend
+    they belong to: `backend_option_errors` checks them against the selected one)."""
+    backends = registered_backends() if backends is None else backends
+    given: dict[str, Any] = {}
+    for backend_cls in backends.values():
+        given.update(given_settings(namespace, backend_cls.options_class))
+    return given
+
+
+def backend_option_errors(
+    backend_name: str, given: Mapping[str, Any], backends: Mapping[str, type[Backend]] | None = None
+) -> list[str]:
+    """Called once the backend is known: one error line per given option the selected backend does not take
+    (it belongs to another backend), or per value its options class rejects, flags or env vars named as
+    `format_validation_error` does. An unknown backend name gives none here: the engine reports it."""
+    backends = registered_backends() if backends is None else backends
+    backend_cls = backends.get(backend_name)
+    if backend_cls is None:
+        return []
+    options_cls = backend_cls.options_class
+    lines = []
+    for name in given:
+        if name not in options_cls.model_fields:
+            owners = [n for n, cls in backends.items() if name in cls.options_class.model_fields]
+            whose = f"backend {', '.join(map(repr, owners))}" if owners else "no backend"
+            lines.append(f"{PROG}: error: {field_to_flag(name)} is an option of {whose}, not of {backend_name!r}")
+    if lines:
+        return lines
+    try:
+        options_cls(**given)
+    except ValidationError as exc:
+        return format_validation_error(exc, options_cls, given)
+    return []
+
+
 def given_settings(namespace: argparse.Namespace, settings_cls: type[BaseSettings]) -> dict[str, Any]:
-    """The settings fields the user gave as flags (not None) in a parsed namespace."""
+    """The settings fields the user gave as flags (not None) in a parsed namespace. For a settings class with
+    a `backend_options` field (EngineSettings), the backend option flags given go there."""
     values = vars(namespace)
-    return {name: values[name] for name in settings_cls.model_fields if name in values and values[name] is not None}
+    given = {name: values[name] for name in settings_cls.model_fields if name in values and values[name] is not None}
+    if "backend_options" in settings_cls.model_fields and (options := given_backend_options(namespace)):
+        given["backend_options"] = options
+    return given
 
 
 def settings_from_args(namespace: argparse.Namespace, settings_cls: type[BaseSettings]) -> BaseSettings:

@@ -3,19 +3,21 @@
 Each step, the plan's requests are grouped by how many tokens they compute (decodes together, prompt chunks of
 similar length together), each group is padded into one batch, every request's own cache is copied into the
 batch's `past_*` inputs, and the graph's `new_*` outputs are appended to each request's cache. Caches are
-keyed by request id and dropped when a plan lists the request as finished or preempted. Block tables are not
-used to address memory, only to bound it: a request's cache never grows beyond the blocks the block manager
-gave it, so the pool size the engine chose still caps the backend's KV memory.
+keyed by request id, started afresh on a request's `is_new` step and dropped by `release`. Block ids are not
+used to address memory, only counted to bound it: a request's cache never grows beyond the blocks the block
+manager gave it, so the pool size the engine chose still caps the backend's KV memory.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import structlog
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
 from ernie_serve.backends.onnx.graph import (
     ATTENTION_BIAS,
@@ -25,7 +27,7 @@ from ernie_serve.backends.onnx.graph import (
     POSITION_IDS,
     past_names,
 )
-from ernie_serve.core.backend import Backend, BackendUnavailableError, KVCacheSpec
+from ernie_serve.core.backend import Backend, BackendCapabilities, BackendOptions, BackendUnavailableError, KVCacheSpec
 
 if TYPE_CHECKING:
     import torch
@@ -51,15 +53,31 @@ _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 MAX_PADDING = 1.25
 
 
-def resolve_providers(requested: list[str] | str | None, device: str, available: list[str]) -> list[str]:
+class OnnxOptions(BackendOptions):
+    """`--onnx-providers` / `ERNIE_SERVE_ONNX_PROVIDERS` / `LLM(onnx_providers=...)`."""
+
+    onnx_providers: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="onnxruntime execution providers for --backend onnx, in priority order: cpu, cuda, tensorrt "
+        "or full names (comma-separated)",
+    )
+
+    @field_validator("onnx_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> list[str] | None:
+        """Repeated flags, comma-separated strings (flag or env var) or a list: one flat list of names."""
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        return [p.strip() for item in items for p in str(item).split(",") if p.strip()] or None
+
+
+def resolve_providers(requested: list[str] | None, device: str, available: list[str]) -> list[str]:
     """Execution providers in priority order, CPU always last as the fallback for unsupported nodes.
 
-    `requested` (from --onnx-providers: a list whose items may be comma-separated, or one string) takes full
-    or short names. Without it, a CUDA device (or `auto` with a CUDA-capable onnxruntime) picks CUDA. A
-    requested provider this onnxruntime lacks raises `BackendUnavailableError` saying what to install."""
-    if isinstance(requested, str):
-        requested = [requested]
-    requested = [name for item in requested or () for name in item.split(",") if name.strip()]
+    `requested` (`OnnxOptions.onnx_providers`, already split at commas) takes full or short names. Without
+    it, a CUDA device (or `auto` with a CUDA-capable onnxruntime) picks CUDA. A requested provider this
+    onnxruntime lacks raises `BackendUnavailableError` saying what to install."""
     if not requested:
         wants_cuda = device.startswith("cuda") or (device == "auto" and "CUDAExecutionProvider" in available)
         requested = ["CUDAExecutionProvider"] if wants_cuda else []
@@ -90,6 +108,7 @@ class _Cache:
     """One request's keys and values, all layers: `data[layer, 0=key/1=value, K, capacity, D]`."""
 
     data: np.ndarray
+    num_blocks: int  # KV blocks the block manager gave the request: they bound `capacity`
     length: int = 0  # positions filled
 
     def reserve(self, needed: int, limit: int) -> None:
@@ -109,7 +128,9 @@ class OnnxBackend(Backend):
     name = "onnx"
     # Caches are per request, so a prefix-cache hit (a new request whose first tokens' KV lives in another
     # request's blocks) has nothing to read from: the scheduler must compute every prompt from position 0.
-    supports_prefix_caching: ClassVar[bool] = False
+    # "cuda" through onnxruntime-gpu's CUDA and TensorRT providers; keys and values stay on the host.
+    capabilities = BackendCapabilities(prefix_caching=False, devices=("cpu", "cuda"))
+    options_class = OnnxOptions
 
     def __init__(self) -> None:
         self.session: Any = None
@@ -124,34 +145,32 @@ class OnnxBackend(Backend):
             return f"{' and '.join(missing)} not installed: pip install 'ernie-serve[onnx]'"
         return None
 
-    def load(self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None) -> None:
+    def load(
+        self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None, options: BackendOptions
+    ) -> None:
         import onnxruntime as ort
 
         from ernie_serve.backends.onnx.export import cached_export
 
-        if settings.quantization:
-            raise ValueError(f"--quantization {settings.quantization} is not supported by the onnx backend")
+        assert isinstance(options, OnnxOptions)
         if settings.dtype not in ("auto", "float32"):
             raise ValueError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
-        if settings.tensor_parallel_size > 1:
-            raise ValueError("--tensor-parallel-size > 1 is not supported by the onnx backend")
-        # EngineSettings also reads ERNIE_SERVE_ONNX_PROVIDERS from the environment
-        providers = resolve_providers(settings.onnx_providers, settings.device, ort.get_available_providers())
+        providers = resolve_providers(options.onnx_providers, settings.device, ort.get_available_providers())
         self.config = model_config
         export = cached_export(model_config, model_path, settings.seed)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # warnings about unused constants etc. are not the user's concern
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.log_severity_level = 3  # warnings about unused constants etc. are not the user's concern
         # Idle worker threads sleep instead of spinning: between runs this thread copies caches and the engine
         # samples with torch, and spinning workers take the cores from both (measured on a shared 2-core
         # machine: twice the throughput).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # One thread knob for every backend: as many intra-op threads as torch uses (torch.set_num_threads,
         # OMP_NUM_THREADS; by default the physical cores, which is also onnxruntime's default).
         import torch
 
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(export.path), options, providers=providers)
+        session_options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(export.path), session_options, providers=providers)
         self._output_names = [o.name for o in self.session.get_outputs()]
         log.info(
             "onnx session ready",
@@ -172,7 +191,7 @@ class OnnxBackend(Backend):
 
     @property
     def num_cached_requests(self) -> int:
-        """Requests whose KV the backend holds (for tests: drops to 0 once everything finished)."""
+        """Requests whose KV the backend holds (read by the conformance suite: 0 once all ended)."""
         return len(self._caches)
 
     def release(self, request_ids: list[str]) -> None:
@@ -183,9 +202,8 @@ class OnnxBackend(Backend):
         import torch
 
         assert self.session is not None, "execute before load"
-        self.release([*plan.finished_request_ids, *plan.preempted_request_ids])
         for item in plan.scheduled:
-            self._check_position(item)
+            self._track(item)
         rows: dict[str, np.ndarray] = {}
         for group in self._groups(plan.scheduled):
             logits = self._run(group)
@@ -197,19 +215,24 @@ class OnnxBackend(Backend):
             return torch.empty((0, self.config.vocab_size), dtype=torch.float32)
         return torch.from_numpy(np.stack([rows[i] for i in ids]))
 
-    def _check_position(self, item: ScheduledRequest) -> None:
-        cache = self._caches.get(item.request_id)
-        cached = cache.length if cache is not None else 0
-        if item.start_position != cached:
-            raise RuntimeError(
-                f"request {item.request_id!r} continues at position {item.start_position}, but the onnx backend "
-                f"holds {cached} positions for it: prefix caching must be off for this backend "
-                "(--no-enable-prefix-caching)"
-            )
-        if cache is None:
+    def _track(self, item: ScheduledRequest) -> None:
+        """Start the request's cache afresh when it is new, else count its new blocks; check that the step
+        continues exactly where the cache ends (a prefix-cache hit would not)."""
+        if item.is_new:
             c = self.config
             shape = (c.num_hidden_layers, 2, c.num_key_value_heads, 0, c.head_dim)
-            self._caches[item.request_id] = _Cache(np.empty(shape, np.float32))
+            self._caches[item.request_id] = _Cache(np.empty(shape, np.float32), len(item.new_block_ids))
+        elif item.request_id not in self._caches:
+            raise RuntimeError(f"request {item.request_id!r} continues, but it was never new or was released")
+        else:
+            self._caches[item.request_id].num_blocks += len(item.new_block_ids)
+        cache = self._caches[item.request_id]
+        if item.start_position != cache.length:
+            raise RuntimeError(
+                f"request {item.request_id!r} continues at position {item.start_position}, but the onnx backend "
+                f"holds {cache.length} positions for it: prefix caching must be off for this backend "
+                "(--no-enable-prefix-caching)"
+            )
 
     @staticmethod
     def _groups(items: list[ScheduledRequest]) -> list[list[ScheduledRequest]]:
@@ -267,7 +290,7 @@ class OnnxBackend(Backend):
         new = np.stack(outputs[1:]).reshape(layers, 2, batch, kv_heads, seq, head_dim)
         for b, (item, cache) in enumerate(zip(group, caches, strict=True)):
             n, start = len(item.token_ids), cache.length
-            cache.reserve(start + n, len(item.block_table) * self.block_size)
+            cache.reserve(start + n, cache.num_blocks * self.block_size)
             cache.data[:, :, :, start : start + n] = new[:, :, b, :, :n]
             cache.length = start + n
         return outputs[0]

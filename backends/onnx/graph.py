@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from ernie_serve.logging import progress
+
 if TYPE_CHECKING:
     import onnx
 
@@ -304,7 +306,8 @@ class _ErnieGraph:
         past_len = b.op("Shape", past_names(0)[0], start=2, end=3)  # [1]: P
         self.split_ps = b.op("Concat", past_len, b.op("Shape", INPUT_IDS, start=1, end=2), axis=0)  # [P, S]
         shape_bsh = b.op("Shape", x)
-        for i in range(c.num_hidden_layers):
+        # layer by layer: where the export's time goes, each layer's weights streamed to the data file
+        for i in progress(range(c.num_hidden_layers), "exporting to ONNX", unit="layer"):
             prefix = f"model.layers.{i}"
             h = self.rmsnorm(x, f"{prefix}.input_layernorm.weight")
             x = b.op("Add", x, self.attention(i, h, cos, sin, bias))

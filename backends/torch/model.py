@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_serve.core.config import ModelConfig
+from ernie_serve.logging import progress
 
 
 @dataclass
@@ -447,7 +448,8 @@ class ErnieForCausalLM(nn.Module):
         decode batch sizes on these CPUs, for about the model's size again in memory (the plain weights stay:
         single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
         bytes the copies take (0 elsewhere)."""
-        extra = sum(m.pack_weights() for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE))
+        packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
+        extra = sum(m.pack_weights() for m in progress(packable, "repacking weights", unit="module"))
         self.lm_head_packed = onednn_pack(self.lm_head_weight)
         return extra + packed_bytes(self.lm_head_packed)
 

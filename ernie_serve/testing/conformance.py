@@ -8,7 +8,10 @@ Given a registered backend name, it builds tiny real-format checkpoints with tra
   of mixed lengths run as one batch under a small step budget (chunked prefill, block boundaries);
 - `mixed_batching`: each prompt's greedy tokens and logprobs in that batch equal those of the prompt alone;
 - `abort`: a request aborted mid-generation ends with finish reason "abort", the others are unaffected, no KV
-  block is leaked, and the backend drops the aborted request's state;
+  block is leaked, and the backend drops the state of requests once they end (`release`);
+- `preemption`: in a KV pool too small for the batch, requests are preempted, released and re-run from scratch
+  (`is_new`, with a whole new block table) while the others' tables grow by `new_block_ids`, and every request
+  still gives transformers' greedy tokens;
 - `seeded_sampling`: a seeded sampled request gives the same tokens every run and whatever shares its batch,
   and different seeds give different tokens.
 
@@ -59,6 +62,9 @@ LOGPROB_TOLERANCE = 2e-3  # chosen-token logprob against transformers (float32 r
 BATCH_LOGPROB_TOLERANCE = 1e-4  # the same backend batched vs alone: only summation order differs
 # Small blocks and a small step budget force chunked prefill, prompts split over steps and block boundaries.
 ENGINE_SETTINGS: dict[str, Any] = {"block_size": 4, "max_num_batched_tokens": 24}
+# 10 blocks of 4 tokens: PROMPTS[:4] with NEW_TOKENS each need 19 blocks together (the longest alone 8), so the
+# scheduler must preempt some of them while the others run.
+TIGHT_POOL: dict[str, Any] = {"num_gpu_blocks_override": 10}
 DEFAULT_SHAPE = "moe_shared_tied"
 
 
@@ -77,7 +83,8 @@ class CaseResult:
 def conformance_cases(shapes: Iterable[str] | None = None) -> list[str]:
     """The case names, in run order (usable as pytest parameters)."""
     shapes = list(TINY_SHAPES) if shapes is None else list(shapes)
-    return [f"greedy_parity[{shape}]" for shape in shapes] + ["mixed_batching", "abort", "seeded_sampling"]
+    engine_cases = ["mixed_batching", "abort", "preemption", "seeded_sampling"]
+    return [f"greedy_parity[{shape}]" for shape in shapes] + engine_cases
 
 
 def _check(condition: bool, message: str) -> None:
@@ -122,13 +129,15 @@ class BackendConformance:
             build_tiny_checkpoint(path, shape, disk_dtype=torch.bfloat16)
         return path
 
-    def llm(self, shape: str = DEFAULT_SHAPE) -> LLM:
-        """An engine for `shape` on the backend under test (one per shape, reused)."""
-        if shape not in self._llms:
+    def llm(self, shape: str = DEFAULT_SHAPE, **overrides: Any) -> LLM:
+        """An engine for `shape` on the backend under test (one per shape and overrides, reused)."""
+        key = f"{shape}{sorted(overrides.items())}"
+        if key not in self._llms:
             from ernie_serve.llm import LLM
 
-            self._llms[shape] = LLM(model=str(self.checkpoint(shape)), backend=self.backend, **self.engine_settings)
-        return self._llms[shape]
+            settings = {**self.engine_settings, **overrides}
+            self._llms[key] = LLM(model=str(self.checkpoint(shape)), backend=self.backend, **settings)
+        return self._llms[key]
 
     def reference(self, shape: str):
         if shape not in self._references:
@@ -151,6 +160,7 @@ class BackendConformance:
         }
         cases["mixed_batching"] = self.check_mixed_batching
         cases["abort"] = self.check_abort
+        cases["preemption"] = self.check_preemption
         cases["seeded_sampling"] = self.check_seeded_sampling
         return cases
 
@@ -272,17 +282,33 @@ class BackendConformance:
             want = reference.outputs[0].token_ids
             _check(got == want, f"prompt {i} changed by the abort: {got} vs {want} without it")
 
-        block_manager = getattr(engine.scheduler, "block_manager", None)
+        block_manager = getattr(engine.core.scheduler, "block_manager", None)
         if block_manager is not None:
             free, total = block_manager.num_free_blocks, block_manager.num_blocks
             _check(free == total, f"{total - free} KV blocks leaked after every request finished")
-        # Backends that keep per-request state may expose how many requests they hold. A finish reaches the
-        # backend with the next plan, so run one more request: afterwards only that one may remain.
-        held = getattr(engine.backend, "num_cached_requests", None)
-        if held is not None:
-            self._greedy(llm, [PROMPTS[0]], 1)
-            held = engine.backend.num_cached_requests
-            _check(held <= 1, f"the backend still holds state for {held} requests after they finished")
+        # Backends that keep per-request state may expose how many requests they hold: the engine releases
+        # each request as it ends, so nothing may remain.
+        held = getattr(engine.core.backend, "num_cached_requests", None)
+        _check(not held, f"the backend still holds state for {held} requests after they all ended")
+
+    def check_preemption(self, shape: str = DEFAULT_SHAPE) -> None:
+        """Requests preempted for want of KV blocks are released and re-run from scratch (`is_new`, a whole new
+        block table, often other blocks) and still give transformers' greedy tokens, as do the requests that
+        kept running while their tables grew by `new_block_ids`."""
+        from ernie_serve.testing.checkpoints import reference_greedy
+
+        llm = self.llm(shape, **TIGHT_POOL)
+        prompts = PROMPTS[:4]
+        before = llm.engine.core.scheduler.stats().num_preemptions
+        outputs = self._greedy(llm, prompts)
+        preempted = llm.engine.core.scheduler.stats().num_preemptions - before
+        _check(preempted > 0, f"nothing was preempted in a pool of {TIGHT_POOL}: the case tested nothing")
+        reference = self.reference(shape)
+        for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
+            got, want = output.outputs[0].token_ids, reference_greedy(reference, prompt, NEW_TOKENS)
+            _check(got == want, f"prompt {i}, after {preempted} preemptions: greedy tokens {got}, transformers {want}")
+        held = getattr(llm.engine.core.backend, "num_cached_requests", None)
+        _check(not held, f"the backend still holds state for {held} requests after they all ended")
 
     def check_seeded_sampling(self, shape: str = DEFAULT_SHAPE) -> None:
         """A seed fixes a request's sampled tokens, whatever runs beside it; other seeds give other tokens."""

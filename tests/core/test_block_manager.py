@@ -379,21 +379,6 @@ def test_different_tokens_never_hit(block_size: int, first: list[int], second: l
     assert bm.num_free_blocks == 32
 
 
-def test_reset_prefix_cache_forgets_freed_blocks_only() -> None:
-    bm = KVBlockManager(8, 2)
-    live: list[Request] = []
-    kept = make_request("kept", [1, 2, 3, 4, 5])
-    dropped = make_request("dropped", [6, 7, 8, 9, 10])
-    for request in (kept, dropped):
-        admit(bm, request, live)
-        compute(bm, request, live)
-    release(bm, dropped, live)
-    bm.reset_prefix_cache()
-    bm.check_invariants(live)
-    assert bm.find_cached_prefix(make_request("p", [6, 7, 8, 9, 10])) == []
-    assert bm.find_cached_prefix(make_request("p", [1, 2, 3, 4, 5])) == kept.block_ids[:2]
-
-
 def test_prefix_lookup_stats_count_prompt_tokens() -> None:
     bm = KVBlockManager(8, 4)
     live: list[Request] = []

@@ -81,3 +81,16 @@ def test_presets_have_the_published_sizes() -> None:
     assert sizes["ernie-4.5-21b-a3b"] == pytest.approx(21.8, abs=0.1)
     assert sizes["ernie-4.5-300b-a47b"] == pytest.approx(300, abs=1)
     assert not PRESETS["ernie-4.5-300b-a47b"].is_moe_layer(2) and PRESETS["ernie-4.5-300b-a47b"].is_moe_layer(3)
+
+
+def test_engine_settings_carry_backend_options_but_declare_none(monkeypatch) -> None:
+    """Backend options live on each backend's options class; EngineSettings only carries what the user gave."""
+    from ernie_serve.core.config import EngineSettings
+
+    monkeypatch.setenv("ERNIE_SERVE_CPU_WEIGHT_PREPACK", "false")  # not an engine setting: ignored here
+    settings = EngineSettings()
+    assert settings.backend_options == {}
+    assert not {"cpu_weight_prepack", "onnx_providers"} & set(EngineSettings.model_fields)
+    given = EngineSettings(backend_options={"onnx_providers": "cpu"}, quantization="wint8", tensor_parallel_size=2)
+    assert given.backend_options == {"onnx_providers": "cpu"}
+    assert (given.quantization, given.tensor_parallel_size) == ("wint8", 2)  # the engine checks capabilities

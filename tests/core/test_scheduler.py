@@ -1,9 +1,10 @@
 """FCFSScheduler driven by a small simulation: schedule -> a fake backend -> update.
 
-The fake backend keeps a paged "KV cache" (per block slot: the token prefix whose KV it holds) and checks every
-plan against it, so a wrong block table, a wrong prefix-cache hit or a wrong position fails loudly. The token it
-samples depends only on the request id and the sequence length, so outputs are the same whatever the batching,
-preemption or pool size.
+The fake backend keeps a paged "KV cache" (per block slot: the token prefix whose KV it holds) and, as a real
+backend must, each request's block table built from `is_new` + `new_block_ids` and dropped on release. It checks
+every plan against both, so a wrong block table, a wrong prefix-cache hit or a wrong position fails loudly. The
+token it samples depends only on the request id and the sequence length, so outputs are the same whatever the
+batching, preemption or pool size.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Sim:
     scheduler: FCFSScheduler = field(init=False)
     requests: dict[str, Request] = field(default_factory=dict)
     kv: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # (block, slot) -> prefix held
+    tables: dict[str, list[int]] = field(default_factory=dict)  # the fake backend's block table per request
     plans: list[StepPlan] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,10 +82,21 @@ class Sim:
             return script[index]
         return natural_token(request.request_id, length)
 
+    def release(self, request_ids: list[str]) -> None:
+        """What the engine does between steps for ended and preempted requests."""
+        for request_id in request_ids:
+            self.tables.pop(request_id, None)
+
+    def abort(self, request_ids: list[str]) -> list[Request]:
+        aborted = self.scheduler.abort_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self.release([r.request_id for r in aborted])
+        return aborted
+
     def step(self) -> tuple[StepPlan, list[Request]]:
         scheduler, cfg = self.scheduler, self.config
         plan = scheduler.schedule()
         self.plans.append(plan)
+        self.release(plan.preempted_request_ids)
         if self.check_budget:
             assert plan.num_tokens <= cfg.max_num_batched_tokens
         assert len(plan.scheduled) <= cfg.max_num_seqs
@@ -97,18 +110,24 @@ class Sim:
             start, end = item.start_position, item.start_position + len(item.token_ids)
             assert item.token_ids, "a scheduled request computes at least one token"
             assert item.token_ids == tokens[start:end]
-            assert len(item.block_table) >= -(-end // cfg.block_size)
+            # new exactly when the backend holds nothing for it: first admission, or back after preemption
+            assert item.is_new == (item.request_id not in self.tables)
+            table = self.tables[item.request_id] = [*self.tables.get(item.request_id, ()), *item.new_block_ids]
+            assert table == request.block_ids  # the incremental table adds up to the scheduler's
+            assert len(table) == -(-end // cfg.block_size)
             assert item.samples == (end == request.num_tokens)
             for pos in range(start):  # the KV it attends to must be its own prefix
-                slot = (item.block_table[pos // cfg.block_size], pos % cfg.block_size)
+                slot = (table[pos // cfg.block_size], pos % cfg.block_size)
                 assert self.kv.get(slot) == tuple(tokens[: pos + 1]), f"{item.request_id}: bad KV at {pos}"
             for pos in range(start, end):
-                self.kv[(item.block_table[pos // cfg.block_size], pos % cfg.block_size)] = tuple(tokens[: pos + 1])
+                self.kv[(table[pos // cfg.block_size], pos % cfg.block_size)] = tuple(tokens[: pos + 1])
             if item.samples:
                 sampled[item.request_id] = SampledToken(self.next_token(request, end))
         assert plan.sampling_request_ids == list(sampled)
         finished = scheduler.update(plan, StepResult(sampled))
+        self.release([r.request_id for r in finished])
         scheduler.block_manager.check_invariants(scheduler.running)
+        assert set(self.tables) == {r.request_id for r in scheduler.running}  # no table outlives its request
         return plan, finished
 
     def run(self, max_steps: int = 1000) -> None:
@@ -285,16 +304,37 @@ def test_stop_token_ids_stop_with_the_token_as_reason() -> None:
     assert request.stop_reason == 77
 
 
-def test_finished_ids_reach_the_next_plan_once() -> None:
-    sim = Sim(config())
-    sim.add("a", [5, 6, 7], max_tokens=1)
-    sim.add("b", [5, 6, 8], max_tokens=3)
-    plan, finished = sim.step()
-    assert [r.request_id for r in finished] == ["a"]
+def test_a_decode_step_sends_only_the_block_ids_it_adds() -> None:
+    """The plan costs O(new tokens): after the first step a request's table arrives one new block at a time."""
+    sim = Sim(config(block_size=4, max_num_batched_tokens=64))
+    request = sim.add("long", list(range(100, 130)), max_tokens=20)  # 30 prompt tokens: 8 blocks
     plan, _ = sim.step()
-    assert plan.finished_request_ids == ["a"]
-    plan, _ = sim.step()
-    assert plan.finished_request_ids == []
+    (item,) = plan.scheduled
+    assert item.is_new and item.new_block_ids == request.block_ids and len(item.new_block_ids) == 8
+    sent = list(item.new_block_ids)
+    for _ in range(11):
+        plan, _ = sim.step()
+        (item,) = plan.scheduled
+        assert not item.is_new and len(item.token_ids) == 1
+        if item.start_position % 4:  # the token lands in a block the request already has
+            assert item.new_block_ids == []
+        else:  # it opens a block: that one id, and nothing already sent
+            assert item.new_block_ids == [request.block_ids[-1]] and request.block_ids[-1] not in sent
+        sent += item.new_block_ids
+    assert sent == request.block_ids == sim.tables["long"]
+    assert request.num_tokens == 42 and len(sent) == 11  # blocks opened at positions 32, 36 and 40
+
+
+def test_a_chunked_prompt_gets_its_table_in_pieces() -> None:
+    sim = Sim(config(block_size=4, max_num_batched_tokens=10))
+    request = sim.add("long", list(range(100, 125)), max_tokens=1)  # 25 tokens in chunks of 10, 10, 5
+    pieces = []
+    while not request.is_finished:
+        plan, _ = sim.step()
+        (item,) = plan.scheduled
+        pieces.append((item.is_new, item.new_block_ids))
+    assert [(new, len(ids)) for new, ids in pieces] == [(True, 3), (False, 2), (False, 2)]
+    assert "long" not in sim.tables  # released when it finished
 
 
 # ----- preemption -----
@@ -328,6 +368,12 @@ def test_preemption_evicts_the_newest_request_and_it_completes_with_the_same_out
     assert victim.num_preemptions == 1
     assert victim in sim.scheduler.waiting and victim not in sim.scheduler.running
     assert "c" not in scheduled_tokens(plan)
+    assert "c" not in sim.tables  # the engine released it
+
+    while "c" not in scheduled_tokens(plan):
+        plan, _ = sim.step()
+    (item,) = [s for s in plan.scheduled if s.request_id == "c"]
+    assert item.is_new and item.new_block_ids == victim.block_ids  # back with its whole (new) table
 
     sim.run()
     assert sim.scheduler.num_preemptions >= 1
@@ -373,6 +419,7 @@ def test_a_preempted_request_recomputes_its_generated_tokens() -> None:
     assert item.start_position == 0
     assert len(item.token_ids) == 6 + generated  # prompt and outputs, then it samples the next token
     assert item.samples
+    assert item.is_new and len(item.new_block_ids) == -(-(6 + generated) // 4)  # the full table, afresh
 
 
 # ----- aborts -----
@@ -384,12 +431,12 @@ def test_abort_of_a_waiting_request() -> None:
     waiting = sim.add("waiting", [1, 3, 5], max_tokens=5)
     sim.step()
     assert waiting.status == RequestStatus.WAITING
-    aborted = sim.scheduler.abort_requests(["waiting"], RequestStatus.FINISHED_ABORTED)
+    aborted = sim.abort(["waiting"])
     assert aborted == [waiting]
     assert waiting.finish_reason == "abort"
     assert waiting not in sim.scheduler.waiting
     plan, _ = sim.step()
-    assert plan.finished_request_ids == ["waiting"]
+    assert scheduled_tokens(plan) == {"running": 1}
     sim.run()
     assert waiting.output_token_ids == []
     sim.assert_all_blocks_free()
@@ -405,17 +452,16 @@ def test_abort_of_a_running_request_frees_its_blocks() -> None:
     held = len(running.block_ids)
     assert held == 3
     free_before = bm.num_free_blocks
-    assert sim.scheduler.abort_requests(["running", "nope"], RequestStatus.FINISHED_ABORTED) == [running]
+    assert sim.abort(["running", "nope"]) == [running]
     assert running.status == RequestStatus.FINISHED_ABORTED
     assert running.block_ids == []
     assert bm.num_free_blocks == free_before + held
     bm.check_invariants(sim.scheduler.running)
     plan, _ = sim.step()
-    assert plan.finished_request_ids == ["running"]
     assert scheduled_tokens(plan) == {"other": 1}
     # aborting again (or a finished request) is a no-op
-    assert sim.scheduler.abort_requests(["running"], RequestStatus.FINISHED_ABORTED) == []
-    sim.scheduler.abort_requests(["other"], RequestStatus.FINISHED_ABORTED)
+    assert sim.abort(["running"]) == []
+    sim.abort(["other"])
     assert not sim.scheduler.has_unfinished_requests()
     sim.assert_all_blocks_free()
 
@@ -460,13 +506,15 @@ def test_a_shared_prompt_prefix_is_computed_once() -> None:
     first = sim.add("first", prefix + [1], max_tokens=2)
     sim.step()
     second = sim.add("second", prefix + [3, 4], max_tokens=2)
+    first_table = list(sim.tables["first"])
     plan, _ = sim.step()
     first_item, item = plan.scheduled
     assert (first_item.request_id, item.request_id) == ("first", "second")
     assert item.start_position == 16
     assert item.token_ids == [3, 4]
     assert second.num_cached_tokens == 16
-    assert item.block_table[:4] == first_item.block_table[:4]
+    assert item.is_new and item.new_block_ids[:4] == first_table[:4]  # whole table, the shared blocks first
+    assert not first_item.is_new and first_item.new_block_ids == []  # position 17 is in its fifth block
     assert first.is_finished
     sim.run()
     stats = sim.scheduler.stats()
@@ -537,7 +585,7 @@ def test_random_workloads_keep_the_invariants(
                     f"r{i}", shared[:prefix] + [600 + 10 * i + k for k in range(tail)], script, max_tokens=max_tokens
                 )
         to_abort = [f"r{i}" for i, s in enumerate(specs) if s[4] == step and f"r{i}" in sim.requests]
-        for request in sim.scheduler.abort_requests(to_abort, RequestStatus.FINISHED_ABORTED):
+        for request in sim.abort(to_abort):
             aborted.add(request.request_id)
         sim.scheduler.block_manager.check_invariants(sim.scheduler.running)
         if step > last_arrival and not sim.scheduler.has_unfinished_requests():

@@ -42,7 +42,7 @@ def test_case_names_cover_every_tiny_shape() -> None:
 
     cases = conformance_cases()
     assert [c for c in cases if c.startswith("greedy_parity[")] == [f"greedy_parity[{s}]" for s in TINY_SHAPES]
-    assert {"mixed_batching", "abort", "seeded_sampling"} <= set(cases)
+    assert {"mixed_batching", "abort", "preemption", "seeded_sampling"} <= set(cases)
     assert conformance_cases(["dense_bias_headdim"])[0] == "greedy_parity[dense_bias_headdim]"
 
 
@@ -102,3 +102,35 @@ def test_a_crashing_backend_fails_every_case_it_crashes_in(tiny_checkpoint, tmp_
     message = str(failure.value)
     assert "failed 2 of 2" in message
     assert "backend 'crashing', mixed_batching: raised RuntimeError: batches are not implemented" in message
+
+
+def test_a_backend_that_ignores_is_new_fails_preemption(tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    """A backend that keeps a preempted request's old block table (ignoring `release` and `is_new`, appending
+    the new table to the stale one) passes the cases without preemption but must fail `preemption`."""
+    from ernie_serve.backends.torch.backend import TorchBackend
+    from ernie_serve.core import plugins
+
+    class StaleTablesBackend(TorchBackend):
+        name = "stale"
+
+        def release(self, request_ids):
+            pass
+
+        def execute(self, plan):
+            for item in plan.scheduled:
+                if item.is_new and item.request_id in self._tables:
+                    item.is_new = False  # a readmitted request continues its stale table
+            return super().execute(plan)
+
+    registration = plugins.Registration("stale", StaleTablesBackend, "test", None, None)
+    monkeypatch.setitem(plugins.registry().backends, "stale", registration)
+    with pytest.raises(ConformanceError) as failure:
+        run_conformance(
+            "stale",
+            tmp_path,
+            cases=["greedy_parity[moe_shared_tied]", "preemption"],
+            checkpoints=lambda shape: tiny_checkpoint(shape, torch.bfloat16),
+        )
+    message = str(failure.value)
+    assert "failed 1 of 2 conformance cases" in message
+    assert "backend 'stale', preemption: " in message

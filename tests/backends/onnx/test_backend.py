@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from ernie_serve.backends.onnx.backend import OnnxBackend, resolve_providers
+from ernie_serve.backends.onnx.backend import OnnxBackend, OnnxOptions, resolve_providers
 from ernie_serve.core.backend import BackendUnavailableError
 
 CPU = ["CPUExecutionProvider"]
@@ -26,14 +26,31 @@ def test_availability_names_the_extra_when_onnxruntime_is_missing(monkeypatch) -
     assert OnnxBackend.availability() == "onnxruntime not installed: pip install 'ernie-serve[onnx]'"
 
 
+def test_capabilities_and_options_are_declared_on_the_class() -> None:
+    assert OnnxBackend.capabilities.prefix_caching is False  # one cache per request
+    assert OnnxBackend.capabilities.devices == ("cpu", "cuda")
+    assert OnnxBackend.capabilities.quantization == () and not OnnxBackend.capabilities.tensor_parallel
+    assert OnnxBackend.options_class is OnnxOptions and set(OnnxOptions.model_fields) == {"onnx_providers"}
+
+
+def test_provider_option_splits_commas_from_flags_and_env(monkeypatch) -> None:
+    monkeypatch.delenv("ERNIE_SERVE_ONNX_PROVIDERS", raising=False)
+    assert OnnxOptions().onnx_providers is None
+    assert OnnxOptions(onnx_providers=["cuda,cpu", " tensorrt "]).onnx_providers == ["cuda", "cpu", "tensorrt"]
+    assert OnnxOptions(onnx_providers=" , ").onnx_providers is None
+    monkeypatch.setenv("ERNIE_SERVE_ONNX_PROVIDERS", "trt,cuda")
+    assert OnnxOptions().onnx_providers == ["trt", "cuda"]
+    assert OnnxOptions(onnx_providers="cpu").onnx_providers == ["cpu"]  # a given value beats the environment
+
+
 def test_provider_names_aliases_and_fallback() -> None:
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert resolve_providers(None, "auto", CPU) == CPU
     assert resolve_providers(None, "cpu", gpu) == CPU
     assert resolve_providers(None, "auto", gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert resolve_providers("trt,cuda", "auto", gpu) == gpu
+    assert resolve_providers(["trt", "cuda"], "auto", gpu) == gpu
     assert resolve_providers(["CPUExecutionProvider"], "auto", gpu) == CPU
-    assert resolve_providers(["cuda,cpu", "tensorrt"], "auto", gpu) == [
+    assert resolve_providers(["cuda", "cpu", "tensorrt", "cuda"], "auto", gpu) == [
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
         "TensorrtExecutionProvider",
@@ -46,7 +63,7 @@ def test_provider_names_aliases_and_fallback() -> None:
 )
 def test_an_unavailable_provider_is_one_clear_error(requested: str, hint: str) -> None:
     with pytest.raises(BackendUnavailableError) as error:
-        resolve_providers(requested, "auto", CPU)
+        resolve_providers([requested], "auto", CPU)
     message = str(error.value)
     assert "is not available here" in message and hint in message and "\n" not in message
 
@@ -87,8 +104,8 @@ def test_requests_join_and_leave_every_step_and_caches_are_freed(checkpoint, tor
     from ernie_serve import SamplingParams
 
     llm = _onnx_llm(checkpoint, max_num_batched_tokens=16)
-    engine, backend = llm.engine, llm.engine.backend
-    assert not engine.scheduler.config.enable_prefix_caching  # turned off by the engine for this backend
+    engine, backend = llm.engine, llm.engine.core.backend
+    assert not engine.core.scheduler.config.enable_prefix_caching  # turned off by the engine for this backend
     prompts = [list(range(10, 10 + n)) for n in (3, 17, 5, 30, 2)]
     lengths = [2, 9, 5, 3, 7]
     expected = [_greedy(torch_llm, [p], m)[0] for p, m in zip(prompts, lengths, strict=True)]
@@ -106,13 +123,12 @@ def test_requests_join_and_leave_every_step_and_caches_are_freed(checkpoint, tor
                 got[output.request_id] = output.outputs[0].token_ids
         held.append(backend.num_cached_requests)
         for request_id, cache in backend._caches.items():
-            request = engine.scheduler.requests.get(request_id)
+            request = engine.core.scheduler.requests.get(request_id)
             if request is not None:  # the block manager's grant bounds each cache
                 assert cache.length <= cache.data.shape[3] <= len(request.block_ids) * 4
     assert [got[i] for i in ids] == expected
     assert max(held) >= 3
-    llm.generate({"prompt_token_ids": [5]}, SamplingParams(max_tokens=1))
-    assert backend.num_cached_requests <= 1  # only the last request, freed with the next plan
+    assert backend.num_cached_requests == 0  # each released as it finished
     llm.engine.close()
 
 
@@ -121,7 +137,7 @@ def test_preempted_requests_recompute_and_match(checkpoint, torch_llm) -> None:
     llm = _onnx_llm(checkpoint, num_gpu_blocks_override=12, max_model_len=48)
     prompts = [list(range(20 + i, 30 + i)) for i in range(3)]
     assert _greedy(llm, prompts, 14) == _greedy(torch_llm, prompts, 14)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
     llm.engine.close()
 
 
@@ -129,9 +145,9 @@ def test_a_prefix_cache_hit_is_refused_clearly(checkpoint) -> None:
     from ernie_serve.core.plan import ScheduledRequest, StepPlan
 
     llm = _onnx_llm(checkpoint)
-    plan = StepPlan([ScheduledRequest("r", [5, 6], start_position=4, block_table=[0, 1], samples=True)])
+    plan = StepPlan([ScheduledRequest("r", [5, 6], start_position=4, new_block_ids=[0, 1], is_new=True, samples=True)])
     with pytest.raises(RuntimeError, match="prefix caching must be off"):
-        llm.engine.backend.execute(plan)
+        llm.engine.core.backend.execute(plan)
     llm.engine.close()
 
 
@@ -139,30 +155,29 @@ def test_a_step_without_sampling_rows_returns_no_logits(checkpoint) -> None:
     from ernie_serve.core.plan import ScheduledRequest, StepPlan
 
     llm = _onnx_llm(checkpoint)
-    plan = StepPlan([ScheduledRequest("r", [5, 6, 7], start_position=0, block_table=[0], samples=False)])
-    logits = llm.engine.backend.execute(plan)
+    plan = StepPlan([ScheduledRequest("r", [5, 6, 7], start_position=0, new_block_ids=[0], is_new=True, samples=False)])
+    logits = llm.engine.core.backend.execute(plan)
     assert logits.shape == (0, llm.engine.model_config.vocab_size) and logits.dtype == torch.float32
     llm.engine.close()
 
 
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [({"dtype": "bfloat16"}, "computes in float32"), ({"quantization": "wint8"}, "not supported by the onnx")],
-)
-def test_unsupported_settings_are_named(checkpoint, settings, message) -> None:
-    with pytest.raises(ValueError, match=message):
-        _onnx_llm(checkpoint, **settings)
+def test_a_float32_only_graph_refuses_other_dtypes(checkpoint) -> None:
+    with pytest.raises(ValueError, match="--dtype bfloat16: the onnx backend's graph computes in float32"):
+        _onnx_llm(checkpoint, dtype="bfloat16")
 
 
-def test_providers_from_the_environment(checkpoint, monkeypatch) -> None:
-    monkeypatch.setenv("ERNIE_SERVE_ONNX_PROVIDERS", "cuda")
+def test_providers_from_the_environment_and_from_backend_options(checkpoint, monkeypatch) -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setenv("ERNIE_SERVE_ONNX_PROVIDERS", "cuda")
     with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
         _onnx_llm(checkpoint)
+    llm = _onnx_llm(checkpoint, backend_options={"onnx_providers": "cpu"})  # the user's value beats the env
+    assert llm.engine.core.backend.session.get_providers() == CPU
+    llm.engine.close()
     monkeypatch.setenv("ERNIE_SERVE_ONNX_PROVIDERS", "cpu")
     llm = _onnx_llm(checkpoint)
-    assert llm.engine.backend.session.get_providers() == CPU
+    assert llm.engine.core.backend.session.get_providers() == CPU
     llm.engine.close()
 
 
@@ -170,7 +185,7 @@ def test_caches_are_freed_when_requests_end_even_if_the_engine_goes_idle(checkpo
     from ernie_serve import SamplingParams
 
     llm = _onnx_llm(checkpoint)
-    backend = llm.engine.backend
+    backend = llm.engine.core.backend
     llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert backend.num_cached_requests == 0  # no further step ran, yet the cache is gone
     engine = llm.engine

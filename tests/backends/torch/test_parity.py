@@ -29,7 +29,7 @@ ENGINE_OPTIONS = {
     # every prompt prefilled in one step (one GEMM per expert)
     "one-step-prefill": {"max_num_batched_tokens": 256},
     # the same without oneDNN-repacked weights: MKL's GEMMs
-    "no-prepack": {"max_num_batched_tokens": 256, "cpu_weight_prepack": False},
+    "no-prepack": {"max_num_batched_tokens": 256, "backend_options": {"cpu_weight_prepack": False}},
 }
 
 

@@ -1,0 +1,37 @@
+"""The torch backend's declared capabilities and its own options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ernie_serve.backends.torch.backend import TorchBackend, TorchOptions
+from ernie_serve.backends.torch.model import _onednn_linear_available
+from ernie_serve.core.config import EngineSettings, ModelConfig
+
+
+def test_capabilities_and_options_are_declared_on_the_class() -> None:
+    capabilities = TorchBackend.capabilities
+    assert capabilities.prefix_caching and capabilities.devices == ("cpu", "cuda")
+    assert capabilities.quantization == () and not capabilities.tensor_parallel  # later issues add them
+    assert TorchBackend.options_class is TorchOptions and set(TorchOptions.model_fields) == {"cpu_weight_prepack"}
+
+
+@pytest.mark.skipif(not _onednn_linear_available(), reason="this torch has no oneDNN linear kernels")
+@pytest.mark.parametrize("prepack", [True, False])
+def test_cpu_weight_prepack_option_decides_the_onednn_copies(tiny_checkpoint, prepack: bool) -> None:
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+    backend = TorchBackend()
+    settings = EngineSettings(model=str(checkpoint), device="cpu")
+    backend.load(
+        ModelConfig.from_pretrained(checkpoint), settings, str(checkpoint), TorchOptions(cpu_weight_prepack=prepack)
+    )
+    assert backend.model is not None
+    assert (backend.model.lm_head_packed is not None) == prepack
+    backend.close()
+
+
+def test_the_option_is_read_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("ERNIE_SERVE_CPU_WEIGHT_PREPACK", "0")
+    assert TorchOptions().cpu_weight_prepack is False
+    assert TorchOptions(cpu_weight_prepack=True).cpu_weight_prepack is True  # a given value beats the env
