@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ernie_serve.cli import build_parser, main
-from ernie_serve.cli_options import field_to_flag, flag_to_field, settings_from_args
+from ernie_serve.cli_options import env_var_name, field_to_flag, flag_to_field, settings_from_args
 from ernie_serve.core import plugins
 from ernie_serve.core.config import EngineSettings
 
@@ -57,27 +59,46 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def _sections(text: str) -> dict[str, dict[str, str]]:
+    """`plugins` output as {section title: {name: its row}}; indented detail lines under a row are skipped."""
+    sections: dict[str, dict[str, str]] = {}
+    rows: dict[str, str] = {}
+    for line in _lines(text):
+        if not line[0].isspace():
+            rows = sections.setdefault(line.rstrip(":"), {})
+        elif not line.startswith("   "):
+            name = line.split()[0]
+            assert name not in rows, f"{name} listed twice: {text}"
+            rows[name] = line
+    return sections
+
+
 # --- plugins -------------------------------------------------------------------------------------------
 
 
 def test_plugins_lists_builtins_with_provenance(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins"]) == 0
-    out = capsys.readouterr().out
+    sections = _sections(capsys.readouterr().out)
     version = metadata.version("ernie-serve")
-    lines = _lines(out)
-    fcfs = next(line for line in lines if line.split()[0] == "fcfs")
-    assert f"ernie-serve {version}" in fcfs
-    torch = next(line for line in lines if line.split()[0] == "torch")  # needs the lead's TorchBackend
-    assert torch.rstrip().endswith("available")
-    assert any(line.split()[0] == "Ernie4_5_MoeForCausalLM" for line in lines)
-    assert any(line.split()[0] == "Ernie4_5ForCausalLM" for line in lines)
+    models = next(rows for title, rows in sections.items() if title.startswith("Models"))
+    for rows, name in (
+        (sections["Backends"], "torch"),
+        (sections["Backends"], "onnx"),
+        (sections["Schedulers"], "fcfs"),
+        (sections["Schedulers"], "priority"),
+        (models, "Ernie4_5_MoeForCausalLM"),
+        (models, "Ernie4_5ForCausalLM"),
+    ):
+        assert rows[name].split()[1:3] == ["ernie-serve", version], rows[name]  # provenance: our distribution
+    torch = sections["Backends"]["torch"]  # needs the lead's TorchBackend
+    assert torch.split()[-1] == "available", torch  # the status column, not "unavailable: ..."
 
 
 def test_plugins_shows_why_a_backend_cannot_run(frob_dist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins"]) == 0
-    frob = next(line for line in _lines(capsys.readouterr().out) if line.split()[0] == "frob")
-    assert "frob-serve 0.4.0" in frob
-    assert "unavailable: needs an NVIDIA GPU and tensorrt>=10 (pip install tensorrt)" in frob
+    frob = _sections(capsys.readouterr().out)["Backends"]["frob"]
+    assert frob.split()[1:3] == ["frob-serve", "0.4.0"]
+    assert frob.endswith("  unavailable: needs an NVIDIA GPU and tensorrt>=10 (pip install tensorrt)")
 
 
 def test_plugins_json(frob_dist: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,8 +106,11 @@ def test_plugins_json(frob_dist: Path, capsys: pytest.CaptureFixture[str]) -> No
     doc = json.loads(capsys.readouterr().out)
     frob = next(b for b in doc["backends"] if b["name"] == "frob")
     assert frob["available"] is False
+    assert frob["reason"] == "needs an NVIDIA GPU and tensorrt>=10 (pip install tensorrt)"
     assert frob["distribution"] == "frob-serve" and frob["version"] == "0.4.0"
-    assert {s["name"] for s in doc["schedulers"]} >= {"fcfs"}
+    torch = next(b for b in doc["backends"] if b["name"] == "torch")
+    assert (torch["available"], torch["distribution"]) == (True, "ernie-serve")
+    assert {s["name"] for s in doc["schedulers"]} >= {"fcfs", "priority"}
     assert doc["failed_plugins"] == []
 
 
@@ -95,32 +119,38 @@ def test_plugins_lists_failed_plugins(
 ) -> None:
     (frob_dist / "frob_cli_plugin.py").write_text("raise ImportError('libfrob.so missing')\n")
     assert main(["plugins"]) == 0
-    out = capsys.readouterr().out
-    assert "Failed plugins" in out
-    failed = next(line for line in _lines(out) if line.split()[0] == "frob")
-    assert "frob-serve 0.4.0" in failed and "libfrob.so missing" in failed
+    sections = _sections(capsys.readouterr().out)
+    failed = next(rows for title, rows in sections.items() if title.startswith("Failed plugins"))
+    assert failed["frob"].split()[1:3] == ["frob-serve", "0.4.0"] and "libfrob.so missing" in failed["frob"]
+    assert "frob" not in sections["Backends"]  # and not listed as a backend
 
 
-def test_console_script_plugins() -> None:
+def test_console_script_plugins(capsys: pytest.CaptureFixture[str]) -> None:
     script = Path(sys.executable).parent / "ernie-serve"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERNIE_SERVE_")}
     proc = subprocess.run([str(script), "plugins"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "fcfs" in proc.stdout and "torch" in proc.stdout
     assert "Traceback" not in proc.stderr
+    assert main(["plugins"]) == 0
+    assert proc.stdout == capsys.readouterr().out  # the installed command is this CLI, with the same plugins
 
 
 # --- generated flags -----------------------------------------------------------------------------------
 
 
 def test_every_settings_field_has_a_flag() -> None:
-    help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # type: ignore[union-attr]
-    for name in EngineSettings.model_fields:
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]  # type: ignore[union-attr]
+    help_text = generate.format_help()  # renders (a stray "%" in a description would break it)
+    actions = {flag: action for action in generate._actions for flag in action.option_strings}
+    # `backend_options` is the one exception: each backend's options are flags of their own (test_cli_options.py)
+    for name in EngineSettings.model_fields.keys() - {"backend_options"}:
         flag = field_to_flag(name)
-        assert flag in help_text
         assert flag_to_field(flag) == name
-    assert "--no-enable-prefix-caching" in help_text
-    assert "ERNIE_SERVE_MAX_NUM_SEQS" in help_text
+        assert actions[flag].dest == name, flag
+        assert f"env {env_var_name(EngineSettings, name)}" in (actions[flag].help or ""), flag  # its own help
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), flag
+    assert actions["--no-enable-prefix-caching"].dest == "enable_prefix_caching"
+    assert env_var_name(EngineSettings, "max_num_seqs") == "ERNIE_SERVE_MAX_NUM_SEQS"
 
 
 def test_flag_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,7 +159,6 @@ def test_flag_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ERNIE_SERVE_BLOCK_SIZE", "32")
     args = parser.parse_args(["generate", "--max-num-seqs", "4", "--no-enable-prefix-caching", "hi"])
     settings = settings_from_args(args, EngineSettings)
-    assert isinstance(settings, EngineSettings)
     assert settings.max_num_seqs == 4  # flag
     assert settings.block_size == 32  # env
     assert settings.max_num_batched_tokens == EngineSettings.model_fields["max_num_batched_tokens"].default
@@ -189,9 +218,9 @@ def test_bad_env_value_names_the_env_var_and_flag(
 
 def test_unknown_flag_is_argparse_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as excinfo:
-        main(["generate", "--max-num-seq", "4", "--frobnicate", "hello"])
+        main(["generate", "--max-num-seqs", "4", "--frobnicate", "hello"])
     assert excinfo.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == "ernie-serve: error: unrecognized arguments: --frobnicate"
 
 
 def test_console_script_bad_value_has_no_traceback() -> None:
@@ -210,44 +239,71 @@ def test_console_script_bad_value_has_no_traceback() -> None:
     ]
 
 
-def test_export_onnx_and_bench_commands_are_wired(tmp_path, tiny_checkpoint, capsys) -> None:
-    import json
+def _throughput_summary(path: Path, out: str, num_requests: int) -> dict[str, Any]:
+    """The JSON of a `bench throughput` run, checked against itself and against what it printed."""
+    summary = json.loads(path.read_text())
+    results = summary["results"]
+    for r in results:
+        assert r["requests"] == num_requests, r
+        assert r["tokens_per_second"] == pytest.approx(r["output_tokens"] / r["seconds"]), r
+    assert len({r["output_tokens"] for r in results}) == 1  # every system ran the same requests
+    decode = summary["single_request_decode_tok_s"]
+    printed = [
+        float(m.group(1))
+        for m in (
+            re.fullmatch(r"single-request decode \(.+, median of \d+\): ([\d.]+) tok/s", line)
+            for line in out.splitlines()
+        )
+        if m
+    ]
+    assert decode > 0 and printed[0] == round(decode, 1)
+    return summary
 
+
+def test_export_onnx_and_bench_commands_are_wired(
+    tmp_path: Path, tiny_checkpoint: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
     import torch
 
-    from ernie_serve.cli import main
-
     assert main(["export", "onnx", "--model", "demo", "--output", str(tmp_path / "onnx")]) == 0
-    assert (tmp_path / "onnx" / "model.onnx").is_file()
-    assert "onnx.checker: passed" in capsys.readouterr().out
+    exported = tmp_path / "onnx" / "model.onnx"
+    onnx.checker.check_model(str(exported))  # a valid graph, whatever the command printed
+    checker = [line.strip() for line in capsys.readouterr().out.splitlines() if "onnx.checker" in line]
+    assert len(checker) == 1 and checker[0].startswith("onnx.checker: passed"), checker
 
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
     result = tmp_path / "throughput.json"
     args = ["bench", "throughput", "--model", str(checkpoint), "--num-requests", "3", "--output-json", str(result)]
     assert main(args) == 0
-    summary = json.loads(result.read_text())
-    assert summary["ratio"] > 0 and summary["single_request_decode_tok_s"] > 0
-    assert "ernie-serve / transformers throughput" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    summary = _throughput_summary(result, out, 3)
+    engine, reference = summary["results"][0], summary["results"][-1]
+    assert (engine["system"], reference["system"]) == ("ernie-serve (torch)", "transformers")
+    assert summary["ratio"] == pytest.approx(engine["tokens_per_second"] / reference["tokens_per_second"])
+    assert f"ernie-serve / transformers throughput: {summary['ratio']:.2f}x" in out.splitlines()
 
     assert main(["bench", "scheduler"]) == 0
-    assert "us/request" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["running", "us/step", "us/request"]
+    rows = [[float(x) for x in line.split()] for line in lines[1:]]
+    assert [int(running) for running, _, _ in rows] == [1, 8, 32, 128, 512]
+    for running, per_step, per_request in rows:  # the per-request cost is the step cost shared out
+        assert per_request == pytest.approx(per_step / running, abs=0.06)
 
 
-def test_bench_throughput_runs_any_backend_and_rejects_unknown_ones(tmp_path, tiny_checkpoint, capsys) -> None:
-    import json
-
+def test_bench_throughput_runs_any_backend_and_rejects_unknown_ones(
+    tmp_path: Path, tiny_checkpoint: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
-
-    from ernie_serve.cli import main
 
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
     result = tmp_path / "onnx.json"
     args = ["bench", "throughput", "--model", str(checkpoint), "--num-requests", "2", "--skip-transformers"]
     assert main([*args, "--backend", "onnx", "--output-json", str(result)]) == 0
-    summary = json.loads(result.read_text())
-    assert summary["results"][0]["system"] == "ernie-serve (onnx)"
-    assert summary["single_request_decode_tok_s"] > 0
-    capsys.readouterr()
+    summary = _throughput_summary(result, capsys.readouterr().out, 2)
+    assert [r["system"] for r in summary["results"]] == ["ernie-serve (onnx)"]
+    assert "ratio" not in summary  # nothing to compare with
 
     assert main([*args, "--backend", "nope"]) == 1
-    assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1].startswith("ernie-serve: error: unknown backend 'nope'")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -33,12 +36,15 @@ def test_health_and_models(server: Any, client: openai.OpenAI) -> None:
         client.models.retrieve("gpt-4")
 
 
-def test_chat_stream_equals_non_stream_at_temperature_0(client: openai.OpenAI, tokenizer) -> None:
+def test_chat_stream_equals_non_stream_at_temperature_0(client: openai.OpenAI, tokenizer: Any) -> None:
     full = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
     choice = full.choices[0]
-    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    prompt = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True)
     assert full.usage is not None
+    # greedy, so one fixed answer: it either used all 12 tokens or ended early on the end-of-sentence token
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == ("length" if full.usage.completion_tokens == 12 else "stop")
+    assert full.usage.completion_tokens <= 12
+    prompt = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True)
     assert full.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
 
@@ -90,7 +96,7 @@ def test_completions_stream_equals_non_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_completions_echo_batch_and_token_prompts(client: openai.OpenAI, tokenizer) -> None:
+def test_completions_echo_batch_and_token_prompts(client: openai.OpenAI, tokenizer: Any) -> None:
     echoed = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith("Hello")
     ids = tokenizer.encode("Hello")
@@ -149,10 +155,14 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 def test_completion_logprobs(client: openai.OpenAI) -> None:
     response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
     logprobs = response.choices[0].logprobs
-    assert logprobs is not None and len(logprobs.tokens or []) == 4
-    assert all(lp <= 0 for lp in logprobs.token_logprobs or [])
-    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs or [])
-    assert logprobs.text_offset == [sum(len(t) for t in (logprobs.tokens or [])[:i]) for i in range(4)]
+    assert logprobs is not None
+    tokens, chosen, tops = logprobs.tokens or [], logprobs.token_logprobs or [], logprobs.top_logprobs or []
+    assert len(tokens) == len(chosen) == len(tops) == 4
+    assert "".join(tokens) == response.choices[0].text
+    for token, logprob, top in zip(tokens, chosen, tops, strict=True):
+        assert logprob <= 0 and len(top) == 2  # the 2 most likely; greedy, so the chosen token is one of them
+        assert top[token] == pytest.approx(logprob) == max(top.values())
+    assert logprobs.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(4)]
 
 
 def test_stop_strings_streamed_and_not(client: openai.OpenAI) -> None:
@@ -186,14 +196,16 @@ def test_unknown_fields_ignored_and_request_id_echoed(server: Any, client: opena
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL,
         messages=HELLO,
-        max_tokens=2,
+        max_tokens=4,
+        temperature=0,
         extra_body={"some_future_field": {"x": 1}},
         extra_headers={"X-Request-Id": "trace-42"},
     )
     assert raw.headers["x-request-id"] == "trace-42"
-    assert raw.parse().choices[0].message.content is not None
+    plain = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0)
+    assert raw.parse().choices[0].message.content == plain.choices[0].message.content  # the field changed nothing
     generated = httpx.get(f"{server.base_url}/v1/models").headers["x-request-id"]
-    assert len(generated) == 32
+    assert re.fullmatch("[0-9a-f]{32}", generated)
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_tokens(server: Any) -> None:
@@ -223,19 +235,11 @@ def test_sixteen_concurrent_streams_each_get_their_own_tokens(server: Any) -> No
     assert len(set(streamed)) > 1  # different prompts, different continuations
 
 
-def _metrics(server: Any) -> str:
-    return httpx.get(f"{server.base_url}/metrics").text
-
-
 @pytest.fixture(scope="module")
-def abort_count(server: Any, metric):
-    return lambda: metric(_metrics(server), "ernie_serve:request_success_total", finished_reason="abort")
+def idle(metric: Callable[..., float]) -> Callable[[str], bool]:
+    """`idle(metrics_text)`: no request running or waiting, and no KV block in use."""
 
-
-@pytest.fixture(scope="module")
-def idle(server: Any, metric):
-    def check() -> bool:
-        text = _metrics(server)
+    def check(text: str) -> bool:
         return (
             metric(text, "ernie_serve:num_requests_running") == 0
             and metric(text, "ernie_serve:num_requests_waiting") == 0
@@ -245,35 +249,45 @@ def idle(server: Any, metric):
     return check
 
 
-def _wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+def _aborts(text: str, metric: Callable[..., float]) -> float:
+    return metric(text, "ernie_serve:request_success_total", finished_reason="abort")
 
 
-def test_disconnect_mid_stream_aborts(server: Any, abort_count, idle) -> None:
-    _wait_for(idle)
-    aborts = abort_count()
+def test_disconnect_mid_stream_aborts(server: Any, metric: Callable[..., float], idle: Callable[[str], bool]) -> None:
+    aborts = _aborts(server.wait_for_metrics(idle), metric)
+    rid = f"leaves-mid-stream-{uuid.uuid4().hex}"
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=60) as response:
+    url = f"{server.base_url}/v1/completions"
+    with httpx.stream("POST", url, json=body, headers={"X-Request-Id": rid}, timeout=60) as response:
         for _ in response.iter_bytes():
             break  # got the first chunk; leave
-    _wait_for(lambda: abort_count() == aborts + 1)
-    _wait_for(idle)  # its KV blocks are free again
+    finished = server.wait_for_event(event="request finished", request_id=rid)
+    assert finished["finish_reason"] == "abort" and 1 <= finished["output_tokens"] < 1500
+    assert _aborts(server.metrics(), metric) == aborts + 1
+    server.wait_for_metrics(idle)  # the engine dropped the request: its KV blocks are free again
 
 
-def test_disconnect_while_waiting_for_a_non_streamed_response_aborts(server: Any, abort_count, idle) -> None:
-    _wait_for(idle)
-    aborts = abort_count()
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=1.0)
-    _wait_for(lambda: abort_count() == aborts + 1)
-    _wait_for(idle)
+def test_disconnect_while_waiting_for_a_non_streamed_response_aborts(
+    server: Any, metric: Callable[..., float], idle: Callable[[str], bool]
+) -> None:
+    aborts = _aborts(server.wait_for_metrics(idle), metric)
+    rid = f"leaves-while-waiting-{uuid.uuid4().hex}"
+    payload = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+        f"X-Request-Id: {rid}\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(head.encode() + payload)
+        # hang up once the engine runs it, long before its 1,500 tokens are done
+        server.wait_for_metrics(lambda text: metric(text, "ernie_serve:num_requests_running") == 1)
+    finished = server.wait_for_event(event="request finished", request_id=rid)
+    assert finished["finish_reason"] == "abort" and finished["output_tokens"] < 1500
+    assert _aborts(server.metrics(), metric) == aborts + 1
+    server.wait_for_metrics(idle)
 
 
-def test_web_search_extension_formats_the_question(client: openai.OpenAI, tokenizer) -> None:
+def test_web_search_extension_formats_the_question(client: openai.OpenAI, tokenizer: Any) -> None:
     search = {
         "references": [
             {
@@ -305,19 +319,36 @@ def test_web_search_extension_formats_the_question(client: openai.OpenAI, tokeni
     assert info.value.body["param"] == "web_search.references"  # type: ignore[index]
 
 
-class _SlowEngine:
-    """Just enough of AsyncEngine for the app: loading waits until the test lets it finish."""
+class _FakeTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [1 + ord(c) % 30 for c in text]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(self.decode_token(t) for t in token_ids)
+
+    def decode_token(self, token_id: int) -> str:
+        return chr(ord("a") + token_id % 26)
+
+
+class _FakeEngine:
+    """Just enough of AsyncEngine for the app, with every step in the test's hands: loading waits for
+    `loaded`; each request yields one token, then holds until `finish("length")` or an abort."""
 
     def __init__(self) -> None:
         from ernie_serve.async_engine import EngineSnapshot
         from ernie_serve.core.config import EngineSettings
 
-        self.settings = EngineSettings(model="slow")
+        self.settings = EngineSettings(model="fake")
         self.snapshot = EngineSnapshot()
+        self.tokenizer = _FakeTokenizer()
         self.is_loading = True
         self.is_ready = False
         self.max_model_len = 64
         self.loaded = asyncio.Event()
+        self.started = asyncio.Event()  # a request's first token has gone to the gateway
+        self.aborted: list[str] = []
+        self._finished = asyncio.Event()
+        self._reason = ""
 
     async def start(self) -> None:
         await self.loaded.wait()
@@ -326,25 +357,123 @@ class _SlowEngine:
     async def shutdown(self, timeout: float = 0.0) -> None:
         self.is_ready = False
 
+    def finish(self, reason: str) -> None:
+        self._reason = reason
+        self._finished.set()
 
-def test_health_is_503_while_loading_and_while_shutting_down() -> None:
-    from ernie_serve.gateway.app import build_app
+    async def abort(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+        self.finish("abort")
 
+    async def generate(
+        self, prompt_token_ids: list[int], params: Any, request_id: str, prompt: str | None = None, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        from ernie_serve.core.request import CompletionOutput, RequestOutput
+
+        def output(token_ids: list[int], reason: str | None) -> RequestOutput:
+            text = self.tokenizer.decode(token_ids)
+            choice = CompletionOutput(0, text, token_ids, None, None, finish_reason=reason)
+            return RequestOutput(request_id, prompt, list(prompt_token_ids), [choice], finished=reason is not None)
+
+        yield output([7], None)
+        self.started.set()  # the gateway asks for more: the first token is out
+        await self._finished.wait()
+        yield output([7, 8], self._reason)
+
+
+@pytest.fixture
+def fake_app() -> Callable[[], Any]:
+    """`fake_app()` -> (engine, the gateway app on it); drive the app inside `app.router.lifespan_context`."""
+
+    def make() -> tuple[_FakeEngine, Any]:
+        from ernie_serve.gateway.app import build_app
+
+        engine = _FakeEngine()
+        return engine, build_app(engine, use_plugins=False)  # type: ignore[arg-type]
+
+    return make
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def test_health_is_503_while_loading_and_while_shutting_down(fake_app: Callable[[], Any]) -> None:
     async def run() -> None:
-        engine = _SlowEngine()
-        app = build_app(engine, use_plugins=False)  # type: ignore[arg-type]
-        transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        engine, app = fake_app()
+        async with app.router.lifespan_context(app), _client(app) as c:
             response = await c.get("/health")
             assert (response.status_code, response.json()) == (503, {"status": "loading"})
             busy = await c.post("/v1/completions", json={"prompt": "x"})
             assert busy.status_code == 503 and busy.json()["error"]["code"] == "not_ready"
             engine.loaded.set()
-            await asyncio.sleep(0.05)
+            await app.state.loader  # the app's loading task has seen the engine start
             assert (await c.get("/health")).json() == {"status": "ok"}
             await app.state.serving.drain(0)
             assert (await c.get("/health")).json() == {"status": "shutting down"}
             closing = await c.post("/v1/completions", json={"prompt": "x"})
             assert closing.status_code == 503 and closing.json()["error"]["code"] == "shutting_down"
+
+    asyncio.run(run())
+
+
+_HELD = {"prompt": [1, 2, 3], "max_tokens": 2, "stream": True}
+
+
+def _sse_chunks(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    events = decode_stream([response.content])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_drain_lets_a_running_stream_finish_and_refuses_new_calls(
+    fake_app: Callable[[], Any], metric: Callable[..., float]
+) -> None:
+    async def run() -> None:
+        engine, app = fake_app()
+        engine.loaded.set()
+        async with app.router.lifespan_context(app), _client(app) as client:
+            await app.state.loader
+            streaming = asyncio.ensure_future(client.post("/v1/completions", json=_HELD))
+            await asyncio.wait_for(engine.started.wait(), 30)
+            drain = asyncio.ensure_future(app.state.serving.drain(600.0))
+            # tasks start in the order they were made: the drain has begun when this request is handled
+            health = await asyncio.ensure_future(client.get("/health"))
+            assert (health.status_code, health.json()) == (503, {"status": "shutting down"})
+            refused = await client.post("/v1/completions", json=_HELD)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert not drain.done()  # it waits for the running stream
+
+            engine.finish("length")
+            chunks = _sse_chunks(await asyncio.wait_for(streaming, 30))
+            await asyncio.wait_for(drain, 30)  # and returns once it is done
+            assert engine.aborted == []
+            assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == "hi"
+            assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None, "length"]
+            text = app.state.metrics.render().decode()
+            assert metric(text, "ernie_serve:request_success_total", finished_reason="length") == 1
+            assert metric(text, "ernie_serve:request_success_total", finished_reason="abort") == 0
+
+    asyncio.run(run())
+
+
+def test_drain_aborts_what_still_runs_at_the_deadline(
+    fake_app: Callable[[], Any], metric: Callable[..., float]
+) -> None:
+    async def run() -> None:
+        engine, app = fake_app()
+        engine.loaded.set()
+        async with app.router.lifespan_context(app), _client(app) as client:
+            await app.state.loader
+            streaming = asyncio.ensure_future(client.post("/v1/completions", json=_HELD))
+            await asyncio.wait_for(engine.started.wait(), 30)
+            # the request never finishes by itself: only the drain's abort can end it
+            await asyncio.wait_for(app.state.serving.drain(0), 30)
+            chunks = _sse_chunks(await asyncio.wait_for(streaming, 30))  # the stream still ends cleanly
+            assert engine.aborted == [chunks[0]["id"]]
+            assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None, "abort"]
+            text = app.state.metrics.render().decode()
+            assert metric(text, "ernie_serve:request_success_total", finished_reason="abort") == 1
 
     asyncio.run(run())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ KEYS = ("key-one", "key-two")
 
 
 @pytest.fixture(scope="module")
-def keyed(checkpoint, launch) -> Iterator[Any]:
+def keyed(checkpoint: Path, launch: Callable[..., Any]) -> Iterator[Any]:
     server = launch(checkpoint, "--api-key", KEYS[0], "--api-key", KEYS[1], "--max-concurrency", "2", wait=False)
     try:
         server.wait_ready()  # /health needs no key
@@ -31,57 +32,79 @@ def keyed(checkpoint, launch) -> Iterator[Any]:
         server.stop()
 
 
-def test_every_route_but_health_needs_a_key(keyed: Any) -> None:
+MISSING = "missing API key: send it as 'Authorization: Bearer KEY'"
+INCORRECT = "incorrect API key provided"
+
+
+def _auth_error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
+
+
+def test_every_route_but_health_needs_a_key(keyed: Any, checkpoint: Path) -> None:
     base = keyed.base_url
-    assert httpx.get(f"{base}/health").status_code == 200
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
     for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions")):
         response = httpx.request(method, f"{base}{path}", json={})
-        assert response.status_code == 401, path
-        assert response.json()["error"]["code"] == "invalid_api_key"
-        assert "missing" in response.json()["error"]["message"]
+        assert (response.status_code, response.json()) == (401, _auth_error(MISSING)), path
+        assert response.headers["www-authenticate"] == "Bearer"
         wrong = httpx.request(method, f"{base}{path}", json={}, headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401 and "incorrect" in wrong.json()["error"]["message"]
+        assert (wrong.status_code, wrong.json()) == (401, _auth_error(INCORRECT)), path
     for key in KEYS:
-        assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [str(checkpoint)]
     assert httpx.get(f"{base}/metrics", headers={"x-api-key": KEYS[1]}).status_code == 200
 
 
-def test_openai_client_with_and_without_the_key(keyed: Any, checkpoint: Any) -> None:
+def test_openai_client_with_and_without_the_key(keyed: Any, checkpoint: Path) -> None:
     good = openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=KEYS[0], max_retries=0)
-    assert good.completions.create(model=str(checkpoint), prompt="Hi", max_tokens=2).choices
+    response = good.completions.create(
+        model=str(checkpoint), prompt="Hi", max_tokens=2, extra_body={"ignore_eos": True}
+    )
+    assert [c.finish_reason for c in response.choices] == ["length"]
+    assert response.usage is not None and response.usage.completion_tokens == 2
     bad = openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as info:
         bad.models.list()
+    assert info.value.body == _auth_error(INCORRECT)["error"]
 
 
 def test_request_id_is_echoed_even_on_401(keyed: Any) -> None:
     response = httpx.get(f"{keyed.base_url}/v1/models", headers={"X-Request-Id": "abc-123"})
     assert response.status_code == 401 and response.headers["x-request-id"] == "abc-123"
     odd = httpx.get(f"{keyed.base_url}/health", headers={"X-Request-Id": "has spaces\tand tabs"})
-    assert odd.headers["x-request-id"] != "has spaces\tand tabs" and len(odd.headers["x-request-id"]) == 32
+    assert re.fullmatch("[0-9a-f]{32}", odd.headers["x-request-id"])  # not echoed: a fresh id instead
 
 
 def test_requests_beyond_max_concurrency_get_429(keyed: Any) -> None:
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     body = {"prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     url = f"{keyed.base_url}/v1/completions"
+    ids = ["slot-0", "slot-1"]
     with ExitStack() as stack:
         readers = []  # keep the iterators: dropping one closes its response, which aborts the request
-        for _ in range(2):
-            response = stack.enter_context(httpx.stream("POST", url, json=body, headers=headers, timeout=60))
+        for rid in ids:
+            response = stack.enter_context(
+                httpx.stream("POST", url, json=body, headers={**headers, "X-Request-Id": rid}, timeout=60)
+            )
             assert response.status_code == 200
             readers.append(response.iter_bytes())
             next(readers[-1])
         third = httpx.post(url, json={"prompt": "Hello", "max_tokens": 2}, headers=headers, timeout=60)
         assert third.status_code == 429
-        assert third.json()["error"]["type"] == "rate_limit_error"
+        assert third.json()["error"] == {
+            "message": "too many concurrent requests: this server takes 2 at a time; retry later",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
         client = openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=KEYS[0], max_retries=0)
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
-    deadline = time.monotonic() + 20  # the two streams were dropped: their slots free up
-    while httpx.post(url, json={"prompt": "Hello", "max_tokens": 2}, headers=headers).status_code == 429:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # the two streams were dropped: once the gateway has ended both calls, their slots are free
+    for rid in ids:
+        assert keyed.wait_for_event(event="request finished", request_id=rid)["finish_reason"] == "abort"
+    fourth = httpx.post(url, json={"prompt": "Hello", "max_tokens": 2}, headers=headers, timeout=60)
+    assert fourth.status_code == 200, fourth.text
 
 
 # ----- settings and middleware, in-process -----

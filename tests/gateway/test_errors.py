@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,73 +23,117 @@ def post(server: Any, path: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(f"{server.base_url}{path}", timeout=60, **kwargs)
 
 
-def assert_error(response: httpx.Response, status: int, param: str | None = None, needle: str = "") -> dict:
+def assert_error(response: httpx.Response, status: int, param: str | None, message: str) -> dict:
+    """An OpenAI error body with exactly `message` (a `message` ending in "..." is a prefix)."""
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["param"] == param
-    assert needle in body["error"]["message"]
+    if message.endswith("..."):
+        assert body["error"]["message"].startswith(message[:-3]), body["error"]["message"]
+    else:
+        assert body["error"]["message"] == message
     assert "Traceback" not in response.text
     return body["error"]
 
 
 @pytest.mark.parametrize(
-    ("body", "param", "needle"),
+    ("body", "param", "message"),
     [
-        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
-        ({"messages": MESSAGES, "top_p": 1.5}, "top_p", ""),
-        ({"messages": MESSAGES, "n": 0}, "n", ""),
-        ({"messages": MESSAGES, "temperature": "warm"}, "temperature", "valid number"),
-        ({"messages": MESSAGES, "frequency_penalty": -3}, "frequency_penalty", ""),
-        ({"messages": MESSAGES, "min_tokens": 5, "max_tokens": 2}, "min_tokens", "must not exceed"),
-        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
-        ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role", "not supported"),
-        ({"messages": []}, "messages", ""),
-        ({}, "messages", "required"),
-        ({"messages": "hi"}, "messages", ""),
+        (
+            {"messages": MESSAGES, "max_tokens": 0},
+            "max_tokens",
+            "max_tokens: Input should be greater than or equal to 1",
+        ),
+        ({"messages": MESSAGES, "top_p": 1.5}, "top_p", "top_p: Input should be less than or equal to 1"),
+        ({"messages": MESSAGES, "n": 0}, "n", "n: Input should be greater than or equal to 1"),
+        ({"messages": MESSAGES, "temperature": "warm"}, "temperature", "temperature: Input should be a valid number"),
+        (
+            {"messages": MESSAGES, "frequency_penalty": -3},
+            "frequency_penalty",
+            "frequency_penalty: Input should be greater than or equal to -2",
+        ),
+        (
+            {"messages": MESSAGES, "min_tokens": 5, "max_tokens": 2},
+            "min_tokens",
+            "min_tokens (5) must not exceed max_tokens (2)",
+        ),
+        (
+            {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+            "'tools' is not supported yet by ernie-serve",
+        ),
+        (
+            {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+            "response_format",
+            "response_format type 'json_object' is not supported yet: only 'text' is",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+            "messages.0.role",
+            "messages.0.role: 'tool' messages are not supported yet (tool calling is not implemented)",
+        ),
+        ({"messages": []}, "messages", "messages: List should have at least 1 item after validation, not 0"),
+        ({}, "messages", "'messages' is required"),
+        ({"messages": "hi"}, "messages", "messages: Input should be a valid array"),
     ],
 )
-def test_chat_bad_requests(server: Any, body: dict, param: str, needle: str) -> None:
-    error = assert_error(post(server, "/v1/chat/completions", json=body), 400, param, needle)
-    assert error["type"] == "invalid_request_error"
+def test_chat_bad_requests(server: Any, body: dict, param: str, message: str) -> None:
+    error = assert_error(post(server, "/v1/chat/completions", json=body), 400, param, message)
+    assert (error["type"], error["code"]) == ("invalid_request_error", None)
 
 
 @pytest.mark.parametrize("raw", [b'{"messages": [', b"", b"not json", b"\xff\xfe"])
 def test_malformed_json_is_400(server: Any, raw: bytes) -> None:
     response = post(server, "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
-    assert_error(response, 400, None, "not valid JSON")
+    assert_error(response, 400, None, "the request body is not valid JSON: ...")
 
 
 def test_body_must_be_an_object(server: Any) -> None:
-    assert_error(post(server, "/v1/completions", json=[1, 2]), 400, None, "JSON object")
+    assert_error(post(server, "/v1/completions", json=[1, 2]), 400, None, "the request body must be a JSON object")
 
 
 def test_prompt_plus_max_tokens_over_the_context_names_both_lengths(server: Any) -> None:
-    error = assert_error(
-        post(server, "/v1/completions", json={"prompt": [5] * 100, "max_tokens": 5000}), 400, "max_tokens"
+    too_much = "this model's maximum context length is 2048 tokens, but the request asks for"
+    assert_error(
+        post(server, "/v1/completions", json={"prompt": [5] * 100, "max_tokens": 5000}),
+        400,
+        "max_tokens",
+        f"{too_much} 5100 (100 in the prompt plus 5000 to generate)",
     )
-    assert "2048" in error["message"] and "100" in error["message"] and "5000" in error["message"]
-    error = assert_error(
-        post(server, "/v1/completions", json={"prompt": [5] * 2100, "max_tokens": 1}), 400, "max_tokens"
+    assert_error(
+        post(server, "/v1/completions", json={"prompt": [5] * 2100, "max_tokens": 1}),
+        400,
+        "max_tokens",
+        f"{too_much} 2101 (2100 in the prompt plus 1 to generate)",
     )
-    assert "2048" in error["message"] and "2100" in error["message"]
 
 
-def test_out_of_vocabulary_token_ids(server: Any) -> None:
-    assert_error(post(server, "/v1/completions", json={"prompt": [10**9]}), 400, "prompt", "token ids")
+def test_out_of_vocabulary_token_ids(server: Any, checkpoint: Path) -> None:
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    response = post(server, "/v1/completions", json={"prompt": [vocab]})
+    assert_error(response, 400, "prompt", f"prompt token ids must be in [0, {vocab})")
+    assert post(server, "/v1/completions", json={"prompt": [vocab - 1], "max_tokens": 1}).status_code == 200
 
 
 def test_unknown_model_is_404(server: Any) -> None:
     error = assert_error(
-        post(server, "/v1/chat/completions", json={"model": "gpt-4", "messages": MESSAGES}), 404, "model"
+        post(server, "/v1/chat/completions", json={"model": "gpt-4", "messages": MESSAGES}),
+        404,
+        "model",
+        "the model 'gpt-4' does not exist",
     )
-    assert error["code"] == "model_not_found"
+    assert (error["type"], error["code"]) == ("not_found_error", "model_not_found")
 
 
 def test_unknown_route_and_wrong_method(server: Any) -> None:
-    assert_error(httpx.get(f"{server.base_url}/v1/nothing"), 404, None, "no route")
-    assert_error(httpx.get(f"{server.base_url}/v1/chat/completions"), 405, None, "not allowed")
+    assert_error(httpx.get(f"{server.base_url}/v1/nothing"), 404, None, "no route GET /v1/nothing")
+    assert_error(
+        httpx.get(f"{server.base_url}/v1/chat/completions"),
+        405,
+        None,
+        "method GET is not allowed on /v1/chat/completions",
+    )
 
 
 def test_openai_client_sees_typed_errors(server: Any) -> None:
@@ -95,10 +141,12 @@ def test_openai_client_sees_typed_errors(server: Any) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=0)  # type: ignore[arg-type]
     assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as not_found:
         client.completions.create(model="nope", prompt="x")
-    with pytest.raises(openai.BadRequestError):
+    assert not_found.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, max_tokens=10**6)  # type: ignore[arg-type]
+    assert too_long.value.body["param"] == "max_tokens"  # type: ignore[index]
 
 
 def test_unexpected_exception_is_a_500_without_a_traceback() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +34,7 @@ def fake_engine(**stats: Any) -> Any:
     return SimpleNamespace(snapshot=EngineSnapshot(scheduler=SchedulerStats(**stats)))
 
 
-def test_engine_state_is_read_at_scrape_time(metric) -> None:
+def test_engine_state_is_read_at_scrape_time(metric: Callable[..., float]) -> None:
     engine = fake_engine()
     metrics = GatewayMetrics(engine, "m")
     assert metric(metrics.render().decode(), "ernie_serve:num_requests_running", model_name="m") == 0
@@ -56,14 +57,16 @@ def test_engine_state_is_read_at_scrape_time(metric) -> None:
     assert metric(text, "ernie_serve:num_preemptions_total") == 1
 
 
-def test_request_tracking_and_separate_registries(metric) -> None:
+def test_request_tracking_and_separate_registries(metric: Callable[..., float]) -> None:
     first, second = GatewayMetrics(fake_engine(), "a"), GatewayMetrics(fake_engine(), "b")
     tracker = first.track()
-    tracker.output()
-    tracker.output()
-    tracker.finish("stop", 5, 2, {"arrival_time": 1.0, "first_scheduled_time": 1.5})
+    times = {"arrival_time": 10.0, "first_token_time": 10.25}
+    tracker.output({**times, "last_token_time": 10.25})  # the first token: TTFT from the engine's times
+    tracker.output({**times, "last_token_time": 10.75})  # the next one, 0.5 s later
+    tracker.output({**times, "last_token_time": 10.75})  # no new token time: no gap to observe
+    assert tracker.finish("stop", 5, 2, {**times, "e2e_latency": 1.5, "queue_time": 0.125}) == 1.5
     tracker.finish("stop", 5, 2, None)  # a second finish is ignored
-    first.track().finish("abort", 3, 0, None)
+    first.track().finish("abort", 3, 0, None)  # never reached the engine: timed by the gateway's own clock
     text = first.render().decode()
     assert metric(text, "ernie_serve:request_success_total", finished_reason="stop") == 1
     assert metric(text, "ernie_serve:request_success_total", finished_reason="abort") == 1
@@ -71,23 +74,39 @@ def test_request_tracking_and_separate_registries(metric) -> None:
     assert metric(text, "ernie_serve:prompt_tokens_total") == 8
     assert metric(text, "ernie_serve:generation_tokens_total") == 2
     assert metric(text, "ernie_serve:time_to_first_token_seconds_count") == 1
+    assert metric(text, "ernie_serve:time_to_first_token_seconds_sum") == 0.25
     assert metric(text, "ernie_serve:inter_token_latency_seconds_count") == 1
+    assert metric(text, "ernie_serve:inter_token_latency_seconds_sum") == 0.5
     assert metric(text, "ernie_serve:e2e_request_latency_seconds_count") == 2
-    assert metric(text, "ernie_serve:request_queue_time_seconds_sum") == 0.5
+    assert metric(text, "ernie_serve:e2e_request_latency_seconds_sum") >= 1.5
+    assert metric(text, "ernie_serve:request_queue_time_seconds_count") == 1
+    assert metric(text, "ernie_serve:request_queue_time_seconds_sum") == 0.125
     assert metric(second.render().decode(), "ernie_serve:prompt_tokens_total") == 0
 
 
-def test_server_exposes_every_metric(server: Any, metric) -> None:
-    httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+def test_server_exposes_every_metric(server: Any, metric: Callable[..., float]) -> None:
+    before = server.metrics()
+    body = {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
+    done = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()
     response = httpx.get(f"{server.base_url}/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     for name in HISTOGRAMS:
-        assert f"# TYPE ernie_serve:{name} histogram" in text
+        assert f"# TYPE ernie_serve:{name} histogram" in text.splitlines()
     for name in GAUGES:
-        assert f"# TYPE ernie_serve:{name} gauge" in text
+        assert f"# TYPE ernie_serve:{name} gauge" in text.splitlines()
+        assert metric(text, f"ernie_serve:{name}", model_name="ernie-tiny") == 0  # nothing runs now
     for name in COUNTERS:
         assert re.search(rf"^# TYPE ernie_serve:{name.removesuffix('_total')}(_total)? counter$", text, re.M)
-        assert f"ernie_serve:{name}{{" in text
-    assert metric(text, "ernie_serve:generation_tokens_total", model_name="ernie-tiny") >= 3
-    assert metric(text, "ernie_serve:e2e_request_latency_seconds_count") >= 1
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(text, name, model_name="ernie-tiny", **labels) - metric(before, name, **labels)
+
+    # exactly what this one request added: 3 tokens, each after the first one step later
+    assert grew("ernie_serve:request_success_total", finished_reason="length") == 1
+    assert grew("ernie_serve:prompt_tokens_total") == done["usage"]["prompt_tokens"]
+    assert grew("ernie_serve:generation_tokens_total") == 3
+    assert grew("ernie_serve:e2e_request_latency_seconds_count") == 1
+    assert grew("ernie_serve:time_to_first_token_seconds_count") == 1
+    assert grew("ernie_serve:inter_token_latency_seconds_count") == 2
+    assert grew("ernie_serve:request_queue_time_seconds_count") == 1

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from ernie_serve.gateway.errors import error_param, from_validation_error
+from ernie_serve.gateway.errors import APIError, error_param, from_validation_error
 from ernie_serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_parameter
 
 
-def chat(**fields) -> ChatCompletionRequest:
+def chat(**fields: Any) -> ChatCompletionRequest:
     body = {"messages": [{"role": "user", "content": "hi"}], **fields}
     return ChatCompletionRequest.model_validate_json(json.dumps(body))
 
 
-def chat_error(**fields):
+def chat_error(**fields: Any) -> APIError:
     with pytest.raises(ValidationError) as info:
         chat(**fields)
     return from_validation_error(info.value)
@@ -38,49 +39,72 @@ def test_content_parts_join_and_developer_is_system() -> None:
 
 
 @pytest.mark.parametrize(
-    ("messages", "param", "needle"),
+    ("messages", "param", "message"),
     [
-        ([{"role": "tool", "content": "x"}], "messages.0.role", "not supported yet"),
-        ([{"role": "wizard", "content": "x"}], "messages.0.role", "unknown role"),
+        (
+            [{"role": "tool", "content": "x"}],
+            "messages.0.role",
+            "messages.0.role: 'tool' messages are not supported yet (tool calling is not implemented)",
+        ),
+        (
+            [{"role": "wizard", "content": "x"}],
+            "messages.0.role",
+            "messages.0.role: unknown role 'wizard': use 'system', 'user' or 'assistant'",
+        ),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
             "messages.0.content.0",
-            "only 'text' parts",
+            "messages.0.content.0: content part type 'image_url' is not supported: only 'text' parts are",
         ),
-        ([{"role": "user"}], "messages.0", "needs content"),
-        ([], "messages", "at least 1"),
+        ([{"role": "user"}], "messages.0", "messages.0: a 'user' message needs content"),
+        ([], "messages", "messages: List should have at least 1 item after validation, not 0"),
     ],
 )
-def test_bad_messages_name_the_field(messages: list, param: str, needle: str) -> None:
+def test_bad_messages_name_the_field(messages: list, param: str, message: str) -> None:
     error = chat_error(messages=messages)
-    assert error.status_code == 400
-    assert error.param == param
-    assert needle in error.message
+    assert (error.status_code, error.type, error.param, error.message) == (
+        400,
+        "invalid_request_error",
+        param,
+        message,
+    )
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"),
+    ("fields", "param", "message"),
     [
-        ({"temperature": "hot"}, "temperature"),
-        ({"temperature": -1}, "temperature"),
-        ({"top_p": 1.5}, "top_p"),
-        ({"n": 0}, "n"),
-        ({"n": "2"}, "n"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"presence_penalty": 3}, "presence_penalty"),
-        ({"stream": "yes"}, "stream"),
-        ({"stop": [1]}, "stop"),
-        ({"stop": ""}, "stop"),
-        ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
-        ({"stream_options": {"include_usage": True}}, None),
-        ({"top_logprobs": 2}, None),
+        ({"temperature": "hot"}, "temperature", "temperature: Input should be a valid number"),
+        ({"temperature": -1}, "temperature", "temperature: Input should be greater than or equal to 0"),
+        ({"top_p": 1.5}, "top_p", "top_p: Input should be less than or equal to 1"),
+        ({"n": 0}, "n", "n: Input should be greater than or equal to 1"),
+        ({"n": "2"}, "n", "n: Input should be a valid integer"),
+        ({"max_tokens": 0}, "max_tokens", "max_tokens: Input should be greater than or equal to 1"),
+        (
+            {"max_completion_tokens": 0},
+            "max_completion_tokens",
+            "max_completion_tokens: Input should be greater than or equal to 1",
+        ),
+        ({"presence_penalty": 3}, "presence_penalty", "presence_penalty: Input should be less than or equal to 2"),
+        ({"stream": "yes"}, "stream", "stream: Input should be a valid boolean"),
+        ({"stop": [1]}, "stop", "stop: Input should be a valid string"),
+        ({"stop": ""}, "stop", "stop: stop strings must not be empty"),
+        (
+            {"top_logprobs": 30, "logprobs": True},
+            "top_logprobs",
+            "top_logprobs: Input should be less than or equal to 20",
+        ),
+        ({"stream_options": {"include_usage": True}}, None, "stream_options is only allowed when stream is true"),
+        ({"top_logprobs": 2}, None, "top_logprobs needs logprobs set to true"),
     ],
 )
-def test_wrong_types_and_ranges_are_400s(fields: dict, param: str | None) -> None:
+def test_wrong_types_and_ranges_are_400s(fields: dict, param: str | None, message: str) -> None:
     error = chat_error(**fields)
-    assert error.status_code == 400 and error.type == "invalid_request_error"
-    assert error.param == param
+    assert (error.status_code, error.type, error.param, error.message) == (
+        400,
+        "invalid_request_error",
+        param,
+        message,
+    )
 
 
 def test_unknown_fields_are_kept_for_plugins_and_otherwise_ignored() -> None:
@@ -90,19 +114,25 @@ def test_unknown_fields_are_kept_for_plugins_and_otherwise_ignored() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"),
+    ("fields", "param", "message"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
-        ({"modalities": ["text", "audio"]}, "modalities"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+            "'tools' is not supported yet by ernie-serve",
+        ),
+        ({"tool_choice": "auto"}, "tool_choice", "'tool_choice' is not supported yet by ernie-serve"),
+        (
+            {"response_format": {"type": "json_object"}},
+            "response_format",
+            "response_format type 'json_object' is not supported yet: only 'text' is",
+        ),
+        ({"logit_bias": {"5": 10}}, "logit_bias", "'logit_bias' is not supported yet by ernie-serve"),
+        ({"modalities": ["text", "audio"]}, "modalities", "only the 'text' modality is supported"),
     ],
 )
-def test_unsupported_parameters_are_named(fields: dict, param: str) -> None:
-    found = unsupported_parameter(chat(**fields))
-    assert found is not None and found[0] == param
-    assert "not supported" in found[1] or "only" in found[1]
+def test_unsupported_parameters_are_named(fields: dict, param: str, message: str) -> None:
+    assert unsupported_parameter(chat(**fields)) == (param, message)
 
 
 @pytest.mark.parametrize(
@@ -146,17 +176,22 @@ def test_chat_sampling_params_mapping() -> None:
         ([[1], [2, 3]], [[1], [2, 3]]),
     ],
 )
-def test_completion_prompt_shapes(prompt, expected) -> None:
+def test_completion_prompt_shapes(prompt: Any, expected: list[Any]) -> None:
     request = CompletionRequest.model_validate_json(json.dumps({"prompt": prompt}))
     assert request.prompts() == expected
     assert request.sampling_params().max_tokens == 16  # OpenAI's completions default
 
 
 @pytest.mark.parametrize("prompt", [[], [1, "a"], [[]], [True], 3, None])
-def test_bad_completion_prompts(prompt) -> None:
+def test_bad_completion_prompts(prompt: Any) -> None:
     with pytest.raises(ValidationError) as info:
         CompletionRequest.model_validate_json(json.dumps({"prompt": prompt}))
-    assert from_validation_error(info.value).param == "prompt"
+    error = from_validation_error(info.value)
+    assert (error.param, error.message) == (
+        "prompt",
+        "prompt: prompt must be a string, a list of strings, a list of token ids or a list of token-id lists, "
+        "and not empty",
+    )
 
 
 def test_completion_missing_prompt_and_echo_with_logprobs() -> None:
@@ -166,8 +201,13 @@ def test_completion_missing_prompt_and_echo_with_logprobs() -> None:
     assert (error.param, error.message) == ("prompt", "'prompt' is required")
     with pytest.raises(ValidationError) as info:
         CompletionRequest.model_validate_json('{"prompt": "a", "echo": true, "logprobs": 1}')
-    assert "not supported" in from_validation_error(info.value).message
-    assert unsupported_parameter(CompletionRequest.model_validate_json('{"prompt": "a", "suffix": "z"}'))
+    error = from_validation_error(info.value)
+    assert (error.param, error.message) == (
+        None,
+        "echo with logprobs is not supported yet (prompt logprobs are not computed)",
+    )
+    suffix = CompletionRequest.model_validate_json('{"prompt": "a", "suffix": "z"}')
+    assert unsupported_parameter(suffix) == ("suffix", "'suffix' is not supported yet by ernie-serve")
 
 
 def test_error_param_drops_union_labels() -> None:
@@ -178,7 +218,11 @@ def test_error_param_drops_union_labels() -> None:
 
 
 def test_malformed_json_and_non_objects() -> None:
-    for body, needle in (('{"messages": ', "not valid JSON"), ("[1]", "must be a JSON object")):
-        with pytest.raises(ValidationError) as info:
-            ChatCompletionRequest.model_validate_json(body)
-        assert needle in from_validation_error(info.value).message
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json('{"messages": ')
+    error = from_validation_error(info.value)
+    assert error.param is None and error.message.startswith("the request body is not valid JSON: ")
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json("[1]")
+    error = from_validation_error(info.value)
+    assert (error.param, error.message) == (None, "the request body must be a JSON object")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,13 +23,24 @@ from ernie_serve.gateway.sse import decode_stream
 PLAS = '{"plas_encoder_top_k_left": 50, "plas_encoder_top_k_right": 60}'
 
 
-def _finish_reasons(raw: bytes) -> list[str]:
+def _stream_events(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON chunks of a whole SSE body, which must end with [DONE]."""
     events = decode_stream([raw])
-    assert events[-1] == "[DONE]"
-    return [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c.get("finish_reason")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
 
 
-def test_fastdeploy_command_line_metrics_port_and_sigterm_while_streaming(checkpoint: Path, launch, port) -> None:
+def _finish_reasons(chunks: list[dict[str, Any]]) -> list[str]:
+    return [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+
+
+def _error_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("ernie-serve: error:")]
+
+
+def test_fastdeploy_command_line_metrics_port_and_sigterm_while_streaming(
+    checkpoint: Path, launch: Callable[..., Any], port: Callable[[], int], metric: Callable[..., float]
+) -> None:
     metrics_port = port()
     server = launch(
         checkpoint,
@@ -40,62 +54,88 @@ def test_fastdeploy_command_line_metrics_port_and_sigterm_while_streaming(checkp
         "--enable-chunked-prefill",
         "--plas-attention-config", PLAS,
         "--api-key", "k",
-        "--shutdown-timeout", "3",
+        "--shutdown-timeout", "120",
         subcommand=False,
     )  # fmt: skip
     try:
-        log = server.log()
-        for flag in (
+        # the card's command line runs unchanged: one warning per flag that has no effect here, naming it
+        notes = [e["event"] for e in server.events(level="warning") if " has no effect here: " in e["event"]]
+        assert sorted(note.split(" has no effect here: ")[0] for note in notes) == [
+            "--engine-worker-queue-port",
+            "--plas-attention-config",
             "--quantization wint4",
             "--tensor-parallel-size 8",
-            "--engine-worker-queue-port",
-            "--plas-attention",
-        ):
-            assert log.count(f"{flag}") == 1 and "has no effect here" in log, log
+        ], server.log()
         # the metrics port serves /metrics only, without a key; the API port wants the key for it
         metrics_url = f"http://127.0.0.1:{metrics_port}"
-        assert "ernie_serve:num_requests_running" in httpx.get(f"{metrics_url}/metrics").text
+        scraped = httpx.get(f"{metrics_url}/metrics")
+        assert scraped.status_code == 200
+        assert metric(scraped.text, "ernie_serve:num_requests_running", model_name=str(checkpoint)) == 0
         assert httpx.get(f"{metrics_url}/v1/models").status_code == 404
         assert httpx.get(f"{server.base_url}/metrics").status_code == 401
         headers = {"Authorization": "Bearer k"}
         assert httpx.get(f"{server.base_url}/metrics", headers=headers).status_code == 200
 
         url = f"{server.base_url}/v1/completions"
-        short = {"prompt": "Hi", "max_tokens": 10, "ignore_eos": True, "stream": True}
-        long = {"prompt": "Hi", "max_tokens": 1900, "ignore_eos": True, "stream": True}
-        with (
-            httpx.stream("POST", url, json=short, headers=headers, timeout=60) as first,
-            httpx.stream("POST", url, json=long, headers=headers, timeout=60) as second,
-        ):
-            readers = [first.iter_bytes(), second.iter_bytes()]
-            received = [next(r) for r in readers]
+        body = {
+            "prompt": "Hi",
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream("POST", url, json=body, headers={**headers, "X-Request-Id": "drained"}, timeout=120) as r:
+            assert r.status_code == 200
+            reader = r.iter_bytes()
+            head = next(reader)  # the first chunk is out: the request runs in the engine
+            server.wait_for_metrics(
+                lambda text: metric(text, "ernie_serve:num_requests_running", model_name=str(checkpoint)) == 1,
+                headers=headers,
+            )
             server.proc.send_signal(signal.SIGTERM)
-            received = [head + b"".join(r) for head, r in zip(received, readers, strict=True)]
-        assert _finish_reasons(received[0]) == ["length"]  # finished within --shutdown-timeout
-        assert _finish_reasons(received[1]) == ["abort"]  # cut at the timeout, the stream still ends cleanly
-        assert server.proc.wait(30) == 0
+            shutting_down = server.wait_for_event(event="shutting down")
+            raw = head + b"".join(reader)
+        assert (shutting_down["signal"], shutting_down["timeout_s"]) == ("SIGTERM", 120.0)
+        # the drain let the running stream finish: every token, then the usage chunk and [DONE]
+        chunks = _stream_events(raw)
+        assert _finish_reasons(chunks) == ["length"]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 200
+        assert server.wait_exit() == 0
+        events = server.events()
+        finished = server.events(event="request finished", request_id="drained")
+        assert [(e["finish_reason"], e["output_tokens"]) for e in finished] == [("length", 200)]
+        assert events.index(shutting_down) < events.index(finished[0])  # it was still running at SIGTERM
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{server.base_url}/health", timeout=2)
     finally:
         server.stop()
 
 
-def test_busy_port_is_one_line_and_exit_1(checkpoint: Path, launch) -> None:
+def test_busy_port_is_one_line_and_exit_1(checkpoint: Path, launch: Callable[..., Any]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         busy = sock.getsockname()[1]
         server = launch(checkpoint, port=busy, wait=False)
-        assert server.proc.wait(120) == 1
-    log = server.log()
-    assert f"ernie-serve: error: cannot listen on 127.0.0.1:{busy}" in log and "Traceback" not in log
+        assert server.wait_exit() == 1
+    lines = server.lines()
+    errors = _error_lines(lines)
+    assert len(errors) == 1 and errors[0] == lines[-1], server.log()
+    assert errors[0].startswith(f"ernie-serve: error: cannot listen on 127.0.0.1:{busy}: ")
+    assert not any("Traceback" in line for line in lines)
+    assert server.events(event="listening") == []  # it failed before starting to serve
 
 
-def test_bad_model_is_one_line_and_exit_1(tmp_path: Path, launch) -> None:
-    server = launch(tmp_path / "missing", wait=False)
-    assert server.proc.wait(120) == 1
-    log = server.log()
-    assert "ernie-serve: error: --model" in log and "Traceback" not in log
+def test_bad_model_is_one_line_and_exit_1(tmp_path: Path, launch: Callable[..., Any]) -> None:
+    missing = tmp_path / "missing"
+    server = launch(missing, wait=False)
+    assert server.wait_exit() == 1
+    lines = server.lines()
+    errors = _error_lines(lines)
+    assert len(errors) == 1 and errors[0] == lines[-1], server.log()
+    assert errors[0].startswith(f"ernie-serve: error: --model '{missing}' is neither a checkpoint directory")
+    assert not any("Traceback" in line for line in lines)
+    assert server.events(event="ready to serve") == []
 
 
 def test_bad_server_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,8 +165,15 @@ def test_no_subcommand_means_serve_and_every_card_flag_parses() -> None:
     assert args.enable_chunked_prefill is True and args.plas_attention_config == PLAS
 
 
-def test_console_script_help_lists_serve_and_bench() -> None:
+def test_console_script_help_lists_serve_and_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal width, here and in the subprocess
+    parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert {"serve", "bench"} <= commands
     script = Path(sys.executable).parent / "ernie-serve"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERNIE_SERVE_")}
-    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env, timeout=60).stdout
-    assert "serve" in out and "bench" in out
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == parser.format_help()  # the console script is our parser
+    listed = {m.group(1) for m in re.finditer(r"^ {4}(\w+) {2,}\S", proc.stdout, re.M)}
+    assert listed == commands  # one help row per subcommand

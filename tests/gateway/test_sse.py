@@ -24,9 +24,10 @@ def test_encode_model_and_string() -> None:
     assert encode_data(DONE_DATA) == DONE == b"data: [DONE]\n\n"
 
 
-def test_encode_refuses_a_newline_in_a_string() -> None:
-    with pytest.raises(ValueError):
-        encode_data("two\nlines")
+@pytest.mark.parametrize("text", ["two\nlines", "two\rlines"])
+def test_encode_refuses_a_newline_in_a_string(text: str) -> None:
+    with pytest.raises(ValueError, match="^an SSE data line cannot contain a newline$"):
+        encode_data(text)
 
 
 def test_json_with_newlines_in_values_stays_on_one_line() -> None:
