@@ -1,8 +1,8 @@
 """Token sampling, once for every backend: penalties, min_tokens, temperature, top-k/top-p/min-p, per-request
-seeds, and vLLM-shaped logprobs.
-
-Logprobs are those of the model's raw distribution (log-softmax of the logits before penalties and
-temperature), as vLLM reports them. All work is float32.
+seeds, and vLLM-shaped logprobs, on the logits' device for the whole batch: only the chosen ids and the asked-for
+logprobs cross to the host. Logprobs are those of the raw distribution (log-softmax of the logits before penalties
+and temperature), as vLLM reports them. All work is float32. Shapes: B rows, V vocabulary, P rows with penalties,
+R rows sampled at random, L rows asking for logprobs, K the most top logprobs one of them asks for.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from ernie_serve.core.plan import SampledToken
 from ernie_serve.core.request import Logprob, Request
+from ernie_serve.core.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 
@@ -21,133 +22,162 @@ _NEG_INF = float("-inf")
 class SamplingState:
     """Per-request sampler state the engine keeps beside the request."""
 
-    generator: torch.Generator  # the request's own stream when seeded, else the engine's shared one
+    seed: int | None  # None: the request draws from the sampler's shared generator
+    generator: torch.Generator | None = None  # made at first use, on the logits' device: it is bound to one
 
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
-        self.shared_generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._shared_generators: dict[torch.device, torch.Generator] = {}
+        # The penalized rows of the last call that had any, kept so that a step counts only the tokens appended
+        # since. Counts follow each request's own ids (which only grow), not what was sampled; a request that call
+        # did not have (new, or preempted then) is counted afresh.
+        self._counted: list[tuple[SamplingState, int]] = []  # row j: (its state, output tokens counted)
+        self._counts = torch.zeros(0, 2, 0)  # [P, 2, V] occurrences of each token in the prompt (0), output (1)
 
     def new_state(self, seed: int | None) -> SamplingState:
         """Called when a request is added. A seeded request draws from its own generator, so its tokens do not
         depend on what else shares the batch."""
-        if seed is None:
-            return SamplingState(self.shared_generator)
-        return SamplingState(torch.Generator().manual_seed(seed))
+        return SamplingState(seed)
 
     def __call__(
         self, logits: torch.Tensor, requests: list[Request], states: list[SamplingState]
     ) -> list[SampledToken]:
         """Called once per step with the backend's logits `[B, V]` (row i for requests[i])."""
-        # Sampling state (per-request generators, penalties) lives on the host; logits are [B, V], small.
-        logits = logits.float().cpu()
-        want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        raw = logits.float()  # [B, V]; the backend's own tensor when float32 already, so never written to
+        vocab, device = raw.shape[-1], raw.device
+        penalized = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
+        stops = [(i, t) for i, r in enumerate(requests) for t in _early_stops(r) if 0 <= t < vocab]
+        logits = raw.clone() if penalized or stops else raw  # [B, V]
+        if penalized:
+            self._apply_penalties(logits, requests, states, penalized)
+        if stops:  # until `min_tokens` exist, the tokens that would end a request cannot be sampled
+            index = _index(stops, device)  # [N, 2] (row, token)
+            logits[index[:, 0], index[:, 1]] = _NEG_INF
 
-        if any(_changes_logits(r) for r in requests):  # else the backend's logits are used as they are
-            logits = self._apply_penalties(logits.clone(), requests)
-            self._mask_early_stops(logits, requests)
-
-        token_ids = logits.argmax(dim=-1)  # the greedy rows' tokens; sampled rows are replaced below
+        token_ids = logits.argmax(dim=-1)  # [B] the greedy rows' tokens; sampled rows are replaced below
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if random_rows:
-            probs = self._filtered_probs(logits[random_rows], [requests[i] for i in random_rows])
-            # Exponential race (argmax p/q with q ~ Exp(1)) samples from p; each row uses its own generator.
-            noise = torch.empty_like(probs)
-            for row, i in enumerate(random_rows):
-                noise[row].exponential_(generator=states[i].generator)
-            token_ids[random_rows] = (probs / noise).argmax(dim=-1)
+            # Unseeded rows first: one draw from the shared generator serves them all, in row order.
+            random_rows.sort(key=lambda i: states[i].seed is not None)
+            num_shared = sum(states[i].seed is None for i in random_rows)
+            rows = _index(random_rows, device)  # [R]
+            probs = _filtered_probs(logits[rows], [requests[i].sampling_params for i in random_rows])  # [R, V]
+            # Exponential race (argmax p/q with q ~ Exp(1)) samples from p; seeded rows use their own generators.
+            noise = torch.empty_like(probs)  # [R, V]
+            if device not in self._shared_generators:
+                self._shared_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            noise[:num_shared].exponential_(generator=self._shared_generators[device])
+            for row, i in enumerate(random_rows[num_shared:], start=num_shared):
+                state = states[i]
+                state.generator = state.generator or torch.Generator(device=device).manual_seed(state.seed)
+                noise[row].exponential_(generator=state.generator)
+            token_ids[rows] = (probs / noise).argmax(dim=-1)
 
         chosen = token_ids.tolist()
-        results = []
-        for i, request in enumerate(requests):
-            logprobs = None
-            if raw_logprobs is not None and want_logprobs[i]:
-                logprobs = _logprobs_entry(raw_logprobs[i], chosen[i], request.sampling_params.logprobs or 0)
-            results.append(SampledToken(chosen[i], logprobs))
-        return results
+        logprobs = _logprobs(raw, token_ids, chosen, [r.sampling_params.logprobs for r in requests])
+        return [SampledToken(t, lp) for t, lp in zip(chosen, logprobs, strict=True)]
 
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        for i, request in enumerate(requests):
-            params = request.sampling_params
-            if params.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
-                seen = seen[seen < vocab]
-                values = logits[i, seen]
-                # CTRL: shrink positive logits and grow negative ones of every token already present
-                logits[i, seen] = torch.where(
-                    values > 0, values / params.repetition_penalty, values * params.repetition_penalty
-                )
-            if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
-                outputs = torch.tensor(request.output_token_ids, dtype=torch.long)
-                counts = torch.bincount(outputs[outputs < vocab], minlength=vocab).float()
-                logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-        return logits
+    def _apply_penalties(
+        self, logits: torch.Tensor, requests: list[Request], states: list[SamplingState], rows: list[int]
+    ) -> None:
+        """Repetition (CTRL, over prompt and output), then frequency and presence (OpenAI, over the output)."""
+        params = [requests[i].sampling_params for i in rows]
+        factors = [(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params]
+        repetition, frequency, presence = torch.tensor(factors, device=logits.device)[:, :, None].unbind(1)  # [P, 1]
+        counts = self._token_counts([requests[i] for i in rows], [states[i] for i in rows], logits)  # [P, 2, V]
+        in_prompt, in_output = (counts > 0).unbind(1)  # [P, V] each
+        index = _index(rows, logits.device)  # [P]
+        values = logits[index]  # [P, V]
+        # CTRL: shrink positive logits and grow negative ones of every token already present
+        repeated = torch.where(values > 0, values / repetition, values * repetition)
+        values = torch.where(in_prompt | in_output, repeated, values)
+        logits[index] = values - (frequency * counts[:, 1] + presence * in_output.float())
 
-    @staticmethod
-    def _mask_early_stops(logits: torch.Tensor, requests: list[Request]) -> None:
-        """Until `min_tokens` exist, the tokens that would end the request cannot be sampled."""
-        vocab = logits.shape[-1]
-        for i, request in enumerate(requests):
-            params = request.sampling_params
-            if request.num_output_tokens >= params.min_tokens:
-                continue
-            stops = set(params.stop_token_ids)
-            if not params.ignore_eos:
-                stops |= request.eos_token_ids
-            ids = [t for t in stops if t < vocab]
-            if ids:
-                logits[i, ids] = _NEG_INF
-
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Temperature, then top-k, top-p and min-p, then softmax. Rows `[R, V]`."""
-        params = [r.sampling_params for r in requests]
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        logits = logits / temperatures[:, None]
-        vocab = logits.shape[-1]
-        top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_ps = [p.top_p if p.top_p is not None else 1.0 for p in params]
-        min_ps = [p.min_p for p in params]
-        if all(k == vocab for k in top_ks) and all(p >= 1.0 for p in top_ps) and not any(min_ps):
-            return torch.softmax(logits, dim=-1)
-
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-        ranks = torch.arange(vocab)[None, :]
-        sorted_logits = sorted_logits.masked_fill(ranks >= torch.tensor(top_ks)[:, None], _NEG_INF)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # top-p: drop a token when the mass before it already reaches p (the first token always stays)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        top_p = torch.tensor(top_ps)[:, None]
-        drop = (mass_before >= top_p) & (top_p < 1.0)
-        # min-p: drop tokens less likely than min_p times the most likely one
-        drop |= sorted_probs < torch.tensor(min_ps)[:, None] * sorted_probs[:, :1]
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
-        filtered = torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
-        return torch.softmax(filtered, dim=-1)
+    def _token_counts(self, requests: list[Request], states: list[SamplingState], logits: torch.Tensor) -> torch.Tensor:
+        """The requests' token counts, brought up to date with their ids: a row the last call had is carried over
+        and gets the output tokens appended since; any other is counted afresh."""
+        vocab, device = logits.shape[-1], logits.device
+        last = {id(s): (j, n) for j, (s, n) in enumerate(self._counted)}  # ids stay unique: _counted holds them
+        carried, add = [], []  # (row, its row last call); (row, 0 for prompt or 1 for output, token)
+        for row, (request, state) in enumerate(zip(requests, states, strict=True)):
+            j, counted = last.get(id(state), (-1, 0))
+            if j >= 0:
+                carried.append((row, j))
+            else:
+                add += [(row, 0, t) for t in request.prompt_token_ids if 0 <= t < vocab]
+            add += [(row, 1, t) for t in request.output_token_ids[counted:] if 0 <= t < vocab]
+        # A new table unless this is the last call's batch again, in the same order (steady decoding).
+        if len(carried) != len(requests) or carried != [(j, j) for j in range(len(self._counted))]:
+            counts = torch.zeros(len(requests), 2, vocab, device=device)  # [P, 2, V]
+            if carried:
+                index = _index(carried, device)  # [C, 2] (row, its row last call)
+                counts[index[:, 0]] = self._counts[index[:, 1]]
+            self._counts = counts
+        if add:
+            index = _index(add, device)  # [N, 3]
+            self._counts.index_put_(tuple(index.T), torch.ones(len(add), device=device), accumulate=True)
+        self._counted = [(s, r.num_output_tokens) for r, s in zip(requests, states, strict=True)]
+        return self._counts
 
 
-def _changes_logits(request: Request) -> bool:
-    """Whether penalties or `min_tokens` may change this request's logits this step. Mirrors the conditions of
-    `Sampler._apply_penalties` and `Sampler._mask_early_stops`: one they act on must be covered here too."""
+def _index(values: list, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+
+
+def _early_stops(request: Request) -> set[int]:
+    """The tokens that would end the request, while `min_tokens` says it may not end yet. The caller skips ids
+    outside the vocabulary: they end nothing, and a negative one would index from the end."""
     params = request.sampling_params
-    return (
-        params.repetition_penalty != 1.0
-        or bool(params.presence_penalty or params.frequency_penalty)
-        or request.num_output_tokens < params.min_tokens
-    )
+    if request.num_output_tokens >= params.min_tokens:
+        return set()
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else request.eos_token_ids)
 
 
-def _logprobs_entry(row_logprobs: torch.Tensor, token_id: int, top_k: int) -> dict[int, Logprob]:
-    """The sampled token's logprob and rank, plus the k most likely tokens (vLLM's layout)."""
-    chosen = float(row_logprobs[token_id])
-    rank = int((row_logprobs > chosen).sum()) + 1
-    entry = {token_id: Logprob(chosen, rank)}
-    if top_k > 0:
-        values, indices = row_logprobs.topk(min(top_k, row_logprobs.shape[-1]))
-        for r, (value, index) in enumerate(zip(values.tolist(), indices.tolist(), strict=True), start=1):
-            entry.setdefault(index, Logprob(value, r))
-    return entry
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, then softmax. Rows `[R, V]`."""
+    vocab = logits.shape[-1]
+    table = [(p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p or 1.0, p.min_p) for p in params]
+    temperature, top_k, top_p, min_p = torch.tensor(table, device=logits.device)[:, :, None].unbind(1)  # [R, 1]
+    logits = logits / temperature
+    if all(k == vocab and p >= 1.0 and not m for _, k, p, m in table):
+        return torch.softmax(logits, dim=-1)
+
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    sorted_logits = sorted_logits.masked_fill(torch.arange(vocab, device=logits.device) >= top_k, _NEG_INF)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # top-p: drop a token when the mass before it already reaches p (the first token always stays)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (mass_before >= top_p) & (top_p < 1.0)
+    # min-p: drop tokens less likely than min_p times the most likely one
+    drop |= sorted_probs < min_p * sorted_probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+    filtered = torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
+    return torch.softmax(filtered, dim=-1)
+
+
+def _logprobs(
+    raw: torch.Tensor, token_ids: torch.Tensor, chosen: list[int], asked: list[int | None]
+) -> list[dict[int, Logprob] | None]:
+    """Per row None, or vLLM's layout: the sampled token's logprob and rank, plus the k most likely tokens."""
+    rows = [i for i, k in enumerate(asked) if k is not None]
+    entries: list[dict[int, Logprob] | None] = [None] * len(asked)
+    if not rows:
+        return entries
+    index = _index(rows, raw.device)  # [L]
+    logprobs = torch.log_softmax(raw[index], dim=-1)  # [L, V]
+    sampled = logprobs.gather(1, token_ids[index, None])  # [L, 1]
+    ranks = ((logprobs > sampled).sum(dim=-1) + 1).tolist()  # [L]
+    top = logprobs.topk(min(max(asked[i] or 0 for i in rows), raw.shape[-1]), dim=-1)  # [L, K]
+    values, indices, sampled_values = top.values.tolist(), top.indices.tolist(), sampled[:, 0].tolist()
+    for j, i in enumerate(rows):
+        entry = entries[i] = {chosen[i]: Logprob(sampled_values[j], ranks[j])}
+        for r, (value, token) in enumerate(zip(values[j][: asked[i]], indices[j][: asked[i]], strict=True), 1):
+            entry.setdefault(token, Logprob(value, r))
+    return entries

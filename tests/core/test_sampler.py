@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 
 import pytest
@@ -212,6 +213,50 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
     assert greedy_pick([2.0, 1.5, 0.0, -5.0, 0.0], prompt=[1], repetition_penalty=0.7) == 1
 
 
+def test_penalties_follow_each_requests_ids_across_steps() -> None:
+    """Counts the sampler keeps between steps equal counts taken afresh from the ids, whatever joins, leaves or
+    reorders the batch, and whatever a request gains while it is away (the sampler follows its ids)."""
+    vocab, rng, rows = 40, random.Random(0), torch.Generator().manual_seed(8)
+    penalties = [
+        dict(repetition_penalty=1.6),
+        dict(frequency_penalty=0.3),
+        dict(presence_penalty=0.8),
+        dict(repetition_penalty=0.7, frequency_penalty=-0.2, presence_penalty=0.5),
+        dict(frequency_penalty=0.4, min_tokens=5, stop_token_ids=[7]),
+    ]
+    pool = [
+        make_request([rng.randrange(vocab) for _ in range(8)], request_id=str(i), temperature=0.0, **params)
+        for i, params in enumerate(penalties * 2)
+    ]
+    sampler = Sampler()
+    states = {r.request_id: sampler.new_state(None) for r in pool}
+    penalized_picks = 0
+    for _ in range(40):
+        batch = rng.sample(pool, rng.randint(1, len(pool)))  # any subset, in any order
+        logits = torch.randn(len(batch), vocab, generator=rows) * 0.5
+        picks = [t.token_id for t in sampler(logits, batch, [states[r.request_id] for r in batch])]
+        assert picks == sample(Sampler(), logits, batch)  # fresh states count from the ids
+        penalized_picks += sum(a != b for a, b in zip(picks, logits.argmax(dim=-1).tolist(), strict=True))
+        for request, token in zip(batch, picks, strict=True):
+            request.output_token_ids.append(token)
+        for request in pool:
+            if request not in batch and rng.random() < 0.3:
+                request.output_token_ids.append(rng.randrange(vocab))
+    assert penalized_picks > 40  # the penalties really steer the picks
+
+
+def test_the_backends_logits_are_left_as_they_are() -> None:
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(9))
+    before = logits.clone()
+    requests = [
+        make_request([1, 2], request_id="a", temperature=0.0, repetition_penalty=2.0, presence_penalty=1.0),
+        make_request(request_id="b", temperature=1.0, min_tokens=2, stop_token_ids=[5]),
+        make_request(request_id="c", temperature=0.5, top_p=0.5),
+    ]
+    sample(Sampler(), logits, requests)
+    assert torch.equal(logits, before)
+
+
 # ----- min_tokens -----
 
 
@@ -226,6 +271,19 @@ def test_min_tokens_masks_eos_and_stop_tokens_until_reached() -> None:
     # random sampling is masked the same way
     picks = sample(Sampler(), torch.tensor(logits).repeat(200, 1), [make_request(temperature=1.0, **params)] * 200)
     assert EOS not in picks and 4 not in picks
+
+
+@pytest.mark.parametrize("bad", [-5000, -1, 6, 10**12])
+def test_stop_and_eos_ids_outside_the_vocabulary_are_ignored(bad: int) -> None:
+    """They end nothing: masking them must neither fail nor hit another token (-1 would index the last one)."""
+    logits = [0.0, 0.0, 1.0, 3.0, 2.0, 9.0]  # vocabulary of 6; the last token is the most likely
+    sampler = Sampler()
+    requests = [
+        Request(str(i), [0], SamplingParams(temperature=t, min_tokens=1, stop_token_ids=[bad, 4]), frozenset({3, bad}))
+        for i, t in enumerate([0.0, 1.0])
+    ]
+    states = [sampler.new_state(None) for _ in requests]
+    assert [t.token_id for t in sampler(torch.tensor([logits, logits]), requests, states)] == [5, 5]
 
 
 # ----- logprobs -----
@@ -294,6 +352,20 @@ def test_logprobs_are_of_the_raw_logits_not_the_tempered_ones() -> None:
         assert token.logprobs[token.token_id].logprob == pytest.approx(raw[token.token_id], abs=1e-5)
         assert {t: lp.rank for t, lp in token.logprobs.items()} == {0: 1, 1: 2, 2: 3, 3: 4}
         assert math.fsum(math.exp(lp.logprob) for lp in token.logprobs.values()) == pytest.approx(1.0)
+
+
+def test_logprobs_k_is_each_rows_own() -> None:
+    logits = [3.0, 2.0, 1.0, 0.5, 0.0]
+    sampler = Sampler()
+    requests = [
+        make_request([0], request_id="a", temperature=0.0, repetition_penalty=10.0, logprobs=1),  # samples 1
+        make_request(request_id="b", temperature=0.0, logprobs=3),
+        make_request(request_id="c", temperature=0.0),
+        make_request(request_id="d", temperature=0.0, logprobs=0),
+    ]
+    tokens = sampler(torch.tensor([logits] * 4), requests, [sampler.new_state(None) for _ in requests])
+    ranks = [None if t.logprobs is None else {i: lp.rank for i, lp in t.logprobs.items()} for t in tokens]
+    assert ranks == [{1: 2, 0: 1}, {0: 1, 1: 2, 2: 3}, None, {0: 1}]
 
 
 def test_logprobs_only_for_rows_that_ask() -> None:
