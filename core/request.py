@@ -120,4 +120,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    metrics: dict[str, float] | None = None  # on the final output: see `Engine` for the keys
+    # While running: arrival_time, first_token_time, last_token_time (once a token exists). On the final
+    # output: `ernie_serve.core.engine_core.request_metrics` (latencies and token counts).
+    metrics: dict[str, float] | None = None

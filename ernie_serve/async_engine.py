@@ -1,14 +1,16 @@
 """The engine for servers: the step loop runs in its own thread, callers await per-request async streams.
 
 The event loop never runs model code. Commands (add, abort) cross into the engine thread through a queue and
-are applied between steps; outputs cross back with `call_soon_threadsafe`. A stream that is closed early (the
-client went away) aborts its request at once.
+are applied between steps; each step's outputs cross back in one `call_soon_threadsafe` hand-off. Per-request
+streams are touched only on the event loop (as vLLM's AsyncLLM does), so they need no lock. A stream that is
+closed early (the client went away) aborts its request at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 import time
@@ -56,7 +58,9 @@ class AsyncEngine:
         self.engine: Engine | None = None
         self.snapshot = EngineSnapshot()
         self._commands: queue.SimpleQueue[tuple[_Command, concurrent.futures.Future]] = queue.SimpleQueue()
+        # Only touched on the event loop: per-request queues, and an event set whenever none is left.
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._no_streams = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -84,9 +88,10 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Let in-flight requests finish for up to `timeout` seconds, abort the rest, stop the thread."""
-        deadline = time.monotonic() + timeout
-        while self._streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if self._streams:
+            self._no_streams.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_streams.wait(), timeout)
         if self._streams:
             await self.abort(list(self._streams))
         self._stopping.set()
@@ -118,6 +123,7 @@ class AsyncEngine:
         aborts the request."""
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
+        self._no_streams.clear()
         try:
             await self._call(
                 lambda engine: engine.add_request(
@@ -125,7 +131,7 @@ class AsyncEngine:
                 )
             )
         except BaseException as exc:
-            self._streams.pop(request_id, None)
+            self._drop_stream(request_id)
             if not isinstance(exc, Exception) and not self._stopping.is_set():
                 # Cancelled while the add was in flight (the client left): the engine may still add it.
                 self._abort_later(request_id)
@@ -141,25 +147,23 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            self._drop_stream(request_id)
             if not finished and not self._stopping.is_set():
                 self._abort_later(request_id)
 
+    def _drop_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        if not self._streams:
+            self._no_streams.set()
+
     def _abort_later(self, request_id: str) -> None:
         """Queue an abort for the engine thread without waiting for it (from cleanup code)."""
-        self._commands.put((lambda engine: self._abort_and_flush(engine, [request_id]), _done()))
+        self._commands.put((lambda engine: engine.abort_request([request_id]), _done()))
 
     async def abort(self, request_ids: str | list[str]) -> None:
         """Abort requests; their streams end with a last output whose finish_reason is "abort"."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        await self._call(lambda engine: self._abort_and_flush(engine, ids))
-
-    def _abort_and_flush(self, engine: Engine, ids: list[str]) -> None:
-        """In the engine thread: abort, and when nothing is left to step, run one empty step so the aborted
-        requests' final outputs still reach their streams (the loop only steps while work remains)."""
-        engine.abort_request(ids)
-        if not engine.has_unfinished_requests():
-            self._deliver(engine.step())
+        await self._call(lambda engine: engine.abort_request(ids))
 
     async def _call(self, command: _Command) -> Any:
         """Run `command(engine)` in the engine thread between steps and return its result."""
@@ -187,11 +191,11 @@ class AsyncEngine:
                     started = time.perf_counter()
                     outputs = engine.step()
                     self.snapshot = EngineSnapshot(
-                        engine.scheduler.stats(), self.snapshot.steps + 1, time.perf_counter() - started
+                        engine.core.scheduler.stats(), self.snapshot.steps + 1, time.perf_counter() - started
                     )
                     self._deliver(outputs)
                 else:  # aborts applied while idle still change the counts
-                    self.snapshot = EngineSnapshot(engine.scheduler.stats(), self.snapshot.steps, 0.0)
+                    self.snapshot = EngineSnapshot(engine.core.scheduler.stats(), self.snapshot.steps, 0.0)
         except BaseException as exc:  # a crash must fail every waiting client, not hang them
             self._error = exc
             log.exception("engine loop crashed")
@@ -227,14 +231,25 @@ class AsyncEngine:
                 return
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        assert self._loop is not None
+        """In the engine thread: hand one step's outputs to the event loop in a single call."""
+        if outputs:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: each output to its request's stream (gone if the caller stopped listening)."""
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                self._loop.call_soon_threadsafe(stream.put_nowait, output)
+                stream.put_nowait(output)
 
     def _fail_all(self, exc: BaseException) -> None:
+        """In the engine thread, after a crash: every waiting stream ends with the error."""
         assert self._loop is not None
         error = EngineDeadError(f"the engine crashed: {exc}")
-        for stream in list(self._streams.values()):
-            self._loop.call_soon_threadsafe(stream.put_nowait, error)
+        self._loop.call_soon_threadsafe(self._fail_streams, error)
+
+    def _fail_streams(self, error: EngineDeadError) -> None:
+        """On the event loop: end every open stream with `error`."""
+        for stream in self._streams.values():
+            stream.put_nowait(error)

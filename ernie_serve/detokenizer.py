@@ -1,8 +1,10 @@
 """Incremental detokenization with stop strings: token ids in, streamable text deltas out.
 
-One `IncrementalDetokenizer` per completion. The engine calls `add_tokens` with each step's new ids (it
-returns the stop string when one is hit, and the engine then finishes the request), `pop_delta` whenever it
-streams a chunk, and `finish` when the request ends for any other reason (eos, length, abort).
+One `IncrementalDetokenizer` per completion, owned by the output processor: it calls `add_tokens` with each
+step's new ids (it returns the stop string when one is hit, and the request is then finished), and `finish`
+when the request ends for any other reason (eos, length, abort). `output_text` is the one rule for what may
+be shown: while the request runs it leaves out characters that could still begin a stop string, so text
+that was shown is never taken back; every stream sends the growth of `output_text` and nothing else.
 
 Decoding uses vLLM's prefix/read offsets: each step decodes only a short window (the tokens read last step,
 for context, plus the new ones) twice and keeps the difference, so the cost per token does not grow with the
@@ -68,8 +70,8 @@ class IncrementalDetokenizer:
 
         self._pieces: list[str] = []  # the whole text so far, in pieces (joined when output_text is read)
         self._tail = ""  # its last `_tail_len` characters, where a stop string may begin
-        self._unsent: list[str] = []  # the part not yet returned by pop_delta
         self._hold = 0  # characters at the end that could be the start of a stop string
+        self._shown = 0  # length of the longest output_text returned: a stop cut may never go below it
         self._finished = False
         self.stop_reason: str | None = None  # the stop string that ended the text, if any
 
@@ -89,29 +91,23 @@ class IncrementalDetokenizer:
 
     def finish(self) -> None:
         """Called when the request ends without a stop string: bytes of an unfinished character are released
-        as U+FFFD (as `decode` prints them) and `pop_delta` stops holding anything back."""
+        as U+FFFD (as `decode` prints them) and `output_text` stops holding anything back."""
         if not self._finished and self.stop_reason is None:
             self._append(self._read(flush=True))
         self._finished = True
 
-    def pop_delta(self) -> str:
-        """Text not returned by earlier calls; called when the engine emits a streaming chunk.
-
-        While the request runs, characters that might begin a stop string are held back until the next
-        tokens settle it; after a stop or `finish` everything left is returned.
-        """
-        text = "".join(self._unsent)
-        keep = 0 if self._finished or self.stop_reason is not None else min(self._hold, len(text))
-        self._unsent = [text[len(text) - keep :]] if keep else []
-        return text[: len(text) - keep]
-
     @property
     def output_text(self) -> str:
-        """All text so far (stop string cut unless included), including any held back from `pop_delta`.
-        Costs a join over the text: read it for final outputs, stream with `pop_delta`."""
+        """The text so far, stop string cut (unless included). While the request runs, the characters at the
+        end that could still begin a stop string are left out until the next tokens settle them; after a stop
+        or `finish` it is the whole text. It only ever grows. Costs a join over the text."""
         if len(self._pieces) > 1:
             self._pieces[:] = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
+        text = self._pieces[0] if self._pieces else ""
+        if not self._finished and self.stop_reason is None and self._hold:
+            text = text[: len(text) - self._hold]
+        self._shown = len(text)
+        return text
 
     def _read(self, flush: bool) -> str:
         """Decode the window and return the characters the new ids add (vLLM's detokenize_incrementally)."""
@@ -140,15 +136,12 @@ class IncrementalDetokenizer:
             cut = (end if self._include_stop else start) - len(self._tail)  # relative to delta
             if cut >= 0:
                 self._pieces.append(delta[:cut])
-                self._unsent.append(delta[:cut])
             else:
-                # The stop string began in earlier text; that text was held back, so it is still unsent.
-                assert sum(map(len, self._unsent)) >= -cut, "stop-string start was already streamed"
+                # The stop string began in earlier text; that text was held back, so it was never shown.
                 _drop_last(self._pieces, -cut)
-                _drop_last(self._unsent, -cut)
+                assert sum(map(len, self._pieces)) >= self._shown, "stop-string start was already shown"
             return self.stop_reason
         self._pieces.append(delta)
-        self._unsent.append(delta)
         self._tail = window[-self._tail_len :] if self._tail_len else ""
         self._hold = self._stop_prefix_len(window)
         return None

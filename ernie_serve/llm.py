@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from types import TracebackType
 from typing import Any
 
 from ernie_serve.core.config import EngineSettings
@@ -16,7 +17,11 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    """One engine, used synchronously. Every request of one `generate`/`chat` call is batched together."""
+    """One engine, used synchronously. Every request of one `generate`/`chat` call is batched together.
+
+    Keywords are `EngineSettings` fields, or options of the chosen backend (e.g. `cpu_weight_prepack=False`
+    for torch), which go to `EngineSettings.backend_options`. Call `close()` (or use `with LLM(...) as llm:`)
+    to release the backend when done."""
 
     def __init__(
         self,
@@ -27,6 +32,10 @@ class LLM:
         load_format: str = "auto",
         **settings: Any,
     ) -> None:
+        engine_fields = set(EngineSettings.model_fields)
+        backend_options = {k: settings.pop(k) for k in list(settings) if k not in engine_fields}
+        if backend_options:
+            settings["backend_options"] = {**settings.get("backend_options", {}), **backend_options}
         self.engine = Engine(
             EngineSettings(
                 model=model,
@@ -46,6 +55,18 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    def close(self) -> None:
+        """Release the backend (threads, memory, devices); the LLM cannot generate afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
 
     def generate(
         self,
@@ -92,7 +113,8 @@ class LLM:
         return {"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(text)}
 
     def stream(self, prompt: str, sampling_params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
-        """Yield text deltas of one request as they are produced (the CLI's `generate`)."""
+        """Yield text deltas of one request as they are produced (the CLI's `generate`). The deltas add up to
+        the final text exactly: text that may still turn out to be part of a stop string is held back."""
         source: PromptInput = self.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
         text, token_ids = self._tokenize(source)
         request_id = self.engine.add_request(token_ids, sampling_params, prompt=text)

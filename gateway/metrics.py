@@ -119,32 +119,38 @@ class GatewayMetrics:
 
 
 class RequestTracker:
-    """Latency bookkeeping of one request, fed by the handler as outputs arrive."""
+    """Latency bookkeeping of one API call. The times come from the engine's outputs (`RequestOutput.metrics`),
+    the one source of request timings; the gateway only observes them."""
 
-    __slots__ = ("metrics", "arrival", "first_token", "last_output", "done")
+    __slots__ = ("metrics", "started", "ttft", "last_token_time", "done")
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
-        self.arrival = time.monotonic()
-        self.first_token: float | None = None
-        self.last_output: float | None = None
+        self.started = time.monotonic()  # for calls that end before the engine reports anything
+        self.ttft: float | None = None
+        self.last_token_time: float | None = None
         self.done = False
 
-    def output(self) -> None:
-        """Called for every engine output that carries new tokens."""
-        now = time.monotonic()
-        if self.first_token is None:
-            self.first_token = now
-            self.metrics.ttft.observe(now - self.arrival)
-        elif self.last_output is not None:
-            self.metrics.itl.observe(now - self.last_output)
-        self.last_output = now
+    def output(self, engine_metrics: dict[str, float] | None) -> None:
+        """Called for every engine output that carries new tokens: observes time to first token once, then
+        the gap since the previous token."""
+        if engine_metrics is None or "last_token_time" not in engine_metrics:
+            return
+        last = engine_metrics["last_token_time"]
+        if self.ttft is None:
+            self.ttft = engine_metrics["first_token_time"] - engine_metrics["arrival_time"]
+            self.metrics.ttft.observe(self.ttft)
+        elif self.last_token_time is not None and last > self.last_token_time:
+            self.metrics.itl.observe(last - self.last_token_time)
+        self.last_token_time = last
 
     def finish(
         self, reason: str, prompt_tokens: int, output_tokens: int, engine_metrics: dict[str, float] | None
     ) -> float:
-        """Called once when the request ends (finished, aborted or failed); returns its duration."""
-        duration = time.monotonic() - self.arrival
+        """Called once when the call ends (finished, aborted or failed); returns its duration: the engine's
+        end-to-end latency, or the gateway's own clock when the engine never finished the request."""
+        engine_metrics = engine_metrics or {}
+        duration = engine_metrics.get("e2e_latency", time.monotonic() - self.started)
         if self.done:
             return duration
         self.done = True
@@ -153,10 +159,6 @@ class RequestTracker:
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(output_tokens)
         m.finished(reason)
-        if engine_metrics and "first_scheduled_time" in engine_metrics and "arrival_time" in engine_metrics:
-            m.queue_time.observe(max(0.0, engine_metrics["first_scheduled_time"] - engine_metrics["arrival_time"]))
+        if "queue_time" in engine_metrics:
+            m.queue_time.observe(max(0.0, engine_metrics["queue_time"]))
         return duration
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.arrival

@@ -182,6 +182,7 @@ _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "guided_regex": (None,),
     "guided_choice": (None,),
     "guided_grammar": (None,),
+    "prompt_logprobs": (None,),  # backends return logits only for the positions that sample
 }
 
 

@@ -77,18 +77,6 @@ class _Call:
     engine_metrics: dict[str, float] | None = None
 
 
-def _stop_hold(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of `text` that could begin a stop string: not streamed until settled, because
-    a stop string completed later cuts the text where it began."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
-
-
 def _clamp(logprob: float) -> float:
     return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
 
@@ -182,6 +170,9 @@ async def gather_or_cancel(awaitables: Sequence[Awaitable[T]]) -> list[T]:
             if not task.done():
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:  # the failure that stopped the others, not the cancellation it caused them
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
     return [task.result() for task in tasks]
 
 
@@ -306,9 +297,19 @@ class OpenAIServing:
         """Wait for every stream's first output: the engine validates a request (length, token ids) when it
         is added, so its errors arrive here, before any response is started. None: the client went away (the
         call is ended and its streams closed)."""
+
+        async def first(index: int, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+            try:
+                return await _next(stream)
+            except SamplingParamsError as exc:
+                if len(streams) == 1:
+                    raise
+                param = f"prompt[{index}]" if exc.param == "prompt" else exc.param
+                raise SamplingParamsError(param, f"prompt {index}: {exc}") from None
+
         try:
             try:
-                return await until_disconnect(request, gather_or_cancel([_next(s) for s in streams]))
+                return await until_disconnect(request, gather_or_cancel([first(i, s) for i, s in enumerate(streams)]))
             except SamplingParamsError as exc:
                 raise bad_request(str(exc), exc.param) from None
             except EngineDeadError:
@@ -412,7 +413,7 @@ class OpenAIServing:
     def _count_new(self, call: _Call, output: RequestOutput, seen: int) -> int:
         total = sum(len(c.token_ids) for c in output.outputs)
         if total > seen:
-            call.tracker.output()
+            call.tracker.output(output.metrics)
         return total
 
     def _chat_response(
@@ -452,7 +453,6 @@ class OpenAIServing:
         stream: AsyncIterator[RequestOutput],
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        stops = parsed.stop_list()
         want_logprobs = parsed.logprobs
         top_k = parsed.top_logprobs or 0
         decode = self.engine.tokenizer.decode_token
@@ -478,7 +478,7 @@ class OpenAIServing:
                     i = c.index
                     if progress[i].done:
                         continue
-                    delta, first_new, finished = progress[i].advance(c, stops)
+                    delta, first_new, finished = progress[i].advance(c)
                     logprobs = None
                     if len(c.token_ids) > first_new:
                         new_tokens = True
@@ -497,7 +497,7 @@ class OpenAIServing:
                             )
                         )
                 if new_tokens:
-                    call.tracker.output()
+                    call.tracker.output(output.metrics)
                 call.output_tokens = _sent_tokens(progress)
                 if output.finished:
                     call.engine_metrics = output.metrics
@@ -581,7 +581,6 @@ class OpenAIServing:
         echoes: list[str],
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        stops = parsed.stop_list()
         top_k = parsed.logprobs
         decode = self.engine.tokenizer.decode_token
         n = parsed.n
@@ -611,7 +610,7 @@ class OpenAIServing:
                     i = p * n + c.index
                     if progress[i].done:
                         continue
-                    delta, first_new, finished = progress[i].advance(c, stops)
+                    delta, first_new, finished = progress[i].advance(c)
                     logprobs = None
                     if len(c.token_ids) > first_new:
                         new_tokens = True
@@ -631,7 +630,7 @@ class OpenAIServing:
                             )
                         )
                 if new_tokens:
-                    call.tracker.output()
+                    call.tracker.output(output.metrics)
                 call.output_tokens = _sent_tokens(progress)
                 if output.finished:
                     finals[p] = output
@@ -657,15 +656,13 @@ class _ChoiceProgress:
     tokens: int = 0  # of its token ids
     done: bool = False  # its finish_reason went out
 
-    def advance(self, output: CompletionOutput, stops: list[str]) -> tuple[str, int, bool]:
+    def advance(self, output: CompletionOutput) -> tuple[str, int, bool]:
         """Take the choice's latest cumulative output: returns the text to send now, the index of its first
-        token not sent before, and whether it finished; everything returned counts as sent. Text that could
-        still become a stop string is held back until it cannot."""
+        token not sent before, and whether it finished; everything returned counts as sent. The engine's text
+        only grows (it holds back what may still become a stop string), so the new part is its tail."""
         finished = output.finish_reason is not None
-        text = output.text
-        visible = len(text) if finished or not stops else len(text) - _stop_hold(text, stops)
-        delta = text[self.text : visible] if visible > self.text else ""
-        self.text = max(self.text, visible)
+        delta = output.text[self.text :]
+        self.text = len(output.text)
         first_new, self.tokens = self.tokens, max(self.tokens, len(output.token_ids))
         self.done = finished
         return delta, first_new, finished

@@ -37,18 +37,28 @@ def stream(
     prompt: Sequence[int] = (),
     **kwargs: bool,
 ) -> tuple[list[str], str | None, IncrementalDetokenizer]:
-    """Feed `chunks` like engine steps, popping a delta after each; returns (deltas, stop hit, detok)."""
+    """Feed `chunks` like engine steps, taking the growth of `output_text` after each as a stream would;
+    returns (deltas, stop hit, detok). Asserts that shown text is never taken back."""
     detok = IncrementalDetokenizer(tok, list(prompt), list(stop), **kwargs)
     deltas: list[str] = []
+    shown = ""
     hit = None
+
+    def take() -> None:
+        nonlocal shown
+        text = detok.output_text
+        assert text.startswith(shown), (shown, text)
+        deltas.append(text[len(shown) :])
+        shown = text
+
     for chunk in chunks:
         hit = detok.add_tokens(list(chunk))
-        deltas.append(detok.pop_delta())
+        take()
         if hit is not None:
             break
     if hit is None:
         detok.finish()
-    deltas.append(detok.pop_delta())
+    take()
     return deltas, hit, detok
 
 
@@ -199,17 +209,17 @@ def test_diverging_stop_prefix_is_released(tok: Tokenizer) -> None:
     text = "Hello world, how are you today?"
     ids = tok.encode(text)
     detok = IncrementalDetokenizer(tok, [], ["world peace"])
-    streamed = ""
+    decoded = ""
     for i in ids:
         assert detok.add_tokens([i]) is None
-        streamed += detok.pop_delta()
+        decoded += tok.decode([i])
         # Text that could still become "world peace" is held back, nothing else.
-        if detok.output_text.endswith("world"):
-            assert streamed == "Hello "
-        if detok.output_text.endswith(","):
-            assert streamed == detok.output_text
+        if decoded.endswith("world"):
+            assert detok.output_text == "Hello "
+        if decoded.endswith(","):
+            assert detok.output_text == decoded
     detok.finish()
-    assert streamed + detok.pop_delta() == text
+    assert detok.output_text == text
 
 
 def test_held_stop_prefix_released_at_finish(tok: Tokenizer) -> None:
@@ -229,10 +239,10 @@ def test_stop_after_split_character(tok: Tokenizer) -> None:
 def test_tokens_after_stop_are_ignored(tok: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tok, [], ["b"])
     assert detok.add_tokens(tok.encode("a b c")) == "b"
-    assert detok.pop_delta() == "a "
+    assert detok.output_text == "a "
     assert detok.add_tokens(tok.encode(" more")) == "b"
     detok.finish()
-    assert detok.pop_delta() == "" and detok.output_text == "a "
+    assert detok.output_text == "a "
 
 
 def test_empty_and_duplicate_stop_strings(tok: Tokenizer) -> None:

@@ -43,8 +43,8 @@ def test_greedy_outputs_do_not_depend_on_scheduling(checkpoint, baseline, settin
     llm = LLM(model=checkpoint, block_size=4, **settings)
     assert _tokens(llm) == baseline
     if "num_gpu_blocks_override" in settings:
-        assert llm.engine.scheduler.stats().num_preemptions > 0
-    bm = llm.engine.scheduler.block_manager
+        assert llm.engine.core.scheduler.stats().num_preemptions > 0
+    bm = llm.engine.core.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 
@@ -55,7 +55,7 @@ def test_shared_system_prompt_is_computed_once(checkpoint) -> None:
     second = llm.generate({"prompt_token_ids": system + [7, 8, 9]}, SamplingParams(temperature=0, max_tokens=3))[0]
     assert first.metrics["num_cached_tokens"] == 0
     assert second.metrics["num_cached_tokens"] == len(system)  # 60 = 15 full blocks of 4
-    stats = llm.engine.scheduler.stats()
+    stats = llm.engine.core.scheduler.stats()
     assert stats.prefix_cache_hits == len(system) and stats.prefix_cache_queries == 62 + 63
 
     uncached = LLM(model=checkpoint, block_size=4, enable_prefix_caching=False)
@@ -81,7 +81,7 @@ def test_abort_frees_blocks_in_any_state(checkpoint) -> None:
     assert finished[waiting].outputs[0].finish_reason == "abort"
     assert finished[waiting].outputs[0].token_ids == []
     assert finished[kept].outputs[0].finish_reason == "length"
-    bm = engine.scheduler.block_manager
+    bm = engine.core.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 
