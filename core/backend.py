@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ernie_serve.core.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     from ernie_serve.core.plan import StepPlan
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """The backend cannot run on this machine; the message says what to install or which hardware it needs."""
 
 

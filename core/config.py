@@ -14,13 +14,15 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ernie_serve.core.errors import UserError
+
 SUPPORTED_MODEL_TYPES = {
     "ernie4_5": "Ernie4_5ForCausalLM",
     "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A checkpoint's config.json that ernie-serve cannot serve."""
 
 

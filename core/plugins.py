@@ -26,6 +26,7 @@ import pluggy
 
 from ernie_serve.core import hookspecs
 from ernie_serve.core.backend import Backend, BackendCapabilities, BackendOptions
+from ernie_serve.core.errors import UserError
 from ernie_serve.core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ BUILTIN_DISTRIBUTION = "ernie-serve"  # its entry points are the built-ins
 T = TypeVar("T")
 
 
-class UnknownPluginError(KeyError):
+class UnknownPluginError(UserError, KeyError):
     """A backend, scheduler or model name that no plugin registered; the message lists the known names."""
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -27,7 +28,10 @@ from pydantic import ValidationError
 
 from ernie_serve.cli_options import (
     PROG,
+    FlagClashError,
+    add_backend_arguments,
     add_settings_arguments,
+    backend_option_errors,
     format_validation_error,
     given_settings,
     settings_from_args,
@@ -36,7 +40,6 @@ from ernie_serve.core.config import EngineSettings
 from ernie_serve.logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 if TYPE_CHECKING:
-    from ernie_serve.core.plugins import Registration, Registry
     from ernie_serve.core.sampling_params import SamplingParams
 
 EXIT_OK = 0
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve.add_argument_group("engine options"), EngineSettings)
     add_settings_arguments(serve.add_argument_group("server options"), _server_settings_cls())
     _add_log_level(serve)
+    add_backend_arguments(serve, {"engine option": EngineSettings, "server option": _server_settings_cls()})
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 = off")
     sampling.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    add_backend_arguments(generate, {"engine option": EngineSettings})
     return parser
 
 
@@ -165,21 +170,53 @@ def _server_settings_cls() -> type:
 def _add_bench_throughput(bench_sub: Any) -> None:
     bench = bench_sub.add_parser(
         "throughput",
-        help="offline engine vs transformers generate, same weights and workload, one run",
-        description="Run a mixed workload (prompts 16..256, outputs 16..128 tokens, greedy, ignore_eos) through "
-        "ernie-serve's offline engine and transformers' generate (static batches of 16, left padding) on the "
-        "same weights, and print both throughputs and their ratio. Needs transformers (the test extra).",
+        help="offline engine (one or more backends) vs transformers generate, same weights and workload, one run",
+        description="Run a workload (by default mixed: prompts 16..256, outputs 16..128 tokens; or fixed lengths "
+        "with --input-len/--output-len; greedy, ignore_eos) through ernie-serve's offline engine on each --backend "
+        "and through transformers' generate (static batches of 16, left padding) on the same weights, and print "
+        "a table (throughput, start-up, mean TTFT and TPOT, KV blocks) and the ratios. Needs transformers (the "
+        "test extra) unless --skip-transformers.",
     )
-    bench.add_argument("--model", default=None, help="checkpoint directory (default: the ~70M CPU benchmark model)")
-    bench.add_argument("--num-requests", type=int, default=48, help="requests in the workload (default: 48)")
+    bench.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory, 'demo', or a preset with --load-format dummy (default: the ~70M CPU "
+        "benchmark model)",
+    )
+    bench.add_argument(
+        "--num-requests", "--num-prompts", type=int, default=48, help="requests in the workload (default: 48)"
+    )
+    bench.add_argument("--input-len", type=int, default=None, help="fixed prompt length (with --output-len)")
+    bench.add_argument("--output-len", type=int, default=None, help="fixed output length (with --input-len)")
     bench.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     bench.add_argument("--max-num-seqs", type=int, default=64, help="engine --max-num-seqs (default: 64)")
     bench.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="engine --max-num-batched-tokens (default: 2048)"
     )
     bench.add_argument(
-        "--backend", default="torch", help="the backend ernie-serve runs the model with (default: torch)"
+        "--backend",
+        default="torch",
+        help="the backend ernie-serve runs the model with; several, comma-separated, are compared in one run "
+        "(default: torch)",
     )
+    bench.add_argument("--dtype", default=None, help="engine --dtype (default: the engine's, auto)")
+    bench.add_argument("--device", default=None, help="engine --device (default: the engine's, auto)")
+    bench.add_argument(
+        "--load-format",
+        choices=("auto", "safetensors", "dummy"),
+        default=None,
+        help="engine --load-format; dummy = random weights, needed for presets (default: auto)",
+    )
+    bench.add_argument(
+        "--rounds", type=int, default=1, help="runs of the workload per system, taking turns; medians (default: 1)"
+    )
+    bench.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=5,
+        help="single-request decode passes per backend on a fresh engine, median; 0 skips (default: 5)",
+    )
+    bench.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
     bench.add_argument("--skip-transformers", action="store_true", help="time ernie-serve only")
     bench.add_argument("--profile", action="store_true", help="also report where the engine's time goes")
     bench.add_argument("--output-json", default=None, help="write the results to this JSON file")
@@ -187,27 +224,46 @@ def _add_bench_throughput(bench_sub: Any) -> None:
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from ernie_serve.bench.throughput import ThroughputConfig
+    from ernie_serve.bench.throughput import main as throughput_main
+
     configure_logging("console", args.log_level)
-    if not args.skip_transformers:
+    given = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+    for name in ("dtype", "device", "load_format"):  # unset: the engine's own default applies
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    try:  # the engine's own flags, checked before anything is built, naming the flag
+        EngineSettings(**given)
+    except ValidationError as exc:
+        for line in format_validation_error(exc, EngineSettings, given):
+            sys.stderr.write(line + "\n")
+        return EXIT_USAGE
+    try:
+        config = ThroughputConfig(
+            model=args.model,
+            backends=tuple(b.strip() for b in args.backend.split(",") if b.strip()),
+            num_requests=args.num_requests,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            seed=args.seed,
+            rounds=args.rounds,
+            decode_repeats=args.decode_repeats,
+            compare_transformers=not args.skip_transformers,
+            profile=args.profile,
+            threads=args.threads,
+            engine_settings=given,
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if config.compare_transformers:
         try:
             import transformers  # noqa: F401
         except ImportError:
             _error("bench throughput compares against transformers: pip install 'ernie-serve[test]'")
             return EXIT_FAILURE
-    from ernie_serve.bench.throughput import main as throughput_main
-
     try:
-        return throughput_main(
-            args.model,
-            args.num_requests,
-            args.seed,
-            args.skip_transformers,
-            args.output_json,
-            args.max_num_seqs,
-            args.max_num_batched_tokens,
-            profile=args.profile,
-            backend=args.backend,
-        )
+        return throughput_main(config, args.output_json)
     except _user_errors() as exc:
         _error(str(exc))
         return EXIT_FAILURE
@@ -283,7 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except FlagClashError as exc:  # two plugins' backend options (or one and ours) want the same flag
+        _error(str(exc))
+        return EXIT_FAILURE
     args = parser.parse_args(_argv_with_default_command(sys.argv[1:] if argv is None else argv))
     if args.command == "plugins":
         try:
@@ -319,81 +379,16 @@ def _main(argv: Sequence[str] | None) -> int:
 # --- plugins -------------------------------------------------------------------------------------------
 
 
-def _source(item: Registration[Any]) -> str:
-    dist = f"{item.distribution} {item.version or '?'}" if item.distribution else "unknown distribution"
-    return f"{dist} [{item.provider}]"
-
-
-def _availability(backend_cls: Any) -> str | None:
-    try:
-        return backend_cls.availability()
-    except Exception as exc:  # the contract says it must not raise; a plugin bug still must not crash us
-        return f"availability check failed: {type(exc).__name__}: {exc}"
-
-
-def _plugins_json(reg: Registry) -> dict[str, Any]:
-    def item(r: Registration[Any], **more: Any) -> dict[str, Any]:
-        obj = r.obj
-        qualname = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
-        return {
-            "name": r.name,
-            "object": qualname,
-            "provider": r.provider,
-            "distribution": r.distribution,
-            "version": r.version,
-            **more,
-        }
-
-    backends = []
-    for r in reg.backends.values():
-        reason = _availability(r.obj)
-        backends.append(item(r, available=reason is None, reason=reason))
-    return {
-        "backends": backends,
-        "schedulers": [item(r) for r in reg.schedulers.values()],
-        "models": [item(r) for r in reg.models.values()],
-        "gateway_routes": [item(r) for r in reg.gateway_routes],
-        "request_transforms": [item(r) for r in reg.request_transforms.values()],
-        "plugins": [vars(p) for p in reg.plugins],
-        "failed_plugins": [vars(f) for f in reg.failures],
-    }
-
-
-def _table(out: TextIO, title: str, rows: list[tuple[str, ...]]) -> None:
-    out.write(f"{title}:\n")
-    if not rows:
-        out.write("  (none)\n")
-        return
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)] + [row[-1]]
-        out.write("  " + "  ".join(cells).rstrip() + "\n")
-
-
 def _cmd_plugins(args: argparse.Namespace, out: TextIO) -> int:
     from ernie_serve.core.plugins import registry
+    from ernie_serve.plugin_report import plugins_json, write_report
 
     reg = registry()
     if args.json:
-        json.dump(_plugins_json(reg), out, indent=2)
+        json.dump(plugins_json(reg), out, indent=2)
         out.write("\n")
-        return EXIT_OK
-    backend_rows = []
-    for r in reg.backends.values():
-        reason = _availability(r.obj)
-        backend_rows.append((r.name, _source(r), "available" if reason is None else f"unavailable: {reason}"))
-    _table(out, "Backends", backend_rows)
-    _table(out, "Schedulers", [(r.name, _source(r)) for r in reg.schedulers.values()])
-    _table(out, "Models (torch backend architectures)", [(r.name, _source(r)) for r in reg.models.values()])
-    if reg.gateway_routes:
-        _table(out, "Gateway routes", [(r.name, _source(r)) for r in reg.gateway_routes])
-    if reg.request_transforms:
-        _table(out, "Request transforms", [(r.name, _source(r)) for r in reg.request_transforms.values()])
-    if reg.failures:
-        failed = [
-            (f.name, f"{f.distribution} {f.version or '?'}" if f.distribution else "-", f.error) for f in reg.failures
-        ]
-        _table(out, "Failed plugins (skipped)", failed)
+    else:
+        write_report(reg, out)
     return EXIT_OK
 
 
@@ -432,6 +427,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stderr.write(line + "\n")
         return EXIT_USAGE
     assert isinstance(settings, EngineSettings)
+    option_errors = backend_option_errors(settings.backend, settings.backend_options)
+    if option_errors:
+        sys.stderr.write("\n".join(option_errors) + "\n")
+        return EXIT_USAGE
     try:
         params = _sampling_params(args, settings, seed_given="seed" in given)
     except SamplingParamsError as exc:
@@ -461,10 +460,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out.write("\n")
         return 130  # the shell convention for SIGINT
     finally:
-        # Release the backend (threads, device memory) even on errors; `close` is optional in the API.
-        close = getattr(llm, "close", None)
-        if callable(close):
-            close()
+        if llm is not None:  # release the backend (threads, device memory) even on errors
+            llm.close()
     return EXIT_OK
 
 
@@ -493,6 +490,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     lines: list[str] = []
     try:
         engine_settings = EngineSettings(**given_engine)
+        lines += backend_option_errors(engine_settings.backend, engine_settings.backend_options)
     except ValidationError as exc:
         lines += format_validation_error(exc, EngineSettings, given_engine)
     try:
@@ -512,12 +510,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     log = structlog.get_logger("ernie_serve.cli")
     try:  # fail before binding ports and loading weights when a plugin name is unknown
-        backend_cls = get_backend_class(engine_settings.backend)
+        get_backend_class(engine_settings.backend)
         get_scheduler_class(engine_settings.scheduler)
     except UnknownPluginError as exc:
         _error(str(exc))
         return EXIT_FAILURE
-    for note in inert_option_notes(engine_settings, server_settings, backend_cls):
+    for note in inert_option_notes(server_settings):
         log.warning(note)
     try:
         result = run(engine_settings, server_settings)
@@ -525,18 +523,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_FAILURE
     if result.error is not None:
-        _error(str(result.error))
+        if isinstance(result.error, _user_errors()):
+            _error(str(result.error))
+        else:  # a bug: show where it happened
+            traceback.print_exception(result.error, file=sys.stderr)
         return EXIT_FAILURE
     return result.exit_code
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user fixes by changing flags or installing something: reported in one line, no traceback."""
-    from ernie_serve.core.backend import BackendUnavailableError
-    from ernie_serve.core.config import ModelConfigError
-    from ernie_serve.core.plugins import UnknownPluginError
+    """Errors a user fixes by changing flags, files or installs: reported in one line, no traceback. Only our
+    own `UserError` types (plugins subclass it too): anything else is a bug and shows its traceback."""
+    from ernie_serve.core.errors import UserError
 
-    return (BackendUnavailableError, ModelConfigError, UnknownPluginError, OSError, ValueError)
+    return (UserError,)
 
 
 # --- bench ---------------------------------------------------------------------------------------------
@@ -547,7 +547,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ernie_serve.gateway import bench
+    from ernie_serve.bench import serve as bench
+    from ernie_serve.bench.workload import random_requests
 
     configure_logging("console", args.log_level)
     for flag, value in (("--num-prompts", args.num_prompts), ("--max-concurrency", args.max_concurrency)):
@@ -558,7 +559,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         _error("--random-input-len and --random-output-len must be at least 1")
         return EXIT_USAGE
     try:
-        requests = bench.random_requests(
+        requests = random_requests(
             args.num_prompts,
             args.random_input_len,
             args.random_output_len,

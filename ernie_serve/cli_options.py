@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
+from ernie_serve.core.errors import UserError
 from ernie_serve.core.plugins import registry
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 PROG = "ernie-serve"
 
 
-class FlagClashError(ValueError):
+class FlagClashError(UserError, ValueError):
     """Two registered backends' options, or a backend option and one of the command's own, want one flag."""
 
 

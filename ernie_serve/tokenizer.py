@@ -23,6 +23,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ernie_serve.core.errors import UserError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as RustTokenizer
 
@@ -68,7 +70,11 @@ _ERNIE_SPECIAL_TOKENS = {
 _STOP_TOKENS = ("</s>", "<|end_of_sentence|>")
 
 
-class ChatTemplateError(ValueError):
+class TokenizerFileError(UserError, FileNotFoundError):
+    """`--tokenizer` or `--chat-template` names no usable file."""
+
+
+class ChatTemplateError(UserError, ValueError):
     """The messages cannot be rendered: bad content, or the template refused them (`raise_exception`).
 
     A ValueError so the gateway answers 400 with the message."""
@@ -283,7 +289,7 @@ def _template_from_argument(value: str) -> str:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"chat template {value!r} is neither an existing file nor a Jinja template")
+        raise TokenizerFileError(f"chat template {value!r} is neither an existing file nor a Jinja template")
     return path.read_text(encoding="utf-8")
 
 
@@ -382,7 +388,7 @@ class Tokenizer:
         """
         directory = Path(path)
         if not directory.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+            raise TokenizerFileError(f"tokenizer directory {str(directory)!r} does not exist")
         config_path = directory / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_path.is_file():
@@ -400,7 +406,7 @@ class Tokenizer:
                 directory / "tokenizer.model", parsed.added, parsed.extra, parsed.add_bos, parsed.add_eos
             )
         else:
-            raise FileNotFoundError(f"no tokenizer in {str(directory)!r}: expected tokenizer.json or tokenizer.model")
+            raise TokenizerFileError(f"no tokenizer in {str(directory)!r}: expected tokenizer.json or tokenizer.model")
 
         template_file = directory / "chat_template.jinja"
         if chat_template is None and template_file.is_file():  # transformers 5's place for it wins over the config

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ernie_serve.async_engine import AsyncEngine
 from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.errors import UserError
 from ernie_serve.gateway.app import build_app, build_metrics_app
 from ernie_serve.gateway.settings import ServerSettings
 
@@ -33,7 +34,7 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _UVICORN_GRACE_MARGIN = 10.0
 
 
-class ServerStartError(OSError):
+class ServerStartError(UserError, OSError):
     """A port could not be bound; the message names the address."""
 
 

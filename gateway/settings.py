@@ -13,8 +13,6 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ernie_serve.core.config import EngineSettings
-
 # FastDeploy's name for the key variable; read when ERNIE_SERVE_API_KEY and --api-key are both absent.
 FD_API_KEY_ENV = "FD_API_KEY"
 
@@ -73,24 +71,10 @@ class ServerSettings(BaseSettings):
         return list(self.api_key) if isinstance(self.api_key, list) else [self.api_key]
 
 
-def inert_option_notes(engine: EngineSettings, server: ServerSettings, backend_cls: type | None) -> list[str]:
-    """One line per given option that has no effect with this backend, for the log at start-up.
-
-    A backend that implements an option says so with a class attribute (`supports_quantization = True`,
-    `supports_tensor_parallel = True`); without it the option is accepted and reported as inert.
-    """
+def inert_option_notes(server: ServerSettings) -> list[str]:
+    """One line per given server option that has no effect here, for the log at start-up (the engine reports
+    engine options its backend does not implement, such as `--quantization`, when it loads)."""
     notes = []
-    name = engine.backend
-    if engine.quantization and not getattr(backend_cls, "supports_quantization", False):
-        notes.append(
-            f"--quantization {engine.quantization} has no effect here: the {name} backend does not implement "
-            "weight-only quantization yet; weights stay in their compute dtype"
-        )
-    if engine.tensor_parallel_size > 1 and not getattr(backend_cls, "supports_tensor_parallel", False):
-        notes.append(
-            f"--tensor-parallel-size {engine.tensor_parallel_size} has no effect here: the {name} backend runs "
-            "on one device"
-        )
     if server.engine_worker_queue_port is not None:
         notes.append("--engine-worker-queue-port has no effect here: the engine runs in the server process")
     if server.plas_attention_config is not None:

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from ernie_serve.backends.torch.model import ErnieForCausalLM
+from ernie_serve.core.errors import UserError
 from ernie_serve.logging import progress
 
 # The multi-token-prediction head is only for speculative decoding, which we do not run.
@@ -23,7 +24,7 @@ IGNORED_PREFIXES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint whose tensors do not match its config.json."""
 
 
