@@ -307,3 +307,58 @@ def test_bench_throughput_runs_any_backend_and_rejects_unknown_ones(
 
     assert main([*args, "--backend", "nope"]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith("ernie-serve: error: unknown backend 'nope'")
+
+
+BROKEN_PLUGIN = """
+from ernie_serve.core.backend import Backend
+from ernie_serve.core.errors import UserError
+from ernie_serve.core.hookspecs import hookimpl
+
+
+class NeedsLicense(UserError, RuntimeError):
+    pass
+
+
+class Buggy(Backend):
+    def load(self, model_config, settings, model_path, options):
+        raise ValueError("internal index went negative")
+
+    kv_cache_spec = allocate_kv_cache = execute = load
+
+
+class Unlicensed(Buggy):
+    def load(self, model_config, settings, model_path, options):
+        raise NeedsLicense("set FROB_LICENSE to your licence key")
+
+
+@hookimpl
+def register_backends(register):
+    register("buggy", Buggy)
+    register("unlicensed", Unlicensed)
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "one_line"),
+    [("unlicensed", "ernie-serve: error: set FROB_LICENSE to your licence key"), ("buggy", None)],
+)
+def test_only_user_errors_are_one_line(
+    backend: str, one_line: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A UserError is the user's to fix: one line. Any other exception is a bug: its traceback is shown."""
+    (tmp_path / "broken_cli_plugin.py").write_text(textwrap.dedent(BROKEN_PLUGIN))
+    info = tmp_path / "broken_serve-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-serve\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[ernie_serve]\nbroken = broken_cli_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.reset_plugin_manager()
+    try:
+        if one_line is not None:
+            assert main(["generate", "--backend", backend, "--max-tokens", "2", "hi"]) == 1
+            assert capsys.readouterr().err.splitlines()[-1] == one_line
+        else:
+            with pytest.raises(ValueError, match="internal index went negative"):
+                main(["generate", "--backend", backend, "--max-tokens", "2", "hi"])
+    finally:
+        sys.modules.pop("broken_cli_plugin", None)

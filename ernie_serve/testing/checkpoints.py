@@ -152,10 +152,16 @@ def reference_greedy(model, prompt_token_ids: list[int], max_new_tokens: int) ->
 
 
 @torch.no_grad()
-def reference_logprobs(model, prompt_token_ids: list[int], output_token_ids: list[int]) -> list[float]:
-    """log-softmax of transformers' logits at each generated position, for the token that was generated."""
+def reference_logprob_rows(model, prompt_token_ids: list[int], output_token_ids: list[int]) -> torch.Tensor:
+    """log-softmax of transformers' logits at each generated position, teacher-forced on `output_token_ids`:
+    `[len(output_token_ids), V]`, row i the distribution that output token i was drawn from."""
     ids = torch.tensor([prompt_token_ids + output_token_ids])
     logits = model(ids).logits[0].float()  # [L, V]
-    logprobs = torch.log_softmax(logits, dim=-1)
     start = len(prompt_token_ids) - 1
-    return [float(logprobs[start + i, t]) for i, t in enumerate(output_token_ids)]
+    return torch.log_softmax(logits, dim=-1)[start : start + len(output_token_ids)]  # [T, V]
+
+
+def reference_logprobs(model, prompt_token_ids: list[int], output_token_ids: list[int]) -> list[float]:
+    """transformers' logprob of each generated token, at its position."""
+    rows = reference_logprob_rows(model, prompt_token_ids, output_token_ids)  # [T, V]
+    return [float(rows[i, t]) for i, t in enumerate(output_token_ids)]
