@@ -1,0 +1,64 @@
+"""The async engine: the step loop in its own thread, per-request streams on the event loop only."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import torch
+
+from ernie_serve.async_engine import AsyncEngine
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.sampling_params import SamplingParams
+
+
+class _ThreadCheckedDict(dict):  # type: ignore[type-arg]
+    """A dict that records which threads read or change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def _seen(self) -> None:
+        self.threads.add(threading.get_ident())
+
+    def get(self, *args: Any) -> Any:
+        self._seen()
+        return super().get(*args)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._seen()
+        super().__setitem__(key, value)
+
+    def pop(self, *args: Any) -> Any:
+        self._seen()
+        return super().pop(*args)
+
+    def values(self) -> Any:
+        self._seen()
+        return super().values()
+
+
+def test_streams_are_touched_only_on_the_event_loop(tiny_checkpoint) -> None:
+    settings = EngineSettings(model=str(tiny_checkpoint("moe_shared_tied", torch.float32)), block_size=4)
+
+    async def scenario() -> tuple[set[int], int, list[str | None]]:
+        engine = AsyncEngine(settings)
+        await engine.start()
+        streams = engine._streams = _ThreadCheckedDict()  # the state bug 3 of issue 9 was about
+        greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        finished = [o async for o in engine.generate([5, 6, 7], greedy, "done") if o.finished]
+        reasons = [c.finish_reason for o in finished for c in o.outputs]
+        long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        stream = engine.generate([8, 9], long, "aborted")
+        first = await stream.__anext__()
+        await engine.abort("aborted")
+        reasons += [o.outputs[0].finish_reason async for o in stream if o.finished]
+        assert not first.finished
+        await engine.shutdown()
+        return streams.threads, threading.get_ident(), reasons
+
+    threads, loop_thread, reasons = asyncio.run(scenario())
+    assert reasons == ["length", "abort"]
+    assert threads == {loop_thread}
