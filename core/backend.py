@@ -21,6 +21,10 @@ class BackendUnavailableError(UserError, RuntimeError):
     """The backend cannot run on this machine; the message says what to install or which hardware it needs."""
 
 
+class BackendConfigError(UserError, ValueError):
+    """Settings this backend cannot run with (e.g. a dtype it does not compute in); the message names the flag."""
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     """How much KV memory a token costs, so the engine can size the block pool."""
@@ -31,8 +35,10 @@ class KVCacheSpec:
 
 @dataclass(frozen=True)
 class BackendCapabilities:
-    """What a backend can do, declared on its class; read by the engine before `load` (it refuses settings
-    the backend cannot honour, with one line) and shown by `ernie-serve plugins`."""
+    """What a backend can do, declared on its class. Read by the engine before `load`: prefix caching is
+    turned off without it, and `--quantization` / `--tensor-parallel-size` it does not implement are logged as
+    having no effect (FastDeploy's command lines must run unchanged). `devices` is informational: shown by
+    `ernie-serve plugins`; the backend itself refuses a device it cannot use."""
 
     # False for backends that keep one cache per request: the engine then turns prefix caching off, since a
     # prefix hit would point at KV held in another request's blocks.
@@ -96,6 +102,12 @@ class Backend(ABC):
         (finished, stopped, aborted), and for the plan's `preempted_request_ids` before that plan's `execute`
         (they lost their KV; one may even be readmitted in the same plan, `is_new=True`). Releasing an unknown
         id must be a no-op; a backend must not drop state for any other reason."""
+
+    @property
+    def num_cached_requests(self) -> int | None:
+        """Optional: how many requests the backend holds per-request state for now (None: it does not count).
+        The conformance suite checks it is 0 once every request has ended and been released."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once when the engine shuts down: release memory, threads, devices."""

@@ -191,6 +191,12 @@ class EngineSettings(BaseSettings):
     quantization: str | None = Field(None, description="weight-only quantization: wint8 or wint4")
     tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
     chat_template: str | None = Field(None, description="Jinja chat template file or string")
+    engine_step_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="seconds one engine step may run before the engine counts as hung: a server then fails its "
+        "requests, answers 503 on /health and exits non-zero so that a supervisor restarts it",
+    )
     log_format: Literal["console", "json"] = Field("console", description="log output format")
     # The selected backend's own options (`Backend.options_class` fields) that the user gave, by flag or
     # `LLM(...)` keyword; the engine builds the options from them, and the options class reads the environment

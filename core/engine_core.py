@@ -29,7 +29,7 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 
 
 class EngineConfigError(UserError, ValueError):
-    """Settings the engine cannot run with (a capability the backend lacks, a KV pool too small)."""
+    """Settings the engine cannot run with (a context limit the KV pool cannot hold, a pool under one block)."""
 
 
 @dataclass
@@ -90,6 +90,7 @@ class EngineCore:
         )
         self.sampler = Sampler(settings.seed)
         self._requests: dict[str, tuple[Request, SamplingState]] = {}  # unfinished requests
+        self._step_request_ids: list[str] | None = []  # of the step in progress; None before its plan exists
 
     def _size_kv_pool(self) -> tuple[int, int]:
         """Blocks from an explicit count or byte size, else free GPU memory, else a CPU default; then cap the
@@ -146,8 +147,11 @@ class EngineCore:
 
     # ----- the step -----
     def step(self) -> list[EngineCoreOutput]:
-        """Run one step: an output for every request that sampled a token or finished."""
+        """Run one step: an output for every request that sampled a token or finished. If it raises, the caller
+        ends the step's requests with `fail_step` (unless it is an `EngineFatalError`)."""
+        self._step_request_ids = None  # until the scheduler has said which requests this step runs
         plan = self.scheduler.schedule()
+        self._step_request_ids = [s.request_id for s in plan.scheduled]
         if plan.preempted_request_ids:
             self.backend.release(plan.preempted_request_ids)
         result = StepResult()
@@ -156,7 +160,8 @@ class EngineCore:
             sampling = [self._requests[i] for i in plan.sampling_request_ids]
             sampled = self.sampler(logits, [r for r, _ in sampling], [s for _, s in sampling])
             result.sampled = dict(zip(plan.sampling_request_ids, sampled, strict=True))
-        finished = {r.request_id for r in self.scheduler.update(plan, result)}
+        finished = [r.request_id for r in self.scheduler.update(plan, result)]  # in plan order
+        ended = set(finished)
 
         now = time.monotonic()
         outputs = []
@@ -165,7 +170,7 @@ class EngineCore:
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            if request_id not in finished:
+            if request_id not in ended:
                 logprobs = None if token.logprobs is None else [token.logprobs]
                 outputs.append(EngineCoreOutput(request_id, [token.token_id], logprobs, token_time=now))
         ended = [self._requests[i][0] for i in finished]
@@ -195,6 +200,15 @@ class EngineCore:
         if ended:  # free per-request backend state now, not when (or if) the next step runs
             self.backend.release([r.request_id for r in ended])
         return outputs
+
+    def fail_step(self) -> list[EngineCoreOutput]:
+        """Called after `step` raised: end the requests of that step with finish reason "error", so a request
+        whose own parameters caused the fault is never retried; the others keep running. If the scheduler
+        itself failed before making a plan, every unfinished request belonged to the step."""
+        ids = self._step_request_ids
+        if ids is None:
+            ids = list(self._requests)
+        return self.finish_requests(ids, RequestStatus.FINISHED_ERROR)
 
     def close(self) -> None:
         self.backend.close()

@@ -1,7 +1,13 @@
-"""The base of every error a user fixes themselves (a flag, a file, an install), as opposed to a bug."""
+"""Errors with a meaning for the whole program: the user's to fix, or the engine's end."""
 
 
 class UserError(Exception):
     """Raised for mistakes in what the user gave: the CLI prints the message in one line without a traceback
     (anything else shows its traceback: it is a bug to report). Plugins subclass it for their own such errors,
     usually together with ValueError or RuntimeError."""
+
+
+class EngineFatalError(RuntimeError):
+    """Raised by a backend or scheduler when the engine cannot go on (a broken device, a dead worker): every
+    request fails and a server exits non-zero so that a supervisor restarts it. Any other exception in a step
+    fails only that step's requests."""

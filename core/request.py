@@ -18,7 +18,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # eos, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the context limit
     FINISHED_ABORTED = "abort"  # the caller gave up
-    FINISHED_ERROR = "error"  # can never be served (e.g. larger than the whole KV pool)
+    FINISHED_ERROR = "error"  # an exception in its step (logged); the engine went on without it
 
     @property
     def finished(self) -> bool:
@@ -41,7 +41,6 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token or stop string that ended it
-    error: str | None = None  # why it is FINISHED_ERROR
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -109,6 +108,38 @@ class CompletionOutput:
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of several engine requests served as one (the `n` completions of a request, the prompts of
+    one completions call): from the earliest arrival to the last finish, token counts added up."""
+    merged: dict[str, float] = {}
+    for key in ("arrival_time", "first_scheduled_time", "first_token_time"):
+        values = [p[key] for p in parts if key in p]
+        if values:
+            merged[key] = min(values)
+    for key in ("last_token_time", "finished_time"):
+        values = [p[key] for p in parts if key in p]
+        if values:
+            merged[key] = max(values)
+    for key in ("num_cached_tokens", "num_prompt_tokens", "num_generation_tokens", "num_preemptions"):
+        merged[key] = sum(p.get(key, 0.0) for p in parts)
+    arrival = merged.get("arrival_time")
+    if arrival is not None:
+        for key, since in (("queue_time", "first_scheduled_time"), ("time_to_first_token", "first_token_time")):
+            if since in merged:
+                merged[key] = merged[since] - arrival
+        if "finished_time" in merged:
+            merged["e2e_latency"] = merged["finished_time"] - arrival
+    gaps = [
+        p["mean_inter_token_latency"] * (p["num_generation_tokens"] - 1)
+        for p in parts
+        if "mean_inter_token_latency" in p
+    ]
+    steps = sum(p["num_generation_tokens"] - 1 for p in parts if "mean_inter_token_latency" in p)
+    if steps:
+        merged["mean_inter_token_latency"] = sum(gaps) / steps
+    return merged
 
 
 @dataclass

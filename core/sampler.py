@@ -52,6 +52,8 @@ class Sampler:
         logits = raw.clone() if penalized or stops else raw  # [B, V]
         if penalized:
             self._apply_penalties(logits, requests, states, penalized)
+        elif self._counted:  # no penalties this step: let go of the counts table and the states it holds
+            self._counted, self._counts = [], self._counts.new_zeros(0, 2, 0)
         if stops:  # until `min_tokens` exist, the tokens that would end a request cannot be sampled
             index = _index(stops, device)  # [N, 2] (row, token)
             logits[index[:, 0], index[:, 1]] = _NEG_INF

@@ -33,6 +33,15 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (shutdown or a crash); no more requests can be served."""
 
 
+class EngineHungError(RuntimeError):
+    """A step ran longer than `--engine-step-timeout`: the engine is given up on."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (an exception in its step, logged with its traceback); it goes on
+    serving the others."""
+
+
 @dataclass
 class EngineSnapshot:
     """Engine statistics as of the last step, safe to read from the event loop."""
@@ -66,6 +75,9 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._step_started: float | None = None  # monotonic start of the step in progress, for the watchdog
+        self._dead: asyncio.Future[BaseException] | None = None  # set on the loop when the engine stops for good
+        self._watchdog: asyncio.Task[None] | None = None
 
     # ----- lifecycle -----
     @property
@@ -85,6 +97,34 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, args=(loaded,), name="ernie-serve-engine", daemon=True)
         self._thread.start()
         await asyncio.wrap_future(loaded)
+        self._dead = self._loop.create_future()
+        self._watchdog = self._loop.create_task(self._watch_steps())
+
+    async def wait_dead(self) -> BaseException:
+        """Returns, with the cause, once the engine has stopped for good while serving (a crash, a fatal
+        backend error, a hung step); never while it runs. Not after a normal shutdown."""
+        assert self._dead is not None, "start() first"
+        return await self._dead
+
+    def _declare_dead(self, error: BaseException) -> None:
+        """On the event loop: the engine cannot go on. Every waiting stream ends with an error, `is_ready`
+        turns false (so /health answers 503), and `wait_dead` returns."""
+        if self._error is None:
+            self._error = error
+        self._fail_streams(EngineDeadError(f"the engine stopped: {error}"))
+        if self._dead is not None and not self._dead.done():
+            self._dead.set_result(error)
+
+    async def _watch_steps(self) -> None:
+        """Declare the engine dead when one step runs longer than the step timeout (a hung backend or
+        worker): its thread cannot be interrupted, but the process can exit and be restarted."""
+        timeout = self.settings.engine_step_timeout
+        while self._error is None and not self._stopping.is_set():
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            started = self._step_started
+            if started is not None and time.monotonic() - started > timeout:
+                log.error("an engine step is hung", timeout_s=timeout)
+                self._declare_dead(EngineHungError(f"an engine step ran for more than {timeout:g} s"))
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Let in-flight requests finish for up to `timeout` seconds, abort the rest, stop the thread."""
@@ -95,9 +135,11 @@ class AsyncEngine:
         if self._streams:
             await self.abort(list(self._streams))
         self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._commands.put((lambda engine: None, _done()))  # wake the thread
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+        if self._thread is not None and not isinstance(self._error, EngineHungError):
+            await asyncio.to_thread(self._thread.join, 30)  # a hung step never returns: do not wait for it
 
     # ----- requests -----
     @property
@@ -121,13 +163,16 @@ class AsyncEngine:
         """Queue a request and yield its cumulative outputs as steps produce them; the last has `finished`.
         Validation errors (too long, bad ids) are raised before the first yield. Closing the iterator early
         aborts the request."""
+        arrival = time.monotonic()  # the request's wait in the command queue counts toward its latencies
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._no_streams.clear()
         try:
             await self._call(
                 lambda engine: engine.add_request(
-                    prompt_token_ids, sampling_params, request_id=request_id, prompt=prompt, priority=priority
+                    prompt_token_ids, sampling_params, request_id, prompt, priority, arrival_time=arrival
                 )
             )
         except BaseException as exc:
@@ -189,17 +234,20 @@ class AsyncEngine:
                 self._apply_commands(block=not engine.has_unfinished_requests())
                 if engine.has_unfinished_requests():
                     started = time.perf_counter()
+                    self._step_started = time.monotonic()
                     outputs = engine.step()
+                    self._step_started = None
                     self.snapshot = EngineSnapshot(
                         engine.core.scheduler.stats(), self.snapshot.steps + 1, time.perf_counter() - started
                     )
                     self._deliver(outputs)
                 else:  # aborts applied while idle still change the counts
                     self.snapshot = EngineSnapshot(engine.core.scheduler.stats(), self.snapshot.steps, 0.0)
-        except BaseException as exc:  # a crash must fail every waiting client, not hang them
+        except BaseException as exc:  # a crash (or a fatal backend error) must fail every client, not hang them
             self._error = exc
             log.exception("engine loop crashed")
-            self._fail_all(exc)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._declare_dead, exc)
         finally:
             # answer commands that raced with shutdown, so no caller awaits forever
             while True:
@@ -237,19 +285,18 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        """On the event loop: each output to its request's stream (gone if the caller stopped listening)."""
+        """On the event loop: each output to its request's stream (gone if the caller stopped listening). A
+        request the engine failed ends its stream with `RequestFailedError`."""
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None:
+            if stream is None:
+                continue
+            if output.finished and any(c.finish_reason == "error" for c in output.outputs):
+                stream.put_nowait(RequestFailedError("the engine failed this request; the server log has why"))
+            else:
                 stream.put_nowait(output)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        """In the engine thread, after a crash: every waiting stream ends with the error."""
-        assert self._loop is not None
-        error = EngineDeadError(f"the engine crashed: {exc}")
-        self._loop.call_soon_threadsafe(self._fail_streams, error)
-
-    def _fail_streams(self, error: EngineDeadError) -> None:
+    def _fail_streams(self, error: BaseException) -> None:
         """On the event loop: end every open stream with `error`."""
         for stream in self._streams.values():
             stream.put_nowait(error)

@@ -37,6 +37,7 @@ from ernie_serve.cli_options import (
     settings_from_args,
 )
 from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.errors import UserError
 from ernie_serve.logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
     try:
         return throughput_main(config, args.output_json)
-    except _user_errors() as exc:
+    except UserError as exc:
         _error(str(exc))
         return EXIT_FAILURE
 
@@ -453,7 +454,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 out.flush()  # stream: show each piece as soon as it is decoded
             out.write("\n")
             out.flush()
-    except _user_errors() as exc:
+    except UserError as exc:
         _error(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -523,20 +524,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_FAILURE
     if result.error is not None:
-        if isinstance(result.error, _user_errors()):
+        if isinstance(result.error, UserError):
             _error(str(result.error))
         else:  # a bug: show where it happened
             traceback.print_exception(result.error, file=sys.stderr)
         return EXIT_FAILURE
     return result.exit_code
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user fixes by changing flags, files or installs: reported in one line, no traceback. Only our
-    own `UserError` types (plugins subclass it too): anything else is a bug and shows its traceback."""
-    from ernie_serve.core.errors import UserError
-
-    return (UserError,)
 
 
 # --- bench ---------------------------------------------------------------------------------------------
@@ -577,7 +570,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             results, duration = bench.run_offline(
                 settings, requests, max_concurrency=args.max_concurrency, ignore_eos=args.ignore_eos
             )
-        except (ValidationError, *_user_errors()) as exc:
+        except (ValidationError, UserError) as exc:
             _error(str(exc).splitlines()[0])
             return EXIT_FAILURE
         title = "Offline Engine Benchmark Result"

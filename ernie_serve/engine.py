@@ -17,6 +17,7 @@ import structlog
 
 from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.engine_core import EngineCore
+from ernie_serve.core.errors import EngineFatalError
 from ernie_serve.core.request import Request, RequestOutput, RequestStatus
 from ernie_serve.core.sampling_params import SEED_MAX, SamplingParams, SamplingParamsError
 from ernie_serve.logging import ensure_logging
@@ -66,9 +67,11 @@ class Engine:
         request_id: str | None = None,
         prompt: str | None = None,
         priority: int = 0,
+        arrival_time: float | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises `SamplingParamsError` (naming the field) for a request
-        that cannot be served: too long, token ids outside the vocabulary."""
+        that cannot be served: too long, token ids outside the vocabulary. `arrival_time` (monotonic): when
+        the caller received it, if earlier than now (the async engine's command queue), for its metrics."""
         params = (sampling_params or SamplingParams()).with_defaults(
             self.generation_defaults.get("temperature"), self.generation_defaults.get("top_p")
         )
@@ -94,7 +97,7 @@ class Engine:
             if params.n > 1:  # each completion its own seed, so the n samples differ
                 child_params = replace(params, n=1, seed=_child_seed(params.seed, index))
             children.append((child_id, child_params))
-        arrival = time.monotonic()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         self.processor.add_request(request_id, prompt, prompt_token_ids, children, arrival)
         # Only now does the request become visible to the scheduler, all n or none.
         added: list[str] = []
@@ -130,10 +133,22 @@ class Engine:
     # ----- the step -----
     def step(self) -> list[RequestOutput]:
         """Run one step; return a cumulative output for every user request that advanced or ended since the
-        last one (a finished request comes back once with `finished=True`)."""
-        stopped = self.processor.process(self.core.step())
-        if stopped:  # a stop string ended them: finish them in the core too, as stopped (not aborted)
-            self.processor.process(self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED))
+        last one (a finished request comes back once with `finished=True`). An exception inside the step ends
+        that step's requests with finish reason "error" (logged with its traceback) and the engine goes on;
+        only an `EngineFatalError` propagates."""
+        try:
+            core_outputs = self.core.step()
+        except EngineFatalError:
+            raise
+        except Exception:  # a fault in this step fails the step's requests, not the engine
+            log.exception("engine step failed; its requests end with an error")
+            core_outputs = self.core.fail_step()
+        ended = self.processor.process(core_outputs)
+        # Requests the processor ended (a stop string: stopped, not aborted; a detokenizer fault: error) end
+        # in the core too.
+        for status in dict.fromkeys(status for _, status in ended):
+            ids = [request_id for request_id, s in ended if s == status]
+            self.processor.process(self.core.finish_requests(ids, status))
         return self.processor.collect()
 
     def close(self) -> None:

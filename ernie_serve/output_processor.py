@@ -8,13 +8,17 @@ and the request's metrics. Runs on the thread that steps the engine.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import structlog
 
 from ernie_serve.core.engine_core import EngineCoreOutput
-from ernie_serve.core.request import CompletionOutput, RequestOutput, SampleLogprobs
+from ernie_serve.core.request import CompletionOutput, RequestOutput, RequestStatus, SampleLogprobs, merge_metrics
 from ernie_serve.core.sampling_params import SamplingParams
 from ernie_serve.detokenizer import IncrementalDetokenizer
 from ernie_serve.tokenizer import Tokenizer
+
+log = structlog.get_logger("ernie_serve.engine")
 
 
 @dataclass
@@ -36,7 +40,7 @@ class _Completion:
             text=self.detokenizer.output_text,
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
@@ -52,7 +56,7 @@ class _Group:
     arrival_time: float
     first_token_time: float | None = None  # of any completion
     last_token_time: float | None = None  # of any completion
-    metrics: dict[str, float] | None = None  # of its first completion, once that finished
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # child id -> its final metrics
 
 
 class OutputProcessor:
@@ -73,8 +77,9 @@ class OutputProcessor:
         arrival_time: float,
     ) -> None:
         """Called when the frontend adds a request, with the child ids and params of its `n` completions."""
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        in_use = [i for i in (request_id, *(c for c, _ in children)) if i in self._groups or i in self._completions]
+        if in_use:
+            raise ValueError(f"request id {in_use[0]!r} is already in use")
         for index, (child_id, params) in enumerate(children):
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
@@ -109,40 +114,52 @@ class OutputProcessor:
         """True while some request has news that `collect` has not returned yet (e.g. an abort)."""
         return bool(self._touched)
 
-    def process(self, outputs: Iterable[EngineCoreOutput]) -> list[str]:
-        """Apply one step's outputs. Returns the child ids that hit a stop string while the engine core still
-        runs them: the caller finishes them there (as stopped) and passes the resulting outputs back here."""
-        stopped = []
+    def process(self, outputs: Iterable[EngineCoreOutput]) -> list[tuple[str, RequestStatus]]:
+        """Apply one step's outputs. Returns the child ids that ended here while the engine core still runs
+        them, with how: a stop string (stopped), or a failure turning their tokens into text (error). The
+        caller finishes them in the core and passes the resulting outputs back here."""
+        ended = []
         for out in outputs:
             completion = self._completions.get(out.request_id)
             if completion is None:
                 continue
             group = self._groups[completion.parent_id]
-            if out.metrics is not None and completion.index == 0:
-                group.metrics = out.metrics
+            if out.metrics is not None:
+                group.metrics[out.request_id] = out.metrics
             if out.token_time is not None:
                 group.first_token_time = group.first_token_time or out.token_time
                 group.last_token_time = out.token_time
             if completion.finish_reason is not None:
                 continue  # already finished here (stop string): the core's own finish only brings metrics
             self._touched[completion.parent_id] = None
-            if out.new_logprobs is not None and completion.logprobs is not None:
-                for entry, token_id in zip(out.new_logprobs, out.new_token_ids, strict=True):
-                    for candidate_id, candidate in entry.items():
-                        candidate.decoded_token = self.tokenizer.decode_token(candidate_id)
-                    completion.logprobs.append(entry)
-                    completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + entry[token_id].logprob
-            completion.token_ids += out.new_token_ids
-            hit = completion.detokenizer.add_tokens(out.new_token_ids) if out.new_token_ids else None
+            try:
+                hit = self._apply(completion, out)
+            except Exception:  # a tokenizer or detokenizer fault fails this request only
+                log.exception("turning tokens into text failed; the request ends with an error", id=out.request_id)
+                completion.finish_reason, completion.stop_reason = "error", None
+                if out.finish_reason is None:
+                    ended.append((out.request_id, RequestStatus.FINISHED_ERROR))
+                continue
             if hit is not None:
                 # A stop string wins over whatever else ended the request on the same token (e.g. max_tokens).
                 completion.finish_reason, completion.stop_reason = "stop", hit
                 if out.finish_reason is None:
-                    stopped.append(out.request_id)
+                    ended.append((out.request_id, RequestStatus.FINISHED_STOPPED))
             elif out.finish_reason is not None:
                 completion.detokenizer.finish()
                 completion.finish_reason, completion.stop_reason = out.finish_reason, out.stop_reason
-        return stopped
+        return ended
+
+    def _apply(self, completion: _Completion, out: EngineCoreOutput) -> str | None:
+        """Add one output's tokens and logprobs to a completion; returns the stop string they complete."""
+        if out.new_logprobs is not None and completion.logprobs is not None:
+            for entry, token_id in zip(out.new_logprobs, out.new_token_ids, strict=True):
+                for candidate_id, candidate in entry.items():
+                    candidate.decoded_token = self.tokenizer.decode_token(candidate_id)
+                completion.logprobs.append(entry)
+                completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + entry[token_id].logprob
+        completion.token_ids += out.new_token_ids
+        return completion.detokenizer.add_tokens(out.new_token_ids) if out.new_token_ids else None
 
     def collect(self) -> list[RequestOutput]:
         """Cumulative outputs of every user request with news since the last call; a finished one comes back
@@ -182,8 +199,9 @@ class OutputProcessor:
         }
 
     def _group_metrics(self, group: _Group) -> dict[str, float] | None:
-        """The first completion's metrics, with the generated tokens of all `n`."""
-        if group.metrics is None:
+        """The metrics of all `n` completions as one request: the prompt counted once."""
+        if len(group.metrics) < len(group.child_ids):
             return None
-        generated = sum(len(self._completions[c].token_ids) for c in group.child_ids)
-        return {**group.metrics, "num_generation_tokens": float(generated)}
+        parts = [group.metrics[c] for c in group.child_ids]
+        first = parts[0]
+        return {**merge_metrics(parts), **{k: first[k] for k in ("num_prompt_tokens", "num_cached_tokens")}}

@@ -51,7 +51,8 @@ def build_app(
     """The gateway for `engine` (not started yet: the app's lifespan starts it and shuts it down).
 
     `model_name`: the name clients use (default: `--served-model-name`, else the `--model` value).
-    `on_engine_error`: called if the engine fails to load (the server exits on it).
+    `on_engine_error`: called if the engine fails to load or stops for good while serving (a crash, a fatal
+    backend error, a hung step); the server exits non-zero on it.
     `use_plugins`: mount plugin routes and apply plugin request transforms.
     """
     settings = settings or ServerSettings()
@@ -122,6 +123,13 @@ def build_app(
                 on_engine_error(exc)
             return
         log.info("ready to serve", model=served, max_model_len=engine.max_model_len)
+        state["death_watch"] = asyncio.create_task(watch_for_death())
+
+    async def watch_for_death() -> None:
+        error = await engine.wait_dead()  # returns only if the engine stops for good while serving
+        log.error("the engine stopped; the server shuts down", error=f"{type(error).__name__}: {error}")
+        if on_engine_error is not None:
+            on_engine_error(error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -134,6 +142,8 @@ def build_app(
             if not loader.done():  # the load thread cannot be interrupted: let it finish, then stop
                 with contextlib.suppress(BaseException):
                     await loader
+            if "death_watch" in state:
+                state["death_watch"].cancel()
             await engine.shutdown(timeout=0)
 
     app = Starlette(

@@ -1,8 +1,9 @@
 """Prometheus metrics, named as vLLM and FastDeploy name them with an `ernie_serve:` prefix.
 
-Each app owns a `CollectorRegistry` (several apps can live in one test process). Per-request latencies are
-observed by the gateway as it streams (`RequestTracker`); scheduler gauges and counters are read from the
-engine's snapshot at scrape time, so they cost nothing between scrapes.
+Each app owns a `CollectorRegistry` (several apps can live in one test process). Per-request latencies come
+from the engine's own timestamps on its outputs (`RequestOutput.metrics`), observed by `RequestTracker` as
+they arrive; scheduler gauges and counters are read from the engine's snapshot at scrape time, so they cost
+nothing between scrapes.
 """
 
 from __future__ import annotations

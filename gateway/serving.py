@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ernie_serve.async_engine import AsyncEngine, EngineDeadError
-from ernie_serve.core.request import CompletionOutput, RequestOutput, SampleLogprobs
+from ernie_serve.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from ernie_serve.core.request import CompletionOutput, Logprob, RequestOutput, SampleLogprobs, merge_metrics
 from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
 from ernie_serve.gateway import sse
 from ernie_serve.gateway.auth import request_id as scope_request_id
@@ -81,27 +81,21 @@ def _clamp(logprob: float) -> float:
     return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
 
 
-def chat_logprobs(
-    token_ids: Sequence[int], entries: SampleLogprobs, top_k: int, decode: Callable[[int], str]
-) -> list[ChatTokenLogprob]:
-    """OpenAI's chat `logprobs.content` for generated tokens: each token with its `top_k` alternatives."""
+def chat_logprobs(token_ids: Sequence[int], entries: SampleLogprobs, top_k: int) -> list[ChatTokenLogprob]:
+    """OpenAI's chat `logprobs.content` for generated tokens: each token with its `top_k` alternatives. Every
+    entry holds the generated token and its candidates' texts (the engine's output processor fills them)."""
     content = []
-    for token_id, entry in zip(token_ids, entries, strict=False):
-        chosen = entry.get(token_id)
-        text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None else decode(token_id)
-        tops = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank <= top_k), key=lambda item: item[1].rank)
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        chosen = entry[token_id]
+        tops = sorted((lp for lp in entry.values() if lp.rank <= top_k), key=lambda lp: lp.rank)
         content.append(
             ChatTokenLogprob(
-                token=text,
-                logprob=_clamp(chosen.logprob) if chosen is not None else _MIN_LOGPROB,
-                bytes=list(text.encode()),
+                token=_text(chosen),
+                logprob=_clamp(chosen.logprob),
+                bytes=list(_text(chosen).encode()),
                 top_logprobs=[
-                    TopLogprob(
-                        token=(t := lp.decoded_token if lp.decoded_token is not None else decode(tid)),
-                        logprob=_clamp(lp.logprob),
-                        bytes=list(t.encode()),
-                    )
-                    for tid, lp in tops[:top_k]
+                    TopLogprob(token=_text(lp), logprob=_clamp(lp.logprob), bytes=list(_text(lp).encode()))
+                    for lp in tops[:top_k]
                 ],
             )
         )
@@ -109,24 +103,23 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    token_ids: Sequence[int], entries: SampleLogprobs, top_k: int, decode: Callable[[int], str], offset: int
+    token_ids: Sequence[int], entries: SampleLogprobs, top_k: int, offset: int
 ) -> CompletionLogprobs:
     """OpenAI's legacy completions `logprobs`: tokens, their logprobs, top alternatives, text offsets."""
     result = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, entries, strict=False):
-        chosen = entry.get(token_id)
-        text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None else decode(token_id)
-        result.tokens.append(text)
-        result.token_logprobs.append(_clamp(chosen.logprob) if chosen is not None else _MIN_LOGPROB)
-        tops = {
-            (lp.decoded_token if lp.decoded_token is not None else decode(tid)): _clamp(lp.logprob)
-            for tid, lp in entry.items()
-            if lp.rank <= top_k or tid == token_id
-        }
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        chosen = entry[token_id]
+        result.tokens.append(_text(chosen))
+        result.token_logprobs.append(_clamp(chosen.logprob))
+        tops = {_text(lp): _clamp(lp.logprob) for tid, lp in entry.items() if lp.rank <= top_k or tid == token_id}
         result.top_logprobs.append(tops)
         result.text_offset.append(offset)
-        offset += len(text)
+        offset += len(_text(chosen))
     return result
+
+
+def _text(logprob: Logprob) -> str:
+    return logprob.decoded_token or ""
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -314,6 +307,8 @@ class OpenAIServing:
                 raise bad_request(str(exc), exc.param) from None
             except EngineDeadError:
                 raise APIError(503, "the engine is not running", code="not_ready") from None
+            except RequestFailedError as exc:
+                raise APIError(500, str(exc), code="internal_error") from None
             except ValueError as exc:
                 raise bad_request(str(exc)) from None
         except ClientDisconnected:
@@ -342,6 +337,9 @@ class OpenAIServing:
         except EngineDeadError:
             self._end(call, "error")
             raise APIError(503, "the engine stopped while generating", code="not_ready") from None
+        except RequestFailedError as exc:
+            self._end(call, "error")
+            raise APIError(500, str(exc), code="internal_error") from None
         except BaseException:
             self._end(call, "error")
             raise
@@ -419,14 +417,11 @@ class OpenAIServing:
     def _chat_response(
         self, call: _Call, parsed: ChatCompletionRequest, final: RequestOutput
     ) -> ChatCompletionResponse:
-        decode = self.engine.tokenizer.decode_token
         choices = []
         for c in final.outputs:
             logprobs = None
             if parsed.logprobs and c.logprobs is not None:
-                logprobs = ChatLogprobs(
-                    content=chat_logprobs(c.token_ids, c.logprobs, parsed.top_logprobs or 0, decode)
-                )
+                logprobs = ChatLogprobs(content=chat_logprobs(c.token_ids, c.logprobs, parsed.top_logprobs or 0))
             choices.append(
                 ChatCompletionChoice(
                     index=c.index,
@@ -455,7 +450,6 @@ class OpenAIServing:
         created = int(time.time())
         want_logprobs = parsed.logprobs
         top_k = parsed.top_logprobs or 0
-        decode = self.engine.tokenizer.decode_token
         continuous = parsed.continuous_usage
         n = parsed.n
         progress = [_ChoiceProgress() for _ in range(n)]
@@ -484,7 +478,7 @@ class OpenAIServing:
                         new_tokens = True
                         if want_logprobs and c.logprobs is not None:
                             logprobs = ChatLogprobs(
-                                content=chat_logprobs(c.token_ids[first_new:], c.logprobs[first_new:], top_k, decode)
+                                content=chat_logprobs(c.token_ids[first_new:], c.logprobs[first_new:], top_k)
                             )
                     if delta or logprobs is not None:
                         yield chunk(
@@ -506,7 +500,7 @@ class OpenAIServing:
                 output = await stream.__anext__()
             for line in _stream_end(call, created, model, ChatCompletionChunk, parsed.include_usage):
                 yield line
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             reason = "error"
             for line in _stream_error(exc):
                 yield line
@@ -550,13 +544,12 @@ class OpenAIServing:
     def _completion_response(
         self, call: _Call, parsed: CompletionRequest, finals: list[RequestOutput], echoes: list[str]
     ) -> CompletionResponse:
-        decode = self.engine.tokenizer.decode_token
         choices = []
         for p, final in enumerate(finals):
             for c in final.outputs:
                 logprobs = None
                 if parsed.logprobs is not None and c.logprobs is not None:
-                    logprobs = completion_logprobs(c.token_ids, c.logprobs, parsed.logprobs, decode, len(echoes[p]))
+                    logprobs = completion_logprobs(c.token_ids, c.logprobs, parsed.logprobs, len(echoes[p]))
                 choices.append(
                     CompletionChoice(
                         index=p * parsed.n + c.index,
@@ -567,6 +560,7 @@ class OpenAIServing:
                     )
                 )
         call.output_tokens = sum(len(c.token_ids) for f in finals for c in f.outputs)
+        call.engine_metrics = merge_metrics([f.metrics for f in finals if f.metrics])
         self._end(call, _reason([c for f in finals for c in f.outputs]))
         return CompletionResponse(
             id=call.id, model=self.model_name, choices=choices, usage=_usage(call.prompt_tokens, call.output_tokens)
@@ -582,7 +576,6 @@ class OpenAIServing:
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         top_k = parsed.logprobs
-        decode = self.engine.tokenizer.decode_token
         n = parsed.n
         total = n * len(streams)
         progress = [_ChoiceProgress() for _ in range(total)]
@@ -616,7 +609,7 @@ class OpenAIServing:
                         new_tokens = True
                         if top_k is not None and c.logprobs is not None:
                             logprobs = completion_logprobs(
-                                c.token_ids[first_new:], c.logprobs[first_new:], top_k, decode, offsets[i]
+                                c.token_ids[first_new:], c.logprobs[first_new:], top_k, offsets[i]
                             )
                             offsets[i] += sum(len(t) for t in logprobs.tokens)
                     if delta or logprobs is not None or finished:
@@ -634,11 +627,11 @@ class OpenAIServing:
                 call.output_tokens = _sent_tokens(progress)
                 if output.finished:
                     finals[p] = output
-            call.engine_metrics = finals[0].metrics if finals[0] is not None else None
+            call.engine_metrics = merge_metrics([f.metrics for f in finals if f is not None and f.metrics])
             reason = _reason([c for f in finals if f is not None for c in f.outputs])
             for line in _stream_end(call, created, model, CompletionResponse, parsed.include_usage):
                 yield line
-        except EngineDeadError as exc:
+        except (EngineDeadError, RequestFailedError) as exc:
             reason = "error"
             for line in _stream_error(exc):
                 yield line

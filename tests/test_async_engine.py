@@ -39,6 +39,18 @@ class _ThreadCheckedDict(dict):  # type: ignore[type-arg]
         self._seen()
         return super().values()
 
+    def __contains__(self, key: object) -> bool:
+        self._seen()
+        return super().__contains__(key)
+
+    def __len__(self) -> int:  # also what `if streams:` calls
+        self._seen()
+        return super().__len__()
+
+    def __iter__(self) -> Any:
+        self._seen()
+        return super().__iter__()
+
 
 def test_streams_are_touched_only_on_the_event_loop(tiny_checkpoint) -> None:
     settings = EngineSettings(model=str(tiny_checkpoint("moe_shared_tied", torch.float32)), block_size=4)

@@ -27,7 +27,14 @@ from ernie_serve.backends.onnx.graph import (
     POSITION_IDS,
     past_names,
 )
-from ernie_serve.core.backend import Backend, BackendCapabilities, BackendOptions, BackendUnavailableError, KVCacheSpec
+from ernie_serve.core.backend import (
+    Backend,
+    BackendCapabilities,
+    BackendConfigError,
+    BackendOptions,
+    BackendUnavailableError,
+    KVCacheSpec,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -154,7 +161,7 @@ class OnnxBackend(Backend):
 
         assert isinstance(options, OnnxOptions)
         if settings.dtype not in ("auto", "float32"):
-            raise ValueError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
+            raise BackendConfigError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
         providers = resolve_providers(options.onnx_providers, settings.device, ort.get_available_providers())
         self.config = model_config
         export = cached_export(model_config, model_path, settings.seed)

@@ -8,7 +8,13 @@ from pydantic import Field
 
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
-from ernie_serve.core.backend import Backend, BackendCapabilities, BackendOptions, KVCacheSpec
+from ernie_serve.core.backend import (
+    Backend,
+    BackendCapabilities,
+    BackendOptions,
+    BackendUnavailableError,
+    KVCacheSpec,
+)
 from ernie_serve.core.config import EngineSettings, ModelConfig
 from ernie_serve.core.plan import StepPlan
 from ernie_serve.core.plugins import get_model_class
@@ -23,7 +29,7 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested}: no CUDA GPU is visible to torch")
+        raise BackendUnavailableError(f"--device {requested}: no CUDA GPU is visible to torch")
     return device
 
 

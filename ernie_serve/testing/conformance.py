@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from ernie_serve.testing.checkpoints import TINY_SHAPES
 
 if TYPE_CHECKING:
-    from ernie_serve.core.request import RequestOutput
+    from ernie_serve.core.request import CompletionOutput, RequestOutput
     from ernie_serve.llm import LLM
 
 # Prompts of several lengths: shorter than a block, several blocks, one longer than the step budget.
@@ -91,6 +91,14 @@ def conformance_cases(shapes: Iterable[str] | None = None) -> list[str]:
     shapes = list(TINY_SHAPES) if shapes is None else list(shapes)
     engine_cases = ["mixed_batching", "abort", "preemption", "seeded_sampling"]
     return [f"greedy_parity[{shape}]" for shape in shapes] + engine_cases
+
+
+def _check_not_failed(output: RequestOutput, label: str) -> None:
+    """An exception in a step ends its requests with finish reason "error" (the engine logs it and goes on)."""
+    _check(
+        all(c.finish_reason != "error" for c in output.outputs),
+        f"{label}: the engine failed the request (finish reason 'error'; the log has the backend's traceback)",
+    )
 
 
 def _check(condition: bool, message: str) -> None:
@@ -209,33 +217,19 @@ class BackendConformance:
 
         # the runner-up's logprob too: in reduced precision a near-tie may be broken either way
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
-        return llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        for i, output in enumerate(outputs):
+            _check_not_failed(output, f"prompt {i}")
+        return outputs
 
     def check_greedy_parity(self, shape: str) -> None:
         """Greedy tokens equal transformers'; chosen-token logprobs within the tolerance and ranked 1. In
         bfloat16/float16 a greedy token may instead be a near-tie of the reference's (`REDUCED_PRECISION_...`)."""
-        from ernie_serve.testing.checkpoints import reference_greedy, reference_logprob_rows
-
         outputs = self._greedy(self.llm(shape), PROMPTS)
         reference = self.reference(shape)
-        reduced = self.logprob_tolerance != LOGPROB_TOLERANCE
         for i, (prompt, output) in enumerate(zip(PROMPTS, outputs, strict=True)):
             completion = output.outputs[0]
-            rows = reference_logprob_rows(reference, prompt, completion.token_ids)  # [T, V]
-            theirs = [float(rows[j, t]) for j, t in enumerate(completion.token_ids)]
-            if reduced:
-                gaps = [float(rows[j].max()) - lp for j, lp in enumerate(theirs)]
-                _check(
-                    max(gaps) <= REDUCED_PRECISION_GREEDY_GAP,
-                    f"prompt {i} (length {len(prompt)}): greedy tokens {completion.token_ids} fall up to "
-                    f"{max(gaps):.2f} nats below transformers' argmax (allowed {REDUCED_PRECISION_GREEDY_GAP})",
-                )
-            else:
-                expected = reference_greedy(reference, prompt, NEW_TOKENS)
-                _check(
-                    completion.token_ids == expected,
-                    f"prompt {i} (length {len(prompt)}): greedy tokens {completion.token_ids}, transformers {expected}",
-                )
+            theirs = self._check_greedy_tokens(reference, prompt, completion.token_ids, f"prompt {i}")
             _check(completion.finish_reason == "length", f"prompt {i}: finish reason {completion.finish_reason!r}")
             _check(completion.logprobs is not None, f"prompt {i}: no logprobs returned although asked for")
             ours = [entry[t].logprob for entry, t in zip(completion.logprobs, completion.token_ids, strict=True)]
@@ -248,41 +242,59 @@ class BackendConformance:
             ranks = [entry[t].rank for entry, t in zip(completion.logprobs, completion.token_ids, strict=True)]
             _check(all(r == 1 for r in ranks), f"prompt {i}: greedy tokens must have rank 1, got {ranks}")
 
+    def _check_greedy_tokens(self, reference: Any, prompt: list[int], token_ids: list[int], label: str) -> list[float]:
+        """Greedy `token_ids` for `prompt` against transformers: equal to its greedy tokens, or in bfloat16/
+        float16 each within `REDUCED_PRECISION_GREEDY_GAP` of its argmax (teacher-forced on our tokens).
+        Returns transformers' logprob of each of our tokens."""
+        from ernie_serve.testing.checkpoints import reference_greedy, reference_logprob_rows
+
+        rows = reference_logprob_rows(reference, prompt, token_ids)  # [T, V]
+        theirs = [float(rows[j, t]) for j, t in enumerate(token_ids)]
+        if self.logprob_tolerance != LOGPROB_TOLERANCE:  # reduced precision
+            gaps = [float(rows[j].max()) - lp for j, lp in enumerate(theirs)]
+            _check(
+                max(gaps) <= REDUCED_PRECISION_GREEDY_GAP,
+                f"{label} (length {len(prompt)}): greedy tokens {token_ids} fall up to {max(gaps):.2f} nats below "
+                f"transformers' argmax (allowed {REDUCED_PRECISION_GREEDY_GAP})",
+            )
+        else:
+            expected = reference_greedy(reference, prompt, len(token_ids))
+            _check(
+                token_ids == expected,
+                f"{label} (length {len(prompt)}): greedy tokens {token_ids}, transformers {expected}",
+            )
+        return theirs
+
     def check_mixed_batching(self, shape: str = DEFAULT_SHAPE) -> None:
-        """Prompts of mixed lengths batched together give what each gives alone. In bfloat16/float16 other
-        batch shapes round differently: the tokens may part at a near-tie (the other token is the runner-up
-        within `REDUCED_PRECISION_GREEDY_GAP`), and are compared up to there."""
+        """Prompts of mixed lengths batched together give what each gives alone."""
         llm = self.llm(shape)
-        reduced = self.logprob_tolerance != LOGPROB_TOLERANCE
         together = self._greedy(llm, PROMPTS)
         for i, prompt in enumerate(PROMPTS):
             alone = self._greedy(llm, [prompt])[0].outputs[0]
-            batched = together[i].outputs[0]
-            assert batched.logprobs is not None and alone.logprobs is not None
-            parted = next(
-                (j for j, (a, b) in enumerate(zip(batched.token_ids, alone.token_ids, strict=True)) if a != b), None
-            )
-            if parted is not None and reduced:
-                entry = batched.logprobs[parted]
-                other = alone.token_ids[parted]
-                gap = entry[batched.token_ids[parted]].logprob - entry[other].logprob if other in entry else None
-                _check(
-                    gap is not None and gap <= REDUCED_PRECISION_GREEDY_GAP,
-                    f"prompt {i}: batched tokens {batched.token_ids} part from alone {alone.token_ids} at "
-                    f"{parted} by more than a near-tie",
-                )
-            else:
-                _check(
-                    batched.token_ids == alone.token_ids,
-                    f"prompt {i}: batched tokens {batched.token_ids} != alone {alone.token_ids}",
-                )
-            pairs = list(zip(batched.logprobs, alone.logprobs, batched.token_ids, strict=True))[:parted]
-            worst = max(abs(a[t].logprob - b[t].logprob) for a, b, t in pairs) if pairs else 0.0
+            self._check_same_greedy(together[i].outputs[0], alone, f"prompt {i}: batched vs alone")
+
+    def _check_same_greedy(self, ours: CompletionOutput, alone: CompletionOutput, label: str) -> None:
+        """One greedy request run in two batches gives the same tokens, logprobs within the batch tolerance.
+        In bfloat16/float16 other batch shapes round differently: the tokens may part at a near-tie (the other
+        token is the runner-up within `REDUCED_PRECISION_GREEDY_GAP`), and are compared up to there."""
+        assert ours.logprobs is not None and alone.logprobs is not None
+        pairs_of_ids = zip(ours.token_ids, alone.token_ids, strict=True)
+        parted = next((j for j, (a, b) in enumerate(pairs_of_ids) if a != b), None)  # where they part
+        if parted is not None and self.logprob_tolerance != LOGPROB_TOLERANCE:  # reduced precision
+            entry, other = ours.logprobs[parted], alone.token_ids[parted]
+            gap = entry[ours.token_ids[parted]].logprob - entry[other].logprob if other in entry else None
             _check(
-                worst <= self.batch_logprob_tolerance,
-                f"prompt {i}: logprobs batched vs alone differ by {worst:.2e} "
-                f"(tolerance {self.batch_logprob_tolerance:.0e})",
+                gap is not None and gap <= REDUCED_PRECISION_GREEDY_GAP,
+                f"{label}: tokens {ours.token_ids} part from {alone.token_ids} at {parted} by more than a near-tie",
             )
+        else:
+            _check(ours.token_ids == alone.token_ids, f"{label}: tokens {ours.token_ids} != {alone.token_ids}")
+        pairs = list(zip(ours.logprobs, alone.logprobs, ours.token_ids, strict=True))[:parted]
+        worst = max(abs(a[t].logprob - b[t].logprob) for a, b, t in pairs) if pairs else 0.0
+        _check(
+            worst <= self.batch_logprob_tolerance,
+            f"{label}: logprobs differ by {worst:.2e} (tolerance {self.batch_logprob_tolerance:.0e})",
+        )
 
     def check_abort(self, shape: str = DEFAULT_SHAPE) -> None:
         """Abort one running request mid-generation: it ends "abort", the others are unaffected, the KV pool
@@ -293,7 +305,7 @@ class BackendConformance:
         engine = llm.engine
         prompts = PROMPTS[:4]
         max_tokens = 12
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
         ids = [engine.add_request(list(p), params) for p in prompts]
         victim = ids[1]
         finished: dict[str, RequestOutput] = {}
@@ -316,11 +328,10 @@ class BackendConformance:
 
         alone = self._greedy(llm, [list(p) for p in prompts], max_tokens)
         for i, (request_id, reference) in enumerate(zip(ids, alone, strict=True)):
-            if request_id == victim:
-                continue
-            got = finished[request_id].outputs[0].token_ids
-            want = reference.outputs[0].token_ids
-            _check(got == want, f"prompt {i} changed by the abort: {got} vs {want} without it")
+            if request_id != victim:
+                self._check_same_greedy(
+                    finished[request_id].outputs[0], reference.outputs[0], f"prompt {i}, beside an abort"
+                )
 
         block_manager = getattr(engine.core.scheduler, "block_manager", None)
         if block_manager is not None:
@@ -328,15 +339,13 @@ class BackendConformance:
             _check(free == total, f"{total - free} KV blocks leaked after every request finished")
         # Backends that keep per-request state may expose how many requests they hold: the engine releases
         # each request as it ends, so nothing may remain.
-        held = getattr(engine.core.backend, "num_cached_requests", None)
+        held = engine.core.backend.num_cached_requests
         _check(not held, f"the backend still holds state for {held} requests after they all ended")
 
     def check_preemption(self, shape: str = DEFAULT_SHAPE) -> None:
         """Requests preempted for want of KV blocks are released and re-run from scratch (`is_new`, a whole new
         block table, often other blocks) and still give transformers' greedy tokens, as do the requests that
         kept running while their tables grew by `new_block_ids`."""
-        from ernie_serve.testing.checkpoints import reference_greedy
-
         llm = self.llm(shape, **TIGHT_POOL)
         prompts = PROMPTS[:4]
         before = llm.engine.core.scheduler.stats().num_preemptions
@@ -345,9 +354,9 @@ class BackendConformance:
         _check(preempted > 0, f"nothing was preempted in a pool of {TIGHT_POOL}: the case tested nothing")
         reference = self.reference(shape)
         for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
-            got, want = output.outputs[0].token_ids, reference_greedy(reference, prompt, NEW_TOKENS)
-            _check(got == want, f"prompt {i}, after {preempted} preemptions: greedy tokens {got}, transformers {want}")
-        held = getattr(llm.engine.core.backend, "num_cached_requests", None)
+            label = f"prompt {i}, after {preempted} preemptions"
+            self._check_greedy_tokens(reference, prompt, output.outputs[0].token_ids, label)
+        held = llm.engine.core.backend.num_cached_requests
         _check(not held, f"the backend still holds state for {held} requests after they all ended")
 
     def check_seeded_sampling(self, shape: str = DEFAULT_SHAPE) -> None:

@@ -238,3 +238,9 @@ def launch() -> Callable[..., ServerProcess]:
 def port() -> Callable[[], int]:
     """`port()` -> a free TCP port on 127.0.0.1."""
     return free_port
+
+
+@pytest.fixture(scope="session")
+def environment() -> Callable[..., dict[str, str]]:
+    """`environment(**extra)` -> the environment for a server subprocess (see `server_env`)."""
+    return server_env

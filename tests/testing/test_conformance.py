@@ -101,7 +101,8 @@ def test_a_crashing_backend_fails_every_case_it_crashes_in(tiny_checkpoint, tmp_
         )
     message = str(failure.value)
     assert "failed 2 of 2" in message
-    assert "backend 'crashing', mixed_batching: raised RuntimeError: batches are not implemented" in message
+    failed = "the engine failed the request (finish reason 'error'; the log has the backend's traceback)"
+    assert f"backend 'crashing', mixed_batching: prompt 0: {failed}" in message, message
 
 
 def test_a_backend_that_ignores_is_new_fails_preemption(tiny_checkpoint, tmp_path, monkeypatch) -> None:
