@@ -44,15 +44,24 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def frob_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An installed-looking third-party distribution whose backend cannot run here."""
-    (tmp_path / "frob_cli_plugin.py").write_text(textwrap.dedent(UNAVAILABLE_PLUGIN))
-    info = tmp_path / "frob_serve-0.4.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: frob-serve\nVersion: 0.4.0\n")
-    (info / "entry_points.txt").write_text("[ernie_serve]\nfrob = frob_cli_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plugins.reset_plugin_manager()
+    _install_plugin(tmp_path, monkeypatch, "frob", "frob_cli_plugin", UNAVAILABLE_PLUGIN, "frob-serve 0.4.0")
     yield tmp_path
     sys.modules.pop("frob_cli_plugin", None)
+
+
+def _install_plugin(
+    where: Path, monkeypatch: pytest.MonkeyPatch, name: str, module: str, source: str, release: str
+) -> None:
+    """An installed-looking distribution (`release`: "name version") on sys.path, whose `ernie_serve` entry
+    point `name` is `module`, written from `source`."""
+    distribution, version = release.split()
+    (where / f"{module}.py").write_text(textwrap.dedent(source))
+    info = where / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[ernie_serve]\n{name} = {module}\n")
+    monkeypatch.syspath_prepend(str(where))
+    plugins.reset_plugin_manager()
 
 
 def _lines(text: str) -> list[str]:
@@ -346,13 +355,7 @@ def test_only_user_errors_are_one_line(
     backend: str, one_line: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """A UserError is the user's to fix: one line. Any other exception is a bug: its traceback is shown."""
-    (tmp_path / "broken_cli_plugin.py").write_text(textwrap.dedent(BROKEN_PLUGIN))
-    info = tmp_path / "broken_serve-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-serve\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text("[ernie_serve]\nbroken = broken_cli_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    plugins.reset_plugin_manager()
+    _install_plugin(tmp_path, monkeypatch, "broken", "broken_cli_plugin", BROKEN_PLUGIN, "broken-serve 0.1.0")
     try:
         if one_line is not None:
             assert main(["generate", "--backend", backend, "--max-tokens", "2", "hi"]) == 1
