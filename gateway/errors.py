@@ -67,7 +67,8 @@ _LABEL = re.compile(r"[\[\]\-]|^(str|int|float|bool|list|dict|none|literal|union
 
 def error_param(loc: Sequence[str | int]) -> str | None:
     """A pydantic location as OpenAI's `param`: `("messages", 0, "content", "str")` -> `messages.0.content`."""
-    parts = [str(p) for p in loc if isinstance(p, int) or not _LABEL.search(p)]
+    # The first entry is always a top-level field, even one whose name looks like a label (`model`).
+    parts = [str(p) for i, p in enumerate(loc) if i == 0 or isinstance(p, int) or not _LABEL.search(p)]
     return ".".join(parts) or None
 
 

@@ -268,7 +268,8 @@ class OpenAIServing:
         self._check_available()
         body = await request.body()
         try:
-            parsed = model.model_validate_json(body)
+            # Off the event loop: parsing a body of several MB takes long enough to stall every other stream.
+            parsed = await anyio.to_thread.run_sync(model.model_validate_json, body)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         unsupported = unsupported_parameter(parsed)
@@ -363,6 +364,22 @@ class OpenAIServing:
             parsed = result
         return parsed
 
+    def _render_chat(self, parsed: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """The prompt text and its token ids; called in a worker thread by `chat`."""
+        tokenizer = self.engine.tokenizer
+        try:
+            prompt = tokenizer.apply_chat_template(
+                [m.for_template() for m in parsed.messages], add_generation_prompt=parsed.add_generation_prompt
+            )
+        except ValueError as exc:
+            raise bad_request(str(exc), "messages") from None
+        return prompt, tokenizer.encode(prompt)
+
+    def _encode_prompts(self, parsed: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """Each prompt as (its text or None, its token ids); called in a worker thread by `completions`."""
+        tokenizer = self.engine.tokenizer
+        return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in parsed.prompts()]
+
     async def _close(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
         for stream in streams:
             aclose = getattr(stream, "aclose", None)
@@ -375,21 +392,21 @@ class OpenAIServing:
         parsed: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         parsed = await self._apply_transforms(parsed)
         params = self._params(parsed)
-        tokenizer = self.engine.tokenizer
-        try:
-            prompt = tokenizer.apply_chat_template(
-                [m.for_template() for m in parsed.messages], add_generation_prompt=parsed.add_generation_prompt
-            )
-        except ValueError as exc:
-            raise bad_request(str(exc), "messages") from None
-        prompt_ids = tokenizer.encode(prompt)
+        # Templating and tokenizing a long conversation take seconds: in a worker thread, so /health and the
+        # other streams keep being served meanwhile (the tokenizer is immutable, any thread may use it).
+        prompt, prompt_ids = await anyio.to_thread.run_sync(self._render_chat, parsed)
         self._check_available()  # the checks again: the body may have taken a while to arrive
         call = _Call(f"chatcmpl-{uuid.uuid4().hex}", scope_request_id(request.scope), "chat", self.metrics.track())
         call.engine_ids = [call.id]
         call.prompt_tokens = len(prompt_ids)
         self._begin(call)
         stream = self.engine.generate(prompt_ids, params, call.id, prompt=prompt, priority=parsed.priority)
-        firsts = await self._first_outputs(request, call, [stream])
+        try:
+            firsts = await self._first_outputs(request, call, [stream])
+        except APIError as exc:
+            if exc.param == "max_tokens" and parsed.max_completion_tokens is not None:
+                exc.param = "max_completion_tokens"  # the engine knows one name; the caller used the other
+            raise
         if firsts is None:
             return Response(status_code=499)
         if parsed.stream:
@@ -513,12 +530,7 @@ class OpenAIServing:
         parsed: CompletionRequest = await self._parse(request, CompletionRequest)
         params = self._params(parsed)
         tokenizer = self.engine.tokenizer
-        prompts: list[tuple[str | None, list[int]]] = []
-        for p in parsed.prompts():
-            if isinstance(p, str):
-                prompts.append((p, tokenizer.encode(p)))
-            else:
-                prompts.append((None, list(p)))
+        prompts = await anyio.to_thread.run_sync(self._encode_prompts, parsed)  # off the loop, as in `chat`
         self._check_available()
         call = _Call(f"cmpl-{uuid.uuid4().hex}", scope_request_id(request.scope), "completions", self.metrics.track())
         call.engine_ids = [call.id] if len(prompts) == 1 else [f"{call.id}-{i}" for i in range(len(prompts))]

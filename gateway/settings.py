@@ -38,6 +38,13 @@ class ServerSettings(BaseSettings):
     max_concurrency: int | None = Field(
         None, ge=1, description="most generation requests in flight; more get HTTP 429 (default: no limit)"
     )
+    # A few MB: a full 128K-token context as JSON-escaped text is ~1-2 MB, while a 10 MB body already takes
+    # seconds to template and tokenize and hundreds of MB of memory.
+    max_request_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="largest request body in bytes; a larger one gets HTTP 413 before it is read in full",
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds in-flight requests may run after SIGTERM before they are aborted"
     )
