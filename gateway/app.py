@@ -21,7 +21,9 @@ from starlette.routing import BaseRoute, Route
 from ernie_serve.async_engine import AsyncEngine
 from ernie_serve.gateway.auth import APIKeyMiddleware, RequestIdMiddleware
 from ernie_serve.gateway.errors import EXCEPTION_HANDLERS, APIError
+from ernie_serve.gateway.limits import BodyLimitMiddleware
 from ernie_serve.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from ernie_serve.gateway.openapi import openapi_route
 from ernie_serve.gateway.protocol import ModelCard, ModelList
 from ernie_serve.gateway.serving import OpenAIServing
 from ernie_serve.gateway.settings import ServerSettings
@@ -110,6 +112,7 @@ def build_app(
         Route("/v1/completions", serving.completions, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
+        openapi_route(api_key=bool(settings.api_keys)),  # behind the API key when there is one
     ]
     _add_plugin_routes(routes, routes_from_plugins)
 
@@ -150,6 +153,7 @@ def build_app(
         routes=routes,
         middleware=[
             Middleware(RequestIdMiddleware),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes),
             Middleware(APIKeyMiddleware, keys=settings.api_keys, public=PUBLIC_PATHS),
         ],
         exception_handlers=dict(EXCEPTION_HANDLERS),  # type: ignore[arg-type]
