@@ -42,6 +42,7 @@ EXAMPLES = int(os.environ.get("ERNIE_SERVE_FUZZ_EXAMPLES", "10"))
 REQUEST_TIMEOUT = 60.0  # seconds; a tiny model answers any capped request in well under one
 MAX_TOKENS = 4
 MAX_N = 2
+MAX_STREAM_EVENTS = 100_000
 
 # Responses seen, by operation and status, for the summary printed at the end (`-s` shows it).
 SEEN: collections.Counter[tuple[str, int]] = collections.Counter()
@@ -68,7 +69,11 @@ def fuzz_server(
 @pytest.fixture(scope="module")
 def api_schema(fuzz_server: Any) -> BaseSchema:
     """The document as the server publishes it."""
-    return schemathesis.openapi.from_url(f"{fuzz_server.base_url}/openapi.json", timeout=30)
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.base_url}/openapi.json", timeout=30)
+    # schemathesis stops reading a stream after 20 events by default; read each to its end (a stream is at most
+    # n x prompts x 128 tokens here), so that `sse_stream_shape` sees the `[DONE]` that must end it.
+    schema.config.max_stream_events = MAX_STREAM_EVENTS
+    return schema
 
 
 # Every operation of the document, known without a server so that pytest can name one test per operation.
@@ -131,6 +136,7 @@ def sse_stream_shape(ctx: CheckContext, response: Response, case: Case) -> bool 
         return None
     chunk_model = ChatCompletionChunk if case.path == "/v1/chat/completions" else CompletionResponse
     events = [line.removeprefix("data: ") for line in response.text.split("\n") if line.startswith("data: ")]
+    assert not response.stream_cut_short, f"the stream did not end within {MAX_STREAM_EVENTS} events or the timeout"
     assert events and events[-1] == "[DONE]", f"the stream does not end with [DONE]: {response.text[-200:]!r}"
     for event in events[:-1]:
         data = json.loads(event)
