@@ -8,6 +8,7 @@ Subcommands:
 - `generate`: offline generation with the `LLM` API, streaming text to stdout as it is produced.
 - `bench serve`: a serving benchmark against a running server (vLLM's `bench serve`), or `--offline`.
 - `bench throughput`: the offline engine against transformers' `generate`; `bench scheduler`: scheduler cost.
+- `bench soak`: streaming clients with random aborts for a fixed time; fails unless the server came out whole.
 - `export onnx`: write a checkpoint's model as an ONNX graph.
 
 Errors the user can fix (bad flag values, unknown backend, missing checkpoint) are one line on stderr and
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     _add_bench_serve(bench_sub)
     _add_bench_throughput(bench_sub)
+    _add_bench_soak(bench_sub)
     scheduler_bench = bench_sub.add_parser(
         "scheduler",
         help="scheduler cost per step against the number of running requests",
@@ -364,6 +366,8 @@ def _main(argv: Sequence[str] | None) -> int:
             from ernie_serve.bench.scheduler import main as scheduler_main
 
             return scheduler_main()
+        if args.bench_command == "soak":
+            return _cmd_bench_soak(args)
         return _cmd_bench_serve(args)
     if args.command == "export":
         configure_logging("console", args.log_level)
@@ -603,6 +607,111 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(bench.result_document(summary, config, results), indent=2) + "\n")
         sys.stdout.write(f"results written to {path}\n")
     return EXIT_OK if summary["completed"] else EXIT_FAILURE
+
+
+# --- bench soak ----------------------------------------------------------------------------------------
+
+
+def _add_bench_soak(bench_sub: Any) -> None:
+    bench = bench_sub.add_parser(
+        "soak",
+        help="streaming clients with random aborts for a fixed time; checks failures, RSS and KV usage",
+        description="Start `ernie-serve serve --model MODEL` (or use a running server: --base-url, with "
+        "--server-pid for RSS), drive it with --concurrency streaming clients for --minutes, closing a random "
+        "--abort-fraction of the streams early, and report failed requests, server RSS over time, KV usage at "
+        "the end and latency percentiles. Exits 1 unless no request failed, RSS grew less than "
+        "--max-rss-growth percent after the warm-up, and KV usage is back to 0.",
+    )
+    target = bench.add_argument_group("server")
+    target.add_argument("--model", default=None, help="start `ernie-serve serve` on this checkpoint (or demo)")
+    target.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for the started server, repeatable (e.g. --server-arg=--max-num-seqs=64)",
+    )
+    target.add_argument("--server-log", default=None, help="the started server's log file (default: a temp file)")
+    target.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="a running server, without --model (default: %(default)s)"
+    )
+    target.add_argument("--server-pid", type=int, default=None, help="the running server's pid, for its RSS")
+    target.add_argument(
+        "--api-key",
+        default=os.environ.get("ERNIE_SERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="bearer key (default: env ERNIE_SERVE_API_KEY or OPENAI_API_KEY)",
+    )
+    bench.add_argument("--minutes", type=float, default=30.0, help="how long clients send (default: %(default)s)")
+    bench.add_argument("--concurrency", type=int, default=32, help="streaming clients (default: %(default)s)")
+    bench.add_argument(
+        "--abort-fraction", type=float, default=0.1, help="share of streams closed early (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--warmup-minutes", type=float, default=None, help="RSS growth counts from here (default: 20%%, at most 5)"
+    )
+    bench.add_argument(
+        "--sample-interval", type=float, default=None, help="seconds between RSS samples (default: about 60 samples)"
+    )
+    bench.add_argument("--random-input-len", type=int, default=128, help="prompt tokens (default: %(default)s)")
+    bench.add_argument("--random-output-len", type=int, default=64, help="tokens to generate (default: %(default)s)")
+    bench.add_argument(
+        "--random-range-ratio", type=float, default=0.5, help="length spread, in [0, 1) (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--random-vocab-size",
+        type=int,
+        default=1000,
+        help="prompt token ids are drawn from [10, this) (default: %(default)s)",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="seed of the clients' choices (default: %(default)s)")
+    bench.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for data (default: %(default)s)")
+    bench.add_argument(
+        "--idle-timeout", type=float, default=60.0, help="seconds to wait for an idle server (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--max-rss-growth", type=float, default=10.0, help="RSS growth limit in percent (default: %(default)s)"
+    )
+    bench.add_argument("--output-json", default=None, help="write the full report, every sample included")
+    _add_log_level(bench)
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from ernie_serve.bench import soak
+
+    configure_logging("console", args.log_level)
+    try:
+        config = soak.SoakConfig(
+            minutes=args.minutes,
+            concurrency=args.concurrency,
+            abort_fraction=args.abort_fraction,
+            warmup_minutes=args.warmup_minutes,
+            sample_interval=args.sample_interval,
+            input_len=args.random_input_len,
+            output_len=args.random_output_len,
+            range_ratio=args.random_range_ratio,
+            vocab_size=args.random_vocab_size,
+            seed=args.seed,
+            timeout=args.timeout,
+            idle_timeout=args.idle_timeout,
+            max_rss_growth_pct=args.max_rss_growth,
+            api_key=args.api_key,
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        return soak.main(
+            config,
+            model=args.model,
+            server_args=args.server_arg,
+            base_url=args.base_url,
+            server_pid=args.server_pid,
+            output_json=args.output_json,
+            server_log=args.server_log,
+        )
+    except UserError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
