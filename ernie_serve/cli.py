@@ -272,6 +272,32 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _add_random_prompt_flags(parser: Any, input_len: int, output_len: int, range_ratio: float, seed_of: str) -> None:
+    """The random-prompt flags `bench serve` and `bench soak` share (vLLM's names), with their defaults."""
+    parser.add_argument("--random-input-len", type=int, default=input_len, help="prompt tokens (default: %(default)s)")
+    parser.add_argument(
+        "--random-output-len", type=int, default=output_len, help="tokens to generate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--random-range-ratio", type=float, default=range_ratio, help="length spread, in [0, 1) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--random-vocab-size",
+        type=int,
+        default=1000,
+        help="prompt token ids are drawn from [10, this) (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {seed_of} (default: %(default)s)")
+
+
+def _add_api_key_flag(parser: Any) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("ERNIE_SERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="bearer key (default: env ERNIE_SERVE_API_KEY or OPENAI_API_KEY)",
+    )
+
+
 def _add_bench_serve(bench_sub: Any) -> None:
     bench = bench_sub.add_parser(
         "serve",
@@ -295,24 +321,9 @@ def _add_bench_serve(bench_sub: Any) -> None:
         default=float("inf"),
         help="requests per second, Poisson arrivals (default: inf, all at once)",
     )
-    bench.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (default: %(default)s)")
-    bench.add_argument("--random-output-len", type=int, default=128, help="tokens to generate (default: %(default)s)")
-    bench.add_argument(
-        "--random-range-ratio", type=float, default=0.0, help="length spread, in [0, 1) (default: %(default)s)"
-    )
-    bench.add_argument(
-        "--random-vocab-size",
-        type=int,
-        default=1000,
-        help="prompt token ids are drawn from [10, this) (default: %(default)s)",
-    )
-    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: %(default)s)")
+    _add_random_prompt_flags(bench, input_len=256, output_len=128, range_ratio=0.0, seed_of="the random prompts")
     bench.add_argument("--ignore-eos", action="store_true", help="generate exactly --random-output-len tokens")
-    bench.add_argument(
-        "--api-key",
-        default=os.environ.get("ERNIE_SERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-        help="bearer key (default: env ERNIE_SERVE_API_KEY or OPENAI_API_KEY)",
-    )
+    _add_api_key_flag(bench)
     bench.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     bench.add_argument("--offline", action="store_true", help="run the requests in-process, without HTTP")
     bench.add_argument("--save-result", action="store_true", help="write the results as JSON")
@@ -636,11 +647,7 @@ def _add_bench_soak(bench_sub: Any) -> None:
         "--base-url", default="http://127.0.0.1:8000", help="a running server, without --model (default: %(default)s)"
     )
     target.add_argument("--server-pid", type=int, default=None, help="the running server's pid, for its RSS")
-    target.add_argument(
-        "--api-key",
-        default=os.environ.get("ERNIE_SERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-        help="bearer key (default: env ERNIE_SERVE_API_KEY or OPENAI_API_KEY)",
-    )
+    _add_api_key_flag(target)
     bench.add_argument("--minutes", type=float, default=30.0, help="how long clients send (default: %(default)s)")
     bench.add_argument("--concurrency", type=int, default=32, help="streaming clients (default: %(default)s)")
     bench.add_argument(
@@ -652,18 +659,7 @@ def _add_bench_soak(bench_sub: Any) -> None:
     bench.add_argument(
         "--sample-interval", type=float, default=None, help="seconds between RSS samples (default: about 60 samples)"
     )
-    bench.add_argument("--random-input-len", type=int, default=128, help="prompt tokens (default: %(default)s)")
-    bench.add_argument("--random-output-len", type=int, default=64, help="tokens to generate (default: %(default)s)")
-    bench.add_argument(
-        "--random-range-ratio", type=float, default=0.5, help="length spread, in [0, 1) (default: %(default)s)"
-    )
-    bench.add_argument(
-        "--random-vocab-size",
-        type=int,
-        default=1000,
-        help="prompt token ids are drawn from [10, this) (default: %(default)s)",
-    )
-    bench.add_argument("--seed", type=int, default=0, help="seed of the clients' choices (default: %(default)s)")
+    _add_random_prompt_flags(bench, input_len=128, output_len=64, range_ratio=0.5, seed_of="the clients' choices")
     bench.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for data (default: %(default)s)")
     bench.add_argument(
         "--idle-timeout", type=float, default=60.0, help="seconds to wait for an idle server (default: %(default)s)"
