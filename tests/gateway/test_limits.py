@@ -130,8 +130,8 @@ def roomy(launch: Any, checkpoint: Path) -> Iterator[Any]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue 14, defect 2): tokenization runs in a worker thread, but `tokenizers` holds the GIL "
-    "for most of a 10 MB encode (a 34 s stall measured in-process; 1.4 s at 5 MB), so the loop still stalls",
+    reason="open (issue 14, defect 2): tokenization runs in a worker thread, yet the loop still stalls while a "
+    "10 MB body is tokenized; the cause is not settled (the GIL was suspected; a plain-thread encode says not)",
 )
 def test_a_10mb_chat_body_does_not_stall_health_or_other_streams(roomy: Any) -> None:
     """While a ~10 MB conversation is parsed, templated and tokenized (tens of seconds of CPU here), `/health`
