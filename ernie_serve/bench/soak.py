@@ -185,14 +185,17 @@ def _free_port() -> int:
 
 
 @contextmanager
-def started_server(model: str, server_args: Sequence[str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`ernie-serve serve --model MODEL` on a free local port, its output in `log_path`; yields the base URL
-    and the process once `/health` answers 200, and stops it with SIGTERM (the graceful drain) at the end."""
+def started_server(
+    model: str, server_args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`ernie-serve serve --model MODEL` on a free local port, its output in `log_path` (environment `env`, or
+    ours); yields the base URL and the process once `/health` answers 200, and stops it with SIGTERM (the
+    graceful drain) at the end. Also the benchmark tests' server."""
     port = _free_port()
     cmd = [sys.executable, "-m", "ernie_serve.cli", "serve", "--model", model, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), *server_args]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT

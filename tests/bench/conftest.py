@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-START_TIMEOUT = 120.0
+from ernie_serve.bench.soak import started_server
 
 
 @pytest.fixture(scope="session")
@@ -37,38 +31,11 @@ def unused_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(bench_model: Path) -> Iterator[str]:
+def server_url(bench_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`ernie-serve serve` on the tiny checkpoint in a subprocess; yields its base URL once /health is 200."""
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERNIE_SERVE_")}
     env["ERNIE_SERVE_CACHE"] = os.environ["ERNIE_SERVE_CACHE"]
     env["OMP_NUM_THREADS"] = "1"  # the tiny model gains nothing from more, and the client shares the cores
-    log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "ernie_serve.cli", "serve", "--model", str(bench_model)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "ernie-tiny"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not become ready:\n{Path(log.name).read_text()}")
-            try:  # the pause between polls is a wait for the server to die, which ends it at once
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{Path(log.name).read_text()}")
+    log = tmp_path_factory.mktemp("bench-server") / "server.log"
+    with started_server(str(bench_model), ["--served-model-name", "ernie-tiny"], log, env=env) as (url, _):
         yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
