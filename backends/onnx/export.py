@@ -70,7 +70,7 @@ def _safetensors_header(path: Path) -> str:
 
 def checkpoint_fingerprint(path: str | Path) -> dict[str, Any]:
     """What identifies a checkpoint's weights and config, as JSON-able data."""
-    from ernie_serve.backends.torch.loader import checkpoint_files
+    from ernie_serve.checkpoint import checkpoint_files
 
     path = Path(path)
     files = checkpoint_files(path)
@@ -229,7 +229,7 @@ def export_command(
     if missing:
         err.write(f"ernie-serve: error: cannot export to ONNX: {missing}\n")
         return 1
-    from ernie_serve.backends.torch.loader import CheckpointError
+    from ernie_serve.checkpoint import CheckpointError
     from ernie_serve.core.config import EngineSettings, ModelConfigError
     from ernie_serve.models import resolve_model
 

@@ -1,55 +1,17 @@
-"""Fills an `ErnieForCausalLM` from HuggingFace safetensors checkpoints, one tensor at a time (mmap'd), or with
-seeded random weights for `--load-format dummy`."""
+"""Fills an `ErnieForCausalLM` from a safetensors checkpoint (-PT or -Paddle layout, read one tensor at a time by
+`ernie_serve.checkpoint`), or with seeded random weights for `--load-format dummy`."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ernie_serve.backends.torch.model import ErnieForCausalLM
-from ernie_serve.core.errors import UserError
+from ernie_serve.checkpoint import CheckpointError, detect_layout, disk_name, iter_checkpoint
 from ernie_serve.logging import progress
 
-# The multi-token-prediction head is only for speculative decoding, which we do not run.
-IGNORED_PREFIXES = (
-    "model.mtp_block.",
-    "model.mtp_emb_norm.",
-    "model.mtp_hidden_norm.",
-    "model.mtp_linear_proj.",
-)
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint whose tensors do not match its config.json."""
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{index.name} names {file.name}, which is not in {path}")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-
-
-def _checkpoint_tensors(path: Path, tied: bool) -> Iterator[tuple[Path, Any, str]]:
-    """(file, its open reader, tensor name) for every tensor the model takes, file by file."""
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            for name in reader.keys():
-                if not (name.startswith(IGNORED_PREFIXES) or (tied and name == "lm_head.weight")):
-                    yield file, reader, name
+__all__ = ["CheckpointError", "init_dummy_weights", "load_safetensors"]
 
 
 @torch.inference_mode()
@@ -57,21 +19,24 @@ def load_safetensors(model: ErnieForCausalLM, path: str | Path) -> None:
     path = Path(path)
     targets = dict(model.checkpoint_targets())
     loaded: set[str] = set()
-    # a valid checkpoint holds exactly one tensor per target, so the target count is the bar's total
-    tensors = _checkpoint_tensors(path, model.config.tie_word_embeddings)
-    for file, reader, name in progress(tensors, "loading weights", total=len(targets), unit="tensor"):
+    # a valid checkpoint yields exactly one tensor per target, so the target count is the bar's total
+    tensors = iter_checkpoint(path, model.config)
+    for item in progress(tensors, "loading weights", total=len(targets), unit="tensor"):
+        name, tensor = item.name, item.tensor
         target = targets.get(name)
         if target is None:
-            raise CheckpointError(f"unexpected tensor {name!r} in {file.name}: not part of this config")
-        tensor = reader.get_tensor(name)
+            raise CheckpointError(f"unexpected tensor {item.describe()}: not part of this config")
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"tensor {name!r} in {file.name} has shape {tuple(tensor.shape)}, "
+                f"tensor {item.describe()} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(target.shape)} from config.json"
             )
-        target.copy_(tensor)  # converts bf16/fp16 on disk to the compute dtype
+        # converts bf16/fp16 on disk to the compute dtype; a transposed source (-Paddle) is copied in place
+        target.copy_(tensor)
         loaded.add(name)
-    missing = [name for name in targets if name not in loaded]
+    # named as on disk, where a fused tensor stands for all its parts
+    layout = detect_layout(path)
+    missing = list(dict.fromkeys(disk_name(name, layout) for name in targets if name not in loaded))
     if missing:
         shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} is missing tensor {shown}")
