@@ -29,3 +29,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def paddle_checkpoint(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """`paddle_checkpoint(shape)` -> the bf16 tiny checkpoint of `shape` rewritten in the -Paddle layout (cached
+    per session): the -PT original is `tiny_checkpoint(shape, torch.bfloat16)`."""
+    from ernie_serve.testing.checkpoints import convert_to_paddle
+
+    built: dict[str, Path] = {}
+
+    def make(shape: str = "moe_shared_tied") -> Path:
+        if shape not in built:
+            out = tmp_path_factory.mktemp(f"{shape}-paddle")
+            built[shape] = convert_to_paddle(tiny_checkpoint(shape, torch.bfloat16), out)
+        return built[shape]
+
+    return make

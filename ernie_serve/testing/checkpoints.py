@@ -7,11 +7,15 @@ dependency (`pip install 'ernie-serve[test]'`), never imported when serving.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ernie_serve.checkpoint import checkpoint_files
 from ernie_serve.demo_tokenizer import build_demo_tokenizer
 
 TOKENIZER_VOCAB = 512
@@ -131,6 +135,88 @@ def build_tiny_checkpoint(
             buffer.copy_(0.05 * torch.randn(buffer.shape, generator=generator))
     model.to(disk_dtype).save_pretrained(out_dir, max_shard_size=max_shard_size)
     build_demo_tokenizer(out_dir, vocab_size=TOKENIZER_VOCAB)
+    return out_dir
+
+
+# What the -Paddle repos' config.json carries beyond the -PT one: switches of Paddle's own kernels, unused here.
+PADDLE_CONFIG_KEYS: dict[str, Any] = dict(
+    use_rmsnorm=True,
+    fuse_attn_ffn=True,
+    fuse_linear=True,
+    fuse_rms_norm=True,
+    fuse_rope=True,
+    fuse_swiglu=True,
+)
+
+
+@torch.no_grad()
+def convert_to_paddle(
+    source: str | Path, out_dir: str | Path, raw_uint16_every: int = 2, max_shard_bytes: int = 150_000
+) -> Path:
+    """Rewrite the -PT checkpoint directory `source` in the -Paddle layout (REFERENCE "Checkpoint layout") into
+    `out_dir`, for tests and docs: no -Paddle repository can be downloaded where the tests run.
+
+    `ernie.` prefix; linear weights (LM head and router included, not the embedding) stored `[in, out]`; q/k/v
+    fused into `qkv_proj` and gate/up into `up_gate_proj` (gate first), biases alike; router and correction
+    bias in float32; every `raw_uint16_every`-th bf16 tensor (in name order; 0 for none) stored as its raw
+    uint16 bits; sharded at `max_shard_bytes` with an index; a config.json with `dtype` and Paddle-only keys.
+    The tokenizer and generation_config.json are copied. Reads the whole (tiny) checkpoint into memory.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    pt: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(source):
+        pt.update(load_file(file))
+    paddle: dict[str, torch.Tensor] = {}
+    for name in sorted(pt):
+        if name not in pt:
+            continue  # consumed by an earlier fused tensor
+        base, _, kind = name.rpartition(".")
+        stem, _, proj = base.rpartition(".")
+        if proj in ("q_proj", "k_proj", "v_proj"):
+            parts = [pt.pop(f"{stem}.{p}.{kind}") for p in ("q_proj", "k_proj", "v_proj")]
+            fused, out_name = torch.cat(parts), f"{stem}.qkv_proj.{kind}"  # [q + 2kv, H] or [q + 2kv]
+        elif proj in ("gate_proj", "up_proj"):
+            parts = [pt.pop(f"{stem}.{p}.{kind}") for p in ("gate_proj", "up_proj")]
+            fused, out_name = torch.cat(parts), f"{stem}.up_gate_proj.{kind}"  # [2I, H] or [2I]
+        else:
+            fused, out_name = pt.pop(name), name
+        if fused.dim() == 2 and kind == "weight" and not out_name.endswith("embed_tokens.weight"):
+            fused = fused.t().contiguous()  # [out, in] -> [in, out]
+        if out_name.endswith((".mlp.gate.weight", "e_score_correction_bias")):
+            fused = fused.float()
+        paddle["ernie." + out_name.removeprefix("model.") if out_name.startswith("model.") else out_name] = fused
+    bf16 = [name for name in sorted(paddle) if paddle[name].dtype == torch.bfloat16]
+    for name in bf16[::raw_uint16_every] if raw_uint16_every else []:
+        paddle[name] = paddle[name].view(torch.uint16)
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(paddle):
+        nbytes = paddle[name].numel() * paddle[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = paddle[name]
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file))
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in paddle.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    rope = config.pop("rope_parameters", None) or config.pop("rope_scaling", None) or {}
+    config.setdefault("rope_theta", rope.get("rope_theta", 500000.0))
+    config["dtype"] = config.pop("torch_dtype", None) or config.get("dtype", "bfloat16")
+    config.pop("transformers_version", None)
+    (out_dir / "config.json").write_text(json.dumps(config | PADDLE_CONFIG_KEYS, indent=2))
+    for file in source.iterdir():
+        if file.is_file() and file.name != "config.json" and not file.name.startswith("model"):
+            shutil.copy2(file, out_dir / file.name)
     return out_dir
 
 
