@@ -12,6 +12,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from ernie_serve import LLM, SamplingParams  # noqa: E402
 from ernie_serve.backends.onnx import export as export_mod  # noqa: E402
 from ernie_serve.backends.onnx.export import ExportOptions, cached_export, export_command, export_key  # noqa: E402
 from ernie_serve.core.config import ModelConfig  # noqa: E402
@@ -49,6 +50,20 @@ def test_second_start_reuses_the_export_and_a_changed_checkpoint_reexports(check
     changed = cached_export(config, str(checkpoint_copy))
     assert not changed.cached and changed.key != first.key
     assert len(list(cache_dir.iterdir())) == 2
+
+
+def test_a_paddle_checkpoint_exports_and_serves_like_its_pt_original(
+    paddle_checkpoint, tiny_checkpoint, cache_dir
+) -> None:
+    """The export reads weights through the torch loader, so a -Paddle directory needs nothing of its own."""
+    shape = "moe_top1_dense_tail"
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in ([5, 6, 7], list(range(10, 31)))]
+    with LLM(model=str(tiny_checkpoint(shape, torch.bfloat16)), backend="torch") as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(requests, params)]
+    with LLM(model=str(paddle_checkpoint(shape)), backend="onnx") as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(requests, params)] == expected
+    assert len(list(cache_dir.glob("*/model.onnx"))) == 1  # it did export
 
 
 def test_key_covers_options_config_and_dummy_seed(checkpoint_copy, cache_dir) -> None:
