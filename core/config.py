@@ -167,7 +167,8 @@ class EngineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ERNIE_SERVE_", extra="forbid", validate_assignment=True)
 
-    model: str = Field("demo", description="checkpoint directory, a preset name, or 'demo'")
+    model: str = Field("demo", description="checkpoint directory, HuggingFace model id, preset name, or 'demo'")
+    revision: str | None = Field(None, description="branch, tag or commit of a HuggingFace model id (default: main)")
     tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's)")
     backend: str = Field("torch", description="registered backend name")
     scheduler: str = Field("fcfs", description="registered scheduler name")

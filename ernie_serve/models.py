@@ -1,20 +1,51 @@
-"""What `--model` names: a checkpoint directory, a preset shape (with `--load-format dummy`) or "demo".
+"""What `--model` names: a checkpoint directory, a HuggingFace model id (`baidu/ERNIE-4.5-21B-A3B-PT`), a preset
+shape (with `--load-format dummy`) or "demo".
 
-Resolving a name finds the config, weights and tokenizer; nothing here loads weights. A preset has no files at
-all: its tokenizer (unless `--tokenizer`) is the demo tokenizer padded to the preset's vocabulary, in memory.
+Resolving a name finds the config, weights and tokenizer; nothing here loads weights. A model id is downloaded
+into the HuggingFace cache (or found there) by huggingface_hub, which reads `HF_HOME`, `HF_HUB_OFFLINE` and
+`HF_TOKEN` itself. A preset has no files at all: its tokenizer (unless `--tokenizer`) is the demo tokenizer
+padded to the preset's vocabulary, in memory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from ernie_serve.checkpoint import INDEX_FILE
 from ernie_serve.core.config import EngineSettings, ModelConfig
 from ernie_serve.core.errors import UserError
 from ernie_serve.demo import demo_checkpoint_dir
 from ernie_serve.demo_tokenizer import padded_demo_tokenizer
 from ernie_serve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# What serving reads from a model repository; the rest (other weight formats, MTP-only files, docs) is skipped.
+CONFIG_FILES = ["config.json", "generation_config.json"]
+WEIGHT_FILES = ["*.safetensors", INDEX_FILE]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+]
 
 _COMMON = dict(
     vocab_size=103424,
@@ -109,29 +140,36 @@ class ResolvedModel:
 
 
 def resolve_model(settings: EngineSettings) -> ResolvedModel:
-    """`--model` is a checkpoint directory, a preset name (dummy weights only) or "demo"; `--tokenizer`, when
-    given, replaces the model's tokenizer. Called once when an engine (or `export onnx`) starts.
+    """`--model` is a checkpoint directory, a HuggingFace model id (`owner/name`, at `--revision`), a preset name
+    (dummy weights only) or "demo"; a local directory wins over a model id of the same name. `--tokenizer`,
+    when given, replaces the model's tokenizer. Called once when an engine (or `export onnx`) starts.
 
-    Loads no weights and writes nothing, except that "demo" builds the demo checkpoint into the cache on first
-    use. Raises `ModelResolutionError` for a name that is none of the three.
+    Loads no weights. Writes nothing, except that "demo" builds the demo checkpoint into the cache on first use
+    and a model id downloads what serving reads into the HuggingFace cache. Raises `ModelResolutionError` for a
+    name that is none of these, or a model id that cannot be fetched.
     """
     name = settings.model
     flag = settings.tokenizer is not None
     if settings.tokenizer is not None and not Path(settings.tokenizer).is_dir():
         raise ModelResolutionError(f"--tokenizer {settings.tokenizer!r} is not a directory")
+    local = name == "demo" or name in PRESETS or Path(name).is_dir()
+    if settings.revision is not None and local:
+        log.warning("--revision %s has no effect: --model %s is not a HuggingFace model id", settings.revision, name)
     if name == "demo":
         path = demo_checkpoint_dir()
     elif name in PRESETS:
         if settings.load_format != "dummy":
             raise ModelResolutionError(f"--model {name} is a preset shape without weights: add --load-format dummy")
         return ResolvedModel(PRESETS[name], None, settings.tokenizer, {}, tokenizer_from_flag=flag)
-    else:
+    elif Path(name).is_dir():
         path = Path(name)
-        if not path.is_dir():
-            raise ModelResolutionError(
-                f"--model {name!r} is neither a checkpoint directory, 'demo', nor a preset "
-                f"({', '.join(PRESETS)}); downloads are not supported, pass a local path"
-            )
+    elif is_model_id(name):
+        path = download_model(settings)
+    else:
+        raise ModelResolutionError(
+            f"--model {name!r} is neither a checkpoint directory, a HuggingFace model id (owner/name), 'demo', "
+            f"nor a preset ({', '.join(PRESETS)})"
+        )
     config = ModelConfig.from_pretrained(path)
     defaults: dict[str, float] = {}
     generation_config = path / "generation_config.json"
@@ -140,3 +178,60 @@ def resolve_model(settings: EngineSettings) -> ResolvedModel:
         defaults = {k: float(raw[k]) for k in ("temperature", "top_p") if raw.get(k) is not None}
     weights = None if settings.load_format == "dummy" else str(path)
     return ResolvedModel(config, weights, settings.tokenizer or str(path), defaults, tokenizer_from_flag=flag)
+
+
+def is_model_id(name: str) -> bool:
+    """Whether `name` has the form of a HuggingFace model id, `owner/name` (paths with more parts do not)."""
+    if name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def download_model(settings: EngineSettings) -> Path:
+    """The snapshot directory of the model id `settings.model` at `settings.revision` in the HuggingFace cache,
+    downloading the files serving reads (no weights with `--load-format dummy`, no tokenizer with `--tokenizer`)
+    unless they are cached. Called by `resolve_model` for a `--model` that is no local directory.
+
+    Every failure is one `ModelResolutionError` line naming `--model` and what to do.
+    """
+    name, revision = settings.model, settings.revision
+    at = f" at --revision {revision}" if revision else ""
+    patterns = list(CONFIG_FILES)
+    if settings.load_format != "dummy":
+        patterns += WEIGHT_FILES
+    if settings.tokenizer is None:
+        patterns += TOKENIZER_FILES
+    try:
+        snapshot = snapshot_download(name, revision=revision, allow_patterns=patterns)
+    except LocalEntryNotFoundError as exc:  # also when only part of the snapshot is cached
+        cache = hub_constants.HF_HUB_CACHE
+        if hub_constants.HF_HUB_OFFLINE:
+            raise ModelResolutionError(
+                f"--model {name}{at} is not (wholly) in the HuggingFace cache ({cache}) and HF_HUB_OFFLINE is "
+                "set: download it once with network access, or pass a local checkpoint directory"
+            ) from exc
+        raise ModelResolutionError(
+            f"--model {name}{at} could not be downloaded (the HuggingFace Hub cannot be reached) and is not "
+            f"(wholly) in the cache ({cache}): check the network, or pass a local checkpoint directory"
+        ) from exc
+    except GatedRepoError as exc:
+        raise ModelResolutionError(
+            f"--model {name} is gated on the HuggingFace Hub: accept its terms on its page there and set HF_TOKEN"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelResolutionError(
+            f"--model {name} is not a local directory and no model of that id is on the HuggingFace Hub (for a "
+            "private one, set HF_TOKEN): check the spelling, e.g. baidu/ERNIE-4.5-21B-A3B-PT"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise ModelResolutionError(
+            f"--revision {revision} is not a branch, tag or commit of --model {name}: check the revision"
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:  # server errors, a full disk, a cache without write permission
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelResolutionError(f"--model {name}{at} could not be downloaded: {first_line}") from exc
+    return Path(snapshot)
