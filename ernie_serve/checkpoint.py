@@ -136,6 +136,7 @@ def iter_checkpoint(path: str | Path, config: ModelConfig) -> Iterator[Checkpoin
                     yield CheckpointTensor(name, tensor, source, file)
                 else:
                     yield from _from_paddle(CheckpointTensor(name, tensor, source, file), config)
+                del tensor  # before the next read: only the consumer may still hold this one
 
 
 def _pt_prefix(source: str, layout: Layout) -> str:
