@@ -283,3 +283,11 @@ def test_a_local_directory_wins_over_the_model_id(tmp_path: Path, monkeypatch: p
     _checkpoint(tmp_path / "baidu" / "ERNIE-4.5-21B-A3B-PT", vocab_size=DEMO_VOCAB_SIZE)
     resolved = resolve_model(EngineSettings(model="baidu/ERNIE-4.5-21B-A3B-PT", load_format="dummy"))
     assert resolved.tokenizer_path == "baidu/ERNIE-4.5-21B-A3B-PT" and resolved.weights_path is None
+
+
+def test_revision_without_a_model_id_is_reported_as_having_no_effect(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="ernie_serve.models"):
+        resolve_model(EngineSettings(model="ernie-4.5-0.3b", load_format="dummy", revision="v2"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "--revision v2 has no effect: --model ernie-4.5-0.3b is not a HuggingFace model id"
+    ]
