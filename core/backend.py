@@ -36,8 +36,8 @@ class KVCacheSpec:
 @dataclass(frozen=True)
 class BackendCapabilities:
     """What a backend can do, declared on its class. Read by the engine before `load`: prefix caching is
-    turned off without it, and `--quantization` / `--tensor-parallel-size` it does not implement are logged as
-    having no effect (FastDeploy's command lines must run unchanged). `devices` is informational: shown by
+    turned off without it, a `--quantization` scheme it does not list is refused, and a
+    `--tensor-parallel-size` it does not implement is logged as having no effect. `devices` is informational: shown by
     `ernie-serve plugins`; the backend itself refuses a device it cannot use."""
 
     # False for backends that keep one cache per request: the engine then turns prefix caching off, since a
@@ -102,6 +102,12 @@ class Backend(ABC):
         (finished, stopped, aborted), and for the plan's `preempted_request_ids` before that plan's `execute`
         (they lost their KV; one may even be readmitted in the same plan, `is_new=True`). Releasing an unknown
         id must be a no-op; a backend must not drop state for any other reason."""
+
+    @property
+    def weight_bytes(self) -> dict[str, int]:
+        """Read by the engine once after `load`: resident weight bytes by kind (e.g. `quantized`,
+        `full_precision`), logged and exported as a gauge. Empty when the backend does not count them."""
+        return {}
 
     @property
     def num_cached_requests(self) -> int | None:

@@ -190,6 +190,9 @@ class EngineSettings(BaseSettings):
     enable_chunked_prefill: bool = Field(True, description="split long prompts over several steps")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prefixes")
     quantization: str | None = Field(None, description="weight-only quantization: wint8 or wint4")
+    quantization_group_size: Literal[-1, 64, 128] = Field(
+        128, description="wint4: input channels sharing a scale; -1 = one scale per output channel"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
     chat_template: str | None = Field(None, description="Jinja chat template file or string")
     engine_step_timeout: float = Field(

@@ -32,6 +32,10 @@ class EngineConfigError(UserError, ValueError):
     """Settings the engine cannot run with (a context limit the KV pool cannot hold, a pool under one block)."""
 
 
+class UnsupportedQuantizationError(UserError, ValueError):
+    """`--quantization` names a scheme the selected backend does not declare in its capabilities."""
+
+
 @dataclass
 class EngineCoreOutput:
     """What one step (or a finish between steps) did to one request."""
@@ -56,13 +60,15 @@ class EngineCore:
         if unavailable:
             raise BackendUnavailableError(f"backend {settings.backend!r} cannot run here: {unavailable}")
         capabilities = backend_cls.capabilities
-        # FastDeploy's command lines must run unchanged (DESIGN.md): a flag this backend does not implement is
-        # reported, not refused.
         if settings.quantization and settings.quantization not in capabilities.quantization:
-            log.warning(
-                f"--quantization {settings.quantization} has no effect here: the {settings.backend} backend does "
-                "not implement it; weights stay in their compute dtype"
+            # refused, not ignored: serving full precision would need several times the memory asked for
+            supported = ", ".join(capabilities.quantization) or "none"
+            raise UnsupportedQuantizationError(
+                f"--quantization {settings.quantization}: the {settings.backend} backend does not implement it "
+                f"(its schemes: {supported})"
             )
+        # FastDeploy's command lines must run unchanged (DESIGN.md): other flags it does not implement are
+        # reported, not refused.
         if settings.tensor_parallel_size > 1 and not capabilities.tensor_parallel:
             log.warning(
                 f"--tensor-parallel-size {settings.tensor_parallel_size} has no effect here: the "
@@ -71,6 +77,7 @@ class EngineCore:
         options = backend_cls.options_class(**settings.backend_options)
         self.backend: Backend = backend_cls()
         self.backend.load(model_config, settings, weights_path, options)
+        self.weight_bytes = self.backend.weight_bytes  # fixed once loaded; the gateway exports it as a gauge
 
         num_blocks, self.max_model_len = self._size_kv_pool()
         self.num_blocks = num_blocks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 import structlog
 import torch
 from pydantic import Field
@@ -18,6 +20,7 @@ from ernie_serve.core.backend import (
 from ernie_serve.core.config import EngineSettings, ModelConfig
 from ernie_serve.core.plan import StepPlan
 from ernie_serve.core.plugins import get_model_class
+from ernie_serve.quantization import QuantSpec
 
 log = structlog.get_logger("ernie_serve.torch")
 
@@ -44,18 +47,28 @@ def resolve_dtype(requested: str, checkpoint_dtype: str, device: torch.device) -
 
 
 class TorchOptions(BackendOptions):
-    """`--cpu-weight-prepack` / `ERNIE_SERVE_CPU_WEIGHT_PREPACK` / `LLM(cpu_weight_prepack=...)`."""
+    """`--cpu-weight-prepack` / `ERNIE_SERVE_CPU_WEIGHT_PREPACK` / `LLM(cpu_weight_prepack=...)`, and so on."""
 
     cpu_weight_prepack: bool = Field(
         True,
         description="torch backend on CPU: keep oneDNN-repacked copies of the weights for steps of several tokens "
-        "(1.5-3x faster there; about twice the weight memory)",
+        "(1.5-3x faster there; about twice the weight memory; with wint8, fbgemm int8 copies instead)",
     )
+    quantize_lm_head: bool = Field(
+        True,
+        description="torch backend with --quantization: store the LM head quantized too (a quantized copy when "
+        "the embeddings are tied); docs/quantization.md has the speed and accuracy both ways",
+    )
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class TorchBackend(Backend):
     name = "torch"
-    capabilities = BackendCapabilities(prefix_caching=True, devices=("cpu", "cuda"))
+    capabilities = BackendCapabilities(prefix_caching=True, quantization=("wint8", "wint4"), devices=("cpu", "cuda"))
     options_class = TorchOptions
 
     def __init__(self) -> None:
@@ -75,16 +88,36 @@ class TorchBackend(Backend):
         self.config = model_config
         # the architecture is looked up in the plugin registry, so a plugin can register its own model class
         model_cls = get_model_class(model_config.architecture)
-        self.model = model_cls(model_config, self.dtype, self.device).eval()
+        quant = {}
+        if settings.quantization:  # only then: a plugin model class need not take these keywords
+            spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
+            quant = {"quantization": spec, "quantize_lm_head": options.quantize_lm_head}
+            log.info("quantizing weights while loading", scheme=spec.describe(), lm_head=options.quantize_lm_head)
+        # quantized layers are built quantized and filled tensor by tensor: no full-precision copy ever exists
+        self.model = model_cls(model_config, self.dtype, self.device, **quant).eval()
         if model_path is None:
             init_dummy_weights(self.model, settings.seed)
         else:
             load_safetensors(self.model, model_path)
+        if quant:
+            self.model.quantize_tied_lm_head()
+        self._weight_bytes: dict[str, int] = getattr(self.model, "weight_bytes", dict)()
+        log.info(
+            "weights loaded",
+            **{f"{kind}_gib": round(n / 2**30, 3) for kind, n in self._weight_bytes.items()},
+            peak_rss_gib=round(peak_rss_bytes() / 2**30, 2),
+        )
         # optional for plugin model classes; ours repacks weights for CPU kernels, which costs memory
         prepare = getattr(self.model, "prepare_for_inference", None) if options.cpu_weight_prepack else None
         extra_bytes = prepare() if prepare is not None else 0
         if extra_bytes:
+            self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
+
+    @property
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident weight bytes: `quantized`, `full_precision`, and `kernel_copies` (the prepacked copies)."""
+        return dict(getattr(self, "_weight_bytes", {}))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config

@@ -16,8 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_serve.backends.torch.quant import QuantizedWeight, QuantMatrix, QuantTarget, stacked_row_sums
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.logging import progress
+from ernie_serve.quantization import QuantSpec
+
+# A projection weight: full precision `[in, out]`, or quantized (`--quantization`, see backends/torch/quant.py).
+Weight = torch.Tensor | QuantizedWeight | QuantMatrix
 
 
 @dataclass
@@ -72,6 +77,26 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def _weight(
+    *shape: int, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None
+) -> nn.Parameter | QuantizedWeight:
+    """A projection weight `[count?, in, out]`: a float parameter, or quantized storage from the start (the
+    full-precision weight of a quantized layer is never allocated)."""
+    if quant is None:
+        return _param(*shape, dtype=dtype, device=device)
+    *count, in_features, out_features = shape
+    return QuantizedWeight(count[0] if count else 1, in_features, out_features, quant, device)
+
+
+def _target(weight: nn.Parameter | QuantizedWeight, index: int | None, columns: slice) -> torch.Tensor | QuantTarget:
+    """What the checkpoint tensor of `columns` of `weight` (matrix `index` of a stack) fills: a transposed view
+    of a float weight in the checkpoint's `[out, in]` shape, or a quantizing target."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.target(index or 0, columns)
+    matrix = weight if index is None else weight[index]
+    return matrix[:, columns].t()
+
+
 def sums_weight_rows(x: torch.Tensor, max_rows: int = 1) -> bool:
     """Whether `x` (at most `max_rows` rows) is multiplied as weighted sums of weight rows (`embedding_bag`)
     instead of a matmul. On CPU in float32, products with a row or a few are bound by how fast the weights
@@ -121,14 +146,23 @@ def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def project(
     x: torch.Tensor,  # [T, in]
-    weight: torch.Tensor,  # [in, out]
+    weight: Weight,  # [in, out]
     bias: torch.Tensor | None = None,  # [out]
     residual: torch.Tensor | None = None,  # [T, out]
     packed: torch.Tensor | None = None,  # the same weight from `onednn_pack`, if prepared
 ) -> torch.Tensor:
     """`x @ weight (+ bias) (+ residual)`, by the fastest kernel for the shape: a single row on CPU as weight row
     sums (`sums_weight_rows`), several rows by oneDNN when the weight was packed, otherwise one (add)mm.
-    Projection weights are stored `[in, out]`, the layout the row sums need."""
+    Projection weights are stored `[in, out]`, the layout the row sums need; quantized ones take the same
+    decision with their own kernels (`QuantMatrix.row_sums` / `.matmul`)."""
+    if not isinstance(weight, torch.Tensor):
+        matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
+        if sums_weight_rows(x):
+            out = matrix.row_sums(x, split_bags(matrix.in_features))  # [1, out]
+        else:
+            out = matrix.matmul(x)  # [T, out]
+        out = out if bias is None else out + bias
+        return out if residual is None else out + residual
     if sums_weight_rows(x):
         rows = weight.shape[0]
         parts = F.embedding_bag(_row_numbers(rows), weight, split_bags(rows), mode="sum", per_sample_weights=x[0])
@@ -143,6 +177,11 @@ def project(
     return torch.mm(x, weight) if base is None else torch.addmm(base, x, weight)  # [T, out]
 
 
+def _experts(weight: nn.Parameter | QuantizedWeight) -> list[Weight]:
+    """Each expert's `[in, out]` weight of a stack."""
+    return list(weight.matrices) if isinstance(weight, QuantizedWeight) else list(weight.unbind(0))
+
+
 def rope_interleaved(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """ERNIE's RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style: as complex numbers `x[2i] + i x[2i+1]`
     that is one multiplication by `cos + i sin`, computed in float32. x `[T, heads, D]`, rotation
@@ -152,14 +191,16 @@ def rope_interleaved(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_weight = _param(config.hidden_size, q + 2 * kv, dtype=dtype, device=device)  # [H, q|k|v]
-        self.o_weight = _param(q, config.hidden_size, dtype=dtype, device=device)  # [Q*D, H]
+        self.qkv_weight = _weight(config.hidden_size, q + 2 * kv, dtype=dtype, device=device, quant=quant)  # [H, q|k|v]
+        self.o_weight = _weight(q, config.hidden_size, dtype=dtype, device=device, quant=quant)  # [Q*D, H]
         self.qkv_bias = _param(q + 2 * kv, dtype=dtype, device=device) if config.use_bias else None
         self.o_bias = _param(config.hidden_size, dtype=dtype, device=device) if config.use_bias else None
         self.scale = self.head_dim**-0.5
@@ -167,8 +208,10 @@ class Attention(nn.Module):
         self.o_packed: torch.Tensor | None = None
 
     def pack_weights(self) -> int:
-        """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`).
-        Returns the bytes they take."""
+        """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`), or
+        fbgemm copies of quantized ones (`pack_for_gemm`). Returns the bytes they take."""
+        if isinstance(self.qkv_weight, QuantizedWeight):
+            return self.qkv_weight.pack_for_gemm() + self.o_weight.pack_for_gemm()
         self.qkv_packed, self.o_packed = onednn_pack(self.qkv_weight.t()), onednn_pack(self.o_weight.t())
         return packed_bytes(self.qkv_packed, self.o_packed)
 
@@ -241,19 +284,29 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: QuantSpec | None = None,
+    ) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_weight = _param(hidden, 2 * intermediate, dtype=dtype, device=device)  # [H, gate|up]
-        self.down_weight = _param(intermediate, hidden, dtype=dtype, device=device)  # [I, H]
+        self.gate_up_weight = _weight(hidden, 2 * intermediate, dtype=dtype, device=device, quant=quant)  # [H, gate|up]
+        self.down_weight = _weight(intermediate, hidden, dtype=dtype, device=device, quant=quant)  # [I, H]
         self.gate_up_bias = _param(2 * intermediate, dtype=dtype, device=device) if bias else None
         self.down_bias = _param(hidden, dtype=dtype, device=device) if bias else None
         self.gate_up_packed: torch.Tensor | None = None  # see `pack_weights`
         self.down_packed: torch.Tensor | None = None
 
     def pack_weights(self) -> int:
-        """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`).
-        Returns the bytes they take."""
+        """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`), or
+        fbgemm copies of quantized ones (`pack_for_gemm`). Returns the bytes they take."""
+        if isinstance(self.gate_up_weight, QuantizedWeight):
+            return self.gate_up_weight.pack_for_gemm() + self.down_weight.pack_for_gemm()
         self.gate_up_packed = onednn_pack(self.gate_up_weight.t())
         self.down_packed = onednn_pack(self.down_weight.t())
         return packed_bytes(self.gate_up_packed, self.down_packed)
@@ -289,27 +342,36 @@ class SparseMoE(nn.Module):
     A few tokens on CPU (decode of a few requests) take `_forward_few_tokens` instead.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None
+    ) -> None:
         super().__init__()
         e, h, i = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
         self.num_experts, self.top_k, self.intermediate = e, config.moe_k, i
         self.norm_min = config.moe_norm_min
         self.router_weight = _param(e, h, dtype=torch.float32, device=device)  # [E, H], always float32
         self.score_bias = _param(e, dtype=torch.float32, device=device)  # [E] selection-only correction
-        self.gate_up_weight = _param(e, h, 2 * i, dtype=dtype, device=device)  # [E, H, gate|up]
-        self.down_weight = _param(e, i, h, dtype=dtype, device=device)  # [E, I, H]
+        # the router and its correction bias stay float32 under --quantization: they choose the experts
+        self.gate_up_weight = _weight(e, h, 2 * i, dtype=dtype, device=device, quant=quant)  # [E, H, gate|up]
+        self.down_weight = _weight(e, i, h, dtype=dtype, device=device, quant=quant)  # [E, I, H]
         # per-expert views, taken once, so the hot loop indexes a Python list instead of slicing a tensor
-        self.expert_weights = list(zip(self.gate_up_weight.unbind(0), self.down_weight.unbind(0), strict=True))
+        self.quantized = isinstance(self.gate_up_weight, QuantizedWeight)
+        self.expert_weights: list[tuple[Weight, Weight]] = list(
+            zip(_experts(self.gate_up_weight), _experts(self.down_weight), strict=True)
+        )
         # Row numbers of each expert's weights seen as one `[E*H, 2I]` / `[E*I, H]` table (few-token path).
         self.register_buffer("expert_input_rows", torch.arange(e * h, device=device).view(e, h), persistent=False)
         self.register_buffer("expert_hidden_rows", torch.arange(e * i, device=device).view(e, i), persistent=False)
         shared = config.moe_num_shared_experts * i
-        self.shared = MLP(h, shared, config.use_bias, dtype, device) if shared else None
+        self.shared = MLP(h, shared, config.use_bias, dtype, device, quant) if shared else None
         self.expert_packed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
 
     def pack_weights(self) -> int:
         """Called once after loading: oneDNN copies of every expert's projections for the grouped path (the
-        few-token path reads the stacked weights). Returns the bytes they take."""
+        few-token path reads the stacked weights), or fbgemm copies of quantized ones. Returns the bytes they
+        take."""
+        if isinstance(self.gate_up_weight, QuantizedWeight) and isinstance(self.down_weight, QuantizedWeight):
+            return self.gate_up_weight.pack_for_gemm() + self.down_weight.pack_for_gemm()
         self.expert_packed = [(onednn_pack(g.t()), onednn_pack(d.t())) for g, d in self.expert_weights]
         return sum(packed_bytes(*pair) for pair in self.expert_packed)
 
@@ -324,7 +386,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, H] -> residual + [T, H]
         experts, weights = self.route(x)
         if sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
-            out = self._forward_few_tokens(x, experts, weights, residual)
+            few_tokens = self._forward_few_tokens_quantized if self.quantized else self._forward_few_tokens
+            out = few_tokens(x, experts, weights, residual)
         else:
             out = self._forward_grouped(x, experts, weights, residual)
         return self.shared(x, out) if self.shared is not None else out
@@ -384,18 +447,41 @@ class SparseMoE(nn.Module):
             routed = routed.sum(0, keepdim=True)
         return residual + routed
 
+    def _forward_few_tokens_quantized(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:  # x [T, H], experts and weights [T, k] -> residual + routed experts [T, H]
+        """`_forward_few_tokens` over quantized experts: the same row sums, one bag per (token, expert) for
+        the down projection too, since each expert's output channels have their own scales and must be scaled
+        before the experts' outputs are added."""
+        tokens, h = x.shape
+        i, k = self.intermediate, self.top_k
+        assert isinstance(self.gate_up_weight, QuantizedWeight) and isinstance(self.down_weight, QuantizedWeight)
+        flat_experts = experts.flatten()  # [T*k]
+        inputs = x.unsqueeze(1).expand(tokens, k, h).reshape(tokens * k, h)  # [T*k, H]
+        gate_up = stacked_row_sums(self.gate_up_weight, inputs, flat_experts)  # [T*k, 2I]
+        hidden = F.silu(gate_up[:, :i]) * gate_up[:, i:] * weights.view(-1, 1).to(x.dtype)  # [T*k, I]
+        routed = stacked_row_sums(self.down_weight, hidden, flat_experts)  # [T*k, H]
+        return residual + routed.view(tokens, k, h).sum(1)
+
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: QuantSpec | None = None,
+    ) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.attn = Attention(config, dtype, device)
+        self.attn = Attention(config, dtype, device, quant)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp: nn.Module
         if config.is_moe_layer(layer):
-            self.mlp = SparseMoE(config, dtype, device)
+            self.mlp = SparseMoE(config, dtype, device, quant)
         else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype, device)
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype, device, quant)
 
     def forward(self, x, rotation, kv_cache, meta):  # [T, H] -> [T, H]
         x = self.attn(self.input_norm(x), rotation, kv_cache, meta, residual=x)
@@ -403,15 +489,34 @@ class DecoderLayer(nn.Module):
 
 
 class ErnieForCausalLM(nn.Module):
-    """Both ERNIE 4.5 architectures: dense layers and MoE layers are chosen per layer from the config."""
+    """Both ERNIE 4.5 architectures: dense layers and MoE layers are chosen per layer from the config.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    With `quantization`, every projection (attention, dense MLPs, routed and shared experts) is stored
+    quantized; embeddings, norms and routers stay in `dtype`. `quantize_lm_head` stores the LM head quantized
+    too, as `[H, V]` rows; with tied embeddings that is a quantized copy of the embedding, made by
+    `quantize_tied_lm_head` once the embedding is loaded (the embedding itself stays full precision)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        quantization: QuantSpec | None = None,
+        quantize_lm_head: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.quantization = quantization
         self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, device, quantization) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        if config.tie_word_embeddings:
+        self.lm_head_quantized: QuantizedWeight | None = None  # [H, V] rows, when the head is quantized
+        self.lm_head_weight: nn.Parameter | None = None  # [V, H] float head, when it is not
+        if quantization is not None and quantize_lm_head:
+            self.lm_head_quantized = QuantizedWeight(1, config.hidden_size, config.vocab_size, quantization, device)
+        elif config.tie_word_embeddings:
             self.lm_head_weight = self.embed_weight
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
@@ -438,6 +543,9 @@ class ErnieForCausalLM(nn.Module):
         if sample_rows.shape[0] != x.shape[0]:  # else every row samples, in order
             x = x.index_select(0, sample_rows)
         x = self.norm(x)  # [S, H]
+        if self.lm_head_quantized is not None:
+            return project(x.float(), self.lm_head_quantized)  # [S, V]
+        assert self.lm_head_weight is not None
         if self.lm_head_packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.lm_head_packed, None, "none", [], "")  # [S, V]
         return F.linear(x, self.lm_head_weight).float()  # [S, V]
@@ -450,8 +558,31 @@ class ErnieForCausalLM(nn.Module):
         bytes the copies take (0 elsewhere)."""
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         extra = sum(m.pack_weights() for m in progress(packable, "repacking weights", unit="module"))
+        if self.lm_head_quantized is not None:
+            return extra + self.lm_head_quantized.pack_for_gemm()
+        assert self.lm_head_weight is not None
         self.lm_head_packed = onednn_pack(self.lm_head_weight)
         return extra + packed_bytes(self.lm_head_packed)
+
+    @torch.inference_mode()
+    def quantize_tied_lm_head(self) -> None:
+        """Called once after the weights are loaded: with tied embeddings and a quantized head, quantize the
+        head from the loaded embedding, a block of vocabulary rows at a time (each block's float temporaries
+        stay small)."""
+        if self.lm_head_quantized is None or not self.config.tie_word_embeddings:
+            return
+        block = 8192
+        for start in range(0, self.config.vocab_size, block):
+            stop = min(start + block, self.config.vocab_size)
+            self.lm_head_quantized.fill(0, slice(start, stop), self.embed_weight[start:stop])
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident weight bytes by kind: `quantized` (codes and scales of quantized projections and head) and
+        `full_precision` (everything else: embeddings, norms, routers, float projections); kernel copies made
+        by `prepare_for_inference` are not counted here (it returns their size)."""
+        quantized = sum(m.nbytes() for m in self.modules() if isinstance(m, QuantizedWeight))
+        full = sum(p.numel() * p.element_size() for p in self.parameters())  # a tied head is counted once
+        return {"quantized": quantized, "full_precision": full}
 
     # ----- checkpoint mapping -----
     def checkpoint_targets(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -463,7 +594,11 @@ class ErnieForCausalLM(nn.Module):
         yield "model.embed_tokens.weight", self.embed_weight
         yield "model.norm.weight", self.norm.weight
         if not config.tie_word_embeddings:
-            yield "lm_head.weight", self.lm_head_weight
+            if self.lm_head_quantized is not None:  # [V, H] is the head's [out, in]
+                yield "lm_head.weight", self.lm_head_quantized.target()
+            else:
+                assert self.lm_head_weight is not None
+                yield "lm_head.weight", self.lm_head_weight
         q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}"
@@ -472,21 +607,21 @@ class ErnieForCausalLM(nn.Module):
             attn = layer.attn
             splits = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
             for name, columns in splits.items():
-                yield f"{prefix}.self_attn.{name}_proj.weight", attn.qkv_weight[:, columns].t()
+                yield f"{prefix}.self_attn.{name}_proj.weight", _target(attn.qkv_weight, None, columns)
                 if attn.qkv_bias is not None:
                     yield f"{prefix}.self_attn.{name}_proj.bias", attn.qkv_bias[columns]
-            yield f"{prefix}.self_attn.o_proj.weight", attn.o_weight.t()
+            yield f"{prefix}.self_attn.o_proj.weight", _target(attn.o_weight, None, slice(0, config.hidden_size))
             if attn.o_bias is not None:
                 yield f"{prefix}.self_attn.o_proj.bias", attn.o_bias
             mlp = layer.mlp
             if isinstance(mlp, SparseMoE):
                 yield f"{prefix}.mlp.gate.weight", mlp.router_weight
                 yield f"{prefix}.mlp.moe_statics.e_score_correction_bias", mlp.score_bias.view(1, -1)
-                n = mlp.intermediate
+                n, h = mlp.intermediate, config.hidden_size
                 for e in range(mlp.num_experts):
-                    yield f"{prefix}.mlp.experts.{e}.gate_proj.weight", mlp.gate_up_weight[e, :, :n].t()
-                    yield f"{prefix}.mlp.experts.{e}.up_proj.weight", mlp.gate_up_weight[e, :, n:].t()
-                    yield f"{prefix}.mlp.experts.{e}.down_proj.weight", mlp.down_weight[e].t()
+                    yield f"{prefix}.mlp.experts.{e}.gate_proj.weight", _target(mlp.gate_up_weight, e, slice(0, n))
+                    yield f"{prefix}.mlp.experts.{e}.up_proj.weight", _target(mlp.gate_up_weight, e, slice(n, 2 * n))
+                    yield f"{prefix}.mlp.experts.{e}.down_proj.weight", _target(mlp.down_weight, e, slice(0, h))
                 if mlp.shared is not None:
                     yield from _mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared)
             else:
@@ -495,9 +630,10 @@ class ErnieForCausalLM(nn.Module):
 
 def _mlp_targets(prefix: str, mlp: MLP) -> Iterator[tuple[str, torch.Tensor]]:
     n = mlp.intermediate
-    yield f"{prefix}.gate_proj.weight", mlp.gate_up_weight[:, :n].t()
-    yield f"{prefix}.up_proj.weight", mlp.gate_up_weight[:, n:].t()
-    yield f"{prefix}.down_proj.weight", mlp.down_weight.t()
+    hidden = mlp.down_weight.out_features if isinstance(mlp.down_weight, QuantizedWeight) else mlp.down_weight.shape[1]
+    yield f"{prefix}.gate_proj.weight", _target(mlp.gate_up_weight, None, slice(0, n))
+    yield f"{prefix}.up_proj.weight", _target(mlp.gate_up_weight, None, slice(n, 2 * n))
+    yield f"{prefix}.down_proj.weight", _target(mlp.down_weight, None, slice(0, hidden))
     if mlp.gate_up_bias is not None:
         yield f"{prefix}.gate_proj.bias", mlp.gate_up_bias[:n]
         yield f"{prefix}.up_proj.bias", mlp.gate_up_bias[n:]

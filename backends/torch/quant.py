@@ -1,0 +1,203 @@
+"""Quantized projection weights for the torch backend (`--quantization wint8|wint4`) and their kernels.
+
+Storage: a weight the model multiplies as `x @ W` with `W` `[in, out]` (leading dims: stacked experts) is kept
+in fbgemm's row-wise quantized embedding layout, one row per input channel: the output channels' codes (int8
+stored as `q + 128`, or int4 as `q + 8` two per byte, low nibble first), then the row's scale and bias (float32
+for 8 bits, float16 for 4), always 1 and -128 (-8). fbgemm's `embedding_bag_{byte,4bit}_rowwise_offsets`
+then compute `sum_i x_i * q[i, :]` exactly (integer codes times float activations, no activation
+quantization), and the per-output-channel (or per group of input rows) scales are applied to that small
+result: weight-only quantization. The scales are `[G, out]` float32 (G groups of input rows, 1 per channel).
+
+Kernels (docs/quantization.md has the measurements behind the choice): one row (decode) takes the weighted row
+sums above, reading 1 or 0.5 bytes per weight instead of 4; several rows dequantize the weight to float32 and
+multiply, or, for wint8 with `--cpu-weight-prepack`, run fbgemm's int8 GEMM (`quantized.linear_dynamic`) on a
+packed copy, which also quantizes the activations per call (W8A8-dynamic, not weight-only).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ernie_serve.quantization import QuantSpec, pack_int4, quantize
+
+_BYTE_BAGS = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
+_4BIT_BAGS = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+
+
+def row_tail(spec: QuantSpec) -> torch.Tensor:
+    """The bytes after each row's codes: scale 1 and bias -128 (fp32) for 8 bits, 1 and -8 (fp16) for 4,
+    so a row's dequantized values are exactly its signed codes."""
+    if spec.bits == 8:
+        return torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # [8]
+    return torch.tensor([1.0, -8.0], dtype=torch.float16).view(torch.uint8)  # [4]
+
+
+def code_bytes(out_features: int, spec: QuantSpec) -> int:
+    return out_features if spec.bits == 8 else out_features // 2
+
+
+@functools.cache
+def _arange(n: int) -> torch.Tensor:
+    return torch.arange(n)
+
+
+@dataclass
+class QuantMatrix:
+    """One quantized `[in, out]` matrix (a layer's weight, or one expert's): views into a `QuantizedWeight`'s
+    storage, plus the optional fbgemm copy for several rows. What `project` multiplies by."""
+
+    rows: torch.Tensor  # [in, code bytes + tail] uint8, fbgemm's row-wise layout
+    scales: torch.Tensor  # [G, out] float32
+    spec: QuantSpec
+    out_features: int
+    packed: Any = None  # fbgemm `linear_prepack` params of the same weight (wint8 with prepack), or None
+
+    @property
+    def in_features(self) -> int:
+        return self.rows.shape[0]
+
+    def row_sums(self, x: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
+        """`x @ W` for one row `x` `[1, in]` as weighted sums of W's integer rows, then scaled: `[1, out]`.
+        Per channel, the sum is split into bags at `splits` (one per thread, summed after); grouped, each group
+        of input rows is one bag and its partial sum gets that group's scales."""
+        gs = self.spec.group_size
+        bags = _BYTE_BAGS if self.spec.bits == 8 else _4BIT_BAGS
+        starts = splits if gs == 0 else _arange(self.scales.shape[0]) * gs
+        parts = bags(self.rows, _arange(self.in_features), starts, False, 0, False, x[0])  # [bags, out]
+        if gs == 0:
+            return parts.sum(0, keepdim=True) * self.scales  # [1, out]
+        return (parts * self.scales).sum(0, keepdim=True)  # [1, out] from [G, out] partials
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W` for several rows `[T, in]` -> `[T, out]`: fbgemm's int8 GEMM on the packed copy when there is
+        one, else through a float32 copy of W made for this call."""
+        if self.packed is not None:
+            # reduce_range: 7-bit activations, so AVX2's 16-bit pairwise products cannot saturate
+            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        return torch.mm(x, self.dequantize())
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 `[in, out]` weight this matrix stands for."""
+        codes = self.codes().float()  # [in, out]
+        gs, groups = self.spec.group_size, self.scales.shape[0]
+        if gs == 0:
+            return codes.mul_(self.scales)
+        if groups * gs == self.in_features:
+            return codes.view(groups, gs, -1).mul_(self.scales.unsqueeze(1)).view(self.in_features, -1)
+        return codes.mul_(self.scales.repeat_interleave(gs, 0)[: self.in_features])  # short last group
+
+    def codes(self) -> torch.Tensor:
+        """The signed integer codes `[in, out]` (int16 for 8 bits, int8 for 4)."""
+        stored = self.rows[:, : code_bytes(self.out_features, self.spec)]
+        if self.spec.bits == 8:
+            return stored.to(torch.int16) - 128
+        low = (stored & 0x0F).to(torch.int8) - 8
+        high = (stored >> 4).to(torch.int8) - 8
+        return torch.stack((low, high), dim=-1).flatten(-2)
+
+    def pack_for_gemm(self) -> int:
+        """Make the fbgemm int8 copy for several rows (wint8 only; the int4 schemes have no int4 GEMM here that
+        beats dequantizing). Returns the bytes it takes (estimated: fbgemm does not report them)."""
+        if self.spec.bits != 8:
+            return 0
+        codes = self.codes().t().to(torch.int8).contiguous()  # [out, in]
+        scales = self.scales[0].double()  # [out]
+        zero_points = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # quantize_per_channel is deprecated, but it is fbgemm's only door
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(codes, scales, zero_points, 0)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        return codes.numel() + self.out_features * 8
+
+
+class QuantTarget:
+    """What one checkpoint tensor fills in a `QuantizedWeight`: the columns `columns` of matrix `index`.
+    Quacks like the tensor views `checkpoint_targets` yields for full-precision weights (`shape` is the
+    checkpoint's `[out, in]`, `copy_` takes the checkpoint tensor), so the loader treats both alike."""
+
+    def __init__(self, weight: QuantizedWeight, index: int, columns: slice) -> None:
+        self.weight, self.index, self.columns = weight, index, columns
+        self.shape = torch.Size((columns.stop - columns.start, weight.in_features))
+
+    def copy_(self, tensor: torch.Tensor) -> QuantTarget:
+        """Quantize the checkpoint tensor `[out, in]` into its slice; the only full-precision temporaries are
+        a few copies of this one tensor."""
+        self.weight.fill(self.index, self.columns, tensor)
+        return self
+
+
+class QuantizedWeight(nn.Module):
+    """A stack of `count` quantized `[in, out]` matrices (experts; 1 for a plain layer), allocated quantized
+    from the start and filled tensor by tensor (`targets`), so the full-precision weight never exists."""
+
+    def __init__(self, count: int, in_features: int, out_features: int, spec: QuantSpec, device: torch.device):
+        super().__init__()
+        if spec.bits == 4 and out_features % 2:
+            raise ValueError(f"wint4 packs two output channels per byte: {out_features} is odd")
+        self.spec, self.in_features, self.out_features = spec, in_features, out_features
+        codes = code_bytes(out_features, spec)
+        tail = row_tail(spec)
+        rows = torch.empty(count, in_features, codes + tail.numel(), dtype=torch.uint8, device=device)
+        rows[..., codes:] = tail.to(device)
+        self.register_buffer("rows", rows)  # [count, in, bytes]
+        groups = spec.num_groups(in_features)
+        self.register_buffer("scales", torch.ones(count, groups, out_features, device=device))  # [count, G, out]
+        self.matrices = [
+            QuantMatrix(r, s, spec, out_features) for r, s in zip(rows.unbind(0), self.scales.unbind(0), strict=True)
+        ]
+
+    @property
+    def matrix(self) -> QuantMatrix:
+        """The one matrix of an unstacked weight."""
+        return self.matrices[0]
+
+    def target(self, index: int = 0, columns: slice | None = None) -> QuantTarget:
+        return QuantTarget(self, index, columns if columns is not None else slice(0, self.out_features))
+
+    @torch.inference_mode()
+    def fill(self, index: int, columns: slice, weight: torch.Tensor) -> None:
+        """Quantize `weight` `[out slice, in]` (any float dtype) into columns `columns` of matrix `index`."""
+        codes, scales = quantize(weight, self.spec)  # [o, in] int8, [o, G]
+        self.scales[index, :, columns] = scales.t()
+        if self.spec.bits == 8:
+            self.rows[index, :, columns] = (codes.t().to(torch.int16) + 128).to(torch.uint8)
+        else:
+            if columns.start % 2 or columns.stop % 2:
+                raise ValueError(f"wint4 columns must start and end on even channels, got {columns}")
+            self.rows[index, :, columns.start // 2 : columns.stop // 2] = pack_int4(codes.t())
+
+    def dequantized(self, index: int = 0) -> torch.Tensor:
+        """The float32 `[out, in]` weight matrix `index` stands for (the checkpoint's layout): for tests and
+        the dequantized-weights reference model."""
+        return self.matrices[index].dequantize().t()
+
+    def pack_for_gemm(self) -> int:
+        return sum(m.pack_for_gemm() for m in self.matrices)
+
+    def nbytes(self) -> int:
+        return self.rows.numel() + self.scales.numel() * self.scales.element_size()
+
+
+def stacked_row_sums(
+    weight: QuantizedWeight,
+    x: torch.Tensor,  # [B, in] one input per bag
+    which: torch.Tensor,  # [B] the matrix (expert) each bag multiplies by
+) -> torch.Tensor:  # [B, out]
+    """`x[b] @ W[which[b]]` for a few bags at once, as one fbgemm call over the stacked rows (`[count*in, bytes]`),
+    then scaled per output channel (or per group of input rows) of each bag's matrix."""
+    bags, in_features = x.shape
+    gs, groups = weight.spec.group_size, weight.scales.shape[1]
+    op = _BYTE_BAGS if weight.spec.bits == 8 else _4BIT_BAGS
+    indices = (which[:, None] * in_features + _arange(in_features)).flatten()  # [B*in]
+    # one bag per (input, group) of rows: groups start every `gs` rows within each input's rows
+    offsets = (_arange(bags)[:, None] * in_features + _arange(groups) * (gs or in_features)).flatten()  # [B*G]
+    table = weight.rows.view(-1, weight.rows.shape[-1])  # [count*in, bytes]
+    parts = op(table, indices, offsets, False, 0, False, x.flatten())  # [B*G, out]
+    scales = weight.scales.index_select(0, which)  # [B, G, out]
+    return (parts.view(bags, groups, -1) * scales).sum(1)  # [B, out]

@@ -1,0 +1,211 @@
+"""The torch backend's quantized weights (`--quantization`): storage, each kernel path against a float32
+matmul by the dequantized weight, streaming load, and greedy decoding against a dequantized-weights reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ernie_serve import LLM, SamplingParams
+from ernie_serve.backends.torch.backend import TorchBackend
+from ernie_serve.backends.torch.loader import init_dummy_weights
+from ernie_serve.backends.torch.model import ErnieForCausalLM, SparseMoE
+from ernie_serve.backends.torch.quant import QuantizedWeight, stacked_row_sums
+from ernie_serve.core import plugins
+from ernie_serve.core.backend import BackendCapabilities
+from ernie_serve.core.config import ModelConfig
+from ernie_serve.core.engine_core import UnsupportedQuantizationError
+from ernie_serve.core.errors import UserError
+from ernie_serve.quantization import QuantSpec, dequantize, quantize, write_dequantized_checkpoint
+from ernie_serve.testing.checkpoints import load_reference, reference_greedy
+
+CPU = torch.device("cpu")
+SPECS = [QuantSpec("wint8"), QuantSpec("wint4"), QuantSpec("wint4", 64), QuantSpec("wint4", 128)]
+IDS = [s.describe() for s in SPECS]
+
+
+def _filled(spec: QuantSpec, count: int, in_features: int, out_features: int, seed: int = 0):
+    """A QuantizedWeight filled from random `[out, in]` matrices, and those matrices' dequantized values."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = QuantizedWeight(count, in_features, out_features, spec, CPU)
+    expected = []
+    for index in range(count):
+        matrix = torch.randn(out_features, in_features, generator=generator) * 0.05
+        # filled in two column slices, as q|k|v or gate|up are
+        half = out_features // 2
+        weight.target(index, slice(0, half)).copy_(matrix[:half])
+        weight.target(index, slice(half, out_features)).copy_(matrix[half:])
+        expected.append(dequantize(*quantize(matrix, spec), spec))  # [out, in]
+    return weight, expected
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("in_features", [256, 200])
+def test_storage_holds_exactly_the_shared_math(spec: QuantSpec, in_features: int) -> None:
+    weight, expected = _filled(spec, 2, in_features, 96)
+    for index in range(2):
+        assert torch.equal(weight.dequantized(index), expected[index])
+    assert weight.rows.dtype == torch.uint8
+    # 1 or 0.5 bytes of code per weight, the kernel's 8 or 4 bytes per row, float32 scales per group
+    row_bytes = 96 + 8 if spec.bits == 8 else 48 + 4
+    assert weight.nbytes() == 2 * (in_features * row_bytes + spec.num_groups(in_features) * 96 * 4)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("in_features", [256, 200])
+def test_row_sums_and_dequantized_matmul_equal_the_float_product(spec: QuantSpec, in_features: int) -> None:
+    weight, expected = _filled(spec, 1, in_features, 96)
+    matrix = weight.matrix
+    generator = torch.Generator().manual_seed(1)
+    one = torch.randn(1, in_features, generator=generator)
+    several = torch.randn(5, in_features, generator=generator)
+    reference = expected[0].t()  # [in, out]
+    for splits in (torch.tensor([0]), torch.tensor([0, 100])):  # one bag, or split over two threads
+        torch.testing.assert_close(matrix.row_sums(one, splits), one @ reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matrix.matmul(several), several @ reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_stacked_row_sums_pick_each_bags_matrix(spec: QuantSpec) -> None:
+    weight, expected = _filled(spec, 3, 192, 64)
+    x = torch.randn(4, 192, generator=torch.Generator().manual_seed(2))
+    which = torch.tensor([2, 0, 2, 1])
+    reference = torch.stack([x[b] @ expected[int(which[b])].t() for b in range(4)])
+    torch.testing.assert_close(stacked_row_sums(weight, x, which), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_gemm_copy_quantizes_activations_within_a_few_percent() -> None:
+    """The fbgemm copy (`pack_for_gemm`) is W8A8-dynamic: close to the weight-only product, not equal (7-bit
+    activations per tensor: about 2% here, twice the error int8 weights alone add to a product)."""
+    weight, expected = _filled(QuantSpec("wint8"), 1, 256, 96)
+    assert weight.pack_for_gemm() > 0
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
+    exact = x @ expected[0].t()
+    got = weight.matrix.matmul(x)
+    relative = float((got - exact).norm() / exact.norm())
+    assert 0 < relative < 0.05
+    int4, _ = _filled(QuantSpec("wint4", 128), 1, 256, 96)
+    assert int4.pack_for_gemm() == 0 and int4.matrix.packed is None  # no int4 GEMM copy
+
+
+def _moe_config(**overrides) -> ModelConfig:
+    fields = dict(
+        model_type="ernie4_5_moe",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        moe_intermediate_size=64,
+        moe_k=2,
+        moe_num_experts=16,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+    )
+    return ModelConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("wint8"), QuantSpec("wint4", 64)], ids=lambda s: s.describe())
+def test_few_token_moe_path_equals_the_grouped_one(spec: QuantSpec) -> None:
+    model = ErnieForCausalLM(_moe_config(), torch.float32, CPU, quantization=spec)
+    init_dummy_weights(model, seed=0)
+    moe = model.layers[1].mlp
+    assert isinstance(moe, SparseMoE) and moe.quantized
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    residual = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    experts, weights = moe.route(x)
+    few = moe._forward_few_tokens_quantized(x, experts, weights, residual)
+    grouped = moe._forward_grouped(x, experts, weights, residual)
+    torch.testing.assert_close(few, grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_model_allocates_no_float_projection() -> None:
+    config = _moe_config(tie_word_embeddings=False)
+    model = ErnieForCausalLM(config, torch.float32, CPU, quantization=QuantSpec("wint8"), quantize_lm_head=True)
+    float_names = {name for name, _ in model.named_parameters()}
+    allowed = ("embed_weight", "norm.weight", "router_weight", "score_bias")
+    assert float_names and all(name.endswith(allowed) for name in float_names), float_names
+    assert model.lm_head_weight is None and model.lm_head_quantized is not None
+
+
+class _LargestFloat(TorchDispatchMode):
+    """Records the largest floating-point tensor any operation produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel() != 0:
+                # a view of a parameter is not a temporary
+                if tensor._base is None or tensor.untyped_storage().nbytes() <= 8 * tensor.numel():
+                    self.largest = max(self.largest, tensor.untyped_storage().nbytes() // 4)
+        return out
+
+
+@pytest.mark.parametrize("scheme", ["wint8", "wint4"])
+def test_dummy_weights_are_made_one_tensor_at_a_time(scheme: str) -> None:
+    """The largest float temporary while generating quantized dummy weights is a few copies of one expert's
+    matrix, not a stack of experts (16 x 64 x 128 floats here) nor the model."""
+    config = _moe_config(vocab_size=64)
+    model = ErnieForCausalLM(config, torch.float32, CPU, quantization=QuantSpec.of(scheme, 64))
+    one_tensor = 64 * 64  # [I, H] or [H, I] of one expert, or one dense projection; the embedding is 64 x 64
+    recorder = _LargestFloat()
+    with recorder:
+        init_dummy_weights(model, seed=0)
+    stack = 16 * 64 * 128
+    assert recorder.largest <= 2 * 96 * 64  # the dense MLP's gate/up [96, 64] with its padded groups, at most
+    assert recorder.largest < stack / 8 and one_tensor <= recorder.largest
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], tokens: int = 6) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+
+PROMPTS = [[5, 6, 7], list(range(10, 31)), [300, 301]]
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("wint8", 128), ("wint4", 128), ("wint4", 64), ("wint4", -1)], ids=str)
+@pytest.mark.parametrize("shape", ["moe_shared_tied", "moe_interval2_untied_mqa", "dense_bias_headdim"])
+def test_greedy_tokens_equal_the_dequantized_reference(
+    tiny_checkpoint, tmp_path: Path, scheme: str, group: int, shape: str
+) -> None:
+    """Weight-only kernels compute with exactly the dequantized weights: transformers on a checkpoint of
+    those weights (float32) gives the same greedy tokens, through chunked prefill and single-token decode."""
+    checkpoint = tiny_checkpoint(shape, torch.bfloat16)
+    spec = QuantSpec.of(scheme, group)
+    reference = load_reference(write_dequantized_checkpoint(checkpoint, tmp_path / "deq", spec, lm_head=True))
+    llm = LLM(
+        model=str(checkpoint),
+        quantization=scheme,
+        quantization_group_size=group,
+        block_size=4,
+        max_num_batched_tokens=16,
+        cpu_weight_prepack=False,  # weight-only on every path (the int8 GEMM copy also quantizes activations)
+    )
+    ours = _greedy(llm, PROMPTS)
+    assert ours == [reference_greedy(reference, p, 6) for p in PROMPTS]
+    kinds = llm.engine.core.weight_bytes
+    assert kinds["quantized"] > 0 and kinds["full_precision"] > 0
+
+
+def test_engine_refuses_a_scheme_the_backend_does_not_declare(tiny_checkpoint, monkeypatch) -> None:
+    class FullPrecisionOnly(TorchBackend):
+        name = "fponly"
+        capabilities = BackendCapabilities(quantization=("wint8",))
+
+    registration = plugins.Registration("fponly", FullPrecisionOnly, "test", None, None)
+    monkeypatch.setitem(plugins.registry().backends, "fponly", registration)
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
+    with pytest.raises(UnsupportedQuantizationError) as refused:
+        LLM(model=checkpoint, backend="fponly", quantization="wint4")
+    assert isinstance(refused.value, UserError)
+    assert str(refused.value) == "--quantization wint4: the fponly backend does not implement it (its schemes: wint8)"
