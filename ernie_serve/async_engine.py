@@ -14,7 +14,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,58 @@ class EngineHungError(RuntimeError):
 class RequestFailedError(RuntimeError):
     """The engine failed this request (an exception in its step, logged with its traceback); it goes on
     serving the others."""
+
+
+class RequestRejectedError(ValueError):
+    """The engine refused request `index` of those added together (`error` says why); none of them was kept."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+class OutputStream:
+    """The outputs of requests added together, in the order steps produce them: `(index, output)`, where
+    `index` is the request's position in `add_requests` and `output` its cumulative `RequestOutput`.
+    Iteration ends once every request has finished; an engine failure is raised (`RequestFailedError` for a
+    request the engine failed, `EngineDeadError` when it stopped). `aclose()` aborts the unfinished ones:
+    the gateway calls it however a response ends."""
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], queue: asyncio.Queue) -> None:
+        self._engine = engine
+        self._index = {request_id: i for i, request_id in enumerate(request_ids)}
+        self._unfinished = set(request_ids)
+        self._queue = queue
+        self._closed = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+            if not self._unfinished:
+                self._release()
+        return self._index[item.request_id], item
+
+    async def aclose(self) -> None:
+        """Stop listening: the requests not finished yet are aborted (without waiting for the engine)."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for request_id in self._index:
+            self._engine._drop_stream(request_id)
+        if self._unfinished and not self._engine._stopping.is_set():
+            self._engine._abort_later(sorted(self._unfinished, key=self._index.__getitem__))
 
 
 @dataclass
@@ -152,6 +204,45 @@ class AsyncEngine:
         assert self.engine is not None
         return self.engine.max_model_len
 
+    async def add_requests(
+        self,
+        prompts: Sequence[tuple[list[int], str | None]],
+        sampling_params: SamplingParams,
+        request_ids: Sequence[str],
+        priority: int = 0,
+    ) -> OutputStream:
+        """Add requests together (one API call's prompts: `(token ids, text or None)` each) and return one
+        stream of their outputs. Returns once the engine has taken every one of them; if it refuses one (too
+        long, bad ids), none is kept and `RequestRejectedError` says which. Called by the gateway for every
+        API call, before its response starts."""
+        arrival = time.monotonic()  # the wait in the command queue counts toward the requests' latencies
+        ids = list(request_ids)
+        if len(set(ids)) != len(ids) or any(i in self._streams for i in ids):
+            raise ValueError(f"request ids {ids!r} are already in use")
+        shared: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        for request_id in ids:
+            self._streams[request_id] = shared
+        self._no_streams.clear()
+
+        def add_all(engine: Engine) -> None:
+            for index, ((token_ids, text), request_id) in enumerate(zip(prompts, ids, strict=True)):
+                try:
+                    engine.add_request(token_ids, sampling_params, request_id, text, priority, arrival_time=arrival)
+                except Exception as exc:
+                    engine.abort_request(ids[:index])  # all or none: the call gets one answer
+                    raise RequestRejectedError(index, exc) from exc
+
+        try:
+            await self._call(add_all)
+        except BaseException as exc:
+            for request_id in ids:
+                self._drop_stream(request_id)
+            if not isinstance(exc, Exception) and not self._stopping.is_set():
+                # Cancelled while the add was in flight (the client left): the engine may still add them.
+                self._abort_later(ids)
+            raise
+        return OutputStream(self, ids, shared)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -160,50 +251,25 @@ class AsyncEngine:
         prompt: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its cumulative outputs as steps produce them; the last has `finished`.
-        Validation errors (too long, bad ids) are raised before the first yield. Closing the iterator early
-        aborts the request."""
-        arrival = time.monotonic()  # the request's wait in the command queue counts toward its latencies
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._no_streams.clear()
+        """One request's cumulative outputs as steps produce them; the last has `finished`. Validation
+        errors (too long, bad ids) are raised before the first yield. Closing the iterator early aborts the
+        request."""
         try:
-            await self._call(
-                lambda engine: engine.add_request(
-                    prompt_token_ids, sampling_params, request_id, prompt, priority, arrival_time=arrival
-                )
-            )
-        except BaseException as exc:
-            self._drop_stream(request_id)
-            if not isinstance(exc, Exception) and not self._stopping.is_set():
-                # Cancelled while the add was in flight (the client left): the engine may still add it.
-                self._abort_later(request_id)
-            raise
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._drop_stream(request_id)
-            if not finished and not self._stopping.is_set():
-                self._abort_later(request_id)
+            stream = await self.add_requests([(prompt_token_ids, prompt)], sampling_params, [request_id], priority)
+        except RequestRejectedError as exc:
+            raise exc.error from None
+        async with contextlib.aclosing(stream):
+            async for _, output in stream:
+                yield output
 
     def _drop_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         if not self._streams:
             self._no_streams.set()
 
-    def _abort_later(self, request_id: str) -> None:
+    def _abort_later(self, request_ids: list[str]) -> None:
         """Queue an abort for the engine thread without waiting for it (from cleanup code)."""
-        self._commands.put((lambda engine: engine.abort_request([request_id]), _done()))
+        self._commands.put((lambda engine: engine.abort_request(request_ids), _done()))
 
     async def abort(self, request_ids: str | list[str]) -> None:
         """Abort requests; their streams end with a last output whose finish_reason is "abort"."""

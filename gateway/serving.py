@@ -2,7 +2,7 @@
 
 The gateway knows the engine only through `AsyncEngine`'s async API. A client that goes away aborts its
 engine requests at once: non-streaming handlers race the generation against the ASGI `http.disconnect`
-message; streaming responses are cancelled by Starlette on disconnect, which closes the engine iterators.
+message; streaming responses are cancelled by Starlette on disconnect, which closes the call's output stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ernie_serve.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from ernie_serve.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    OutputStream,
+    RequestFailedError,
+    RequestRejectedError,
+)
 from ernie_serve.core.request import CompletionOutput, Logprob, RequestOutput, SampleLogprobs, merge_metrics
 from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
 from ernie_serve.gateway import sse
@@ -148,27 +154,6 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _next(stream: AsyncIterator[T]) -> T:
-    return await stream.__anext__()
-
-
-async def gather_or_cancel(awaitables: Sequence[Awaitable[T]]) -> list[T]:
-    """Like `asyncio.gather`, but the first failure (or our cancellation) cancels the others, so no engine
-    stream is left running in a task nobody watches."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:  # the failure that stopped the others, not the cancellation it caused them
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-    return [task.result() for task in tasks]
-
-
 class EventStream(StreamingResponse):
     """An SSE response that always closes its body iterator, however the response ends (client gone,
     server shutdown), so the generator's cleanup (engine abort, metrics, request log) runs at once."""
@@ -285,53 +270,51 @@ class OpenAIServing:
         except SamplingParamsError as exc:
             raise bad_request(str(exc), exc.param) from None
 
-    async def _first_outputs(
-        self, request: Request, call: _Call, streams: list[AsyncIterator[RequestOutput]]
-    ) -> list[RequestOutput] | None:
-        """Wait for every stream's first output: the engine validates a request (length, token ids) when it
-        is added, so its errors arrive here, before any response is started. None: the client went away (the
-        call is ended and its streams closed)."""
-
-        async def first(index: int, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-            try:
-                return await _next(stream)
-            except SamplingParamsError as exc:
-                if len(streams) == 1:
-                    raise
-                param = f"prompt[{index}]" if exc.param == "prompt" else exc.param
-                raise SamplingParamsError(param, f"prompt {index}: {exc}") from None
-
-        try:
-            try:
-                return await until_disconnect(request, gather_or_cancel([first(i, s) for i, s in enumerate(streams)]))
-            except SamplingParamsError as exc:
-                raise bad_request(str(exc), exc.param) from None
-            except EngineDeadError:
-                raise APIError(503, "the engine is not running", code="not_ready") from None
-            except RequestFailedError as exc:
-                raise APIError(500, str(exc), code="internal_error") from None
-            except ValueError as exc:
-                raise bad_request(str(exc)) from None
-        except ClientDisconnected:
-            await self._close(streams)
-            self._end(call, "abort")
-            return None
-        except BaseException:
-            await self._close(streams)
-            self._reject(call)
-            raise
-
-    async def _final_outputs(
+    async def _submit(
         self,
         request: Request,
         call: _Call,
-        streams: list[AsyncIterator[RequestOutput]],
-        finals: Awaitable[T],
-    ) -> T | None:
-        """Await the streams' last outputs (`finals`) for a response that is not streamed; the streams are
-        closed either way. None: the client went away (the call is ended as aborted)."""
+        prompts: list[tuple[list[int], str | None]],
+        params: SamplingParams,
+        priority: int,
+    ) -> OutputStream | None:
+        """Add the call's requests to the engine, which validates them (length, token ids) as it takes them,
+        so its refusals become 400s before any response starts. None: the client went away (the call is
+        ended as aborted)."""
         try:
-            return await until_disconnect(request, finals)
+            try:
+                return await until_disconnect(
+                    request, self.engine.add_requests(prompts, params, call.engine_ids, priority)
+                )
+            except RequestRejectedError as exc:
+                raise _rejection(exc, len(prompts)) from None
+            except EngineDeadError:
+                raise APIError(503, "the engine is not running", code="not_ready") from None
+            except ValueError as exc:
+                raise bad_request(str(exc)) from None
+        except ClientDisconnected:
+            self._end(call, "abort")
+            return None
+        except BaseException:
+            self._reject(call)
+            raise
+
+    async def _final_outputs(self, request: Request, call: _Call, stream: OutputStream) -> list[RequestOutput] | None:
+        """Every request's last output, for a response that is not streamed; the stream is closed either
+        way. None: the client went away (the call is ended as aborted)."""
+
+        async def collect() -> list[RequestOutput]:
+            finals: list[RequestOutput | None] = [None] * len(call.engine_ids)
+            seen = [0] * len(call.engine_ids)
+            async for index, output in stream:
+                seen[index] = self._count_new(call, output, seen[index])
+                if output.finished:
+                    finals[index] = output
+            assert all(final is not None for final in finals), "a stream ended before its requests finished"
+            return finals  # type: ignore[return-value]
+
+        try:
+            return await until_disconnect(request, collect())
         except ClientDisconnected:
             self._end(call, "abort")
             return None
@@ -345,7 +328,7 @@ class OpenAIServing:
             self._end(call, "error")
             raise
         finally:
-            await self._close(streams)
+            await stream.aclose()
 
     async def _apply_transforms(self, parsed: ChatCompletionRequest) -> ChatCompletionRequest:
         for name, transform in self.transforms:
@@ -380,13 +363,6 @@ class OpenAIServing:
         tokenizer = self.engine.tokenizer
         return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in parsed.prompts()]
 
-    async def _close(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
-        for stream in streams:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(BaseException):
-                    await aclose()
-
     # ----- /v1/chat/completions -----
     async def chat(self, request: Request) -> Response:
         parsed: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
@@ -400,30 +376,21 @@ class OpenAIServing:
         call.engine_ids = [call.id]
         call.prompt_tokens = len(prompt_ids)
         self._begin(call)
-        stream = self.engine.generate(prompt_ids, params, call.id, prompt=prompt, priority=parsed.priority)
         try:
-            firsts = await self._first_outputs(request, call, [stream])
+            stream = await self._submit(request, call, [(prompt_ids, prompt)], params, parsed.priority)
         except APIError as exc:
             if exc.param == "max_tokens" and parsed.max_completion_tokens is not None:
                 exc.param = "max_completion_tokens"  # the engine knows one name; the caller used the other
             raise
-        if firsts is None:
+        if stream is None:
             return Response(status_code=499)
         if parsed.stream:
-            return EventStream(self._chat_stream(call, parsed, firsts[0], stream))
-        final = await self._final_outputs(request, call, [stream], self._last(call, firsts[0], stream))
-        if final is None:
+            return EventStream(self._chat_stream(call, parsed, stream))
+        finals = await self._final_outputs(request, call, stream)
+        if finals is None:
             return Response(status_code=499)
-        return JSONResponse(self._chat_response(call, parsed, final).model_dump(mode="json"))
-
-    async def _last(self, call: _Call, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        output = first
-        seen = self._count_new(call, output, 0)
-        while not output.finished:
-            output = await stream.__anext__()
-            seen = self._count_new(call, output, seen)
-        call.engine_metrics = output.metrics
-        return output
+        call.engine_metrics = finals[0].metrics
+        return JSONResponse(self._chat_response(call, parsed, finals[0]).model_dump(mode="json"))
 
     def _count_new(self, call: _Call, output: RequestOutput, seen: int) -> int:
         total = sum(len(c.token_ids) for c in output.outputs)
@@ -461,8 +428,7 @@ class OpenAIServing:
         self,
         call: _Call,
         parsed: ChatCompletionRequest,
-        first: RequestOutput,
-        stream: AsyncIterator[RequestOutput],
+        stream: OutputStream,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         want_logprobs = parsed.logprobs
@@ -482,8 +448,7 @@ class OpenAIServing:
         try:
             for i in range(n):
                 yield chunk(ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
-            output = first
-            while True:
+            async for _, output in stream:
                 new_tokens = False
                 for c in output.outputs:
                     i = c.index
@@ -513,8 +478,6 @@ class OpenAIServing:
                 if output.finished:
                     call.engine_metrics = output.metrics
                     reason = _reason(output.outputs)
-                    break
-                output = await stream.__anext__()
             for line in _stream_end(call, created, model, ChatCompletionChunk, parsed.include_usage):
                 yield line
         except (EngineDeadError, RequestFailedError) as exc:
@@ -522,7 +485,7 @@ class OpenAIServing:
             for line in _stream_error(exc):
                 yield line
         finally:
-            await self._close([stream])
+            await stream.aclose()
             self._end(call, reason)
 
     # ----- /v1/completions -----
@@ -536,19 +499,13 @@ class OpenAIServing:
         call.engine_ids = [call.id] if len(prompts) == 1 else [f"{call.id}-{i}" for i in range(len(prompts))]
         call.prompt_tokens = sum(len(ids) for _, ids in prompts)
         self._begin(call)
-        streams = [
-            self.engine.generate(ids, params, eid, prompt=text, priority=parsed.priority)
-            for eid, (text, ids) in zip(call.engine_ids, prompts, strict=True)
-        ]
-        firsts = await self._first_outputs(request, call, streams)
-        if firsts is None:
+        stream = await self._submit(request, call, [(ids, text) for text, ids in prompts], params, parsed.priority)
+        if stream is None:
             return Response(status_code=499)
         echoes = [(text if text is not None else tokenizer.decode(ids)) if parsed.echo else "" for text, ids in prompts]
         if parsed.stream:
-            return EventStream(self._completion_stream(call, parsed, firsts, streams, echoes))
-
-        collect = gather_or_cancel([self._last(call, f, s) for f, s in zip(firsts, streams, strict=True)])
-        finals = await self._final_outputs(request, call, streams, collect)
+            return EventStream(self._completion_stream(call, parsed, stream, echoes))
+        finals = await self._final_outputs(request, call, stream)
         if finals is None:
             return Response(status_code=499)
         return JSONResponse(self._completion_response(call, parsed, finals, echoes).model_dump(mode="json"))
@@ -582,14 +539,13 @@ class OpenAIServing:
         self,
         call: _Call,
         parsed: CompletionRequest,
-        firsts: list[RequestOutput],
-        streams: list[AsyncIterator[RequestOutput]],
+        stream: OutputStream,
         echoes: list[str],
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         top_k = parsed.logprobs
         n = parsed.n
-        total = n * len(streams)
+        total = n * len(echoes)
         progress = [_ChoiceProgress() for _ in range(total)]
         offsets = [len(echoes[i // n]) for i in range(total)]
         reason = "abort"
@@ -602,14 +558,13 @@ class OpenAIServing:
                 CompletionResponse(id=call.id, created=created, model=model, choices=[choice], usage=usage)
             )
 
-        merged = _merge(firsts, streams)
-        finals: list[RequestOutput | None] = [None] * len(streams)
+        finals: list[RequestOutput | None] = [None] * len(echoes)
         try:
             if parsed.echo:
                 for index in range(total):
                     if echoes[index // n]:
                         yield chunk(CompletionChoice(index=index, text=echoes[index // n]))
-            async for p, output in merged:
+            async for p, output in stream:
                 new_tokens = False
                 for c in output.outputs:
                     i = p * n + c.index
@@ -648,8 +603,7 @@ class OpenAIServing:
             for line in _stream_error(exc):
                 yield line
         finally:
-            await merged.aclose()
-            await self._close(streams)
+            await stream.aclose()
             self._end(call, reason)
 
 
@@ -675,47 +629,6 @@ class _ChoiceProgress:
 
 def _sent_tokens(progress: list[_ChoiceProgress]) -> int:
     return sum(choice.tokens for choice in progress)
-
-
-async def _merge(
-    firsts: list[RequestOutput], streams: list[AsyncIterator[RequestOutput]]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(stream index, output) from several engine streams as they arrive, each stream's first output first.
-
-    One stream (the usual case) is read directly; several are read by one task each into a queue."""
-    for p, first in enumerate(firsts):
-        yield p, first
-    if len(streams) == 1:
-        if not firsts[0].finished:
-            async for output in streams[0]:
-                yield 0, output
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-
-    async def pump(p: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for output in stream:
-                await queue.put((p, output))
-        except Exception as exc:
-            await queue.put(exc)
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams) if not firsts[p].finished]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _stream_end(call: Any, created: int, model: str, chunk_cls: Any, include_usage: bool) -> Iterator[str]:
@@ -744,3 +657,14 @@ def _reason(outputs: Sequence[CompletionOutput]) -> str:
     if "abort" in reasons:
         return "abort"
     return reasons[0] if reasons else "abort"
+
+
+def _rejection(exc: RequestRejectedError, count: int) -> APIError:
+    """The 400 for a request the engine refused; with several prompts, it names the prompt's index."""
+    error = exc.error
+    param = error.param if isinstance(error, SamplingParamsError) else None
+    if count == 1:
+        return bad_request(str(error), param)
+    if param in (None, "prompt"):
+        param = f"prompt[{exc.index}]"
+    return bad_request(f"prompt {exc.index}: {error}", param)

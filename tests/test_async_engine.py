@@ -6,9 +6,10 @@ import asyncio
 import threading
 from typing import Any
 
+import pytest
 import torch
 
-from ernie_serve.async_engine import AsyncEngine
+from ernie_serve.async_engine import AsyncEngine, RequestRejectedError
 from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.sampling_params import SamplingParams
 
@@ -74,3 +75,44 @@ def test_streams_are_touched_only_on_the_event_loop(tiny_checkpoint) -> None:
     threads, loop_thread, reasons = asyncio.run(scenario())
     assert reasons == ["length", "abort"]
     assert threads == {loop_thread}
+
+
+def test_requests_added_together_share_one_stream_and_are_refused_together(tiny_checkpoint) -> None:
+    settings = EngineSettings(model=str(tiny_checkpoint("moe_shared_tied", torch.float32)), block_size=4)
+
+    async def scenario() -> None:
+        engine = AsyncEngine(settings)
+        await engine.start()
+        try:
+            greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            stream = await engine.add_requests([([5, 6], None), ([7, 8, 9], "text")], greedy, ["a", "b"])
+            seen = [(index, output.request_id, output.finished) async for index, output in stream]
+            assert {(i, rid) for i, rid, _ in seen} == {(0, "a"), (1, "b")}
+            assert sorted((i, rid) for i, rid, done in seen if done) == [(0, "a"), (1, "b")]
+            assert not engine._streams  # both finished: the stream let go of its requests
+
+            # The second prompt is out of the vocabulary: the call is refused and the first one is not kept.
+            bad = [([5, 6], None), ([10**9], None)]
+            long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+            with pytest.raises(RequestRejectedError) as refused:
+                await engine.add_requests(bad, long, ["c", "d"])
+            assert refused.value.index == 1
+            assert not engine._streams
+            # a kept "c" would still be running (500 tokens) when a short request added next finishes
+            again = await engine.add_requests([([5, 6], None)], greedy, ["c2"])
+            assert [o.request_id async for _, o in again if o.finished] == ["c2"]
+            assert engine.snapshot.scheduler.num_running == 0 and engine.snapshot.scheduler.num_waiting == 0
+
+            # Closing a stream early aborts what has not finished.
+            held = await engine.add_requests([([5, 6], None), ([7], None)], long, ["e", "f"])
+            await held.__anext__()
+            await held.aclose()
+            assert not engine._streams
+            # the aborts reach the engine between steps; a request added after them runs alone
+            last = await engine.add_requests([([9], None)], greedy, ["g"])
+            assert [o.request_id async for _, o in last if o.finished] == ["g"]
+            assert engine.snapshot.scheduler.num_running == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(scenario())

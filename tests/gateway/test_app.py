@@ -365,20 +365,24 @@ class _FakeEngine:
         self.aborted += request_ids
         self.finish("abort")
 
-    async def generate(
-        self, prompt_token_ids: list[int], params: Any, request_id: str, prompt: str | None = None, priority: int = 0
-    ) -> AsyncIterator[Any]:
+    async def add_requests(
+        self, prompts: list[tuple[list[int], str | None]], params: Any, request_ids: list[str], priority: int = 0
+    ) -> Any:
         from ernie_serve.core.request import CompletionOutput, RequestOutput
 
         def output(token_ids: list[int], reason: str | None) -> RequestOutput:
             text = self.tokenizer.decode(token_ids)
             choice = CompletionOutput(0, text, token_ids, None, None, finish_reason=reason)
-            return RequestOutput(request_id, prompt, list(prompt_token_ids), [choice], finished=reason is not None)
+            prompt_ids, prompt = prompts[0]
+            return RequestOutput(request_ids[0], prompt, list(prompt_ids), [choice], finished=reason is not None)
 
-        yield output([7], None)
-        self.started.set()  # the gateway asks for more: the first token is out
-        await self._finished.wait()
-        yield output([7, 8], self._reason)
+        async def outputs() -> AsyncIterator[tuple[int, Any]]:
+            yield 0, output([7], None)
+            self.started.set()  # the gateway asks for more: the first token is out
+            await self._finished.wait()
+            yield 0, output([7, 8], self._reason)
+
+        return outputs()
 
 
 @pytest.fixture
