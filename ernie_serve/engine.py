@@ -59,6 +59,11 @@ class Engine:
             seconds=round(time.monotonic() - started, 2),
         )
 
+    @property
+    def weight_bytes(self) -> dict[str, int]:
+        """The backend's resident weight bytes by kind (`quantized`, `full_precision`, ...), fixed once loaded."""
+        return self.core.weight_bytes
+
     # ----- requests -----
     def add_request(
         self,

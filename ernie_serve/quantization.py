@@ -70,18 +70,26 @@ def group_view(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return weight.view(*weight.shape[:-1], groups, size)
 
 
+def rounded_codes(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` with the codes still float32 (whole numbers in [-qmax, qmax]): what backends write into their
+    own layouts without another integer pass. Few passes over the tensor on purpose: loading a 21B model
+    quantizes 21 billion weights here."""
+    in_features = weight.shape[-1]
+    grouped = group_view(weight.float(), spec)  # [..., out, G, g]
+    low, high = torch.aminmax(grouped, dim=-1)  # [..., out, G]
+    scales = torch.maximum(high, -low) / spec.qmax
+    # an all-zero group gets scale 1 (any would do): its codes are 0 either way, and nothing divides by 0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = (grouped * scales.reciprocal().unsqueeze(-1)).round_().clamp_(-spec.qmax, spec.qmax)
+    return codes.flatten(-2)[..., :in_features], scales  # [..., out, in], [..., out, G]
+
+
 def quantize(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest of a float weight `[..., out, in]`: codes int8 `[..., out, in]` in
     [-qmax, qmax] and float32 scales `[..., out, G]`, with `weight ~= codes * scales` per group. Called once per
     checkpoint tensor while loading, so its temporaries are a few copies of that one tensor."""
-    in_features = weight.shape[-1]
-    grouped = group_view(weight.float(), spec)  # [..., out, G, g]
-    scales = grouped.abs().amax(-1) / spec.qmax  # [..., out, G]
-    # an all-zero group gets scale 1 (any would do): its codes are 0 either way, and nothing divides by 0
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(grouped / scales.unsqueeze(-1)).clamp_(-spec.qmax, spec.qmax).to(torch.int8)
-    codes = codes.flatten(-2)[..., :in_features]  # [..., out, in]
-    return codes, scales
+    codes, scales = rounded_codes(weight, spec)
+    return codes.to(torch.int8), scales
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -63,6 +63,16 @@ class _EngineCollector(Collector):
         )
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
+        loaded = self.engine.engine  # None until the model has loaded
+        if loaded is not None and loaded.weight_bytes:
+            family = GaugeMetricFamily(
+                PREFIX + "weight_bytes",
+                "Resident model weight bytes by kind: quantized, full_precision, kernel_copies (prepacked).",
+                labels=["model_name", "kind"],
+            )
+            for kind, size in loaded.weight_bytes.items():
+                family.add_metric([self.model_name, kind], size)
+            yield family
 
 
 class GatewayMetrics:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ernie_serve.quantization import QuantSpec, pack_int4, quantize
+from ernie_serve.quantization import QuantSpec, rounded_codes
 
 _BYTE_BAGS = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
 _4BIT_BAGS = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
@@ -163,14 +163,18 @@ class QuantizedWeight(nn.Module):
     @torch.inference_mode()
     def fill(self, index: int, columns: slice, weight: torch.Tensor) -> None:
         """Quantize `weight` `[out slice, in]` (any float dtype) into columns `columns` of matrix `index`."""
-        codes, scales = quantize(weight, self.spec)  # [o, in] int8, [o, G]
+        codes, scales = rounded_codes(weight, self.spec)  # [o, in] whole numbers (float32), [o, G]
         self.scales[index, :, columns] = scales.t()
+        unsigned = codes.add_(self.spec.qmax + 1)  # [o, in] the stored codes, q + 128 or q + 8
         if self.spec.bits == 8:
-            self.rows[index, :, columns] = (codes.t().to(torch.int16) + 128).to(torch.uint8)
+            self.rows[index, :, columns] = unsigned.t()  # converts to uint8 in the copy (whole numbers: exact)
         else:
             if columns.start % 2 or columns.stop % 2:
                 raise ValueError(f"wint4 columns must start and end on even channels, got {columns}")
-            self.rows[index, :, columns.start // 2 : columns.stop // 2] = pack_int4(codes.t())
+            # two codes a byte, the even channel in the low nibble (`pack_int4`'s layout), summed in float: exact;
+            # pairs are adjacent rows here, so this reads contiguously and only the copy below transposes
+            packed = torch.addcmul(unsigned[0::2], unsigned[1::2], torch.tensor(16.0))  # [o/2, in]
+            self.rows[index, :, columns.start // 2 : columns.stop // 2] = packed.t()
 
     def dequantized(self, index: int = 0) -> torch.Tensor:
         """The float32 `[out, in]` weight matrix `index` stands for (the checkpoint's layout): for tests and

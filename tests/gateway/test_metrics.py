@@ -31,7 +31,17 @@ COUNTERS = (
 
 
 def fake_engine(**stats: Any) -> Any:
-    return SimpleNamespace(snapshot=EngineSnapshot(scheduler=SchedulerStats(**stats)))
+    return SimpleNamespace(snapshot=EngineSnapshot(scheduler=SchedulerStats(**stats)), engine=None)
+
+
+def test_weight_bytes_by_kind_once_loaded(metric: Callable[..., float]) -> None:
+    engine = fake_engine()
+    metrics = GatewayMetrics(engine, "m")
+    assert "ernie_serve:weight_bytes" not in metrics.render().decode()  # still loading
+    engine.engine = SimpleNamespace(weight_bytes={"quantized": 3000, "full_precision": 500})
+    text = metrics.render().decode()
+    assert metric(text, "ernie_serve:weight_bytes", model_name="m", kind="quantized") == 3000
+    assert metric(text, "ernie_serve:weight_bytes", model_name="m", kind="full_precision") == 500
 
 
 def test_engine_state_is_read_at_scrape_time(metric: Callable[..., float]) -> None:

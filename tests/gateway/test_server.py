@@ -71,6 +71,9 @@ def test_fastdeploy_command_line_metrics_port_and_sigterm_while_streaming(
         scraped = httpx.get(f"{metrics_url}/metrics")
         assert scraped.status_code == 200
         assert metric(scraped.text, "ernie_serve:num_requests_running", model_name=str(checkpoint)) == 0
+        # --quantization wint4 took effect: weight bytes by kind, quantized ones among them
+        weights = {k: metric(scraped.text, "ernie_serve:weight_bytes", kind=k) for k in ("quantized", "full_precision")}
+        assert weights["quantized"] > 0 and weights["full_precision"] > 0
         assert httpx.get(f"{metrics_url}/v1/models").status_code == 404
         assert httpx.get(f"{server.base_url}/metrics").status_code == 401
         headers = {"Authorization": "Bearer k"}
