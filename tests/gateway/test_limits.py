@@ -128,11 +128,6 @@ def roomy(launch: Any, checkpoint: Path) -> Iterator[Any]:
     server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 14, defect 2): tokenization runs in a worker thread, yet the loop still stalls while a "
-    "10 MB body is tokenized; the cause is not settled (the GIL was suspected; a plain-thread encode says not)",
-)
 def test_a_10mb_chat_body_does_not_stall_health_or_other_streams(roomy: Any) -> None:
     """While a ~10 MB conversation is parsed, templated and tokenized (tens of seconds of CPU here), `/health`
     answers and a small stream on another connection runs to its end, and only then does the big request's
