@@ -7,11 +7,11 @@ keyword argument, an `ERNIE_SERVE_*` environment variable or a CLI flag, validat
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ernie_serve.core.errors import UserError
@@ -153,14 +153,6 @@ class ModelConfig:
             raise ModelConfigError(f"{path} has no config.json: not a HuggingFace-format checkpoint")
         return cls.from_dict(json.loads(config_file.read_text()))
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """config.json contents for this shape (used to write the demo and dummy checkpoints)."""
-        raw = {k: v for k, v in asdict(self).items() if k not in ("extra", "eos_token_ids", "dtype")}
-        raw["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
-        raw["architectures"] = [self.architecture]
-        raw["dtype"] = self.dtype
-        return raw
-
 
 class EngineSettings(BaseSettings):
     """Every engine option. Field names are FastDeploy/vLLM flag names with `_` for `-`."""
@@ -189,7 +181,7 @@ class EngineSettings(BaseSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory to use")
     enable_chunked_prefill: bool = Field(True, description="split long prompts over several steps")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prefixes")
-    quantization: str | None = Field(None, description="weight-only quantization: wint8 or wint4")
+    quantization: Literal["wint8", "wint4"] | None = Field(None, description="weight-only quantization")
     quantization_group_size: Literal[-1, 64, 128] = Field(
         128, description="wint4: input channels sharing a scale; -1 = one scale per output channel"
     )
@@ -206,10 +198,3 @@ class EngineSettings(BaseSettings):
     # `LLM(...)` keyword; the engine builds the options from them, and the options class reads the environment
     # for the rest. No flag of its own: each option is a flag (see `ernie_serve.cli_options`).
     backend_options: dict[str, Any] = Field(default_factory=dict, description="the backend's own options")
-
-    @field_validator("quantization")
-    @classmethod
-    def _known_quantization(cls, value: str | None) -> str | None:
-        if value not in (None, "wint8", "wint4"):
-            raise ValueError(f"unknown quantization {value!r}; choose wint8 or wint4")
-        return value

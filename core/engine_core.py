@@ -15,7 +15,7 @@ import structlog
 
 from ernie_serve.core.backend import Backend, BackendUnavailableError
 from ernie_serve.core.config import EngineSettings, ModelConfig
-from ernie_serve.core.errors import UserError
+from ernie_serve.core.errors import BackendOutOfMemoryError, UserError
 from ernie_serve.core.plan import SampledToken, StepResult
 from ernie_serve.core.plugins import get_backend_class, get_scheduler_class
 from ernie_serve.core.request import Logprob, Request, RequestStatus
@@ -163,7 +163,17 @@ class EngineCore:
             self.backend.release(plan.preempted_request_ids)
         result = StepResult()
         if not plan.is_empty:
-            logits = self.backend.execute(plan)  # [len(plan.sampling_request_ids), V]
+            try:
+                logits = self.backend.execute(plan)  # [len(plan.sampling_request_ids), V]
+            except BackendOutOfMemoryError:
+                preempted = self.scheduler.shrink_after_oom(plan)
+                if not preempted:
+                    raise  # nothing smaller to try: the step's requests fail
+                self.backend.release(preempted)
+                log.warning(
+                    "out of memory in a step: its requests are preempted, smaller steps follow", n=len(preempted)
+                )
+                return []
             sampling = [self._requests[i] for i in plan.sampling_request_ids]
             sampled = self.sampler(logits, [r for r, _ in sampling], [s for _, s in sampling])
             result.sampled = dict(zip(plan.sampling_request_ids, sampled, strict=True))

@@ -110,38 +110,6 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """The metrics of several engine requests served as one (the `n` completions of a request, the prompts of
-    one completions call): from the earliest arrival to the last finish, token counts added up."""
-    merged: dict[str, float] = {}
-    for key in ("arrival_time", "first_scheduled_time", "first_token_time"):
-        values = [p[key] for p in parts if key in p]
-        if values:
-            merged[key] = min(values)
-    for key in ("last_token_time", "finished_time"):
-        values = [p[key] for p in parts if key in p]
-        if values:
-            merged[key] = max(values)
-    for key in ("num_cached_tokens", "num_prompt_tokens", "num_generation_tokens", "num_preemptions"):
-        merged[key] = sum(p.get(key, 0.0) for p in parts)
-    arrival = merged.get("arrival_time")
-    if arrival is not None:
-        for key, since in (("queue_time", "first_scheduled_time"), ("time_to_first_token", "first_token_time")):
-            if since in merged:
-                merged[key] = merged[since] - arrival
-        if "finished_time" in merged:
-            merged["e2e_latency"] = merged["finished_time"] - arrival
-    gaps = [
-        p["mean_inter_token_latency"] * (p["num_generation_tokens"] - 1)
-        for p in parts
-        if "mean_inter_token_latency" in p
-    ]
-    steps = sum(p["num_generation_tokens"] - 1 for p in parts if "mean_inter_token_latency" in p)
-    if steps:
-        merged["mean_inter_token_latency"] = sum(gaps) / steps
-    return merged
-
-
 @dataclass
 class RequestOutput:
     """What `LLM.generate` returns per prompt, and what the async engine streams (cumulative)."""

@@ -25,6 +25,7 @@ class SchedulerStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    num_oom_retries: int = 0  # steps that ran out of memory and were retried smaller
 
 
 class Scheduler(ABC):
@@ -62,6 +63,11 @@ class Scheduler(ABC):
         """Called after every step for metrics; schedulers without counters may keep this default."""
         return SchedulerStats()
 
+    def shrink_after_oom(self, plan: StepPlan) -> list[str]:
+        """Called when the backend ran out of memory running `plan`: preempt requests and plan smaller steps,
+        returning the ids preempted (the engine releases their backend state). [] fails the plan's requests."""
+        return []
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -93,6 +99,8 @@ class FCFSScheduler(Scheduler):
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_oom_retries = 0
+        self.oom_token_cap: int | None = None  # step budget after running out of memory; lifted once idle
 
     # ----- policy hooks for subclasses -----
     def waiting_order_key(self, request: Request) -> tuple:
@@ -143,7 +151,7 @@ class FCFSScheduler(Scheduler):
 
     def schedule(self) -> StepPlan:
         config = self.config
-        budget = config.max_num_batched_tokens
+        budget = min(config.max_num_batched_tokens, self.oom_token_cap or config.max_num_batched_tokens)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
@@ -217,6 +225,8 @@ class FCFSScheduler(Scheduler):
                 self.running.remove(request)
                 self._finish(request, status)
                 finished.append(request)
+        if not self.running and not self.waiting:
+            self.oom_token_cap = None  # idle: the next requests get the full step budget again
         return finished
 
     def stats(self) -> SchedulerStats:
@@ -228,7 +238,24 @@ class FCFSScheduler(Scheduler):
             prefix_cache_queries=bm.stats.queries,
             prefix_cache_hits=bm.stats.hits,
             num_preemptions=self.num_preemptions,
+            num_oom_retries=self.num_oom_retries,
         )
+
+    def shrink_after_oom(self, plan: StepPlan) -> list[str]:
+        """Preempt every request of the failed step (the backend may hold part of its state, so none of it is
+        kept) and halve the step's token budget until the scheduler is next idle. One token of one request
+        cannot get smaller: that step fails instead."""
+        tokens = sum(len(item.token_ids) for item in plan.scheduled)
+        if tokens <= 1:
+            return []
+        self.oom_token_cap = tokens // 2
+        self.num_oom_retries += 1
+        preempted: list[str] = []
+        for item in plan.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self._preempt(request, [], preempted)
+        return preempted
 
     # ----- internals -----
     def _scheduled(self, request: Request, num_new: int, new_block_ids: list[int], is_new: bool) -> ScheduledRequest:
@@ -285,20 +312,3 @@ class FCFSScheduler(Scheduler):
         request.finished_time = time.monotonic()
         self.block_manager.free(request)
         del self.requests[request.request_id]
-
-
-class PriorityScheduler(FCFSScheduler):
-    """Lower `priority` runs first, ties by arrival. When blocks run out the worst running request (highest
-    priority value, newest) is evicted, and a waiting request may evict a running one of worse priority."""
-
-    def waiting_order_key(self, request: Request) -> tuple:
-        return (request.priority, request.arrival_time)
-
-    def preemption_victim(self) -> Request:
-        return max(self.running, key=self.waiting_order_key)
-
-    def admission_victim(self, request: Request) -> Request | None:
-        if not self.running:
-            return None
-        victim = self.preemption_victim()
-        return victim if self.waiting_order_key(victim) > self.waiting_order_key(request) else None

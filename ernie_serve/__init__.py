@@ -26,7 +26,7 @@ _LAZY = {
     "Request": "ernie_serve.core.request",
     "Scheduler": "ernie_serve.core.scheduler",
     "FCFSScheduler": "ernie_serve.core.scheduler",
-    "PriorityScheduler": "ernie_serve.core.scheduler",
+    "PriorityScheduler": "ernie_serve.plugins.schedulers",
     "SchedulerConfig": "ernie_serve.core.scheduler",
     "Backend": "ernie_serve.core.backend",
     "KVCacheSpec": "ernie_serve.core.backend",
@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from ernie_serve.core.backend import Backend, KVCacheSpec
     from ernie_serve.core.config import EngineSettings, ModelConfig
     from ernie_serve.core.request import CompletionOutput, Logprob, Request, RequestOutput
-    from ernie_serve.core.scheduler import FCFSScheduler, PriorityScheduler, Scheduler, SchedulerConfig
+    from ernie_serve.core.scheduler import FCFSScheduler, Scheduler, SchedulerConfig
     from ernie_serve.engine import Engine
     from ernie_serve.llm import LLM
+    from ernie_serve.plugins.schedulers import PriorityScheduler
 
 
 def __getattr__(name: str) -> Any:

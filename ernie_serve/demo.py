@@ -10,7 +10,9 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -100,6 +102,16 @@ def write_random_checkpoint(
         keep_fp32 = name.endswith(("e_score_correction_bias", "mlp.gate.weight"))
         tensors[name] = value.to(torch.float32 if keep_fp32 else dtype).contiguous()
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
     generation = {"temperature": 0.8, "top_p": 0.8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """config.json contents for `config`'s shape, in HuggingFace's layout (the demo and dummy checkpoints)."""
+    raw = {k: v for k, v in asdict(config).items() if k not in ("extra", "eos_token_ids", "dtype")}
+    eos = config.eos_token_ids
+    raw["eos_token_id"] = list(eos) if len(eos) > 1 else eos[0]
+    raw["architectures"] = [config.architecture]
+    raw["dtype"] = config.dtype
+    return raw

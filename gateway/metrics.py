@@ -63,6 +63,11 @@ class _EngineCollector(Collector):
         )
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
+        yield counter(
+            "num_oom_retries",
+            "Steps that ran out of device memory; their requests were preempted and smaller steps followed.",
+            stats.num_oom_retries,
+        )
         loaded = self.engine.engine  # None until the model has loaded
         if loaded is not None and loaded.weight_bytes:
             family = GaugeMetricFamily(

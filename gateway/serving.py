@@ -29,7 +29,7 @@ from ernie_serve.async_engine import (
     RequestFailedError,
     RequestRejectedError,
 )
-from ernie_serve.core.request import CompletionOutput, Logprob, RequestOutput, SampleLogprobs, merge_metrics
+from ernie_serve.core.request import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
 from ernie_serve.gateway import sse
 from ernie_serve.gateway.auth import request_id as scope_request_id
@@ -54,6 +54,7 @@ from ernie_serve.gateway.protocol import (
     UsageInfo,
     unsupported_parameter,
 )
+from ernie_serve.output_processor import merge_metrics
 
 log = structlog.get_logger("ernie_serve.gateway")
 

@@ -18,7 +18,7 @@ import torch
 from ernie_serve import LLM, SamplingParams
 from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.errors import UserError
-from ernie_serve.demo import DEMO_CONFIG
+from ernie_serve.demo import DEMO_CONFIG, hf_config_dict
 from ernie_serve.demo_tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer
 from ernie_serve.models import PRESETS, ModelResolutionError, ResolvedModel, resolve_model
 from ernie_serve.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def _checkpoint(out: Path, vocab_size: int, tokenizer: bool = True) -> Path:
     """A checkpoint directory without weights (enough for `--load-format dummy`), with a generation config."""
     out.mkdir(parents=True)
     config = replace(DEMO_CONFIG, vocab_size=vocab_size)
-    (out / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    (out / "config.json").write_text(json.dumps(hf_config_dict(config)))
     (out / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": None, "eos_token_id": 2}))
     if tokenizer:
         build_demo_tokenizer(out)

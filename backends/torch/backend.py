@@ -18,6 +18,7 @@ from ernie_serve.core.backend import (
     KVCacheSpec,
 )
 from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.errors import BackendOutOfMemoryError
 from ernie_serve.core.plan import StepPlan
 from ernie_serve.core.plugins import get_model_class
 from ernie_serve.quantization import QuantSpec
@@ -144,8 +145,15 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         assert self.model is not None, "execute before load"
-        input_ids, positions, sample_rows, meta = self._prepare(plan)
-        return self.model(input_ids, positions, self.kv_caches, meta, sample_rows)
+        try:
+            input_ids, positions, sample_rows, meta = self._prepare(plan)
+            return self.model(input_ids, positions, self.kv_caches, meta, sample_rows)
+        except torch.OutOfMemoryError as exc:  # CUDA: the engine preempts and retries with smaller steps
+            raise BackendOutOfMemoryError(str(exc)) from exc
+        except RuntimeError as exc:  # the CPU allocator's failure (where the OS refuses rather than kills)
+            if "can't allocate memory" in str(exc):
+                raise BackendOutOfMemoryError(str(exc)) from exc
+            raise
 
     @property
     def num_cached_requests(self) -> int:

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from ernie_serve.core.plan import SampledToken, StepPlan, StepResult
 from ernie_serve.core.request import Request, RequestStatus
 from ernie_serve.core.sampling_params import SamplingParams
-from ernie_serve.core.scheduler import FCFSScheduler, PriorityScheduler, SchedulerConfig
+from ernie_serve.core.scheduler import FCFSScheduler, SchedulerConfig
+from ernie_serve.plugins.schedulers import PriorityScheduler
 
 EOS = 2
 
@@ -58,6 +59,7 @@ class Sim:
     kv: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)  # (block, slot) -> prefix held
     tables: dict[str, list[int]] = field(default_factory=dict)  # the fake backend's block table per request
     plans: list[StepPlan] = field(default_factory=list)
+    room: int | None = None  # the fake device runs out of memory for a step of more tokens than this
 
     def __post_init__(self) -> None:
         self.scheduler = self.scheduler_cls(self.config)
@@ -97,6 +99,11 @@ class Sim:
         plan = scheduler.schedule()
         self.plans.append(plan)
         self.release(plan.preempted_request_ids)
+        if self.room is not None and plan.num_tokens > self.room:  # what the engine does on BackendOutOfMemoryError
+            preempted = scheduler.shrink_after_oom(plan)
+            assert preempted == [s.request_id for s in plan.scheduled]
+            self.release(preempted)
+            return plan, []
         if self.check_budget:
             assert plan.num_tokens <= cfg.max_num_batched_tokens
         assert len(plan.scheduled) <= cfg.max_num_seqs
@@ -669,3 +676,40 @@ def test_fcfs_never_evicts_for_a_newcomer() -> None:
     sim.add("second", list(range(30, 46)), max_tokens=10, priority=0)
     plan, _ = sim.step()
     assert [s.request_id for s in plan.scheduled] == ["first"]
+
+
+# ----- out of memory -----
+
+
+def test_a_step_that_runs_out_of_memory_is_preempted_and_later_steps_are_smaller_until_idle() -> None:
+    def add_all(sim: Sim) -> None:
+        for i in range(4):
+            sim.add(f"r{i}", list(range(10 * i, 10 * i + 10)), max_tokens=5)
+
+    reference = Sim(config())
+    add_all(reference)
+    reference.run()
+    sim = Sim(config(), room=12)
+    add_all(sim)
+    sim.run()
+    assert sim.outputs() == reference.outputs()  # recomputed, nothing lost
+    first, second = sim.plans[0], sim.plans[1]
+    assert first.num_tokens == 40 and second.num_tokens <= 20  # the failed step's budget, halved
+    assert sim.scheduler.num_oom_retries == 2  # 40 tokens, then 20, then at most 10 fit the room
+    assert all(plan.num_tokens <= 10 for plan in sim.plans[2:])
+    assert sim.scheduler.stats().num_oom_retries == 2
+    sim.assert_all_blocks_free()
+
+    # once idle, the full budget is back
+    sim.add("late", list(range(500, 530)), max_tokens=1)
+    plan = sim.scheduler.schedule()
+    assert plan.num_tokens == 30
+
+
+def test_one_token_of_one_request_cannot_shrink() -> None:
+    sim = Sim(config())
+    sim.add("a", [5], max_tokens=2)
+    plan = sim.scheduler.schedule()
+    assert plan.num_tokens == 1
+    assert sim.scheduler.shrink_after_oom(plan) == []
+    assert sim.scheduler.requests["a"].status == RequestStatus.RUNNING  # left as it was: the engine fails it

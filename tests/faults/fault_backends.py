@@ -2,14 +2,15 @@
 holds the token `FAULT_TOKEN` makes the step that computes its third generated token raise, never return, or
 report a broken device, depending on the backend chosen: by then a stream has sent its first tokens.
 
-A request carries the fault in its own prompt, so the drill also shows that only the faulty request fails."""
+A request carries the fault in its own prompt, so the drill also shows that only the faulty request fails.
+The out-of-memory backend is a device with room for a few tokens a step (see `OutOfMemoryBackend`)."""
 
 from __future__ import annotations
 
 import threading
 
 from ernie_serve.backends.torch.backend import TorchBackend
-from ernie_serve.core.errors import EngineFatalError
+from ernie_serve.core.errors import BackendOutOfMemoryError, EngineFatalError
 from ernie_serve.core.hookspecs import hookimpl
 
 FAULT_TOKEN = 571  # in the tiny checkpoints' vocabulary (576 ids); prompts give it as a token id
@@ -51,8 +52,24 @@ class BrokenDeviceBackend(_FaultyBackend):
         return super().execute(plan)
 
 
+class OutOfMemoryBackend(_FaultyBackend):
+    """A device with room for `ROOM_TOKENS` tokens a step: a larger step runs out of memory, as does any step
+    holding a request with the fault token (no step is small enough for it)."""
+
+    ROOM_TOKENS = 8
+
+    def execute(self, plan):  # type: ignore[no-untyped-def]
+        self.has_fault(plan)  # remembers the requests whose prompt holds the fault token
+        holds_fault = any(item.request_id in self.faulty_prompt_lengths for item in plan.scheduled)
+        if plan.num_tokens > self.ROOM_TOKENS or holds_fault:
+            self._prepare(plan)  # the failed step has taken in its requests' block tables, as a real one may have
+            raise BackendOutOfMemoryError("injected: out of memory in this step")
+        return super().execute(plan)
+
+
 @hookimpl
 def register_backends(register):  # type: ignore[no-untyped-def]
     register("raising", RaisingBackend)
     register("hanging", HangingBackend)
     register("broken-device", BrokenDeviceBackend)
+    register("out-of-memory", OutOfMemoryBackend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,38 @@ def test_a_broken_device_makes_the_server_exit_non_zero(
         assert len(crash) == 1 and "the device is gone" in crash[0]["exception"][0]["exc_value"], crash
     finally:
         server.stop()
+
+
+def test_a_step_out_of_memory_is_retried_smaller_and_only_an_irreducible_one_fails(
+    launch: Callable[..., Any],
+    environment: Callable[..., dict[str, str]],
+    checkpoint: Path,
+    metric: Any,
+    server: Any,
+) -> None:
+    """The out-of-memory backend has room for 8 tokens a step. A 20-token prompt, and four requests decoding
+    together, make larger steps: each runs out of memory, its requests are preempted and recomputed in
+    smaller steps, and every request still gets the same greedy tokens as on the plain torch backend. A
+    request holding the fault token runs out of memory even alone with one token: only it fails."""
+    oom = _start(launch, environment, checkpoint, "--backend", "out-of-memory")
+    try:
+        long_prompt = list(range(5, 25))
+        prompts = [long_prompt, [5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda p: _completion(oom.base_url, p, max_tokens=6), prompts))
+            reference = list(pool.map(lambda p: _completion(server.base_url, p, max_tokens=6), prompts))
+        assert [a.status_code for a in answers] == [200] * len(prompts), [a.text for a in answers]
+        assert [a.json()["choices"][0]["text"] for a in answers] == [r.json()["choices"][0]["text"] for r in reference]
+        retries = metric(oom.metrics(), "ernie_serve:num_oom_retries_total")
+        assert retries >= 1
+        logged = "out of memory in a step: its requests are preempted, smaller steps follow"
+        oom.wait_for_event(event=logged)
+        assert len(oom.events(event=logged)) == retries
+
+        failed = _completion(oom.base_url, [5, FAULT_TOKEN, 6])
+        assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error", failed.text
+        ok = _completion(oom.base_url, [5, 6, 7], max_tokens=6)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == answers[1].json()["choices"][0]["text"]
+        assert httpx.get(f"{oom.base_url}/health").json() == {"status": "ok"}
+    finally:
+        assert oom.stop() == 0
