@@ -35,6 +35,7 @@ from ernie_serve.core.backend import (
     BackendUnavailableError,
     KVCacheSpec,
 )
+from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +62,7 @@ MAX_PADDING = 1.25
 
 
 class OnnxOptions(BackendOptions):
-    """`--onnx-providers` / `ERNIE_SERVE_ONNX_PROVIDERS` / `LLM(onnx_providers=...)`."""
+    """`--onnx-providers` / `ERNIE_SERVE_ONNX_PROVIDERS` / `LLM(onnx_providers=...)`, and so on."""
 
     onnx_providers: Annotated[list[str] | None, NoDecode] = Field(
         None,
@@ -77,6 +78,13 @@ class OnnxOptions(BackendOptions):
             return None
         items = [value] if isinstance(value, str) else list(value)  # type: ignore[call-overload]
         return [p.strip() for item in items for p in str(item).split(",") if p.strip()] or None
+
+    # Its own name: a flag belongs to one backend's options (the torch backend's is --quantize-lm-head).
+    onnx_quantize_lm_head: bool = Field(
+        True,
+        description="onnx backend with --quantization: export the LM head quantized too (a quantized copy when "
+        "the embeddings are tied); docs/quantization.md has the figures",
+    )
 
 
 def resolve_providers(requested: list[str] | None, device: str, available: list[str]) -> list[str]:
@@ -136,7 +144,9 @@ class OnnxBackend(Backend):
     # Caches are per request, so a prefix-cache hit (a new request whose first tokens' KV lives in another
     # request's blocks) has nothing to read from: the scheduler must compute every prompt from position 0.
     # "cuda" through onnxruntime-gpu's CUDA and TensorRT providers; keys and values stay on the host.
-    capabilities = BackendCapabilities(prefix_caching=False, devices=("cpu", "cuda"))
+    # --quantization: onnxruntime's contrib kernels, MatMulNBits (wint4) and DynamicQuantizeMatMul (wint8); see
+    # graph.py. Both have CPU kernels; on CUDA, onnxruntime falls back to CPU for any op its provider lacks.
+    capabilities = BackendCapabilities(prefix_caching=False, quantization=("wint8", "wint4"), devices=("cpu", "cuda"))
     options_class = OnnxOptions
 
     def __init__(self) -> None:
@@ -157,14 +167,20 @@ class OnnxBackend(Backend):
     ) -> None:
         import onnxruntime as ort
 
-        from ernie_serve.backends.onnx.export import cached_export
+        from ernie_serve.backends.onnx.export import ExportOptions, cached_export
 
         assert isinstance(options, OnnxOptions)
         if settings.dtype not in ("auto", "float32"):
             raise BackendConfigError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
         providers = resolve_providers(options.onnx_providers, settings.device, ort.get_available_providers())
         self.config = model_config
-        export = cached_export(model_config, model_path, settings.seed)
+        export_options = ExportOptions()
+        if settings.quantization:
+            spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
+            export_options = ExportOptions(quantization=spec, quantize_lm_head=options.onnx_quantize_lm_head)
+            log.info("quantized export", scheme=spec.describe(), lm_head=options.onnx_quantize_lm_head)
+        export = cached_export(model_config, model_path, settings.seed, export_options)
+        self._weight_bytes = {kind: n for kind, n in export.weight_bytes.items() if n}
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.log_severity_level = 3  # warnings about unused constants etc. are not the user's concern
@@ -186,6 +202,11 @@ class OnnxBackend(Backend):
             export_seconds=round(export.seconds, 2),
             providers=self.session.get_providers(),
         )
+
+    @property
+    def weight_bytes(self) -> dict[str, int]:
+        """The exported graph's weight bytes: `quantized` (codes and scales) and `full_precision` (float32)."""
+        return dict(getattr(self, "_weight_bytes", {}))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config

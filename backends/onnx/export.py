@@ -4,9 +4,10 @@
 The cache lives in `$ERNIE_SERVE_CACHE/onnx/<model_type>-<key>/` and the key hashes everything the graph
 depends on: config.json, the weight files (their bytes when the checkpoint is at most
 `CONTENT_HASH_LIMIT`; otherwise name, size, modification time and safetensors header, since reading gigabytes
-at every start would cost more than it protects), the export options, the graph version, the graph builder's
-source and the onnx version. A second start with the same checkpoint reuses the export; a changed checkpoint
-exports again.
+at every start would cost more than it protects), the export options (with `--quantization`'s scheme, group
+size and whether the LM head is quantized, so each quantized variant is an export of its own), the graph
+version, the graph builder's source and the onnx version. A second start with the same checkpoint reuses the
+export; a changed checkpoint exports again.
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from ernie_serve.backends.onnx import graph as graph_module
-from ernie_serve.backends.onnx.graph import GRAPH_VERSION, OPSET, GraphStats, past_names
+from ernie_serve.backends.onnx.graph import (
+    GRAPH_VERSION,
+    MS_DOMAIN,
+    OPSET,
+    GraphQuantization,
+    GraphStats,
+    past_names,
+)
+from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
     from ernie_serve.core.config import ModelConfig
@@ -43,6 +52,11 @@ class ExportOptions:
 
     dtype: str = "float32"  # weights and activations; the only one implemented (CPU has no fast bf16)
     opset: int = OPSET
+    quantization: QuantSpec | None = None  # `--quantization` and its group size (`QuantSpec.of`), or None
+    quantize_lm_head: bool = True  # with `quantization`: the LM head quantized too
+
+    def graph_quantization(self) -> GraphQuantization | None:
+        return None if self.quantization is None else GraphQuantization(self.quantization, self.quantize_lm_head)
 
 
 @dataclass
@@ -51,6 +65,7 @@ class ExportResult:
     cached: bool  # True when an earlier export was reused
     seconds: float  # export time, or the time to find the cached one
     key: str
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # by kind: quantized, full_precision
 
 
 def _file_digest(path: Path) -> str:
@@ -141,7 +156,9 @@ def export_to_dir(
     if options.dtype != "float32" or options.opset != OPSET:
         raise ValueError(f"unsupported ONNX export options {options}: only float32 at opset {OPSET}")
     model = build_torch_model(model_config, weights_path, seed)
-    stats = save_graph(model_config, dict(model.checkpoint_targets()), out_dir, MODEL_FILE)
+    stats = save_graph(
+        model_config, dict(model.checkpoint_targets()), out_dir, MODEL_FILE, options.graph_quantization()
+    )
     del model
     if check:
         onnx.checker.check_model(str(Path(out_dir) / MODEL_FILE))
@@ -160,7 +177,8 @@ def cached_export(
     key, material = export_key(model_config, weights_path, seed, options)
     target = cache_root() / "onnx" / f"{model_config.model_type}-{key}"
     if (target / INFO_FILE).is_file():
-        return ExportResult(target / MODEL_FILE, True, time.monotonic() - started, key)
+        info = json.loads((target / INFO_FILE).read_text())
+        return ExportResult(target / MODEL_FILE, True, time.monotonic() - started, key, info.get("weight_bytes", {}))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="export-", dir=target.parent))
     try:
@@ -171,6 +189,7 @@ def cached_export(
             "source": weights_path,
             "nodes": stats.num_nodes,
             "parameters": stats.num_parameters,
+            "weight_bytes": {"quantized": stats.quantized_bytes, "full_precision": stats.full_precision_bytes},
             "seconds": round(time.monotonic() - started, 3),
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
@@ -183,7 +202,8 @@ def cached_export(
         raise
     seconds = time.monotonic() - started
     log.info("onnx export written", path=str(target), nodes=stats.num_nodes, seconds=round(seconds, 2))
-    return ExportResult(target / MODEL_FILE, False, seconds, key)
+    weight_bytes = {"quantized": stats.quantized_bytes, "full_precision": stats.full_precision_bytes}
+    return ExportResult(target / MODEL_FILE, False, seconds, key, weight_bytes)
 
 
 # ----- the `ernie-serve export onnx` command -----
@@ -215,11 +235,17 @@ def export_command(
     seed: int = 0,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    quantization: str | None = None,
+    quantization_group_size: int = 128,
+    quantize_lm_head: bool = True,
 ) -> int:
-    """`ernie-serve export onnx --model PATH --output DIR`: export, check with onnx.checker, print a summary.
+    """`ernie-serve export onnx --model PATH --output DIR [--quantization wint8|wint4 ...]`: export, check with
+    onnx.checker, print a summary.
 
     `model` takes what `--model` takes (a checkpoint directory, "demo", or a preset with
-    `load_format="dummy"`). Returns the exit code: 0, or 1 with one line on `err` for errors a user fixes.
+    `load_format="dummy"`); `quantization` and `quantization_group_size` what the engine flags take (the
+    graph the onnx backend caches for the same flags). Returns the exit code: 0, or 1 with one line on `err`
+    for errors a user fixes.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -236,10 +262,12 @@ def export_command(
     started = time.monotonic()
     try:
         resolved = resolve_model(EngineSettings(model=model, load_format=load_format, seed=seed))
+        spec = QuantSpec.of(quantization, quantization_group_size) if quantization else None
+        options = ExportOptions(quantization=spec, quantize_lm_head=quantize_lm_head)
         out_dir = Path(output)
         if (out_dir / MODEL_FILE).exists():
             (out_dir / MODEL_FILE).unlink()  # never leave a stale graph beside new weights
-        stats = export_to_dir(resolved.config, resolved.weights_path, out_dir, seed, check=True)
+        stats = export_to_dir(resolved.config, resolved.weights_path, out_dir, seed, options, check=True)
     except (ModelConfigError, CheckpointError, ValueError, OSError) as exc:
         err.write(f"ernie-serve: error: {exc}\n")
         return 1
@@ -252,12 +280,19 @@ def export_command(
     lines = [
         f"exported {model} ({_describe(c)}) to {out_dir}",
         f"  {MODEL_FILE:<16} {_size((out_dir / MODEL_FILE).stat().st_size):>10}  "
-        f"{stats.num_nodes} nodes, opset {OPSET}",
+        f"{stats.num_nodes} nodes, opset {OPSET}" + (f" + {MS_DOMAIN} (onnxruntime only)" if spec else ""),
     ]
     if data.exists():
+        kind = "float32" if spec is None else f"{spec.describe()}-quantized and float32"
         lines.append(
             f"  {data.name:<16} {_size(data.stat().st_size):>10}  external weights, "
-            f"{stats.num_parameters:,} float32 parameters"
+            f"{stats.num_parameters:,} {kind} parameters"
+        )
+    if spec is not None:
+        head = "quantized" if quantize_lm_head else "float32"
+        lines.append(
+            f"  weights: {_size(stats.quantized_bytes)} quantized, {_size(stats.full_precision_bytes)} float32 "
+            f"(LM head {head})"
         )
     lines += [
         "  inputs:  input_ids [batch, seq], position_ids [batch, seq], attention_bias [batch, seq, past+seq],",

@@ -9,6 +9,21 @@ makes it reason symbolically about every node), the TorchScript one is deprecate
 shape-plumbing nodes. Built by hand, the graph has only the ops it needs, a tiny model exports in a tenth of a
 second, and it stays within what TensorRT's ONNX parser accepts.
 
+With `--quantization` (`GraphQuantization`), the projections the torch backend quantizes (attention, dense MLPs,
+routed and shared experts; the LM head unless turned off) are stored quantized with the shared math of
+`ernie_serve.quantization` and multiplied by onnxruntime's contrib kernels (domain `com.microsoft`, so such a graph
+is for onnxruntime only; TensorRT builds from the float graph):
+  wint4  `MatMulNBits` bits=4, accuracy_level=4: codes `q + 8` two per byte along K (low nibble first) in
+         `[N, K/block, block/2]`, scales `[N * K/block]`, no zero-point input (its default is 8, our codes'
+         offset: symmetric). block = the group size (64/128); one scale per output channel (group size -1)
+         becomes block 128 with each row's one scale repeated over its blocks, which is the same weight
+         (the op takes power-of-two blocks of 16 or more, not one block of K). accuracy_level=4 lets the kernel
+         quantize the activations to int8 per block: not weight-only (docs/quantization.md has its accuracy).
+  wint8  `DynamicQuantizeMatMul`: codes `q + 128` as uint8 `[K, N]`, zero point 128 and one scale per output
+         channel. It quantizes the activations to uint8 per call: W8A8-dynamic, not weight-only. Unsigned
+         weights take onnxruntime's u8u8 path, which does not saturate on AVX2, so the 8-bit codes stay whole
+         (with int8 weights the u8s8 path saturates unless the codes are cut to 7 bits).
+
 Legend: B sequences in the batch, S new tokens per sequence (right-padded), P cached tokens per sequence
 (right-padded), H hidden, Q query heads, K key/value heads, G = Q / K, D head dim, E routed experts, k experts
 per token, I intermediate size, V vocab, T = B * S token rows, n tokens routed to one expert.
@@ -40,6 +55,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from ernie_serve.logging import progress
+from ernie_serve.quantization import QuantSpec, is_quantized_tensor, quantize
 
 if TYPE_CHECKING:
     import onnx
@@ -53,6 +69,8 @@ MASKED = -1e9  # finite, so a fully masked row softmaxes to finite values instea
 # Tensors at least this large go to the external data file (small ones stay inline in model.onnx).
 EXTERNAL_THRESHOLD = 1024
 _ALIGN = 4096  # external tensors start at page boundaries, so onnxruntime can map them
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: the quantized kernels
+PER_CHANNEL_BLOCK = 128  # MatMulNBits block for one scale per output channel (the scale repeated per block)
 
 INPUT_IDS, POSITION_IDS, ATTENTION_BIAS, LOGITS_INDEX, LOGITS = (
     "input_ids",
@@ -78,13 +96,63 @@ def _np(tensor: Any) -> np.ndarray:
     return np.asarray(tensor, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class GraphQuantization:
+    """`--quantization` for the graph: the scheme and grouping, and whether the LM head is quantized too."""
+
+    spec: QuantSpec
+    lm_head: bool = True  # a tied head becomes a quantized copy; the embedding stays float32
+
+    # MatMulNBits' accuracy_level: 4 lets it quantize activations to int8 per block (the fast kernels); 0
+    # computes in float32 with the dequantized weights (exact, several times slower: for tests)
+    accuracy_level: int = 4
+
+    def block_size(self) -> int:
+        """MatMulNBits' block along K (wint4)."""
+        return self.spec.group_size or PER_CHANNEL_BLOCK
+
+    def matmul_nbits_attributes(self, k: int, n: int) -> dict[str, int]:
+        return {"K": k, "N": n, "bits": 4, "block_size": self.block_size(), "accuracy_level": self.accuracy_level}
+
+
+def matmul_nbits_inputs(weight: np.ndarray, quant: GraphQuantization) -> tuple[np.ndarray, np.ndarray]:
+    """wint4 `weight` [N, K] as MatMulNBits' B (uint8 `[N, blocks, block / 2]`: codes `q + 8`, two a byte along
+    K, low nibble first, the last block padded with code 0) and scales (float32 `[N * blocks]`); no zero points
+    (the op's default, 8, is the codes' offset). One scale per row (group size 0) is repeated over its blocks."""
+    import torch
+
+    spec = quant.spec
+    n, k = weight.shape
+    codes, scales = quantize(torch.from_numpy(weight), spec)  # [N, K] int8, [N, G] float32
+    block = quant.block_size()
+    blocks = -(-k // block)
+    if spec.group_size == 0:
+        scales = scales.expand(n, blocks)
+    padded = torch.nn.functional.pad(codes, (0, blocks * block - k))  # [N, blocks * block]
+    unsigned = (padded.to(torch.int16) + 8).to(torch.uint8)  # [N, blocks * block] in 1..15
+    packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(n, blocks, block // 2)
+    return packed.numpy(), scales.reshape(-1).numpy()
+
+
+def dynamic_quantize_matmul_inputs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """wint8 `weight` [N, K] as DynamicQuantizeMatMul's B (uint8 `[K, N]`, codes `q + 128`), b_scale (float32
+    `[N]`, one per output channel) and b_zero_point (uint8 `[N]`, all 128)."""
+    import torch
+
+    codes, scales = quantize(torch.from_numpy(weight), QuantSpec("wint8"))  # [N, K] int8, [N, 1]
+    unsigned = (codes.t().to(torch.int16) + 128).to(torch.uint8)  # [K, N] in 1..255
+    return unsigned.numpy(), scales[:, 0].numpy(), np.full(weight.shape[0], 128, np.uint8)
+
+
 @dataclass
 class GraphStats:
     """What `build_graph` produced, for the export summary."""
 
     num_nodes: int = 0
-    num_parameters: int = 0
+    num_parameters: int = 0  # weights, quantized ones counted by their logical [N, K] elements
     external_bytes: int = 0
+    quantized_bytes: int = 0  # codes and scales of the quantized weights
+    full_precision_bytes: int = 0  # every float32 weight (embeddings, norms, router, unquantized head)
     op_counts: Counter[str] = field(default_factory=Counter)
 
 
@@ -119,19 +187,26 @@ class _Builder:
         self.initializers.append(self.numpy_helper.from_array(array, name))
         return name
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A model weight: counted as a parameter, written to the external data file when large."""
-        from onnx import TensorProto
+    def weight(self, name: str, array: np.ndarray, parameters: int | None = None) -> str:
+        """A model weight: counted as a parameter, written to the external data file when large. float32,
+        or, for quantized weights' codes, uint8 (`parameters` then says how many weights it stands for, and
+        the bytes count as quantized)."""
+        from onnx import TensorProto, helper
 
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        self.stats.num_parameters += array.size
+        array = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == np.uint8 else np.float32)
+        if parameters is None:
+            self.stats.num_parameters += array.size
+            self.stats.full_precision_bytes += array.nbytes
+        else:
+            self.stats.num_parameters += parameters
+            self.stats.quantized_bytes += array.nbytes
         if self.data_file is None or array.nbytes < EXTERNAL_THRESHOLD:
             self.initializers.append(self.numpy_helper.from_array(array, name))
             return name
         offset = -self.data_file.tell() % _ALIGN + self.data_file.tell()
         self.data_file.seek(offset)
         self.data_file.write(array.tobytes())
-        proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
         for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):
             proto.external_data.add(key=key, value=str(value))
         proto.data_location = TensorProto.EXTERNAL
@@ -143,8 +218,10 @@ class _Builder:
 class _ErnieGraph:
     """Emits the forward pass layer by layer; initializer names follow the checkpoint's."""
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, Any], b: _Builder) -> None:
-        self.config, self.weights, self.b = config, weights, b
+    def __init__(
+        self, config: ModelConfig, weights: Mapping[str, Any], b: _Builder, quant: GraphQuantization | None = None
+    ) -> None:
+        self.config, self.weights, self.b, self.quant = config, weights, b, quant
         self.q_heads, self.kv_heads, self.head_dim = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -175,10 +252,35 @@ class _ErnieGraph:
         output), with W stored transposed ([in, out]) so MatMul reads it directly; bias when the checkpoint
         has one. `name` names the fused initializer."""
         b = self.b
-        y = b.op("MatMul", x, b.weight(f"{name}.weight", self.w(*(f"{p}.weight" for p in parts)).T))
+        weight = self.w(*(f"{p}.weight" for p in parts))  # [out, in]
+        if self.quant is not None and is_quantized_tensor(f"{parts[0]}.weight"):
+            y = self.quantized_matmul(x, name, weight)
+        else:
+            y = b.op("MatMul", x, b.weight(f"{name}.weight", weight.T))
         if self.has(f"{parts[0]}.bias"):
             y = b.op("Add", y, b.weight(f"{name}.bias", self.w(*(f"{p}.bias" for p in parts))))
         return y
+
+    def quantized_matmul(self, x: str, name: str, weight: np.ndarray) -> str:
+        """`x @ W^T` [.., K] -> [.., N] with `weight` [N, K] stored quantized (see the module docstring).
+        Rows are quantized independently, so quantizing a fused weight equals quantizing its parts."""
+        assert self.quant is not None
+        b, quant = self.b, self.quant
+        n, k = weight.shape
+        if quant.spec.bits == 8:
+            codes, scales, zero_point = dynamic_quantize_matmul_inputs(weight)
+            inputs = [
+                b.weight(f"{name}.qweight", codes, parameters=n * k),  # [K, N]
+                b.weight(f"{name}.scales", scales, parameters=0),  # [N]
+                b.weight(f"{name}.zero_point", zero_point, parameters=0),  # [N]
+            ]
+            return b.op("DynamicQuantizeMatMul", x, *inputs, domain=MS_DOMAIN)
+        packed, scales = matmul_nbits_inputs(weight, quant)
+        inputs = [
+            b.weight(f"{name}.qweight", packed, parameters=n * k),  # [N, blocks, block / 2]
+            b.weight(f"{name}.scales", scales, parameters=0),  # [N * blocks]
+        ]
+        return b.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, **quant.matmul_nbits_attributes(k, n))
 
     def swiglu(self, x: str, prefix: str) -> str:
         """`down(silu(gate(x)) * up(x))` of the MLP at checkpoint `prefix`, gate and up fused in one MatMul.
@@ -320,25 +422,35 @@ class _ErnieGraph:
         index = b.op("Unsqueeze", LOGITS_INDEX, self.axis_last)  # [B, 1]
         last = b.op("GatherND", x, index, batch_dims=1)  # [B, H]
         last = self.rmsnorm(last, "model.norm.weight")
-        head = embed if c.tie_word_embeddings else b.weight("lm_head.weight", self.w("lm_head.weight"))
-        b.op("Gemm", last, head, transB=1, name=LOGITS)  # [B, V]
+        head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        if self.quant is not None and self.quant.lm_head:  # a tied head: a quantized copy of the embedding
+            b.op("Identity", self.quantized_matmul(last, "lm_head", self.w(head_name)), name=LOGITS)  # [B, V]
+        else:
+            head = embed if c.tie_word_embeddings else b.weight("lm_head.weight", self.w("lm_head.weight"))
+            b.op("Gemm", last, head, transB=1, name=LOGITS)  # [B, V]
         return inputs, outputs
 
 
 def build_graph(
-    config: ModelConfig, weights: Mapping[str, Any], data_file: BinaryIO | None = None, data_location: str = ""
+    config: ModelConfig,
+    weights: Mapping[str, Any],
+    data_file: BinaryIO | None = None,
+    data_location: str = "",
+    quant: GraphQuantization | None = None,
 ) -> tuple[onnx.ModelProto, GraphStats]:
     """The whole model as an ONNX `ModelProto`. `weights` maps checkpoint names to tensors or arrays (every
     name `checkpoint_targets()` yields; `lm_head.weight` only when untied). With `data_file`, weights of at
-    least `EXTERNAL_THRESHOLD` bytes are streamed there (named `data_location` relative to the model file)."""
+    least `EXTERNAL_THRESHOLD` bytes are streamed there (named `data_location` relative to the model file).
+    With `quant`, the projections are stored quantized (see the module docstring)."""
     from onnx import helper
 
     builder = _Builder(data_file, data_location)
-    inputs, outputs = _ErnieGraph(config, weights, builder).build()
+    inputs, outputs = _ErnieGraph(config, weights, builder, quant).build()
     graph = helper.make_graph(builder.nodes, "ernie4_5", inputs, outputs, initializer=builder.initializers)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if quant else [])
     proto = helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
+        opset_imports=opsets,
         producer_name="ernie-serve",
         producer_version=GRAPH_VERSION,
     )
@@ -348,7 +460,11 @@ def build_graph(
 
 
 def save_graph(
-    config: ModelConfig, weights: Mapping[str, Any], out_dir: str | os.PathLike[str], name: str = "model.onnx"
+    config: ModelConfig,
+    weights: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    name: str = "model.onnx",
+    quant: GraphQuantization | None = None,
 ) -> GraphStats:
     """Write `name` and its external weights `name.data` into `out_dir` (see `build_graph`)."""
     import onnx
@@ -357,7 +473,7 @@ def save_graph(
     out.mkdir(parents=True, exist_ok=True)
     data_name = f"{name}.data"
     with open(out / data_name, "wb") as data_file:
-        proto, stats = build_graph(config, weights, data_file, data_name)
+        proto, stats = build_graph(config, weights, data_file, data_name, quant)
     if stats.external_bytes == 0:
         (out / data_name).unlink()
     onnx.save_model(proto, str(out / name))

@@ -29,8 +29,10 @@ def test_availability_names_the_extra_when_onnxruntime_is_missing(monkeypatch) -
 def test_capabilities_and_options_are_declared_on_the_class() -> None:
     assert OnnxBackend.capabilities.prefix_caching is False  # one cache per request
     assert OnnxBackend.capabilities.devices == ("cpu", "cuda")
-    assert OnnxBackend.capabilities.quantization == () and not OnnxBackend.capabilities.tensor_parallel
-    assert OnnxBackend.options_class is OnnxOptions and set(OnnxOptions.model_fields) == {"onnx_providers"}
+    assert OnnxBackend.capabilities.quantization == ("wint8", "wint4")
+    assert not OnnxBackend.capabilities.tensor_parallel
+    assert OnnxBackend.options_class is OnnxOptions
+    assert set(OnnxOptions.model_fields) == {"onnx_providers", "onnx_quantize_lm_head"}
 
 
 def test_provider_option_splits_commas_from_flags_and_env(monkeypatch) -> None:
