@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
+from ernie_serve.backends.torch.malloc import pin_mmap_threshold
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
 from ernie_serve.core.backend import (
     Backend,
@@ -114,6 +115,8 @@ class TorchBackend(Backend):
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
+            # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
+            pin_mmap_threshold()
 
     @property
     def weight_bytes(self) -> dict[str, int]:
