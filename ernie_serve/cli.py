@@ -657,6 +657,12 @@ def _add_bench_soak(bench_sub: Any) -> None:
         "--warmup-minutes", type=float, default=None, help="RSS growth counts from here (default: 20%%, at most 5)"
     )
     bench.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=None,
+        help="instead: RSS growth counts once this many requests finished, over at least as many more",
+    )
+    bench.add_argument(
         "--sample-interval", type=float, default=None, help="seconds between RSS samples (default: about 60 samples)"
     )
     _add_random_prompt_flags(bench, input_len=128, output_len=64, range_ratio=0.5, seed_of="the clients' choices")
@@ -681,6 +687,7 @@ def _cmd_bench_soak(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             abort_fraction=args.abort_fraction,
             warmup_minutes=args.warmup_minutes,
+            warmup_requests=args.warmup_requests,
             sample_interval=args.sample_interval,
             input_len=args.random_input_len,
             output_len=args.random_output_len,

@@ -14,6 +14,13 @@ A request is *done* when its stream ended with `[DONE]`, *aborted* when the clie
 non-zero so CI can run it as is: no failed request, RSS growth below `max_rss_growth_pct` from the first sample
 after the warm-up to the last sample under load, and KV usage back to 0 once idle.
 
+The warm-up is a time (`warmup_minutes`) or a number of finished requests (`warmup_requests`). A server's
+memory warms up with the requests it serves, not with time: the CPU backend's kernels are built once per step
+shape, and the shapes come with requests. On a busy machine a time covers too few requests to judge growth by,
+so a count is the measure to prefer. With a count, the RSS check also needs the run after the warm-up to
+serve at least as many requests again (growth over N requests after N); a run too short for that fails the
+check rather than skip it.
+
 The server is either started by the command (`--model`: `ernie-serve serve` in a subprocess on a free port,
 stopped with SIGTERM at the end) or already running (`--base-url`, with `--server-pid` for RSS).
 """
@@ -62,7 +69,8 @@ class SoakConfig:
     minutes: float = 30.0
     concurrency: int = 32
     abort_fraction: float = 0.1
-    warmup_minutes: float | None = None  # None: 20% of the run, at most 5 minutes
+    warmup_minutes: float | None = None  # None: 20% of the run, at most 5 minutes (unless warmup_requests)
+    warmup_requests: int | None = None  # the warm-up ends once this many requests finished, at any time
     sample_interval: float | None = None  # seconds; None: the run split into about 60 samples, 1..30 s
     input_len: int = 128
     output_len: int = 64
@@ -86,6 +94,10 @@ class SoakConfig:
             raise ValueError("--random-input-len and --random-output-len must be at least 1")
         if self.warmup_minutes is not None and not 0 <= self.warmup_minutes < self.minutes:
             raise ValueError("--warmup-minutes must be in [0, --minutes)")
+        if self.warmup_requests is not None and self.warmup_minutes is not None:
+            raise ValueError("--warmup-minutes and --warmup-requests cannot be used together")
+        if self.warmup_requests is not None and self.warmup_requests < 0:
+            raise ValueError("--warmup-requests must be at least 0")
         if self.sample_interval is not None and self.sample_interval <= 0:
             raise ValueError("--sample-interval must be positive")
         # checked here rather than at the first request, so a bad flag is one line before anything starts
@@ -97,6 +109,9 @@ class SoakConfig:
 
     @property
     def warmup_s(self) -> float:
+        """The time warm-up in seconds (0 when it is counted in requests)."""
+        if self.warmup_requests is not None:
+            return 0.0
         if self.warmup_minutes is not None:
             return self.warmup_minutes * 60
         return min(0.2 * self.duration_s, 300.0)
@@ -124,13 +139,15 @@ class StreamResult:
 
 @dataclass
 class Sample:
-    """The server at one moment: seconds since the start, RSS in MiB (None: not measured), /metrics gauges."""
+    """The server at one moment: seconds since the start, RSS in MiB (None: not measured), /metrics gauges,
+    and how many requests had finished (any outcome) by then."""
 
     t: float
     rss_mib: float | None
     kv_cache_usage: float | None
     running: float | None
     waiting: float | None
+    requests_finished: int = 0
 
 
 class _StreamFailure(Exception):
@@ -307,8 +324,10 @@ async def _sampler(
     stop_at: float,
     interval: float,
     samples: list[Sample],
+    results: list[StreamResult],
 ) -> None:
-    """RSS and gauges every `interval` seconds until `stop_at`, ticking the progress bar once a second."""
+    """RSS and gauges every `interval` seconds until `stop_at`, ticking the progress bar once a second;
+    `results` is the clients' list of finished requests, counted at each sample."""
     ticks = progress(range(int(stop_at - start) + 1), "soak", total=int(stop_at - start) + 1, unit="s")
     next_sample = start
     while True:
@@ -322,6 +341,7 @@ async def _sampler(
                     kv_cache_usage=metrics.get("kv_cache_usage_perc"),
                     running=metrics.get("num_requests_running"),
                     waiting=metrics.get("num_requests_waiting"),
+                    requests_finished=len(results),
                 )
             )
             next_sample += interval
@@ -375,7 +395,7 @@ async def run_soak(base_url: str, pid: int | None, config: SoakConfig) -> dict[s
             for i in range(config.concurrency)
         ]
         try:
-            await _sampler(probe, base_url, pid, start, stop_at, config.interval_s, samples)
+            await _sampler(probe, base_url, pid, start, stop_at, config.interval_s, samples, results)
             await asyncio.gather(*clients)  # the streams in flight run to their end
         finally:  # Ctrl-C or an error: leave no request running
             for task in clients:
@@ -424,16 +444,33 @@ def summarize(
     output_tokens = sum(r.output_tokens for r in done)
 
     # RSS growth is measured under load on both ends (first sample after the warm-up, last before the clients
-    # stopped), so it compares like with like; the allocator's growth while warming up is excluded on purpose.
+    # stopped), so it compares like with like; the memory the server builds up while warming up (kernels per
+    # step shape, see the module docstring) is excluded on purpose.
     measured = [s for s in samples if s.rss_mib is not None]
-    after_warmup = [s for s in measured if s.t >= config.warmup_s]
+    after_warmup = [
+        s
+        for s in measured
+        if s.t >= config.warmup_s and (config.warmup_requests is None or s.requests_finished >= config.warmup_requests)
+    ]
     rss: dict[str, Any] = {"measured": bool(measured)}
+    if measured and not after_warmup:
+        rss["error"] = "the warm-up never ended: no RSS sample after it"
+    elif after_warmup and config.warmup_requests is not None:
+        window = after_warmup[-1].requests_finished - after_warmup[0].requests_finished
+        if window < max(config.warmup_requests, 1):
+            rss["error"] = (
+                f"too short after the warm-up: {window} requests finished, fewer than the warm-up's "
+                f"{config.warmup_requests}"
+            )
     if after_warmup:
         first, last = after_warmup[0].rss_mib, after_warmup[-1].rss_mib
         peak = max(s.rss_mib for s in after_warmup)  # type: ignore[type-var]
         assert first is not None and last is not None
         rss.update(
             start_mib=measured[0].rss_mib,
+            warmup_end_s=after_warmup[0].t,
+            warmup_end_requests=after_warmup[0].requests_finished,
+            window_requests=after_warmup[-1].requests_finished - after_warmup[0].requests_finished,
             first_after_warmup_mib=first,
             max_mib=peak,
             last_mib=last,
@@ -449,7 +486,10 @@ def summarize(
     kv_end = metrics_after.get("kv_cache_usage_perc")
     checks = {
         "no_failures": not failed,
-        "rss_growth_ok": (rss["growth_pct"] < config.max_rss_growth_pct) if "growth_pct" in rss else None,
+        # None (not measured: no pid) does not fail the run; a warm-up that never ended does
+        "rss_growth_ok": (rss["growth_pct"] < config.max_rss_growth_pct and "error" not in rss)
+        if "growth_pct" in rss
+        else (False if measured else None),
         "kv_back_to_zero": kv_end == 0,
         "idle_at_end": metrics_after.get("num_requests_running") == 0
         and metrics_after.get("num_requests_waiting") == 0,
@@ -509,11 +549,17 @@ def format_report(summary: dict[str, Any]) -> str:
     rss = summary["rss"]
     if "growth_pct" in rss:
         row("at start:", rss["start_mib"])
+        row("warm-up ended at (s / requests):", f"{rss['warmup_end_s']:.0f} / {rss['warmup_end_requests']}")
         row("first after warm-up:", rss["first_after_warmup_mib"])
         row("max after warm-up:", rss["max_mib"])
         row("last under load:", rss["last_mib"])
         row("idle at the end:", rss["idle_mib"])
+        row("requests after warm-up:", rss["window_requests"])
         row("growth after warm-up (%):", rss["growth_pct"])
+        if "error" in rss:
+            lines.append(rss["error"])
+    elif "error" in rss:
+        lines.append(rss["error"])
     else:
         lines.append("not measured (no server pid)")
     lines.append(f"{' At the end ':-^{width}}")

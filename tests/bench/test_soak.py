@@ -61,6 +61,33 @@ def test_summary_checks_and_report() -> None:
     assert "error: _StreamFailure: the stream ended without [DONE]" in report
 
 
+def _rss_check(config: SoakConfig, samples: list[Sample]) -> tuple[dict, bool | None]:
+    after = {"kv_cache_usage_perc": 0.0, "num_requests_running": 0.0, "num_requests_waiting": 0.0}
+    summary = summarize(
+        config, [], samples, duration=1.0, metrics_before={}, metrics_after=after, idle_wait_s=0.0, rss_idle_mib=None
+    )
+    return summary["rss"], summary["checks"]["rss_growth_ok"]
+
+
+def test_warmup_counted_in_requests() -> None:
+    config = SoakConfig(minutes=1, warmup_requests=10)
+    assert config.warmup_s == 0.0
+    # (t, rss, requests finished): the warm-up ends at the first sample with 10 done, whatever its time
+    points = ((0.0, 50.0, 0), (5.0, 90.0, 4), (10.0, 100.0, 12), (20.0, 104.0, 20), (30.0, 108.0, 25))
+    samples = [Sample(t, rss, 0.0, 0.0, 0.0, n) for t, rss, n in points]
+    rss, ok = _rss_check(config, samples)
+    assert (rss["warmup_end_s"], rss["warmup_end_requests"], rss["window_requests"]) == (10.0, 12, 13)
+    assert rss["growth_pct"] == pytest.approx(8.0) and ok is True
+    # the same growth over fewer requests after the warm-up than in it fails, rather than pass on too little
+    rss, ok = _rss_check(config, samples[:-1])
+    assert rss["window_requests"] == 8 and ok is False and "too short" in rss["error"]
+    # a warm-up that never ended fails too; no RSS at all (no pid) is not measured
+    rss, ok = _rss_check(config, samples[:2])
+    assert ok is False and "never ended" in rss["error"]
+    _, ok = _rss_check(config, [Sample(0.0, None, 0.0, 0.0, 0.0, 30)])
+    assert ok is None
+
+
 def test_soak_two_minutes(
     bench_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -104,3 +131,5 @@ def test_bad_flags_are_one_line_usage_errors(capsys: pytest.CaptureFixture[str])
     assert capsys.readouterr().err.strip() == "ernie-serve: error: --abort-fraction must be in [0, 1]"
     assert main(["bench", "soak", "--model", "unused", "--minutes", "1", "--warmup-minutes", "1"]) == 2
     assert "--warmup-minutes" in capsys.readouterr().err
+    assert main(["bench", "soak", "--model", "unused", "--warmup-minutes", "1", "--warmup-requests", "5"]) == 2
+    assert "cannot be used together" in capsys.readouterr().err
