@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time schedule() + update() (no model) with 1..512 requests decoding.",
     )
     _add_log_level(scheduler_bench)
+    quant_bench = bench_sub.add_parser(
+        "quantization",
+        help="--quantization's accuracy and memory (torch backend), or the low-bit kernels' speed",
+        description="Teacher-forced top-1 agreement and mean KL of each quantized variant against float32 on the "
+        "CPU benchmark model and the tiny shapes, and weight bytes against float32 (docs/quantization.md). "
+        "With --kernels: every matmul kernel for float32, int8 and int4 weights, timed side by side.",
+    )
+    quant_bench.add_argument("--sequences", type=int, default=16, help="sequences per model (default: 16)")
+    quant_bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
+    quant_bench.add_argument("--skip-tiny", action="store_true", help="the benchmark model only")
+    quant_bench.add_argument("--kernels", action="store_true", help="time the matmul kernels instead")
+    quant_bench.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    _add_log_level(quant_bench)
 
     export = sub.add_parser("export", help="export a model for another runtime", description="Export a model.")
     export_sub = export.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
@@ -211,6 +224,12 @@ def _add_bench_throughput(bench_sub: Any) -> None:
         help="engine --load-format; dummy = random weights, needed for presets (default: auto)",
     )
     bench.add_argument(
+        "--quantization",
+        default="none",
+        help="engine --quantization; several, comma-separated ('none' for full precision), each a system of every "
+        "backend, compared in one run, e.g. none,wint8,wint4 (default: none)",
+    )
+    bench.add_argument(
         "--rounds", type=int, default=1, help="runs of the workload per system, taking turns; medians (default: 1)"
     )
     bench.add_argument(
@@ -245,6 +264,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
         config = ThroughputConfig(
             model=args.model,
             backends=tuple(b.strip() for b in args.backend.split(",") if b.strip()),
+            quantizations=tuple(None if q.strip() == "none" else q.strip() for q in args.quantization.split(",")),
             num_requests=args.num_requests,
             input_len=args.input_len,
             output_len=args.output_len,
@@ -379,6 +399,17 @@ def _main(argv: Sequence[str] | None) -> int:
             return scheduler_main()
         if args.bench_command == "soak":
             return _cmd_bench_soak(args)
+        if args.bench_command == "quantization":
+            from ernie_serve.bench.quantization import main as quantization_main
+
+            configure_logging("console", args.log_level)
+            return quantization_main(
+                num_sequences=args.sequences,
+                length=args.length,
+                include_tiny=not args.skip_tiny,
+                kernels=args.kernels,
+                threads=args.threads,
+            )
         return _cmd_bench_serve(args)
     if args.command == "export":
         configure_logging("console", args.log_level)

@@ -54,7 +54,13 @@ class TorchOptions(BackendOptions):
     cpu_weight_prepack: bool = Field(
         True,
         description="torch backend on CPU: keep oneDNN-repacked copies of the weights for steps of several tokens "
-        "(1.5-3x faster there; about twice the weight memory; with wint8, fbgemm int8 copies instead)",
+        "(1.5-3x faster there; about twice the weight memory; quantized weights: see --int8-activations)",
+    )
+    int8_activations: bool = Field(
+        False,
+        description="torch backend with --quantization wint8 on CPU: multiply by fbgemm's int8 GEMM (a copy of "
+        "the int8 weights), which also quantizes activations per call: W8A8-dynamic, not weight-only, faster, less "
+        "accurate, and a request's result then depends on its batch; needs --cpu-weight-prepack",
     )
     quantize_lm_head: bool = Field(
         True,
@@ -93,7 +99,11 @@ class TorchBackend(Backend):
         quant = {}
         if settings.quantization:  # only then: a plugin model class need not take these keywords
             spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
-            quant = {"quantization": spec, "quantize_lm_head": options.quantize_lm_head}
+            quant = {
+                "quantization": spec,
+                "quantize_lm_head": options.quantize_lm_head,
+                "int8_activations": options.int8_activations and options.cpu_weight_prepack,
+            }
             log.info("quantizing weights while loading", scheme=spec.describe(), lm_head=options.quantize_lm_head)
         # quantized layers are built quantized and filled tensor by tensor: no full-precision copy ever exists
         self.model = model_cls(model_config, self.dtype, self.device, **quant).eval()

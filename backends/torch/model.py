@@ -157,7 +157,7 @@ def project(
     decision with their own kernels (`QuantMatrix.row_sums` / `.matmul`)."""
     if not isinstance(weight, torch.Tensor):
         matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
-        if sums_weight_rows(x):
+        if sums_weight_rows(x) and matrix.packed is None:  # fbgemm's int8 GEMM also wins at one row
             out = matrix.row_sums(x, split_bags(matrix.in_features))  # [1, out]
         else:
             out = matrix.matmul(x)  # [T, out]
@@ -385,7 +385,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, H] -> residual + [T, H]
         experts, weights = self.route(x)
-        if sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
+        # (with fbgemm int8 GEMM copies, every step takes the grouped path: at one row they beat the row sums)
+        int8_gemm = self.quantized and self.expert_weights[0][0].packed is not None  # type: ignore[union-attr]
+        if not int8_gemm and sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
             few_tokens = self._forward_few_tokens_quantized if self.quantized else self._forward_few_tokens
             out = few_tokens(x, experts, weights, residual)
         else:
@@ -503,10 +505,12 @@ class ErnieForCausalLM(nn.Module):
         device: torch.device,
         quantization: QuantSpec | None = None,
         quantize_lm_head: bool = False,
+        int8_activations: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.quantization = quantization
+        self.int8_activations = int8_activations  # wint8 products by fbgemm's W8A8 GEMM (prepare_for_inference)
         self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, dtype, device, quantization) for i in range(config.num_hidden_layers)
@@ -557,9 +561,11 @@ class ErnieForCausalLM(nn.Module):
         single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
         bytes the copies take (0 elsewhere)."""
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
+        if self.quantization is not None and not self.int8_activations:
+            packable = []  # every projection is quantized, and weight-only kernels need no copy
         extra = sum(m.pack_weights() for m in progress(packable, "repacking weights", unit="module"))
         if self.lm_head_quantized is not None:
-            return extra + self.lm_head_quantized.pack_for_gemm()
+            return extra + (self.lm_head_quantized.pack_for_gemm() if self.int8_activations else 0)
         assert self.lm_head_weight is not None
         self.lm_head_packed = onednn_pack(self.lm_head_weight)
         return extra + packed_bytes(self.lm_head_packed)

@@ -80,7 +80,7 @@ class QuantMatrix:
         if self.packed is not None:
             # reduce_range: 7-bit activations, so AVX2's 16-bit pairwise products cannot saturate
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-        return torch.mm(x, self.dequantize())
+        return torch.mm(x, self.dequantize().to(x.dtype))  # on a GPU: bfloat16, no custom kernel yet
 
     def dequantize(self) -> torch.Tensor:
         """The float32 `[in, out]` weight this matrix stands for."""
@@ -104,7 +104,7 @@ class QuantMatrix:
     def pack_for_gemm(self) -> int:
         """Make the fbgemm int8 copy for several rows (wint8 only; the int4 schemes have no int4 GEMM here that
         beats dequantizing). Returns the bytes it takes (estimated: fbgemm does not report them)."""
-        if self.spec.bits != 8:
+        if self.spec.bits != 8 or self.rows.device.type != "cpu":  # fbgemm is CPU-only
             return 0
         codes = self.codes().t().to(torch.int8).contiguous()  # [out, in]
         scales = self.scales[0].double()  # [out]

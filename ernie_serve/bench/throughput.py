@@ -48,7 +48,8 @@ class ThroughputConfig:
     """One `bench throughput` run; the CLI builds it from its flags."""
 
     model: str | None = None  # checkpoint directory, "demo" or a preset; None: the ~70M CPU benchmark model
-    backends: tuple[str, ...] = ("torch",)  # ernie-serve backends, each one system
+    backends: tuple[str, ...] = ("torch",)  # ernie-serve backends, each one system (per quantization)
+    quantizations: tuple[str | None, ...] = (None,)  # `--quantization` of each backend's systems; None: none
     num_requests: int = 48
     input_len: int | None = None  # with output_len: fixed lengths (vLLM's random dataset), else the mixed one
     output_len: int | None = None
@@ -78,6 +79,13 @@ class ThroughputConfig:
                 )
         if not self.backends or len(set(self.backends)) != len(self.backends):
             raise ValueError(f"--backend must name distinct backends, got {','.join(self.backends)!r}")
+        if not self.quantizations or len(set(self.quantizations)) != len(self.quantizations):
+            raise ValueError("--quantization must name distinct schemes")
+
+    @property
+    def systems(self) -> list[str]:
+        """The ernie-serve systems compared: each backend, once per quantization ("torch", "torch wint8")."""
+        return [f"{b} {q}" if q else b for b in self.backends for q in self.quantizations]
 
 
 @dataclass
@@ -106,9 +114,11 @@ class BenchmarkError(RuntimeError):
 # ----- running the engine -----
 
 
-def engine_settings(config: ThroughputConfig, backend: str) -> EngineSettings:
-    """The settings of `backend`'s engine for this run."""
-    return EngineSettings(model=checkpoint_of(config), backend=backend, **config.engine_settings)
+def engine_settings(config: ThroughputConfig, system: str) -> EngineSettings:
+    """The settings of the engine of `system` (a backend, or "backend scheme") for this run."""
+    backend, _, quantization = system.partition(" ")
+    given = dict(config.engine_settings, quantization=quantization or None)
+    return EngineSettings(model=checkpoint_of(config), backend=backend, **given)
 
 
 def checkpoint_of(config: ThroughputConfig) -> str:
@@ -262,7 +272,7 @@ def run(
     last_outputs: dict[str, list[Any]] = {}
     results: list[ThroughputResult] = []
     try:
-        for backend in config.backends:
+        for backend in config.systems:
             started = time.perf_counter()
             engines[backend] = Engine(engine_settings(config, backend))
             startup[backend] = time.perf_counter() - started
@@ -307,7 +317,7 @@ def run(
         for engine in engines.values():
             engine.close()
     if config.decode_repeats:
-        for backend, result in zip(config.backends, results[: len(config.backends)], strict=True):
+        for backend, result in zip(config.systems, results[: len(config.systems)], strict=True):
             result.decode_tok_s = single_request_decode(engine_settings(config, backend), config.decode_repeats)
     return workload, results
 
@@ -357,13 +367,25 @@ def main(config: ThroughputConfig, output_json: str | None = None) -> int:
     if len(engines) == 2:
         a, b = engines
         summary["backend_ratio"] = a.tokens_per_second / b.tokens_per_second
-        print(f"{config.backends[0]} / {config.backends[1]} throughput: {summary['backend_ratio']:.2f}x")
+        print(f"{config.systems[0]} / {config.systems[1]} throughput: {summary['backend_ratio']:.2f}x")
     if config.decode_repeats:
         summary["single_request_decode_tok_s"] = engines[0].decode_tok_s
         for r in engines:
             print(f"single-request decode ({r.system}, median of {config.decode_repeats}): {r.decode_tok_s:.1f} tok/s")
+    if len(config.quantizations) > 1:  # each system against its backend's first (e.g. float32)
+        firsts = {system.split(" ")[0]: i for i, system in reversed(list(enumerate(config.systems)))}
+        for system, r in zip(config.systems, engines, strict=True):
+            first = firsts[system.split(" ")[0]]
+            base = engines[first]
+            if r is base:
+                continue
+            ratio = r.tokens_per_second / base.tokens_per_second
+            line = f"{system} / {config.systems[first]}: throughput {ratio:.2f}x"
+            if r.decode_tok_s and base.decode_tok_s:
+                line += f", single-request decode {r.decode_tok_s / base.decode_tok_s:.2f}x"
+            print(line)
     if config.profile:
-        settings = engine_settings(config, config.backends[0])
+        settings = engine_settings(config, config.systems[0])
         summary["profile"] = profile_breakdown(settings, workload)
         _print_breakdown("the workload", summary["profile"])
         summary["decode_profile"] = profile_breakdown(settings, [SINGLE_DECODE_REQUEST])

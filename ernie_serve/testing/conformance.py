@@ -113,6 +113,12 @@ class BackendConformance:
     `engine_settings` are extra `LLM(...)` keyword arguments (e.g. `device="cuda"`); they override
     `ENGINE_SETTINGS`. `checkpoints`, when given, maps a shape name to an existing bfloat16 tiny checkpoint
     (e.g. a session fixture's), instead of building one into `workdir`.
+
+    With `quantization` among them, the reference is transformers on a copy of each checkpoint whose quantized
+    tensors hold what the quantized model computes with (`write_dequantized_checkpoint`; the LM head too
+    unless `quantize_lm_head=False`): a weight-only backend must then match it as a float32 one does.
+    `approximate` says the backend rounds more than float32 does (bfloat16/float16 compute, the default for
+    those dtypes, or activations quantized per call as W8A8 kernels do): the near-tie tolerances then apply.
     """
 
     def __init__(
@@ -120,13 +126,14 @@ class BackendConformance:
         backend: str,
         workdir: str | Path | None = None,
         checkpoints: Callable[[str], Path] | None = None,
+        approximate: bool | None = None,
         **engine_settings: Any,
     ) -> None:
         self.backend = backend
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ernie-conformance-"))
         self._checkpoint_factory = checkpoints
         self.engine_settings = {**ENGINE_SETTINGS, **engine_settings}
-        reduced = self.engine_settings.get("dtype") in ("bfloat16", "float16")
+        reduced = self.engine_settings.get("dtype") in ("bfloat16", "float16") if approximate is None else approximate
         self.logprob_tolerance, self.batch_logprob_tolerance = (
             REDUCED_PRECISION_TOLERANCES if reduced else (LOGPROB_TOLERANCE, BATCH_LOGPROB_TOLERANCE)
         )
@@ -161,8 +168,22 @@ class BackendConformance:
         if shape not in self._references:
             from ernie_serve.testing.checkpoints import load_reference
 
-            self._references[shape] = load_reference(self.checkpoint(shape))
+            self._references[shape] = load_reference(self.reference_checkpoint(shape))
         return self._references[shape]
+
+    def reference_checkpoint(self, shape: str) -> Path:
+        """The checkpoint transformers runs as the reference: the tiny one, or its dequantized copy."""
+        scheme = self.engine_settings.get("quantization")
+        if not scheme:
+            return self.checkpoint(shape)
+        from ernie_serve.quantization import QuantSpec, write_dequantized_checkpoint
+
+        spec = QuantSpec.of(scheme, self.engine_settings.get("quantization_group_size", 128))
+        lm_head = self.engine_settings.get("quantize_lm_head", True)
+        path = self.workdir / f"{shape}-dequantized-{scheme}-g{spec.group_size}-head{int(lm_head)}"
+        if not (path / "config.json").is_file():
+            write_dequantized_checkpoint(self.checkpoint(shape), path, spec, lm_head)
+        return path
 
     def close(self) -> None:
         """Shut the engines down (their backends' `close`)."""

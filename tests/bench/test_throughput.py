@@ -111,3 +111,13 @@ def test_bench_scheduler_prints_a_row_per_size(capsys) -> None:
     rows = [line.split() for line in out[1:]]
     assert [row[0] for row in rows] == ["1", "8", "32", "128", "512"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+
+
+def test_quantization_systems_side_by_side(bench_model: Path, capsys) -> None:
+    args = ["bench", "throughput", "--model", str(bench_model), "--num-requests", "2", "--input-len", "8",
+            "--output-len", "3", "--skip-transformers", "--decode-repeats", "1",
+            "--quantization", "none,wint8"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "ernie-serve (torch)")[:2] == _row(out, "ernie-serve (torch wint8)")[:2] == ["2", "6"]
+    assert re.search(r"^torch wint8 / torch: throughput \d+\.\d\dx, single-request decode \d+\.\d\dx$", out, re.M)

@@ -189,7 +189,6 @@ def test_greedy_tokens_equal_the_dequantized_reference(
         quantization_group_size=group,
         block_size=4,
         max_num_batched_tokens=16,
-        cpu_weight_prepack=False,  # weight-only on every path (the int8 GEMM copy also quantizes activations)
     )
     ours = _greedy(llm, PROMPTS)
     assert ours == [reference_greedy(reference, p, 6) for p in PROMPTS]
@@ -209,3 +208,23 @@ def test_engine_refuses_a_scheme_the_backend_does_not_declare(tiny_checkpoint, m
         LLM(model=checkpoint, backend="fponly", quantization="wint4")
     assert isinstance(refused.value, UserError)
     assert str(refused.value) == "--quantization wint4: the fponly backend does not implement it (its schemes: wint8)"
+
+
+def test_int8_activations_run_every_product_through_the_int8_gemm(tiny_checkpoint) -> None:
+    """W8A8 is opt-in: with it, decode and prefill take fbgemm's GEMM on int8 copies; results stay close."""
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
+    llm = LLM(model=checkpoint, quantization="wint8", int8_activations=True, block_size=4)
+    backend = llm.engine.core.backend
+    moe = backend.model.layers[1].mlp
+    assert moe.expert_weights[0][0].packed is not None and backend.model.lm_head_quantized.matrix.packed is not None
+    assert llm.engine.core.weight_bytes["kernel_copies"] > 0
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    w8a8 = llm.generate({"prompt_token_ids": PROMPTS[1]}, params)[0].outputs[0]
+    weight_only = (
+        LLM(model=checkpoint, quantization="wint8", block_size=4)
+        .generate({"prompt_token_ids": PROMPTS[1]}, params)[0]
+        .outputs[0]
+    )
+    assert len(w8a8.token_ids) == 6 and w8a8.token_ids[0] == weight_only.token_ids[0]
+    first = w8a8.logprobs[0][w8a8.token_ids[0]].logprob
+    assert first == pytest.approx(weight_only.logprobs[0][weight_only.token_ids[0]].logprob, abs=0.2)
