@@ -85,6 +85,11 @@ class OnnxOptions(BackendOptions):
         description="onnx backend with --quantization: export the LM head quantized too (a quantized copy when "
         "the embeddings are tied); docs/quantization.md has the figures",
     )
+    onnx_weight_only: bool = Field(
+        False,
+        description="onnx backend with --quantization wint4: MatMulNBits computes in float32 with the dequantized "
+        "weights (weight-only, several times slower) instead of rounding activations to int8 per block",
+    )
 
 
 def resolve_providers(requested: list[str] | None, device: str, available: list[str]) -> list[str]:
@@ -177,8 +182,20 @@ class OnnxBackend(Backend):
         export_options = ExportOptions()
         if settings.quantization:
             spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
-            export_options = ExportOptions(quantization=spec, quantize_lm_head=options.onnx_quantize_lm_head)
-            log.info("quantized export", scheme=spec.describe(), lm_head=options.onnx_quantize_lm_head)
+            if options.onnx_weight_only and spec.bits == 8:
+                raise BackendConfigError(
+                    "--onnx-weight-only: onnxruntime has no fast weight-only int8 kernel here (wint8 runs "
+                    "DynamicQuantizeMatMul, which rounds activations to 8 bits); use it with --quantization wint4"
+                )
+            export_options = ExportOptions(
+                quantization=spec, quantize_lm_head=options.onnx_quantize_lm_head, weight_only=options.onnx_weight_only
+            )
+            log.info(
+                "quantized export",
+                scheme=spec.describe(),
+                lm_head=options.onnx_quantize_lm_head,
+                weight_only=options.onnx_weight_only,
+            )
         export = cached_export(model_config, model_path, settings.seed, export_options)
         self._weight_bytes = {kind: n for kind, n in export.weight_bytes.items() if n}
         session_options = ort.SessionOptions()

@@ -54,9 +54,12 @@ class ExportOptions:
     opset: int = OPSET
     quantization: QuantSpec | None = None  # `--quantization` and its group size (`QuantSpec.of`), or None
     quantize_lm_head: bool = True  # with `quantization`: the LM head quantized too
+    weight_only: bool = False  # wint4: MatMulNBits at accuracy_level 0 (float32 activations) instead of 4
 
     def graph_quantization(self) -> GraphQuantization | None:
-        return None if self.quantization is None else GraphQuantization(self.quantization, self.quantize_lm_head)
+        if self.quantization is None:
+            return None
+        return GraphQuantization(self.quantization, self.quantize_lm_head, accuracy_level=0 if self.weight_only else 4)
 
 
 @dataclass

@@ -18,7 +18,8 @@ is for onnxruntime only; TensorRT builds from the float graph):
          offset: symmetric). block = the group size (64/128); one scale per output channel (group size -1)
          becomes block 128 with each row's one scale repeated over its blocks, which is the same weight
          (the op takes power-of-two blocks of 16 or more, not one block of K). accuracy_level=4 lets the kernel
-         quantize the activations to int8 per block: not weight-only (docs/quantization.md has its accuracy).
+         quantize the activations to int8 per block: not weight-only (docs/quantization.md has its accuracy);
+         `--onnx-weight-only` exports accuracy_level=0 instead (float32 activations, slower).
   wint8  `DynamicQuantizeMatMul`: codes `q + 128` as uint8 `[K, N]`, zero point 128 and one scale per output
          channel. It quantizes the activations to uint8 per call: W8A8-dynamic, not weight-only. Unsigned
          weights take onnxruntime's u8u8 path, which does not saturate on AVX2, so the 8-bit codes stay whole

@@ -85,12 +85,12 @@ def _activation_bound(x: np.ndarray, dequantized: np.ndarray, block: int, levels
     move `x @ W^T`: each rounded activation moves by at most one step (half a step when rounded to nearest;
     one leaves room for the kernel's own rounding), and that error reaches output n weighted by |W[n, k]|.
     The step is `max|x| / levels` per block of `block` activations (per_block, symmetric int8) or
-    `(max x - min x) / levels` per row (asymmetric uint8)."""
+    `(max x - min x) / levels` over the whole tensor (asymmetric uint8)."""
     m, k = x.shape
     abs_w = np.abs(dequantized)  # [N, K]
-    if not per_block:
-        step = (np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)) / levels  # [M]
-        return step[:, None] * abs_w.sum(1)[None, :]
+    if not per_block:  # one scale for the whole input tensor, its range widened to include 0
+        step = (max(x.max(), 0) - min(x.min(), 0)) / levels
+        return np.broadcast_to(step * abs_w.sum(1)[None, :], (m, dequantized.shape[0]))
     bound = np.zeros((m, dequantized.shape[0]))
     for start in range(0, k, block):
         step = np.abs(x[:, start : start + block]).max(1) / levels  # [M]
@@ -118,7 +118,7 @@ def test_matmul_nbits_fast_path_errs_only_by_its_int8_activations(spec: QuantSpe
 @pytest.mark.parametrize("rows", [1, 16])
 def test_dynamic_quantize_matmul_is_the_dequantized_wint8_weight_with_uint8_activations(rows: int) -> None:
     """DynamicQuantizeMatMul on our uint8 codes (zero point 128) equals the float32 product with `dequantize()`'s
-    wint8 weight within the bound of rounding the activations to uint8 per row: whole 8-bit codes, no
+    wint8 weight within the bound of rounding the activations to uint8 (one scale per tensor): whole 8-bit codes, no
     saturation (int8 codes in onnxruntime's u8s8 path on AVX2 exceed this bound). A weight with swapped input
     channels falls outside it."""
     weight, x = _problem(256, 64, rows)
@@ -257,15 +257,46 @@ def test_the_export_cache_key_tells_schemes_group_sizes_and_heads_apart(tiny_che
         ExportOptions(quantization=QuantSpec("wint4", 64)),
         ExportOptions(quantization=QuantSpec("wint4", 0)),
         ExportOptions(quantization=QuantSpec("wint4", 128), quantize_lm_head=False),
+        ExportOptions(quantization=QuantSpec("wint4", 128), weight_only=True),
     ]
     keys = [export_key(config, str(checkpoint), 0, o)[0] for o in options]
     assert len(set(keys)) == len(keys)
     assert export_key(config, str(checkpoint), 0, options[2])[0] == keys[2]  # and stable
 
 
-def test_capabilities_and_lm_head_option() -> None:
+def test_capabilities_and_quantization_options() -> None:
     assert OnnxBackend.capabilities.quantization == ("wint8", "wint4")
-    assert OnnxOptions().onnx_quantize_lm_head is True
+    assert OnnxOptions().onnx_quantize_lm_head is True and OnnxOptions().onnx_weight_only is False
+    assert ExportOptions(quantization=QuantSpec("wint4", 64), weight_only=True).graph_quantization() == (
+        GraphQuantization(QuantSpec("wint4", 64), accuracy_level=0)
+    )
+
+
+def test_weight_only_wint8_is_refused_in_one_line(tiny_checkpoint) -> None:
+    from ernie_serve import LLM
+    from ernie_serve.core.backend import BackendConfigError
+
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+    with pytest.raises(BackendConfigError, match="--onnx-weight-only: .* use it with --quantization wint4"):
+        LLM(model=str(checkpoint), backend="onnx", quantization="wint8", onnx_weight_only=True)
+
+
+def test_export_command_writes_a_quantized_graph(tiny_checkpoint, tmp_path) -> None:
+    import io
+
+    from ernie_serve.backends.onnx.export import export_command
+
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+    out, err = io.StringIO(), io.StringIO()
+    code = export_command(
+        str(checkpoint), str(tmp_path), out=out, err=err, quantization="wint4", quantization_group_size=64
+    )
+    assert code == 0, err.getvalue()
+    assert "com.microsoft (onnxruntime only)" in out.getvalue()
+    assert "wint4 (groups of 64)-quantized" in out.getvalue() and "(LM head quantized)" in out.getvalue()
+    model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {64}
 
 
 @pytest.mark.parametrize(
