@@ -131,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="dummy = random weights of the model's shape (default: auto)",
     )
     export_onnx.add_argument("--seed", type=int, default=0, help="seed for dummy weights (default: 0)")
+    export_onnx.add_argument(
+        "--quantization",
+        choices=("wint8", "wint4"),
+        default=None,
+        help="store the projections quantized, as --backend onnx does with this flag (default: float32)",
+    )
+    export_onnx.add_argument(
+        "--quantization-group-size",
+        type=int,
+        choices=(-1, 64, 128),
+        default=128,
+        help="wint4: input channels sharing a scale; -1 = one scale per output channel (default: 128)",
+    )
+    export_onnx.add_argument(
+        "--no-quantize-lm-head",
+        dest="quantize_lm_head",
+        action="store_false",
+        help="with --quantization: keep the LM head in float32",
+    )
     _add_log_level(export_onnx)
 
     plugins = sub.add_parser(
@@ -418,7 +437,15 @@ def _main(argv: Sequence[str] | None) -> int:
         except ImportError as missing:
             _error(f"export onnx needs {missing.name or 'onnx'}: pip install 'ernie-serve[onnx]'")
             return EXIT_FAILURE
-        return export_command(args.model, args.output, load_format=args.load_format, seed=args.seed)
+        return export_command(
+            args.model,
+            args.output,
+            load_format=args.load_format,
+            seed=args.seed,
+            quantization=args.quantization,
+            quantization_group_size=args.quantization_group_size,
+            quantize_lm_head=args.quantize_lm_head,
+        )
     parser.error(f"unknown command {args.command!r}")  # unreachable: subparsers are required
     return EXIT_USAGE
 
