@@ -83,7 +83,9 @@ def build_model(
     config: ModelConfig, checkpoint: Path | None, variant: Variant | None, seed: int = 0, device: torch.device = CPU
 ) -> ErnieForCausalLM:
     """Our model of `config`, float32 or quantized, loaded as the torch backend loads it."""
-    quant = {} if variant is None else {"quantization": variant.spec, "quantize_lm_head": variant.lm_head}
+    quant: dict[str, Any] = {}
+    if variant is not None:
+        quant = {"quantization": variant.spec, "quantize_lm_head": variant.lm_head, "int8_activations": variant.w8a8}
     model = ErnieForCausalLM(config, torch.float32, device, **quant).eval()
     if device.type == "meta":
         return model

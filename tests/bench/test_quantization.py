@@ -53,3 +53,11 @@ def test_kernel_timings_cover_every_candidate() -> None:
     medians = interleaved_medians({"a": count("a"), "b": count("b")}, repeats=3, calls=2)
     assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
     assert calls == {"a": 7, "b": 7}  # one warm-up, then 3 turns of 2
+
+
+def test_the_w8a8_variant_uses_the_int8_gemm() -> None:
+    name, config = tiny_models()[0]
+    weight_only, w8a8 = accuracy_rows(
+        name, config, None, [Variant(QuantSpec("wint8")), Variant(QuantSpec("wint8"), w8a8=True)], 1, 16
+    )
+    assert w8a8.kl != weight_only.kl  # activations quantized: not the weight-only result
