@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant_bench.add_argument("--skip-tiny", action="store_true", help="the benchmark model only")
     quant_bench.add_argument("--kernels", action="store_true", help="time the matmul kernels instead")
     quant_bench.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    quant_bench.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: its quantized exports against its float32 one on the benchmark model, or with --kernels "
+        "onnxruntime's quantized kernels (default: torch)",
+    )
     _add_log_level(quant_bench)
 
     export = sub.add_parser("export", help="export a model for another runtime", description="Export a model.")
@@ -419,9 +426,15 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.bench_command == "soak":
             return _cmd_bench_soak(args)
         if args.bench_command == "quantization":
+            configure_logging("console", args.log_level)
+            if args.backend == "onnx":
+                from ernie_serve.backends.onnx.quant_bench import main as onnx_quantization_main
+
+                return onnx_quantization_main(
+                    kernels=args.kernels, num_sequences=args.sequences, length=args.length, threads=args.threads
+                )
             from ernie_serve.bench.quantization import main as quantization_main
 
-            configure_logging("console", args.log_level)
             return quantization_main(
                 num_sequences=args.sequences,
                 length=args.length,

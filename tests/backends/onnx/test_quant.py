@@ -319,3 +319,16 @@ def test_llm_serves_a_quantized_export(scheme, group_size, lm_head, tiny_checkpo
     assert all(len(t) == 6 for t in tokens)
     assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
     assert weight_bytes["quantized"] > 0 and weight_bytes["full_precision"] > 0
+
+
+def test_the_accuracy_benchmark_decodes_what_one_prefill_computes(tiny_checkpoint, tmp_path) -> None:
+    """`bench quantization --backend onnx` feeds one token per run with the growing cache: at each position
+    that must be the logits a prefill of the same prefix gives (float32 graph: up to summation order)."""
+    from ernie_serve.backends.onnx.quant_bench import decode_logits
+
+    checkpoint = tiny_checkpoint("moe_interval2_untied_mqa", torch.bfloat16)
+    config, session = _export(checkpoint, None, tmp_path)
+    decoded = decode_logits(session, config, torch.tensor(TOKENS)).numpy()  # [T, V]
+    assert decoded.shape == (len(TOKENS), config.vocab_size)
+    for n in (1, 5, len(TOKENS)):
+        np.testing.assert_allclose(decoded[n - 1], _prefill_logits(session, config, TOKENS[:n]), rtol=0, atol=1e-4)
