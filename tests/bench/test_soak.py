@@ -98,8 +98,9 @@ def test_soak_two_minutes(
     # A small KV pool: the CPU default is sized for 64 requests of the full context and is touched lazily, so
     # under a soak RSS would keep growing until every block had been used once; 256 blocks (8 clients need at
     # most 40) are all touched within the warm-up and what is left is the server's own growth. The warm-up is
-    # the first minute: the engine's native memory (torch and the allocator, not Python objects) grows over
-    # its first few hundred requests, fast and then slower (docs/reliability.md, "Soak").
+    # the first minute, a time rather than a request count so the test's length does not depend on the machine:
+    # oneDNN caches a CPU kernel per step shape (up to 1,024), so RSS grows as the first requests bring new
+    # shapes, fast and then slower (docs/reliability.md, "Soak").
     code = main(
         ["bench", "soak", "--model", str(bench_model), "--minutes", SOAK_MINUTES, "--concurrency", "8",
          "--abort-fraction", "0.1", "--random-input-len", "24", "--random-output-len", "16",
