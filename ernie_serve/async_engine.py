@@ -200,6 +200,11 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def weight_bytes(self) -> dict[str, int]:
+        """The model's resident weight bytes by kind (`quantized`, `full_precision`, ...); empty until loaded."""
+        return self.engine.weight_bytes if self.engine is not None and self._ready.is_set() else {}
+
+    @property
     def max_model_len(self) -> int:
         assert self.engine is not None
         return self.engine.max_model_len

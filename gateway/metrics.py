@@ -68,14 +68,14 @@ class _EngineCollector(Collector):
             "Steps that ran out of device memory; their requests were preempted and smaller steps followed.",
             stats.num_oom_retries,
         )
-        loaded = self.engine.engine  # None until the model has loaded
-        if loaded is not None and loaded.weight_bytes:
+        weight_bytes = self.engine.weight_bytes  # empty until the model has loaded
+        if weight_bytes:
             family = GaugeMetricFamily(
                 PREFIX + "weight_bytes",
                 "Resident model weight bytes by kind: quantized, full_precision, kernel_copies (prepacked).",
                 labels=["model_name", "kind"],
             )
-            for kind, size in loaded.weight_bytes.items():
+            for kind, size in weight_bytes.items():
                 family.add_metric([self.model_name, kind], size)
             yield family
 

@@ -196,7 +196,7 @@ def test_flag_beats_env_beats_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (
             ["--quantization", "wint3"],
-            "ernie-serve: error: --quantization: Value error, unknown quantization 'wint3'; choose wint8 or wint4",
+            "ernie-serve: error: --quantization: Input should be 'wint8' or 'wint4'",
         ),
         (["--top-p", "2"], "ernie-serve: error: --top-p: top_p must be in (0, 1], got 2.0"),
     ],

@@ -344,6 +344,7 @@ class _FakeEngine:
         self.is_loading = True
         self.is_ready = False
         self.max_model_len = 64
+        self.weight_bytes: dict[str, int] = {}
         self.loaded = asyncio.Event()
         self.started = asyncio.Event()  # a request's first token has gone to the gateway
         self.aborted: list[str] = []

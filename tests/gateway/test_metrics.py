@@ -31,14 +31,14 @@ COUNTERS = (
 
 
 def fake_engine(**stats: Any) -> Any:
-    return SimpleNamespace(snapshot=EngineSnapshot(scheduler=SchedulerStats(**stats)), engine=None)
+    return SimpleNamespace(snapshot=EngineSnapshot(scheduler=SchedulerStats(**stats)), weight_bytes={})
 
 
 def test_weight_bytes_by_kind_once_loaded(metric: Callable[..., float]) -> None:
     engine = fake_engine()
     metrics = GatewayMetrics(engine, "m")
     assert "ernie_serve:weight_bytes" not in metrics.render().decode()  # still loading
-    engine.engine = SimpleNamespace(weight_bytes={"quantized": 3000, "full_precision": 500})
+    engine.weight_bytes = {"quantized": 3000, "full_precision": 500}  # AsyncEngine's, once loaded
     text = metrics.render().decode()
     assert metric(text, "ernie_serve:weight_bytes", model_name="m", kind="quantized") == 3000
     assert metric(text, "ernie_serve:weight_bytes", model_name="m", kind="full_precision") == 500
