@@ -67,6 +67,12 @@ class TorchOptions(BackendOptions):
         description="torch backend with --quantization: store the LM head quantized too (a quantized copy when "
         "the embeddings are tied); docs/quantization.md has the speed and accuracy both ways",
     )
+    cpu_fixed_mmap_threshold: bool = Field(
+        True,
+        description="torch backend on CPU with --cpu-weight-prepack: fix glibc's mmap threshold so that memory "
+        "oneDNN's per-shape kernels free goes back to the OS (flat RSS in a long-running server); it costs about "
+        "40% of the throughput of steps of many tokens: turn it off for throughput (docs/reliability.md, Soak)",
+    )
 
 
 def peak_rss_bytes() -> int:
@@ -125,8 +131,9 @@ class TorchBackend(Backend):
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
-            # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
-            pin_mmap_threshold()
+            if options.cpu_fixed_mmap_threshold:
+                # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
+                pin_mmap_threshold()
 
     @property
     def weight_bytes(self) -> dict[str, int]:

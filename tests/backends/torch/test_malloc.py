@@ -68,11 +68,14 @@ def test_user_allocator_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pin_mmap_threshold() is False
 
 
-@pytest.mark.parametrize("prepack", [True, False])
-def test_backend_pins_with_onednn_kernels_only(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch, prepack: bool) -> None:
+@pytest.mark.parametrize(("prepack", "fixed"), [(True, True), (False, True), (True, False)])
+def test_backend_pins_with_onednn_kernels_only(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch, prepack: bool, fixed: bool
+) -> None:
     calls: list[None] = []
     monkeypatch.setattr(torch_backend, "pin_mmap_threshold", lambda: calls.append(None) or True)
     path: Path = tiny_checkpoint("moe_shared_tied")
-    with LLM(model=str(path), device="cpu", cpu_weight_prepack=prepack, num_gpu_blocks_override=8):
+    options = dict(cpu_weight_prepack=prepack, cpu_fixed_mmap_threshold=fixed)
+    with LLM(model=str(path), device="cpu", num_gpu_blocks_override=8, **options):
         pass
-    assert len(calls) == (1 if prepack and _onednn_linear_available() else 0)
+    assert len(calls) == (1 if prepack and fixed and _onednn_linear_available() else 0)
