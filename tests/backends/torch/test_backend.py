@@ -15,7 +15,8 @@ def test_capabilities_and_options_are_declared_on_the_class() -> None:
     assert capabilities.prefix_caching and capabilities.devices == ("cpu", "cuda")
     assert capabilities.quantization == ("wint8", "wint4") and not capabilities.tensor_parallel
     assert TorchBackend.options_class is TorchOptions
-    assert set(TorchOptions.model_fields) == {"cpu_weight_prepack", "int8_activations", "quantize_lm_head"}
+    fields = {"cpu_weight_prepack", "int8_activations", "quantize_lm_head", "cpu_fixed_mmap_threshold"}
+    assert set(TorchOptions.model_fields) == fields
 
 
 @pytest.mark.skipif(not _onednn_linear_available(), reason="this torch has no oneDNN linear kernels")
