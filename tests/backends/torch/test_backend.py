@@ -15,7 +15,7 @@ def test_capabilities_and_options_are_declared_on_the_class() -> None:
     assert capabilities.prefix_caching and capabilities.devices == ("cpu", "cuda")
     assert capabilities.quantization == ("wint8", "wint4") and not capabilities.tensor_parallel
     assert TorchBackend.options_class is TorchOptions
-    fields = {"cpu_weight_prepack", "int8_activations", "quantize_lm_head", "cpu_fixed_mmap_threshold"}
+    fields = {"cpu_weight_prepack", "int8_activations", "quantize_lm_head", "cpu_malloc_trim_interval"}
     assert set(TorchOptions.model_fields) == fields
 
 
