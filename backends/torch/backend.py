@@ -127,9 +127,14 @@ class TorchBackend(Backend):
             **{f"{kind}_gib": round(n / 2**30, 3) for kind, n in self._weight_bytes.items()},
             peak_rss_gib=round(peak_rss_bytes() / 2**30, 2),
         )
-        # optional for plugin model classes; ours repacks weights for CPU kernels, which costs memory
-        prepare = getattr(self.model, "prepare_for_inference", None) if options.cpu_weight_prepack else None
+        # optional for plugin model classes; ours copies weights for CPU kernels, which costs memory, or repacks
+        # quantized ones in place for torch's CUDA kernels
+        on_cuda = self.device.type == "cuda"
+        wanted = options.cpu_weight_prepack or on_cuda
+        prepare = getattr(self.model, "prepare_for_inference", None) if wanted else None
         extra_bytes = prepare() if prepare is not None else 0
+        if on_cuda and quant:
+            self._weight_bytes = self.model.weight_bytes()  # the repacked codes replaced the row-wise ones
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))

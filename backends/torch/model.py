@@ -559,7 +559,13 @@ class ErnieForCausalLM(nn.Module):
         projection, expert and the LM head gets a oneDNN copy (`onednn_pack`): 1.5-3x faster than MKL's GEMM at
         decode batch sizes on these CPUs, for about the model's size again in memory (the plain weights stay:
         single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
-        bytes the copies take (0 elsewhere)."""
+        bytes the copies take (0 elsewhere). On CUDA, quantized weights are repacked instead for torch's CUDA
+        kernels (`QuantizedWeight.pack_for_device`), in place of their row-wise codes."""
+        if self.embed_weight.device.type == "cuda":
+            quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
+            for weight in progress(quantized, "repacking quantized weights", unit="weight"):
+                weight.pack_for_device()
+            return 0
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:
             packable = []  # every projection is quantized, and weight-only kernels need no copy

@@ -12,6 +12,13 @@ Kernels (docs/quantization.md has the measurements behind the choice): one row (
 sums above, reading 1 or 0.5 bytes per weight instead of 4; several rows dequantize the weight to float32 and
 multiply, or, for wint8 with `--cpu-weight-prepack`, run fbgemm's int8 GEMM (`quantized.linear_dynamic`) on a
 packed copy, which also quantizes the activations per call (W8A8-dynamic, not weight-only).
+
+On CUDA the codes are repacked once after loading for torch's own weight-only kernels (`pack_for_device`), and the
+row-wise copy is then let go: wint4 in tinygemm's tensor-core layout for `_weight_int4pack_mm` (bfloat16
+activations, groups of 32-256 input rows; per-channel scales are repeated over groups of 128), wint8 as an
+`[out, in]` int8 matrix multiplied by `_weight_int8pack_mm` for a few rows and as a bfloat16 copy made per call for
+more. These CUDA paths have not run on a GPU yet: `python -m ernie_serve.testing.gpu_check quantization` checks
+them; the same packing code runs here against torch's CPU int4 kernel in the tests.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from ernie_serve.quantization import QuantSpec, rounded_codes
 
 _BYTE_BAGS = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
 _4BIT_BAGS = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm's int4 kernels take
+INT8_KERNEL_MAX_ROWS = 8  # above this, wint8 on CUDA multiplies a bfloat16 copy (the int8 kernel is a GEMV)
 
 
 def row_tail(spec: QuantSpec) -> torch.Tensor:
@@ -57,10 +66,11 @@ class QuantMatrix:
     spec: QuantSpec
     out_features: int
     packed: Any = None  # fbgemm `linear_prepack` params of the same weight (wint8 with prepack), or None
+    device_kernel: Int4Kernel | Int8Kernel | None = None  # torch's CUDA kernels' copy (`pack_for_device`)
+    in_features: int = 0  # set from `rows`, which `release_rows` may empty
 
-    @property
-    def in_features(self) -> int:
-        return self.rows.shape[0]
+    def __post_init__(self) -> None:
+        self.in_features = self.in_features or self.rows.shape[0]
 
     def row_sums(self, x: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
         """`x @ W` for one row `x` `[1, in]` as weighted sums of W's integer rows, then scaled: `[1, out]`.
@@ -76,7 +86,9 @@ class QuantMatrix:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ W` for several rows `[T, in]` -> `[T, out]`: fbgemm's int8 GEMM on the packed copy when there is
-        one, else through a float32 copy of W made for this call."""
+        one, torch's CUDA kernels on the `pack_for_device` copy, else through a float copy of W made for this call."""
+        if self.device_kernel is not None:
+            return self.device_kernel.matmul(x)
         if self.packed is not None:
             # reduce_range: 7-bit activations, so AVX2's 16-bit pairwise products cannot saturate
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
@@ -94,6 +106,8 @@ class QuantMatrix:
 
     def codes(self) -> torch.Tensor:
         """The signed integer codes `[in, out]` (int16 for 8 bits, int8 for 4)."""
+        if self.rows.shape[0] != self.in_features:
+            raise RuntimeError("the row-wise codes were released after packing for the device kernels")
         stored = self.rows[:, : code_bytes(self.out_features, self.spec)]
         if self.spec.bits == 8:
             return stored.to(torch.int16) - 128
@@ -114,6 +128,74 @@ class QuantMatrix:
             qweight = torch._make_per_channel_quantized_tensor(codes, scales, zero_points, 0)
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         return codes.numel() + self.out_features * 8
+
+    def pack_for_device(self) -> int:
+        """Make the copy torch's CUDA weight-only kernels multiply (see the module docstring); the bytes it
+        takes, or 0 where the shapes do not fit them (the matrix keeps dequantizing per call then)."""
+        codes = self.codes().t().contiguous()  # [out, in] signed
+        if self.spec.bits == 8:
+            self.device_kernel = Int8Kernel(codes.to(torch.int8), self.scales[0].clone())
+        else:
+            self.device_kernel = Int4Kernel.pack(codes, self.scales, self.spec.group_size)
+        return self.device_kernel.nbytes() if self.device_kernel is not None else 0
+
+
+@dataclass
+class Int8Kernel:
+    """wint8 for CUDA: `[out, in]` int8 codes and their per-channel scales."""
+
+    codes: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] float32
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scales.to(x.dtype))
+        return torch.mm(x, self.codes.t().to(x.dtype)) * self.scales.to(x.dtype)  # scales per output column
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * 4
+
+
+@dataclass
+class Int4Kernel:
+    """wint4 in tinygemm's layout: `_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU (which
+    the tests run; serving on CPU uses the row sums). Dequantizes `(q + 8 - 8) * scale + 0`: our codes are
+    symmetric, so every zero point is 0."""
+
+    packed: torch.Tensor  # the kernel's own int4 layout
+    scales_and_zeros: torch.Tensor  # [in / group, out, 2] bfloat16: scale, 0
+    group_size: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Kernel | None:
+        """From signed codes `[out, in]` and scales `[G, out]` (G = 1: per channel); None where tinygemm's
+        shape rules (groups of 32-256 rows that tile the input, 8-channel output tiles) do not fit."""
+        out_features, in_features = codes.shape
+        group = group_size or 128  # per channel: any tiling group, each with the channel's one scale
+        if group not in INT4_GROUP_SIZES or in_features % group or out_features % 8:
+            return None
+        groups = in_features // group
+        if group_size == 0:
+            scales = scales.expand(groups, out_features)  # [G, out] the one scale, repeated
+        elif scales.shape[0] != groups:
+            return None  # a short last group
+        inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+        unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)  # [out, in] 0..15
+        if codes.is_cuda:  # two codes a byte along the input, the even one in the high nibble
+            nibbles = (unsigned[:, 0::2] << 4 | unsigned[:, 1::2]).contiguous()  # [out, in / 2]
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.to(torch.int32), inner_k_tiles)
+        scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
+        return cls(packed, scales_and_zeros.contiguous(), group)  # [G, out, 2]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
+        op = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = op(x.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        return out.to(x.dtype)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_and_zeros.numel() * 2
 
 
 class QuantTarget:
@@ -184,8 +266,21 @@ class QuantizedWeight(nn.Module):
     def pack_for_gemm(self) -> int:
         return sum(m.pack_for_gemm() for m in self.matrices)
 
+    def pack_for_device(self) -> None:
+        """Called once after loading on CUDA: give every matrix its copy for torch's CUDA kernels and, where
+        all of them got one, let go of the row-wise codes, which nothing reads any more (`nbytes` counts what
+        is kept)."""
+        for matrix in self.matrices:
+            matrix.pack_for_device()
+        if all(m.device_kernel is not None for m in self.matrices):
+            count, _, width = self.rows.shape
+            self.rows = self.rows.new_empty(count, 0, width)  # a new tensor: a view would keep the storage
+            for matrix, rows in zip(self.matrices, self.rows.unbind(0), strict=True):
+                matrix.rows = rows
+
     def nbytes(self) -> int:
-        return self.rows.numel() + self.scales.numel() * self.scales.element_size()
+        kernels = sum(m.device_kernel.nbytes() for m in self.matrices if m.device_kernel is not None)
+        return self.rows.numel() + self.scales.numel() * self.scales.element_size() + kernels
 
 
 def stacked_row_sums(

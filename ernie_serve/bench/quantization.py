@@ -80,13 +80,19 @@ class MemoryRow:
 
 
 def build_model(
-    config: ModelConfig, checkpoint: Path | None, variant: Variant | None, seed: int = 0, device: torch.device = CPU
+    config: ModelConfig,
+    checkpoint: Path | None,
+    variant: Variant | None,
+    seed: int = 0,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
 ) -> ErnieForCausalLM:
-    """Our model of `config`, float32 or quantized, loaded as the torch backend loads it."""
+    """Our model of `config`, unquantized or quantized, loaded as the torch backend loads it (on CUDA with
+    quantized weights repacked for torch's CUDA kernels, as the backend does)."""
     quant: dict[str, Any] = {}
     if variant is not None:
         quant = {"quantization": variant.spec, "quantize_lm_head": variant.lm_head, "int8_activations": variant.w8a8}
-    model = ErnieForCausalLM(config, torch.float32, device, **quant).eval()
+    model = ErnieForCausalLM(config, dtype, device, **quant).eval()
     if device.type == "meta":
         return model
     if checkpoint is None:
@@ -95,20 +101,24 @@ def build_model(
         load_safetensors(model, checkpoint)
     if variant is not None:
         model.quantize_tied_lm_head()
-        if variant.w8a8:
+        if variant.w8a8 or device.type == "cuda":
             model.prepare_for_inference()
     return model
 
 
 @torch.inference_mode()
 def teacher_forced_logits(model: ErnieForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
-    """float32 logits `[T, V]` at every position of one sequence `[T]`, as one prefill step."""
+    """float32 logits `[T, V]` (on the host) at every position of one sequence `[T]`, as one prefill step on the
+    model's device, in its dtype."""
     config = model.config
     n = tokens.shape[0]
+    device, dtype = model.embed_weight.device, model.embed_weight.dtype
     slots = (n, config.num_key_value_heads, config.head_dim)  # [N, K, D]: one slot per token
-    cache = [(torch.empty(slots), torch.empty(slots)) for _ in range(config.num_hidden_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), block_size=n, prefills=[PrefillGroup(0, n)])
-    return model(tokens, torch.arange(n), cache, meta, torch.arange(n)).float()
+    empty = torch.empty
+    cache = [(empty(slots, dtype=dtype, device=device), empty(slots, dtype=dtype, device=device)) for _ in model.layers]
+    positions = torch.arange(n, device=device)
+    meta = AttentionMetadata(slot_mapping=positions, block_size=n, prefills=[PrefillGroup(0, n)])
+    return model(tokens.to(device), positions, cache, meta, positions).float().cpu()
 
 
 def sequences(num: int, length: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
@@ -149,18 +159,25 @@ def accuracy_rows(
     variants: Sequence[Variant],
     num_sequences: int,
     length: int,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
 ) -> list[AccuracyRow]:
-    """Teacher-forced top-1 agreement and KL of each variant against the float32 model of the same weights."""
+    """Teacher-forced top-1 agreement and KL of each variant against the unquantized model of the same weights
+    (float32 on the CPU; bfloat16 on a GPU, as `gpu_check --quantization` runs it)."""
     seqs = sequences(num_sequences, length, config.vocab_size)
-    base = build_model(config, checkpoint, None)
-    reference = [teacher_forced_logits(base, s) for s in progress(seqs, f"{name}: float32", unit="seq")]
+    base = build_model(config, checkpoint, None, device=device, dtype=dtype)
+    label = str(dtype).removeprefix("torch.")
+    reference = [teacher_forced_logits(base, s) for s in progress(seqs, f"{name}: {label}", unit="seq")]
     del base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     rows = []
     for variant in variants:
-        model = build_model(config, checkpoint, variant)
+        model = build_model(config, checkpoint, variant, device=device, dtype=dtype)
         logits = [teacher_forced_logits(model, s) for s in progress(seqs, f"{name}: {variant.label}", unit="seq")]
         positions, top1, kl = compare(reference, logits)
         rows.append(AccuracyRow(name, variant.label, positions, top1, kl))
+        del model  # before the next variant's is built
         print(_format_accuracy(rows[-1]), flush=True)  # as they come: a full run takes a while
     return rows
 

@@ -12,6 +12,11 @@ and the KV pool in blocks. It exits 1 when a check fails. Where `torch.cuda.is_a
 prints one line saying so and exits 0, so that it can run anywhere (CI has no GPU). `--device cpu` runs the
 same checks on the CPU instead, to rehearse this script on a machine without a GPU (with a small `--model`).
 
+With `--quantization wint8,wint4` it adds, per scheme: teacher-forced top-1 agreement and KL against the
+unquantized bfloat16 model of the same random weights, on the tiny shapes and on `--model`'s preset (a row
+passes at the accuracy targets of docs/quantization.md: wint8 99%, wint4 90%), and a throughput row of `--model`
+with that scheme, through torch's CUDA weight-only kernels (`backends/torch/quant.py`).
+
 This is the base that GPU work extends with rows of its own (quantization, tensor parallelism, TensorRT).
 Needs the test extra for the conformance suite (transformers): `pip install 'ernie-serve[test]'`.
 """
@@ -39,6 +44,7 @@ CONFORMANCE_DTYPES = ("bfloat16", "float32")
 # (prompts, prompt tokens, output tokens): vLLM's recipe-style run, and a quick one
 FULL_WORKLOAD = (16, 8000, 1000)
 SMALL_WORKLOAD = (4, 1000, 100)
+ACCURACY_TARGETS = {"wint8": 0.99, "wint4": 0.90}  # teacher-forced top-1 agreement (issue 10)
 
 
 @dataclass
@@ -84,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=int, default=8192, help="engine step budget (default: %(default)s)"
     )
     parser.add_argument("--max-num-seqs", type=int, default=64, help="engine --max-num-seqs (default: %(default)s)")
+    parser.add_argument(
+        "--quantization",
+        default="",
+        help="also check these schemes, comma-separated (wint8, wint4): accuracy against bfloat16 on the tiny "
+        "shapes and --model's preset, and a throughput row each (default: none)",
+    )
+    parser.add_argument(
+        "--accuracy-sequences", type=int, default=8, help="sequences of 128 tokens per accuracy row (default: 8)"
+    )
     parser.add_argument("--skip-conformance", action="store_true", help="run the throughput benchmark only")
     parser.add_argument("--skip-throughput", action="store_true", help="run the conformance suite only")
     parser.add_argument("--workdir", default=None, help="where conformance checkpoints go (default: a temp dir)")
@@ -119,8 +134,47 @@ def run_conformance(backend: str, device: str, dtype: str, workdir: Path) -> Che
     )
 
 
-def run_throughput(args: argparse.Namespace) -> CheckRow:
-    """`bench throughput` of `--model` on the workload, one row with its figures."""
+def quantization_schemes(args: argparse.Namespace) -> list[str]:
+    schemes = [s.strip() for s in args.quantization.split(",") if s.strip()]
+    unknown = [s for s in schemes if s not in ACCURACY_TARGETS]
+    if unknown:
+        raise SystemExit(f"gpu_check: --quantization takes {', '.join(ACCURACY_TARGETS)}; got {', '.join(unknown)}")
+    return schemes
+
+
+def run_quantization_accuracy(args: argparse.Namespace, scheme: str) -> list[CheckRow]:
+    """One row per model (the tiny shapes, then `--model`'s preset): `scheme` against bfloat16, random weights."""
+    from ernie_serve.bench import quantization as bench
+    from ernie_serve.models import PRESETS
+    from ernie_serve.quantization import QuantSpec
+
+    models = bench.tiny_models()
+    if args.model in PRESETS:
+        models.append((args.model, PRESETS[args.model]))
+    variant = bench.Variant(QuantSpec(scheme))
+    rows = []
+    for name, config in models:
+        check = f"accuracy {scheme} vs bf16, {name}"
+        try:
+            [row] = bench.accuracy_rows(
+                name, config, None, [variant], args.accuracy_sequences, 128, torch.device(args.device), torch.bfloat16
+            )
+        except Exception as exc:
+            rows.append(_failed_row(check, exc))
+            continue
+        target = ACCURACY_TARGETS[scheme]
+        passed = row.top1 >= target
+        result = f"top-1 {row.top1:.2%}, KL {row.kl:.4f}, {row.positions} positions"
+        failures = [] if passed else [f"top-1 below the {target:.0%} target"]
+        rows.append(CheckRow(check, passed, result, failures=failures))
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_throughput(args: argparse.Namespace, quantization: str | None = None) -> CheckRow:
+    """`bench throughput` of `--model` on the workload (with `quantization`, if given), one row with its
+    figures."""
     num_prompts, input_len, output_len = workload_size(args)
     config = throughput.ThroughputConfig(
         model=args.model,
@@ -138,12 +192,13 @@ def run_throughput(args: argparse.Namespace) -> CheckRow:
             "max_num_seqs": args.max_num_seqs,
             # the context the run needs, and no more: on the CPU the KV pool is sized from it
             "max_model_len": input_len + output_len,
+            **({"quantization": quantization} if quantization else {}),
         },
     )
     _, results = throughput.run(config)
     result = results[0]
     return CheckRow(
-        f"throughput {args.model} {args.dtype}",
+        f"throughput {args.model} {args.dtype}{f' {quantization}' if quantization else ''}",
         True,
         f"{num_prompts} x {input_len} in / {output_len} out, {result.seconds:.0f} s",
         output_tok_s=result.tokens_per_second,
@@ -184,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the checks; 0 when every one passed (or there is no GPU to check), 1 otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    schemes = quantization_schemes(args)
     try:
         on_cuda = torch.device(args.device).type == "cuda"
     except RuntimeError as exc:  # torch's own message names the accepted device strings
@@ -206,11 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(_failed_row(f"conformance {args.backend} {dtype}", exc))
         if on_cuda:
             torch.cuda.empty_cache()  # the KV pool is sized from free device memory: hand the suite's back
+    for scheme in schemes:
+        rows += run_quantization_accuracy(args, scheme)
     if not args.skip_throughput:
-        try:
-            rows.append(run_throughput(args))
-        except Exception as exc:
-            rows.append(_failed_row(f"throughput {args.model} {args.dtype}", exc))
+        for scheme in [None, *schemes]:
+            try:
+                rows.append(run_throughput(args, scheme))
+            except Exception as exc:
+                rows.append(_failed_row(f"throughput {args.model} {args.dtype} {scheme or ''}".rstrip(), exc))
+            if on_cuda:
+                torch.cuda.empty_cache()
     print(format_table(rows))
     print(f"total {time.monotonic() - started:.0f} s")
     if args.output_json:

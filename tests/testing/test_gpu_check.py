@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ernie_serve.bench.quantization import tiny_models
 from ernie_serve.testing import gpu_check
 from ernie_serve.testing.gpu_check import FULL_WORKLOAD, NO_GPU_LINE, SMALL_WORKLOAD, CheckRow, build_parser
 
@@ -94,3 +95,32 @@ def test_the_gpu_path_rehearsed_on_the_cpu(tiny_checkpoint, tmp_path: Path, caps
     assert row["output_tok_s"] > 0 and row["ttft_ms"] > 0 and row["tpot_ms"] > 0
     # --max-num-seqs 64 requests, each with room for 11 tokens: one 16-token block each
     assert row["kv_blocks"] == 64
+
+
+def test_quantization_rows_rehearsed_on_the_cpu(tiny_checkpoint, tmp_path: Path, capsys) -> None:
+    """`--quantization`: an accuracy row per tiny shape and scheme, and a throughput row per scheme."""
+    model = tiny_checkpoint("moe_shared_tied")
+    out_json = tmp_path / "rows.json"
+    argv = ["--device", "cpu", "--model", str(model), "--dtype", "float32", "--num-prompts", "2",
+            "--input-len", "8", "--output-len", "3", "--skip-conformance", "--quantization", "wint8,wint4",
+            "--accuracy-sequences", "1", "--output-json", str(out_json)]  # fmt: skip
+    gpu_check.main(argv)  # 1 where a random tiny shape misses an accuracy target; the rows say which
+    rows = {row["check"]: row for row in json.loads(out_json.read_text())}
+    shapes = [name for name, _ in tiny_models()]
+    for scheme in ("wint8", "wint4"):
+        for shape in shapes:
+            row = rows[f"accuracy {scheme} vs bf16, {shape}"]
+            top1 = float(row["result"].split()[1].rstrip("%,")) / 100
+            assert row["passed"] == (top1 >= gpu_check.ACCURACY_TARGETS[scheme]), row
+            assert "128 positions" in row["result"] and row["failures"] == ([] if row["passed"] else [
+                f"top-1 below the {gpu_check.ACCURACY_TARGETS[scheme]:.0%} target"])  # fmt: skip
+        assert rows[f"accuracy {scheme} vs bf16, tiny moe_shared_tied"]["passed"]
+        throughput_row = rows[f"throughput {model} float32 {scheme}"]
+        assert throughput_row["passed"] and throughput_row["output_tok_s"] > 0
+    assert rows[f"throughput {model} float32"]["passed"]
+    assert len(rows) == 2 * len(shapes) + 3
+
+
+def test_unknown_quantization_scheme_is_refused_before_any_check() -> None:
+    with pytest.raises(SystemExit, match="--quantization takes wint8, wint4; got int3"):
+        gpu_check.main(["--device", "cpu", "--quantization", "wint8,int3"])

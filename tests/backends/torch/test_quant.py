@@ -13,7 +13,7 @@ from ernie_serve import LLM, SamplingParams
 from ernie_serve.backends.torch.backend import TorchBackend
 from ernie_serve.backends.torch.loader import init_dummy_weights
 from ernie_serve.backends.torch.model import ErnieForCausalLM, SparseMoE
-from ernie_serve.backends.torch.quant import QuantizedWeight, stacked_row_sums
+from ernie_serve.backends.torch.quant import Int8Kernel, QuantizedWeight, stacked_row_sums
 from ernie_serve.core import plugins
 from ernie_serve.core.backend import BackendCapabilities
 from ernie_serve.core.config import ModelConfig
@@ -75,6 +75,38 @@ def test_stacked_row_sums_pick_each_bags_matrix(spec: QuantSpec) -> None:
     which = torch.tensor([2, 0, 2, 1])
     reference = torch.stack([x[b] @ expected[int(which[b])].t() for b in range(4)])
     torch.testing.assert_close(stacked_row_sums(weight, x, which), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_device_kernel_copies_multiply_like_the_codes_and_replace_them(spec: QuantSpec) -> None:
+    """`pack_for_device`, which the model runs on CUDA, run here on torch's CPU kernels of the same ops: the
+    very int8 op, and the CPU twin of tinygemm's int4 op (which takes the codes before nibble packing)."""
+    weight, expected = _filled(spec, 2, 256, 96)
+    weight.pack_for_device()
+    assert weight.rows.numel() == 0 and all(m.device_kernel is not None for m in weight.matrices)
+    for matrix in weight.matrices:  # the copies hold the codes at 8 or 4 bits, as the row-wise layout did
+        kernel = matrix.device_kernel
+        codes = kernel.codes if isinstance(kernel, Int8Kernel) else kernel.packed
+        assert codes.numel() * codes.element_size() == 256 * 96 * spec.bits // 8
+    with pytest.raises(RuntimeError, match="released"):
+        weight.dequantized(0)
+    generator = torch.Generator().manual_seed(3)
+    for rows in (1, 12):  # wint8: the int8 kernel up to 8 rows, a float copy of the codes above
+        x = torch.randn(rows, 256, generator=generator)
+        for index in range(2):
+            reference = x @ expected[index].t()  # [rows, 96]
+            out = weight.matrices[index].matmul(x)
+            # wint4 runs in bfloat16 (activations, scales and result): about 2^-8 relative error each
+            bound = 1e-4 if spec.bits == 8 else 2e-2 * reference.abs().max().item()
+            assert out.shape == reference.shape and (out - reference).abs().max().item() < bound
+
+
+def test_int4_device_kernel_needs_whole_groups_and_keeps_the_codes_otherwise() -> None:
+    weight, expected = _filled(QuantSpec("wint4"), 1, 200, 96)  # 200 rows: no group size of 32-256 tiles it
+    weight.pack_for_device()
+    assert weight.matrix.device_kernel is None and weight.rows.shape[1] == 200
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(weight.matrix.matmul(x), x @ expected[0].t(), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_gemm_copy_quantizes_activations_within_a_few_percent() -> None:
