@@ -174,6 +174,7 @@ class TorchBackend(Backend):
             ranks=self.layout.world_size,
             launched_by="torchrun" if self.runtime.env.torchrun else "ernie-serve",
             devices=[self.rank_weight_bytes[r]["device"] for r in sorted(self.rank_weight_bytes)],
+            worker_pids={r: p.pid for r, p in self.runtime.workers.items()},  # spawned ones; none under torchrun
             **self.layout.describe(model_config),
         )
 

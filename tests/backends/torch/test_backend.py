@@ -13,9 +13,15 @@ from ernie_serve.core.config import EngineSettings, ModelConfig
 def test_capabilities_and_options_are_declared_on_the_class() -> None:
     capabilities = TorchBackend.capabilities
     assert capabilities.prefix_caching and capabilities.devices == ("cpu", "cuda")
-    assert capabilities.quantization == ("wint8", "wint4") and not capabilities.tensor_parallel
+    assert capabilities.quantization == ("wint8", "wint4") and capabilities.tensor_parallel
     assert TorchBackend.options_class is TorchOptions
-    fields = {"cpu_weight_prepack", "int8_activations", "quantize_lm_head", "cpu_fixed_mmap_threshold"}
+    fields = {
+        "cpu_weight_prepack",
+        "int8_activations",
+        "quantize_lm_head",
+        "cpu_fixed_mmap_threshold",
+        "enable_expert_parallel",
+    }
     assert set(TorchOptions.model_fields) == fields
 
 
