@@ -147,7 +147,10 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":  # one device per rank, numbered on each host
             self.device = torch.device("cuda", env.local_rank if env is not None else 0)
             torch.cuda.set_device(self.device)
-        timeout = settings.engine_step_timeout  # a collective that takes longer is a hung or dead rank
+        # A collective waits only for the other ranks to reach it, a small part of a step: one that waits half
+        # the step timeout has a hung or dead rank, and failing then leaves time to name the rank before the
+        # engine's step watchdog gives up on the whole step.
+        timeout = settings.engine_step_timeout / 2
         if env is None:
             payload = {
                 "model_config": model_config,

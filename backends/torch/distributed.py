@@ -301,12 +301,12 @@ class ParallelRuntime:
             return "; ".join(f"tensor-parallel rank {r} (pid {p.pid}) {exit_reason(p.returncode)}" for r, p in ended)
         try:
             before = {r: self.store.add(f"heartbeat/{r}", 0) for r in range(1, self.world_size)}
-            time.sleep(3 * HEARTBEAT_SECONDS)  # long enough for every live worker to beat again
+            time.sleep(2 * HEARTBEAT_SECONDS)  # long enough for every live worker to beat again
             silent = [r for r, n in before.items() if self.store.add(f"heartbeat/{r}", 0) == n]
         except Exception as exc:
             return f"the tensor-parallel control store failed: {exc}"
         if silent:
-            return f"tensor-parallel rank {', '.join(map(str, silent))} stopped answering (no heartbeat for 3 s)"
+            return f"tensor-parallel rank {', '.join(map(str, silent))} stopped answering (no heartbeat for 2 s)"
         return "every tensor-parallel rank is alive; a collective failed or timed out"
 
     def close(self) -> None:
@@ -369,6 +369,29 @@ def serve_worker(env: RankEnv, payload: dict[str, Any]) -> int:
             "tensor-parallel worker stopped", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
         )
         return 1
+
+
+def serve_torchrun_worker(settings: Any) -> int:
+    """`ernie-serve serve|generate` on a torchrun rank above 0: resolve the same model as rank 0 (every rank
+    parses the same command line) and serve as a worker until rank 0 closes. Returns the exit code."""
+    from ernie_serve.backends.torch.backend import TorchBackend
+    from ernie_serve.models import resolve_model
+
+    env = torchrun_env()
+    assert env is not None and env.rank > 0, "only for torchrun ranks above 0"
+    if settings.backend != "torch" or settings.tensor_parallel_size < 2:
+        raise ParallelStartError(
+            f"torchrun started rank {env.rank} of {env.world_size}, but only the torch backend with "
+            f"--tensor-parallel-size {env.world_size} runs on several ranks"
+        )
+    resolved = resolve_model(settings)
+    payload = {
+        "model_config": resolved.config,
+        "settings": settings,
+        "model_path": resolved.weights_path,
+        "options": TorchBackend.options_class(**settings.backend_options),
+    }
+    return serve_worker(env, payload)
 
 
 def _main(argv: list[str]) -> int:
