@@ -94,6 +94,20 @@ class TorchBackend(Backend):
     )
     options_class = TorchOptions
 
+    @classmethod
+    def parallel_layout(cls) -> list[str]:
+        """Read by `ernie-serve plugins` (optional for backends): how `--tensor-parallel-size N` splits the
+        model over ranks, and what it would run on here. The start-up log gives the layout of a loaded model."""
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [
+            "tensor parallel: rank 0 in the engine process, ranks 1..N-1 spawned on this host, or every rank "
+            "started by torchrun across hosts; collectives over gloo on cpu, nccl on cuda "
+            f"(here: cpu, {gpus} CUDA device{'s' if gpus != 1 else ''})",
+            "split: q/k/v column-parallel and o_proj row-parallel by heads (KV heads split, or replicated when "
+            "fewer than N), MLP and shared experts gate/up column / down row, embedding and LM head by vocab rows; "
+            "routed experts by width, or by expert with --enable-expert-parallel",
+        ]
+
     def __init__(self, rank_env: RankEnv | None = None) -> None:
         """`rank_env`: set for a tensor-parallel worker rank (backends/torch/distributed.py); the engine's
         backend is rank 0, or a torchrun rank read from the environment."""
