@@ -137,12 +137,12 @@ class TorchBackend(Backend):
             log.warning("--enable-expert-parallel has no effect with --tensor-parallel-size 1")
         try:
             self._load(model_config, settings, model_path, options)
+            if self.runtime is not None:
+                self._report_ranks(model_config)
         except BaseException:
             if self.runtime is not None and self.runtime.rank == 0:
-                self.runtime.abort()
+                self.runtime.abort()  # the workers stop too (one may be the cause)
             raise
-        if self.runtime is not None:
-            self._report_ranks(model_config)
 
     def _start_ranks(
         self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None, options: TorchOptions

@@ -13,6 +13,7 @@ prints one line saying so and exits 0, so that it can run anywhere (CI has no GP
 same checks on the CPU instead, to rehearse this script on a machine without a GPU (with a small `--model`).
 
 This is the base that GPU work extends with rows of its own (quantization, tensor parallelism, TensorRT).
+`python -m ernie_serve.testing.gpu_check parallel` runs the tensor-parallel checks (`gpu_parallel.py`).
 Needs the test extra for the conformance suite (transformers): `pip install 'ernie-serve[test]'`.
 """
 
@@ -181,9 +182,16 @@ def _failed_row(check: str, exc: BaseException) -> CheckRow:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the checks; 0 when every one passed (or there is no GPU to check), 1 otherwise."""
+    """Run the checks; 0 when every one passed (or there is no GPU to check), 1 otherwise. `parallel` as the
+    first argument runs the tensor-parallel checks instead (`ernie_serve.testing.gpu_parallel`)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["parallel"]:
+        # imported here: that module builds on this one's table
+        from ernie_serve.testing import gpu_parallel
+
+        return gpu_parallel.main(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         on_cuda = torch.device(args.device).type == "cuda"
     except RuntimeError as exc:  # torch's own message names the accepted device strings
