@@ -10,7 +10,10 @@ import torch
 
 from ernie_serve import LLM, SamplingParams
 from ernie_serve.backends.torch.parallel import ParallelConfigError, ParallelLayout, split_weight_bytes
+from ernie_serve.backends.torch.quant import QuantizedWeight
+from ernie_serve.checkpoint import CheckpointSlicer
 from ernie_serve.core.config import ModelConfig
+from ernie_serve.quantization import QuantSpec
 
 # a shared 40-token prefix (prefix-cache hits), prompts longer than a step (chunked prefill)
 SYSTEM = list(range(100, 140))
@@ -146,3 +149,29 @@ def test_the_engine_refuses_before_starting_any_worker(tiny_checkpoint) -> None:
     # nothing was left running: a parallel engine starts right after
     with LLM(model=checkpoint, tensor_parallel_size=2, max_num_batched_tokens=16) as llm:
         assert llm.generate({"prompt_token_ids": [5, 6]}, PARAMS)[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("scheme", ["wint8", "wint4"])
+def test_with_quantization_each_rank_quantizes_its_own_slice(tiny_checkpoint, scheme: str) -> None:
+    """Column-parallel slices (q/k/v) keep TP=1's per-output-channel codes and scales exactly; a row-parallel
+    slice (o_proj) is quantized as the slice alone: its scales come from this rank's input channels."""
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
+    spec = QuantSpec.of(scheme, 128)
+    with LLM(model=str(checkpoint), quantization=scheme) as whole:
+        attn = whole.engine.core.backend.model.layers[0].attn
+        whole_qkv, whole_o = attn.qkv_weight.dequantized(), attn.o_weight.dequantized()  # [(Q+2K)*D, H], [H, Q*D]
+    with LLM(model=str(checkpoint), quantization=scheme, tensor_parallel_size=2) as sharded:
+        assert sharded.generate({"prompt_token_ids": [5, 6, 7]}, PARAMS)[0].outputs[0].finish_reason == "length"
+        attn = sharded.engine.core.backend.model.layers[0].attn
+        qkv, o = attn.qkv_weight.dequantized(), attn.o_weight.dequantized()  # [(Q+2K)*D/2, H], [H, Q*D/2]
+    config = ModelConfig.from_pretrained(checkpoint)
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    assert torch.equal(qkv[: q // 2], whole_qkv[: q // 2])  # rank 0's query heads
+    assert torch.equal(qkv[q // 2 : q // 2 + kv // 2], whole_qkv[q : q + kv // 2])  # its KV head
+    with CheckpointSlicer(checkpoint, config) as reader:
+        expected = QuantizedWeight(1, q // 2, config.hidden_size, spec, torch.device("cpu"))
+        expected.fill(
+            0, slice(0, config.hidden_size), reader.read("model.layers.0.self_attn.o_proj.weight", 1, 0, q // 2)
+        )
+    assert torch.equal(o, expected.dequantized())
+    assert not torch.equal(o, whole_o[:, : q // 2])  # (so the check tells the two ways apart)
