@@ -285,6 +285,14 @@ def load_shard(model: ErnieForCausalLM, path: str | Path, config: ModelConfig, l
     with CheckpointSlicer(path, config) as checkpoint:
         for name, target in progress(targets, "loading this rank's weights", unit="tensor"):
             shard = shard_of(name, tuple(target.shape), config, layout)
+            whole = list(target.shape)
+            if shard.dim is not None:
+                whole[shard.dim] = shard.full
+            if checkpoint.shape(shard.name) != tuple(whole):  # from the header: a wrong tensor is never sliced
+                raise CheckpointError(
+                    f"tensor {shard.name!r} in {path} has shape {checkpoint.shape(shard.name)}, expected "
+                    f"{tuple(whole)} from config.json"
+                )
             if shard.dim is None:
                 tensor = checkpoint.read(shard.name)
             else:

@@ -3,15 +3,19 @@ logprobs as one process, half the weights per rank, and checkpoints that cannot 
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ernie_serve import LLM, SamplingParams
+from ernie_serve.backends.torch.distributed import ParallelStartError
 from ernie_serve.backends.torch.parallel import ParallelConfigError, ParallelLayout, split_weight_bytes
 from ernie_serve.backends.torch.quant import QuantizedWeight
-from ernie_serve.checkpoint import CheckpointSlicer
+from ernie_serve.checkpoint import CheckpointError, CheckpointSlicer
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.quantization import QuantSpec
 
@@ -175,3 +179,38 @@ def test_with_quantization_each_rank_quantizes_its_own_slice(tiny_checkpoint, sc
         )
     assert torch.equal(o, expected.dequantized())
     assert not torch.equal(o, whole_o[:, : q // 2])  # (so the check tells the two ways apart)
+
+
+def test_a_worker_that_fails_to_load_fails_the_start_naming_its_rank(tiny_checkpoint, tmp_path) -> None:
+    """Expert 4 of layer 1 lives on rank 1 only (experts 3..5 with expert parallelism): without it, rank 0
+    loads and rank 1 does not; the engine fails with rank 1's own error, and takes the group down."""
+    source = tiny_checkpoint("moe_shared_tied", torch.float32)
+    missing = "model.layers.1.mlp.experts.4.down_proj.weight"
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    shard = broken / index["weight_map"].pop(missing)
+    tensors = load_file(shard)
+    del tensors[missing]
+    save_file(tensors, str(shard))
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    settings = dict(tensor_parallel_size=2, enable_expert_parallel=True)
+    with pytest.raises(ParallelStartError, match=f"rank 1 failed while loading: .*missing tensor '{missing}'"):
+        LLM(model=str(broken), **settings)
+    with LLM(model=str(source), **settings) as llm:  # the group was taken down: a new one starts
+        assert llm.generate({"prompt_token_ids": [5, 6]}, PARAMS)[0].outputs[0].finish_reason == "length"
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_before_slicing(tiny_checkpoint, tmp_path) -> None:
+    """A truncated vocabulary would otherwise be read as a short last slice and padded."""
+    source = tiny_checkpoint("moe_shared_tied", torch.float32)
+    broken = tmp_path / "short-vocab"
+    shutil.copytree(source, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    name = "model.embed_tokens.weight"
+    shard = broken / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name][:-10].contiguous()
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match=f"'{name}' .* has shape \\(566, 64\\), expected \\(576, 64\\)"):
+        LLM(model=str(broken), tensor_parallel_size=2)
