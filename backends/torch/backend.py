@@ -11,7 +11,7 @@ from pydantic import Field
 from ernie_serve.backends.torch import parallel
 from ernie_serve.backends.torch.distributed import ParallelRuntime, RankEnv, torchrun_env
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
-from ernie_serve.backends.torch.malloc import pin_mmap_threshold
+from ernie_serve.backends.torch.malloc import HeapTrimmer
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
 from ernie_serve.core.backend import (
     Backend,
@@ -69,11 +69,12 @@ class TorchOptions(BackendOptions):
         description="torch backend with --quantization: store the LM head quantized too (a quantized copy when "
         "the embeddings are tied); docs/quantization.md has the speed and accuracy both ways",
     )
-    cpu_fixed_mmap_threshold: bool = Field(
-        True,
-        description="torch backend on CPU with --cpu-weight-prepack: fix glibc's mmap threshold so that memory "
-        "oneDNN's per-shape kernels free goes back to the OS (flat RSS in a long-running server); it costs about "
-        "40% of the throughput of steps of many tokens: turn it off for throughput (docs/reliability.md, Soak)",
+    cpu_malloc_trim_interval: float = Field(
+        1.0,
+        ge=0,
+        description="torch backend on CPU with --cpu-weight-prepack: seconds between calls to glibc's malloc_trim "
+        "after a step, which give the memory oneDNN's per-shape kernels free back to the OS (flat RSS in a "
+        "long-running server, about 1% of its time); 0 never trims (docs/reliability.md, Soak)",
     )
     enable_expert_parallel: bool = Field(
         False,
@@ -123,6 +124,7 @@ class TorchBackend(Backend):
         # Each running request's block table, `[blocks]` on the host: set whole on its `is_new` step, grown
         # by `new_block_ids`, dropped by `release`.
         self._tables: dict[str, torch.Tensor] = {}
+        self._heap_trimmer: HeapTrimmer | None = None  # set by `load` for oneDNN kernels on CPU
 
     def load(
         self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None, options: BackendOptions
@@ -236,9 +238,9 @@ class TorchBackend(Backend):
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
-            if options.cpu_fixed_mmap_threshold:
+            if options.cpu_malloc_trim_interval > 0:
                 # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
-                pin_mmap_threshold()
+                self._heap_trimmer = HeapTrimmer(options.cpu_malloc_trim_interval)
 
     @property
     def weight_bytes(self) -> dict[str, int]:
@@ -289,7 +291,10 @@ class TorchBackend(Backend):
         assert self.model is not None, "execute before load"
         try:
             input_ids, positions, sample_rows, meta = self._prepare(plan)
-            return self.model(input_ids, positions, self.kv_caches, meta, sample_rows)
+            logits = self.model(input_ids, positions, self.kv_caches, meta, sample_rows)
+            if self._heap_trimmer is not None:
+                self._heap_trimmer.maybe_trim()
+            return logits
         except torch.OutOfMemoryError as exc:  # CUDA: the engine preempts and retries with smaller steps
             raise BackendOutOfMemoryError(str(exc)) from exc
         except RuntimeError as exc:  # the CPU allocator's failure (where the OS refuses rather than kills)

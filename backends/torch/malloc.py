@@ -1,35 +1,64 @@
-"""The C allocator setting the CPU backend needs so that a long-running server's memory stays flat.
+"""Giving the C allocator's free memory back to the OS now and then, so that a long-running CPU server stays flat.
 
 oneDNN, which runs the prepacked CPU weights, builds one primitive per input shape (each step's token count,
 each expert's share of it), keeps up to 1,024 of them in its cache, and drops the oldest for each new shape;
 building one allocates and frees blocks of a few hundred KiB to MiBs. glibc's malloc raises its mmap threshold
 to the size of every mmapped block freed (up to 32 MiB), after which blocks of those sizes come from the heap
 and, freed, mostly stay in the process: under a soak RSS grew by hundreds of MiB, gigabytes in a
-microbenchmark, that `malloc_trim` gave back at once. A fixed threshold (glibc's own default, 128 KiB; setting
-it turns the raising off) keeps those blocks mmapped, so freeing one returns it to the OS. docs/reliability.md
-("Soak") has the measurements.
+microbenchmark, all of which `malloc_trim(0)` gives back at once. So the backend calls it at most once per
+interval, after a step. Fixing the threshold instead (the first fix) kept memory as flat but made every
+multi-row activation a fresh mmap, which cost ~40% of CPU throughput; docs/reliability.md ("Soak") has both.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
-MMAP_THRESHOLD_BYTES = 128 * 1024
-# a user who tunes the allocator through the environment keeps their setting
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+import time
+from collections.abc import Callable
 
 
-def pin_mmap_threshold() -> bool:
-    """Called once the CPU backend knows it runs oneDNN kernels: fix glibc's mmap threshold for the whole
-    process (from then on). True when it took effect; False on another C library or when the user's
-    environment already sets the allocator (`MALLOC_*_`, `GLIBC_TUNABLES` with malloc)."""
-    if any(name in os.environ for name in _USER_SETTINGS) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None under a C library without it (musl, macOS)."""
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # no mallopt: not glibc-like
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return trim
+
+
+class HeapTrimmer:
+    """Calls `malloc_trim(0)` when `interval_s` has passed since the last call. `maybe_trim` is called by the
+    torch backend on the engine thread after each step it runs on CPU with oneDNN kernels; the first call only
+    starts the clock. A trim walks the heap's free chunks (~10 ms for a 1.7 GiB process here) and the pages it
+    returns fault in again when reused, so once a second costs about 1% of a busy server's time."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        trim: Callable[[int], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self._trim = trim if trim is not None else _libc_malloc_trim()
+        self._clock = clock
+        self._last: float | None = None
+        self.num_trims = 0
+
+    @property
+    def available(self) -> bool:
+        """False where the C library has no `malloc_trim`: `maybe_trim` then does nothing."""
+        return self._trim is not None
+
+    def maybe_trim(self) -> bool:
+        """Trim if the interval has passed since the last trim (or the first call); True when it trimmed."""
+        now = self._clock()
+        if self._trim is None or self._last is None:
+            self._last = now
+            return False
+        if now - self._last < self.interval_s:
+            return False
+        self._trim(0)
+        self.num_trims += 1
+        self._last = self._clock()  # after the trim: its own time does not count toward the next interval
+        return True

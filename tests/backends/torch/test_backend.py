@@ -19,7 +19,7 @@ def test_capabilities_and_options_are_declared_on_the_class() -> None:
         "cpu_weight_prepack",
         "int8_activations",
         "quantize_lm_head",
-        "cpu_fixed_mmap_threshold",
+        "cpu_malloc_trim_interval",
         "enable_expert_parallel",
     }
     assert set(TorchOptions.model_fields) == fields
