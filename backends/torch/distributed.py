@@ -283,9 +283,10 @@ class ParallelRuntime:
 
     def _heartbeat(self) -> None:
         """A worker: bump its counter every second, on a connection of its own, until the process ends."""
-        store = dist.TCPStore(self.env.master_addr, self.env.master_port, self.world_size, False, timeout=STORE_WAIT)
-        beats: Any = dist.PrefixStore("ernie-serve", store) if self.env.torchrun else store
         try:
+            env = self.env
+            store = dist.TCPStore(env.master_addr, env.master_port, self.world_size, False, timeout=STORE_WAIT)
+            beats: Any = dist.PrefixStore("ernie-serve", store) if env.torchrun else store
             while True:
                 beats.add(f"heartbeat/{self.rank}", 1)
                 time.sleep(HEARTBEAT_SECONDS)
