@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
 from typing import Literal, NamedTuple
 
 import torch
@@ -174,3 +176,90 @@ def _from_paddle(item: CheckpointTensor, config: ModelConfig) -> Iterator[Checkp
         yield item._replace(name=f"{stem}up_proj.{kind}", tensor=tensor[n:])  # [I, H] or [I]
     else:
         yield item._replace(tensor=tensor)
+
+
+class CheckpointSlicer:
+    """Reads a slice of one tensor, named and oriented as in -PT, from a checkpoint of either layout, through
+    safetensors' `get_slice` over the memory-mapped file: only the slice's bytes are read, never the whole
+    tensor (a tensor-parallel rank's share). A part of a fused -Paddle tensor is a slice of the fused tensor.
+    Use it as a context manager; files are opened on first use."""
+
+    def __init__(self, path: str | Path, config: ModelConfig) -> None:
+        self.path, self.config = Path(path), config
+        self.layout = detect_layout(self.path)
+        self._files: dict[str, Path] = {}  # on-disk name -> its file
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.path / file for name, file in weight_map.items()}
+        else:
+            for file in checkpoint_files(self.path):
+                with safe_open(str(file), framework="pt", device="cpu") as reader:
+                    self._files.update(dict.fromkeys(reader.keys(), file))
+        self._stack = ExitStack()
+        self._readers: dict[Path, object] = {}
+
+    def __enter__(self) -> CheckpointSlicer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._stack.close()
+
+    def _locate(self, name: str) -> tuple[str, bool, int, int | None]:
+        """(on-disk name, stored transposed, offset and width of this part along the fused output dim)."""
+        if self.layout == "pt":
+            return name, False, 0, None
+        source = disk_name(name, "paddle")
+        # the rule of `_from_paddle`: every 2-D weight but the embedding is stored [in, out]
+        ndim = len(self._slice(source).get_shape())
+        transposed = ndim == 2 and name.endswith(".weight") and name != "model.embed_tokens.weight"
+        c = self.config
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        parts = {".q_proj.": (0, q), ".k_proj.": (q, kv), ".v_proj.": (q + kv, kv)}
+        for part, (offset, width) in parts.items():
+            if ".self_attn" + part in name:
+                return source, transposed, offset, width
+        if source.endswith((".up_gate_proj.weight", ".up_gate_proj.bias")):
+            half = self._slice(source).get_shape()[ndim - 1 if transposed else 0] // 2
+            return source, transposed, (0 if ".gate_proj." in name else half), half
+        return source, transposed, 0, None
+
+    def _slice(self, source: str):  # noqa: ANN202 - safetensors' PySafeSlice has no public type
+        file = self._files.get(source)
+        if file is None:
+            raise CheckpointError(f"checkpoint {self.path} is missing tensor {source!r}")
+        reader = self._readers.get(file)
+        if reader is None:
+            reader = self._readers[file] = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+        return reader.get_slice(source)  # type: ignore[attr-defined]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The -PT shape of the whole tensor `name` (from the file's header; no data is read)."""
+        source, transposed, _, width = self._locate(name)
+        shape = list(self._slice(source).get_shape())
+        if transposed:
+            shape.reverse()
+        if width is not None:
+            shape[0] = width
+        return tuple(shape)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        """Rows (`dim` 0) or columns (`dim` 1) `start:stop` of the -PT tensor `name`, in -PT orientation; the whole
+        tensor when `dim` is None."""
+        source, transposed, offset, width = self._locate(name)
+        sliced = self._slice(source)
+        ndim = len(sliced.get_shape())
+        ranges = [slice(None)] * ndim
+        out_dim = ndim - 1 if transposed else 0  # the -PT dim 0 on disk
+        if width is not None:
+            ranges[out_dim] = slice(offset, offset + width)
+        if dim is not None:
+            disk_dim = ndim - 1 - dim if transposed else dim
+            base = ranges[disk_dim].start or 0
+            ranges[disk_dim] = slice(base + start, base + stop)
+        tensor = sliced[tuple(ranges)]
+        if tensor.dtype == torch.uint16:  # raw bf16 bits (-Paddle)
+            tensor = tensor.view(torch.bfloat16)
+        return tensor.t() if transposed else tensor

@@ -503,6 +503,21 @@ def _read_prompts(prompts: Sequence[str]) -> list[str]:
     return [sys.stdin.read() if p == "-" else p for p in prompts]
 
 
+def _torchrun_worker() -> bool:
+    """Whether torchrun started this process as a rank above 0: it then serves rank 0 instead of the command."""
+    return int(os.environ.get("RANK", "0")) > 0 and "WORLD_SIZE" in os.environ
+
+
+def _serve_torchrun_worker(settings: EngineSettings) -> int:
+    from ernie_serve.backends.torch.distributed import serve_torchrun_worker
+
+    try:
+        return serve_torchrun_worker(settings)
+    except UserError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from ernie_serve.core.sampling_params import SamplingParamsError
 
@@ -524,6 +539,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _error(f"{_SAMPLING_FLAGS.get(exc.param, exc.param)}: {exc}")
         return EXIT_USAGE
     configure_logging(settings.log_format, args.log_level)
+    if _torchrun_worker():
+        return _serve_torchrun_worker(settings)
     prompts = _read_prompts(args.prompts)
 
     from ernie_serve.llm import LLM
@@ -589,6 +606,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             sys.stderr.write(line + "\n")
         return EXIT_USAGE
     configure_logging(engine_settings.log_format, args.log_level)
+    if _torchrun_worker():
+        return _serve_torchrun_worker(engine_settings)
 
     import structlog
 

@@ -39,6 +39,18 @@ def describe_capabilities(caps: BackendCapabilities) -> str:
     )
 
 
+def parallel_layout(backend_cls: type[Backend]) -> list[str]:
+    """The backend's optional `parallel_layout()` lines (how it splits a model over ranks), guarded like
+    `availability`; none for backends without it or without tensor parallelism."""
+    describe = getattr(backend_cls, "parallel_layout", None)
+    if not backend_cls.capabilities.tensor_parallel or describe is None:
+        return []
+    try:
+        return list(describe())
+    except Exception as exc:
+        return [f"parallel layout unavailable: {type(exc).__name__}: {exc}"]
+
+
 def source(item: Registration[Any] | PluginInfo) -> str:
     """Where a registration or plugin comes from: "ernie-serve 0.1.0 [torch]" (distribution, version, plugin)."""
     dist = f"{item.distribution} {item.version or '?'}" if item.distribution else "unknown distribution"
@@ -72,7 +84,14 @@ def plugins_json(reg: Registry) -> dict[str, Any]:
             for name, info in r.obj.options_class.model_fields.items()
         ]
         backends.append(
-            item(r, available=reason is None, reason=reason, capabilities=asdict(r.obj.capabilities), options=options)
+            item(
+                r,
+                available=reason is None,
+                reason=reason,
+                capabilities=asdict(r.obj.capabilities),
+                options=options,
+                parallel_layout=parallel_layout(r.obj),
+            )
         )
     return {
         "backends": backends,
@@ -110,6 +129,7 @@ def write_report(reg: Registry, out: TextIO) -> None:
         flags = option_flags(r.obj)
         backend_details.append(
             [describe_capabilities(r.obj.capabilities), f"options: {', '.join(flags) if flags else 'none'}"]
+            + parallel_layout(r.obj)
         )
     _table(out, "Backends", backend_rows, backend_details)
     _table(out, "Schedulers", [(r.name, source(r)) for r in reg.schedulers.values()])

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ernie_serve.checkpoint import CheckpointError, detect_layout, disk_name, iter_checkpoint
+from ernie_serve.checkpoint import CheckpointError, CheckpointSlicer, detect_layout, disk_name, iter_checkpoint
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.testing.checkpoints import TINY_SHAPES
 
@@ -91,3 +91,24 @@ def test_disk_names_of_pt_names() -> None:
     )
     assert disk_name("lm_head.weight", "paddle") == "lm_head.weight"
     assert disk_name("model.layers.3.self_attn.k_proj.bias", "pt") == "model.layers.3.self_attn.k_proj.bias"
+
+
+@pytest.mark.parametrize("shape", ["moe_shared_tied", "dense_bias_headdim"])
+def test_slices_of_either_layout_equal_slices_of_the_whole_tensors(tiny_checkpoint, paddle_checkpoint, shape) -> None:
+    """What a tensor-parallel rank reads: rows or columns of one -PT tensor, from a fused, transposed -Paddle
+    tensor as from the -PT original."""
+    pt = tiny_checkpoint(shape, torch.bfloat16)
+    whole = _tensors(pt)
+    config = ModelConfig.from_pretrained(pt)
+    for path in (pt, paddle_checkpoint(shape)):
+        with CheckpointSlicer(path, config) as checkpoint:
+            for name, tensor in whole.items():
+                assert checkpoint.shape(name) == tuple(tensor.shape), (path, name)
+                assert torch.equal(checkpoint.read(name).float(), tensor), (path, name)
+                half = tensor.shape[0] // 2
+                assert torch.equal(checkpoint.read(name, 0, half, tensor.shape[0]).float(), tensor[half:]), name
+                if tensor.dim() == 2:
+                    part = checkpoint.read(name, 1, 3, 9).float()
+                    assert torch.equal(part, tensor[:, 3:9]), (path, name)
+        with CheckpointSlicer(path, config) as checkpoint, pytest.raises(CheckpointError, match="missing tensor"):
+            checkpoint.read("model.layers.99.mlp.down_proj.weight")

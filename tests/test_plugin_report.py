@@ -25,6 +25,10 @@ class FrobBackend(Backend):
     )
     options_class: ClassVar[type[BackendOptions]] = FrobOptions
 
+    @classmethod
+    def parallel_layout(cls) -> list[str]:
+        return ["split: every frob over the ranks"]
+
     def load(self, model_config: Any, settings: Any, model_path: Any, options: Any) -> None: ...
     def kv_cache_spec(self) -> Any: ...
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None: ...
@@ -63,12 +67,14 @@ def test_text_report() -> None:
         "  frob      frob-serve 1.2 [frob]  available\n"
         "            prefix caching: no; quantization: wint8, wint4; tensor parallel: yes; devices: cpu, cuda\n"
         "            options: --frob-level, --frob-cache-dir\n"
+        "            split: every frob over the ranks\n"
         "  gpu-only  frob-serve 1.2 [frob]  unavailable: needs an NVIDIA GPU\n"
         "            prefix caching: yes; quantization: none; tensor parallel: no; devices: cpu\n"
         "            options: none\n"
         "  shaky     frob-serve 1.2 [frob]  unavailable: availability check failed: RuntimeError: probe crashed\n"
         "            prefix caching: no; quantization: wint8, wint4; tensor parallel: yes; devices: cpu, cuda\n"
         "            options: --frob-level, --frob-cache-dir\n"
+        "            split: every frob over the ranks\n"
         "Schedulers:\n"
         "  fcfs  ernie-serve 0.1.0 [schedulers]\n"
         "Models (torch backend architectures):\n"
@@ -103,6 +109,7 @@ def test_json_report() -> None:
             {"name": "frob_level", "flag": "--frob-level", "help": "how hard to frob"},
             {"name": "frob_cache_dir", "flag": "--frob-cache-dir", "help": None},
         ],
+        "parallel_layout": ["split: every frob over the ranks"],
     }
     assert [(b["name"], b["available"], b["reason"]) for b in doc["backends"][1:]] == [
         ("gpu-only", False, "needs an NVIDIA GPU"),

@@ -8,6 +8,8 @@ import structlog
 import torch
 from pydantic import Field
 
+from ernie_serve.backends.torch import parallel
+from ernie_serve.backends.torch.distributed import ParallelRuntime, RankEnv, torchrun_env
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
 from ernie_serve.backends.torch.malloc import HeapTrimmer
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
@@ -19,7 +21,7 @@ from ernie_serve.core.backend import (
     KVCacheSpec,
 )
 from ernie_serve.core.config import EngineSettings, ModelConfig
-from ernie_serve.core.errors import BackendOutOfMemoryError
+from ernie_serve.core.errors import BackendOutOfMemoryError, EngineFatalError
 from ernie_serve.core.plan import StepPlan
 from ernie_serve.core.plugins import get_model_class
 from ernie_serve.quantization import QuantSpec
@@ -74,6 +76,11 @@ class TorchOptions(BackendOptions):
         "after a step, which give the memory oneDNN's per-shape kernels free back to the OS (flat RSS in a "
         "long-running server, about 1% of its time); 0 never trims (docs/reliability.md, Soak)",
     )
+    enable_expert_parallel: bool = Field(
+        False,
+        description="torch backend with --tensor-parallel-size N: split the routed experts by expert over the ranks "
+        "(E/N whole experts each) instead of splitting every expert's width (docs/parallelism.md)",
+    )
 
 
 def peak_rss_bytes() -> int:
@@ -83,10 +90,34 @@ def peak_rss_bytes() -> int:
 
 class TorchBackend(Backend):
     name = "torch"
-    capabilities = BackendCapabilities(prefix_caching=True, quantization=("wint8", "wint4"), devices=("cpu", "cuda"))
+    capabilities = BackendCapabilities(
+        prefix_caching=True, quantization=("wint8", "wint4"), tensor_parallel=True, devices=("cpu", "cuda")
+    )
     options_class = TorchOptions
 
-    def __init__(self) -> None:
+    @classmethod
+    def parallel_layout(cls) -> list[str]:
+        """Read by `ernie-serve plugins` (optional for backends): how `--tensor-parallel-size N` splits the
+        model over ranks, and what it would run on here. The start-up log gives the layout of a loaded model."""
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [
+            "tensor parallel: rank 0 in the engine process, ranks 1..N-1 spawned on this host, or every rank "
+            "started by torchrun across hosts; collectives over gloo on cpu, nccl on cuda "
+            f"(here: cpu, {gpus} CUDA device{'s' if gpus != 1 else ''})",
+            "split: q/k/v column-parallel and o_proj row-parallel by heads (KV heads split, or replicated when "
+            "fewer than N), MLP and shared experts gate/up column / down row, embedding and LM head by vocab rows; "
+            "routed experts by width, or by expert with --enable-expert-parallel",
+        ]
+
+    def __init__(self, rank_env: RankEnv | None = None) -> None:
+        """`rank_env`: set for a tensor-parallel worker rank (backends/torch/distributed.py); the engine's
+        backend is rank 0, or a torchrun rank read from the environment."""
+        self.rank_env = rank_env
+        # With --tensor-parallel-size above 1: this rank's connection to the others, and what it holds.
+        self.runtime: ParallelRuntime | None = None
+        self.layout: parallel.ParallelLayout | None = None
+        self.rank_weight_bytes: dict[int, dict[str, int | str]] = {}  # per rank (rank 0: all): split/replicated
+        self._released: list[str] = []  # released since the last step, sent to the workers with the next plan
         self.model: ErnieForCausalLM | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
@@ -102,6 +133,73 @@ class TorchBackend(Backend):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, model_config.dtype, self.device)
         self.config = model_config
+        if settings.tensor_parallel_size > 1:
+            self._start_ranks(model_config, settings, model_path, options)
+        elif options.enable_expert_parallel:
+            log.warning("--enable-expert-parallel has no effect with --tensor-parallel-size 1")
+        try:
+            self._load(model_config, settings, model_path, options)
+            if self.runtime is not None:
+                self._report_ranks(model_config)
+        except BaseException:
+            if self.runtime is not None and self.runtime.rank == 0:
+                self.runtime.abort()  # the workers stop too (one may be the cause)
+            raise
+
+    def _start_ranks(
+        self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None, options: TorchOptions
+    ) -> None:
+        """Plan this rank's shard (refusing a checkpoint that does not split, before any worker starts), then
+        join the other ranks: spawn them on this host, or meet them under torchrun."""
+        world = settings.tensor_parallel_size
+        env = self.rank_env or torchrun_env()
+        if env is not None and env.world_size != world:
+            raise parallel.ParallelConfigError(
+                f"--tensor-parallel-size {world} but the launcher started {env.world_size} ranks (WORLD_SIZE): "
+                "they must be equal"
+            )
+        rank = env.rank if env is not None else 0
+        self.layout = parallel.ParallelLayout.plan(model_config, rank, world, options.enable_expert_parallel)
+        if self.device.type == "cuda":  # one device per rank, numbered on each host
+            self.device = torch.device("cuda", env.local_rank if env is not None else 0)
+            torch.cuda.set_device(self.device)
+        # A collective waits only for the other ranks to reach it, a small part of a step: one that waits half
+        # the step timeout has a hung or dead rank, and failing then leaves time to name the rank before the
+        # engine's step watchdog gives up on the whole step.
+        timeout = settings.engine_step_timeout / 2
+        if env is None:
+            payload = {
+                "model_config": model_config,
+                "settings": settings,
+                "model_path": model_path,
+                "options": options,
+                "threads": torch.get_num_threads(),  # a worker computes with as many threads as rank 0
+            }
+            self.runtime = ParallelRuntime.start(world, payload, self.device, timeout)
+        else:
+            self.runtime = ParallelRuntime.join(env, self.device, timeout)
+        self.config = self.layout.local_config(model_config)
+
+    def _report_ranks(self, model_config: ModelConfig) -> None:
+        """After loading: workers report their weight bytes; rank 0 waits for all of them and logs the layout."""
+        assert self.runtime is not None and self.layout is not None and self.model is not None
+        mine: dict[str, int | str] = {**parallel.split_weight_bytes(self.model), "device": str(self.device)}
+        if self.runtime.rank:
+            self.runtime.report_loaded(mine)
+            return
+        self.rank_weight_bytes = {0: mine, **self.runtime.wait_loaded()}
+        log.info(
+            "tensor-parallel layout",
+            ranks=self.layout.world_size,
+            launched_by="torchrun" if self.runtime.env.torchrun else "ernie-serve",
+            devices=[self.rank_weight_bytes[r]["device"] for r in sorted(self.rank_weight_bytes)],
+            worker_pids={r: p.pid for r, p in self.runtime.workers.items()},  # spawned ones; none under torchrun
+            **self.layout.describe(model_config),
+        )
+
+    def _load(
+        self, model_config: ModelConfig, settings: EngineSettings, model_path: str | None, options: TorchOptions
+    ) -> None:
         # the architecture is looked up in the plugin registry, so a plugin can register its own model class
         model_cls = get_model_class(model_config.architecture)
         quant = {}
@@ -114,8 +212,15 @@ class TorchBackend(Backend):
             }
             log.info("quantizing weights while loading", scheme=spec.describe(), lm_head=options.quantize_lm_head)
         # quantized layers are built quantized and filled tensor by tensor: no full-precision copy ever exists
-        self.model = model_cls(model_config, self.dtype, self.device, **quant).eval()
-        if model_path is None:
+        self.model = model_cls(self.config, self.dtype, self.device, **quant).eval()
+        if self.layout is not None:
+            assert self.runtime is not None
+            parallel.shard(self.model, self.layout, self.runtime.collectives)
+            if model_path is None:
+                parallel.init_dummy_shard(self.model, model_config, self.layout, settings.seed)
+            else:
+                parallel.load_shard(self.model, model_path, model_config, self.layout)
+        elif model_path is None:
             init_dummy_weights(self.model, settings.seed)
         else:
             load_safetensors(self.model, model_path)
@@ -156,7 +261,9 @@ class TorchBackend(Backend):
         return KVCacheSpec(bytes_per_token=per_token, device_free_bytes=free)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        c = self.config
+        if self.runtime is not None and self.runtime.rank == 0:
+            self.runtime.send(("allocate", num_blocks, block_size), wait_for_ack=True)
+        c = self.config  # under tensor parallelism, this rank's KV heads only
         shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)  # [N, K, D]
         self.block_size = block_size
         # Uninitialized on purpose (no page is touched until used): a block is zeroed when its first slot is
@@ -169,8 +276,23 @@ class TorchBackend(Backend):
             for _ in range(c.num_hidden_layers)
         ]
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
+        runtime = self.runtime
+        if runtime is None or runtime.rank:
+            return self._execute(plan)
+        # Rank 0: every rank runs the same plan. Any failure now may leave the ranks in different collectives,
+        # so it ends the engine (a supervisor restarts the server) rather than only this step's requests.
+        try:
+            runtime.send(("execute", plan, self._released))
+            self._released = []
+            return self._execute(plan)
+        except Exception as exc:
+            reason = runtime.diagnose()
+            log.error("a tensor-parallel step failed", reason=reason, error=f"{type(exc).__name__}: {exc}")
+            raise EngineFatalError(f"a tensor-parallel step failed: {reason}") from exc
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> torch.Tensor:
         assert self.model is not None, "execute before load"
         try:
             input_ids, positions, sample_rows, meta = self._prepare(plan)
@@ -193,6 +315,8 @@ class TorchBackend(Backend):
     def release(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self._tables.pop(request_id, None)
+        if self.runtime is not None and self.runtime.rank == 0:
+            self._released += request_ids
 
     def _table(self, request_id: str, new_block_ids: list[int], is_new: bool) -> torch.Tensor:
         """The request's block table after this step's additions."""
@@ -271,3 +395,6 @@ class TorchBackend(Backend):
         self.kv_caches = []
         self._tables.clear()
         self.model = None
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None

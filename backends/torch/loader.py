@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from ernie_serve.backends.torch.model import ErnieForCausalLM
 from ernie_serve.checkpoint import CheckpointError, detect_layout, disk_name, iter_checkpoint
 from ernie_serve.logging import progress
 
-__all__ = ["CheckpointError", "init_dummy_weights", "load_safetensors"]
+__all__ = ["CheckpointError", "dummy_tensor", "init_dummy_weights", "load_safetensors"]
 
 
 @torch.inference_mode()
@@ -45,13 +46,16 @@ def load_safetensors(model: ErnieForCausalLM, path: str | Path) -> None:
 @torch.inference_mode()
 def init_dummy_weights(model: ErnieForCausalLM, seed: int) -> None:
     """Random weights of the real shape (norms 1, correction bias 0): for benchmarks without downloads."""
-    generator = torch.Generator().manual_seed(seed)
-    targets = list(model.checkpoint_targets())
-    for name, target in progress(targets, "initializing dummy weights", unit="tensor"):
-        if name.endswith("norm.weight"):
-            target.fill_(1.0)
-        elif name.endswith("e_score_correction_bias"):
-            target.zero_()
-        else:
-            chunk = torch.empty(target.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
-            target.copy_(chunk)
+    for name, target in progress(list(model.checkpoint_targets()), "initializing dummy weights", unit="tensor"):
+        target.copy_(dummy_tensor(name, tuple(target.shape), seed))
+
+
+def dummy_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The dummy checkpoint tensor `name`: norms 1, correction bias 0, else N(0, 0.02) from a generator seeded
+    by `seed` and the name, so a tensor-parallel rank draws the same tensor whole and keeps its slice."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith("e_score_correction_bias"):
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)

@@ -9,7 +9,7 @@ V vocab, N slots in the KV pool (blocks x block size), B requests in a batched a
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,18 @@ from ernie_serve.quantization import QuantSpec
 
 # A projection weight: full precision `[in, out]`, or quantized (`--quantization`, see backends/torch/quant.py).
 Weight = torch.Tensor | QuantizedWeight | QuantMatrix
+# The hooks below are None on a single device; backends/torch/parallel.py sets them on one rank's shard.
+Hook = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RowParallelOutput:
+    """Hooks of a block whose output projection may be one rank's share of a row-parallel product."""
+
+    reduce: Hook | None = None  # sums the ranks' partial outputs `[T, H]`
+    adds_residual: bool = True  # False on every rank but one, so the residual (and output bias) count once
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:  # [T, H]
+        return out if self.reduce is None else self.reduce(out)
 
 
 @dataclass
@@ -190,7 +202,7 @@ def rope_interleaved(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(RowParallelOutput, nn.Module):
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, quant: QuantSpec | None = None
     ) -> None:
@@ -254,7 +266,7 @@ class Attention(nn.Module):
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale)
             od = od.reshape(batch, self.num_heads * self.head_dim)  # [B, Q*D]
             if decode_only:
-                return project(od, self.o_weight, self.o_bias, residual, self.o_packed)
+                return self._output(od, residual)
         out = torch.empty_like(q)  # [T, Q, D]
         if meta.decode_rows is not None:
             out.index_copy_(0, meta.decode_rows, od.view(batch, self.num_heads, self.head_dim))
@@ -278,10 +290,14 @@ class Attention(nn.Module):
                     enable_gqa=True,
                 )
             out[rows] = op.squeeze(0).transpose(0, 1)
-        return project(out.flatten(1), self.o_weight, self.o_bias, residual, self.o_packed)  # [T, H]
+        return self._output(out.flatten(1), residual)
+
+    def _output(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, Q*D] -> [T, H]
+        added = residual if self.adds_residual else None
+        return self._finish(project(attended, self.o_weight, self.o_bias, added, self.o_packed))
 
 
-class MLP(nn.Module):
+class MLP(RowParallelOutput, nn.Module):
     """SwiGLU `down(silu(gate(x)) * up(x))` with gate and up fused into one matmul."""
 
     def __init__(
@@ -314,7 +330,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
         gate_up = project(x, self.gate_up_weight, self.gate_up_bias, packed=self.gate_up_packed)  # [T, 2I]
         hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [T, I]
-        return project(hidden, self.down_weight, self.down_bias, residual, self.down_packed)
+        added = residual if self.adds_residual else None
+        return self._finish(project(hidden, self.down_weight, self.down_bias, added, self.down_packed))
 
 
 # Up to this many (token, expert) assignments in a step, the MoE runs as weighted sums of weight rows
@@ -334,7 +351,7 @@ def _token_bag_starts(tokens: int, rows_per_token: int) -> torch.Tensor:
     return torch.arange(tokens) * rows_per_token
 
 
-class SparseMoE(nn.Module):
+class SparseMoE(RowParallelOutput, nn.Module):
     """Top-k routed experts plus optional always-on shared experts.
 
     Routing is float32 with the correction bias used only to choose experts. Tokens are sorted by expert
@@ -365,6 +382,9 @@ class SparseMoE(nn.Module):
         shared = config.moe_num_shared_experts * i
         self.shared = MLP(h, shared, config.use_bias, dtype, device, quant) if shared else None
         self.expert_packed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+        # expert parallelism (parallel.py): computes `residual + this rank's experts' share` instead of the paths
+        # below, which assume every expert is local; takes (x, experts, weights, residual)
+        self.routed_hook: Callable[..., torch.Tensor] | None = None
 
     def pack_weights(self) -> int:
         """Called once after loading: oneDNN copies of every expert's projections for the grouped path (the
@@ -385,6 +405,11 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, H] -> residual + [T, H]
         experts, weights = self.route(x)
+        if not self.adds_residual:  # the routed paths add onto it: a zero start makes this rank's share partial
+            residual = torch.zeros_like(residual)
+        if self.routed_hook is not None:
+            out = self.routed_hook(x, experts, weights, residual)
+            return self._finish(self.shared(x, out) if self.shared is not None else out)
         # (with fbgemm int8 GEMM copies, every step takes the grouped path: at one row they beat the row sums)
         int8_gemm = self.quantized and self.expert_weights[0][0].packed is not None  # type: ignore[union-attr]
         if not int8_gemm and sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
@@ -392,7 +417,7 @@ class SparseMoE(nn.Module):
             out = few_tokens(x, experts, weights, residual)
         else:
             out = self._forward_grouped(x, experts, weights, residual)
-        return self.shared(x, out) if self.shared is not None else out
+        return self._finish(self.shared(x, out) if self.shared is not None else out)
 
     def _forward_grouped(
         self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor
@@ -525,6 +550,10 @@ class ErnieForCausalLM(nn.Module):
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None  # see prepare_for_inference
+        # vocab parallelism (parallel.py): the embedding lookup `[T] -> [T, H]` over this rank's rows, and the
+        # gathering of every rank's logits `[S, V/N]` into `[S, V]` on the rank that samples
+        self.embed_hook: Hook | None = None
+        self.logits_hook: Hook | None = None
         half = config.head_dim // 2
         inv_freq = 1.0 / config.rope_theta ** (
             torch.arange(half, dtype=torch.float32, device=device) * 2 / config.head_dim
@@ -539,20 +568,24 @@ class ErnieForCausalLM(nn.Module):
         meta: AttentionMetadata,
         sample_rows: torch.Tensor,  # [S] rows whose next-token logits are wanted
     ) -> torch.Tensor:  # [S, V] float32
-        x = F.embedding(input_ids, self.embed_weight)  # [T, H]
+        hook = self.embed_hook
+        x = F.embedding(input_ids, self.embed_weight) if hook is None else hook(input_ids)  # [T, H]
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2] cos + i sin
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rotation, kv_cache, meta)
         if sample_rows.shape[0] != x.shape[0]:  # else every row samples, in order
             x = x.index_select(0, sample_rows)
-        x = self.norm(x)  # [S, H]
+        logits = self._lm_head(self.norm(x))  # [S, V]
+        return logits if self.logits_hook is None else self.logits_hook(logits)
+
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V] float32
         if self.lm_head_quantized is not None:
-            return project(x.float(), self.lm_head_quantized)  # [S, V]
+            return project(x.float(), self.lm_head_quantized)
         assert self.lm_head_weight is not None
         if self.lm_head_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.lm_head_packed, None, "none", [], "")  # [S, V]
-        return F.linear(x, self.lm_head_weight).float()  # [S, V]
+            return torch.ops.mkldnn._linear_pointwise(x, self.lm_head_packed, None, "none", [], "")
+        return F.linear(x, self.lm_head_weight).float()
 
     def prepare_for_inference(self) -> int:
         """Called once after the weights are loaded (unless `--no-cpu-weight-prepack`). On CPU in float32, every
@@ -649,4 +682,5 @@ def _mlp_targets(prefix: str, mlp: MLP) -> Iterator[tuple[str, torch.Tensor]]:
     if mlp.gate_up_bias is not None:
         yield f"{prefix}.gate_proj.bias", mlp.gate_up_bias[:n]
         yield f"{prefix}.up_proj.bias", mlp.gate_up_bias[n:]
+    if mlp.down_bias is not None:  # (a tensor-parallel rank but the first has none: rank 0 adds it)
         yield f"{prefix}.down_proj.bias", mlp.down_bias

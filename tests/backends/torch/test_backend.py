@@ -13,9 +13,15 @@ from ernie_serve.core.config import EngineSettings, ModelConfig
 def test_capabilities_and_options_are_declared_on_the_class() -> None:
     capabilities = TorchBackend.capabilities
     assert capabilities.prefix_caching and capabilities.devices == ("cpu", "cuda")
-    assert capabilities.quantization == ("wint8", "wint4") and not capabilities.tensor_parallel
+    assert capabilities.quantization == ("wint8", "wint4") and capabilities.tensor_parallel
     assert TorchBackend.options_class is TorchOptions
-    fields = {"cpu_weight_prepack", "int8_activations", "quantize_lm_head", "cpu_malloc_trim_interval"}
+    fields = {
+        "cpu_weight_prepack",
+        "int8_activations",
+        "quantize_lm_head",
+        "cpu_malloc_trim_interval",
+        "enable_expert_parallel",
+    }
     assert set(TorchOptions.model_fields) == fields
 
 
@@ -37,3 +43,16 @@ def test_the_option_is_read_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("ERNIE_SERVE_CPU_WEIGHT_PREPACK", "0")
     assert TorchOptions().cpu_weight_prepack is False
     assert TorchOptions(cpu_weight_prepack=True).cpu_weight_prepack is True  # a given value beats the env
+
+
+def test_plugins_listing_shows_how_the_model_is_split() -> None:
+    import io
+
+    from ernie_serve.core.plugins import registry
+    from ernie_serve.plugin_report import write_report
+
+    out = io.StringIO()
+    write_report(registry(), out)
+    for line in TorchBackend.parallel_layout():
+        assert line in out.getvalue()
+    assert "torchrun" in TorchBackend.parallel_layout()[0] and "--enable-expert-parallel" in out.getvalue()
