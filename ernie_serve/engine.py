@@ -21,7 +21,7 @@ from ernie_serve.core.errors import EngineFatalError
 from ernie_serve.core.request import Request, RequestOutput, RequestStatus
 from ernie_serve.core.sampling_params import SEED_MAX, SamplingParams, SamplingParamsError
 from ernie_serve.logging import ensure_logging
-from ernie_serve.models import resolve_model
+from ernie_serve.models import num_parameters, resolve_model
 from ernie_serve.output_processor import OutputProcessor
 
 log = structlog.get_logger("ernie_serve.engine")
@@ -52,7 +52,7 @@ class Engine:
             model=settings.model,
             backend=settings.backend,
             scheduler=settings.scheduler,
-            parameters=self.model_config.num_parameters,
+            parameters=num_parameters(self.model_config),
             kv_blocks=self.core.num_blocks,
             kv_tokens=self.core.num_blocks * settings.block_size,
             max_model_len=self.max_model_len,
