@@ -107,6 +107,9 @@ class EngineSettings(BaseSettings):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
     chat_template: str | None = Field(None, description="Jinja chat template file or string")
+    structured_outputs_backend: str = Field(
+        "llguidance", description="registered grammar backend that compiles structured-output requests"
+    )
     engine_step_timeout: float = Field(
         300.0,
         gt=0,

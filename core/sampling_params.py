@@ -5,9 +5,15 @@ Pure Python (no torch): the scheduler and the gateway validate and read these wi
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from ernie_serve.core.errors import UserError
+
+if TYPE_CHECKING:
+    from ernie_serve.core.sampler import LogitsProcessor
 
 # What a torch generator accepts as a seed: any signed or unsigned 64-bit value.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -20,6 +26,40 @@ class SamplingParamsError(UserError, ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's: the output follows a JSON schema, a regex, one of some strings, a lark grammar (llguidance's dialect)
+    or is any JSON object; exactly one is set. Compiled by the frontend's grammar backend (a spec it cannot compile
+    is a `SamplingParamsError` there)."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema, as a dict or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError("structured_outputs", f"structured_outputs: set exactly one of {_ONE_OF}")
+        choices_ok = self.choice is None or all(isinstance(c, str) and c for c in self.choice or [None])
+        if not isinstance(getattr(self, given[0]), _KINDS[given[0]]) or not choices_ok:
+            raise SamplingParamsError(
+                "structured_outputs", f"structured_outputs.{given[0]} is empty or of the wrong type"
+            )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec as text): what the grammar backend compiles, and the key of compiled grammars' cache."""
+        kind = next(kind for kind in _KINDS if getattr(self, kind) not in (None, False))
+        value = getattr(self, kind)
+        return kind, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+_KINDS = {"json": (dict, str), "regex": str, "choice": list, "grammar": str, "json_object": bool}  # and their types
+_ONE_OF = ", ".join(_KINDS)
 
 
 @dataclass
@@ -48,12 +88,18 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # vLLM's name; not implemented: any value is refused
     skip_special_tokens: bool = True  # leave special tokens out of the detokenized text
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
+    # Factories of per-sequence constraints (`LogitsProcessor`), each called once for every sequence the
+    # engine adds (each of `n` gets its own), for callers that constrain tokens without a grammar.
+    logits_processors: list[Callable[[], LogitsProcessor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:
