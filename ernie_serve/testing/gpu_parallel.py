@@ -24,9 +24,8 @@ import torch
 
 from ernie_serve.bench import throughput
 from ernie_serve.bench.workload import bench_checkpoint
-from ernie_serve.core.config import ModelConfig
 from ernie_serve.logging import LOG_LEVELS, configure_logging
-from ernie_serve.models import PRESETS
+from ernie_serve.models import PRESETS, read_model_config
 from ernie_serve.testing.gpu_check import CheckRow, format_table
 
 IDENTITY_PROMPTS = [list(range(10 + i, 10 + i + n)) for i, n in enumerate((5, 17, 40, 64, 9, 31, 100, 3))]
@@ -114,7 +113,7 @@ def run_throughput(args: argparse.Namespace, n: int) -> CheckRow:
 
 
 def _heads(model: str) -> int:
-    config = PRESETS.get(model) or ModelConfig.from_pretrained(model)
+    config = PRESETS.get(model) or read_model_config(model)
     return config.num_attention_heads
 
 

@@ -64,9 +64,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None, messa
             "'tools' is not supported yet by ernie-serve",
         ),
         (
-            {"messages": MESSAGES, "response_format": {"type": "json_object"}},
-            "response_format",
-            "response_format type 'json_object' is not supported yet: only 'text' is",
+            {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"schema": []}}},
+            "response_format.json_schema.schema",
+            "response_format.json_schema.schema: Input should be an object",
         ),
         (
             {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},

@@ -15,7 +15,8 @@ import torch
 from ernie_serve.backends.torch.backend import TorchBackend, TorchOptions
 from ernie_serve.backends.torch.distributed import RankEnv, exit_reason
 from ernie_serve.backends.torch.parallel import ParallelConfigError
-from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.models import read_model_config
 
 
 def _generate(*launcher: str, checkpoint: str, flags: list[str]) -> subprocess.CompletedProcess[str]:
@@ -41,7 +42,7 @@ def test_torchrun_runs_rank_0_as_the_command_and_the_others_as_workers(tiny_chec
 
 def test_a_launcher_world_size_other_than_the_flag_is_refused_at_start(tiny_checkpoint) -> None:
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     backend = TorchBackend(rank_env=RankEnv(0, 4, 0, "127.0.0.1", 1, torchrun=True))
     settings = EngineSettings(model=str(checkpoint), device="cpu", tensor_parallel_size=2)
     with pytest.raises(ParallelConfigError, match=r"--tensor-parallel-size 2 but the launcher started 4 ranks"):

@@ -17,6 +17,7 @@ from ernie_serve.backends.torch.parallel import ParallelConfigError, ParallelLay
 from ernie_serve.backends.torch.quant import QuantizedWeight
 from ernie_serve.checkpoint import CheckpointError, CheckpointSlicer
 from ernie_serve.core.config import ModelConfig
+from ernie_serve.models import read_model_config
 from ernie_serve.quantization import QuantSpec
 
 # a shared 40-token prefix (prefix-cache hits), prompts longer than a step (chunked prefill)
@@ -168,7 +169,7 @@ def test_with_quantization_each_rank_quantizes_its_own_slice(tiny_checkpoint, sc
         assert sharded.generate({"prompt_token_ids": [5, 6, 7]}, PARAMS)[0].outputs[0].finish_reason == "length"
         attn = sharded.engine.core.backend.model.layers[0].attn
         qkv, o = attn.qkv_weight.dequantized(), attn.o_weight.dequantized()  # [(Q+2K)*D/2, H], [H, Q*D/2]
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     assert torch.equal(qkv[: q // 2], whole_qkv[: q // 2])  # rank 0's query heads
     assert torch.equal(qkv[q // 2 : q // 2 + kv // 2], whole_qkv[q : q + kv // 2])  # its KV head
