@@ -1,14 +1,13 @@
-"""Model configuration (from a checkpoint's config.json or a named preset) and engine settings.
+"""Model configuration and engine settings.
 
-`ModelConfig` is plain data; `EngineSettings` is a pydantic-settings model, so every option can come from a
+`ModelConfig` is plain data (read from a checkpoint's config.json by `ernie_serve.models.read_model_config`, or a
+named preset); `EngineSettings` is a pydantic-settings model, so every option can come from a
 keyword argument, an `ERNIE_SERVE_*` environment variable or a CLI flag, validated in one place.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -74,85 +73,6 @@ class ModelConfig:
         end = self.num_hidden_layers - 1 if self.moe_layer_end_index == -1 else self.moe_layer_end_index
         return (layer + 1) % self.moe_layer_interval == 0 and self.moe_layer_start_index <= layer <= end
 
-    @property
-    def num_parameters(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        for i in range(self.num_hidden_layers):
-            if self.is_moe_layer(i):
-                mlp = 3 * h * self.moe_intermediate_size * (self.moe_num_experts + self.moe_num_shared_experts)
-                mlp += self.moe_num_experts * h
-            else:
-                mlp = 3 * h * self.intermediate_size
-            total += attn + mlp + 2 * h
-        return total + h
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelConfigError(
-                f"unsupported model_type {model_type!r}: ernie-serve serves {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-            )
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope_theta = raw.get("rope_theta", rope.get("rope_theta", 500000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ModelConfigError(f"unsupported rope_type {rope_type!r}: only the default RoPE is implemented")
-        heads = raw["num_attention_heads"]
-        eos = raw.get("eos_token_id", 2)
-        known = {f for f in cls.__dataclass_fields__}
-        try:
-            config = cls(
-                model_type=model_type,
-                vocab_size=raw["vocab_size"],
-                hidden_size=raw["hidden_size"],
-                intermediate_size=raw["intermediate_size"],
-                num_hidden_layers=raw["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=raw.get("num_key_value_heads") or heads,
-                head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-                hidden_act=raw.get("hidden_act", "silu"),
-                max_position_embeddings=raw.get("max_position_embeddings", 131072),
-                rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
-                use_bias=bool(raw.get("use_bias", False)),
-                tie_word_embeddings=raw.get("tie_word_embeddings", True),
-                rope_theta=float(rope_theta),
-                moe_intermediate_size=raw.get("moe_intermediate_size", 0) or 0,
-                moe_k=raw.get("moe_k", 0) or 0,
-                moe_num_experts=raw.get("moe_num_experts", 0) or 0,
-                moe_num_shared_experts=raw.get("moe_num_shared_experts", 0) or 0,
-                moe_layer_start_index=raw.get("moe_layer_start_index", 0) or 0,
-                moe_layer_end_index=raw.get("moe_layer_end_index", -1),
-                moe_layer_interval=raw.get("moe_layer_interval", 1) or 1,
-                moe_norm_min=raw.get("moe_norm_min", 1e-12),
-                pad_token_id=raw.get("pad_token_id", 0) or 0,
-                bos_token_id=raw.get("bos_token_id", 1),
-                eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
-                dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
-                extra={k: v for k, v in raw.items() if k not in known},
-            )
-        except KeyError as missing:
-            raise ModelConfigError(f"config.json lacks the required field {missing.args[0]!r}") from None
-        if config.hidden_act != "silu":
-            raise ModelConfigError(f"unsupported hidden_act {config.hidden_act!r}: ERNIE 4.5 uses silu")
-        if heads % config.num_key_value_heads:
-            raise ModelConfigError(
-                f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-                f"({config.num_key_value_heads})"
-            )
-        if config.is_moe and not 0 < config.moe_k <= config.moe_num_experts:
-            raise ModelConfigError(f"moe_k ({config.moe_k}) must be in 1..moe_num_experts")
-        return config
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise ModelConfigError(f"{path} has no config.json: not a HuggingFace-format checkpoint")
-        return cls.from_dict(json.loads(config_file.read_text()))
-
 
 class EngineSettings(BaseSettings):
     """Every engine option. Field names are FastDeploy/vLLM flag names with `_` for `-`."""
@@ -187,6 +107,9 @@ class EngineSettings(BaseSettings):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="tensor-parallel ranks")
     chat_template: str | None = Field(None, description="Jinja chat template file or string")
+    structured_outputs_backend: str = Field(
+        "llguidance", description="registered grammar backend that compiles structured-output requests"
+    )
     engine_step_timeout: float = Field(
         300.0,
         gt=0,

@@ -232,29 +232,13 @@ class EngineCore:
 
 
 def request_metrics(request: Request) -> dict[str, float]:
-    """Timings of a finished request (monotonic seconds): arrival_time, first_scheduled_time, first_token_time,
-    last_token_time, finished_time, queue_time, time_to_first_token, e2e_latency, mean_inter_token_latency, and counts:
-    num_cached_tokens, num_prompt_tokens, num_generation_tokens, num_preemptions."""
-    metrics = {
-        "arrival_time": request.arrival_time,
-        "num_cached_tokens": float(request.num_cached_tokens),
-        "num_prompt_tokens": float(request.num_prompt_tokens),
-        "num_generation_tokens": float(request.num_output_tokens),
-        "num_preemptions": float(request.num_preemptions),
-    }
+    """A finished request's stamps (monotonic seconds: arrival_time and those of first_scheduled_time,
+    first_token_time, last_token_time, finished_time that were set) and counts (num_cached_tokens,
+    num_prompt_tokens, num_generation_tokens, num_preemptions). The output processor derives latencies from them."""
+    metrics = {"arrival_time": request.arrival_time, "num_generation_tokens": float(request.num_output_tokens)}
+    for name in ("num_cached_tokens", "num_prompt_tokens", "num_preemptions"):
+        metrics[name] = float(getattr(request, name))
     for name in ("first_scheduled_time", "first_token_time", "last_token_time", "finished_time"):
-        value = getattr(request, name)
-        if value is not None:
-            metrics[name] = value
-    if request.first_scheduled_time is not None:
-        metrics["queue_time"] = request.first_scheduled_time - request.arrival_time
-    if request.first_token_time is not None:
-        metrics["time_to_first_token"] = request.first_token_time - request.arrival_time
-    if request.finished_time is not None:
-        metrics["e2e_latency"] = request.finished_time - request.arrival_time
-    if request.first_token_time is not None and request.last_token_time is not None and request.num_output_tokens > 1:
-        # the gaps between successive tokens add up to last minus first
-        metrics["mean_inter_token_latency"] = (request.last_token_time - request.first_token_time) / (
-            request.num_output_tokens - 1
-        )
+        if getattr(request, name) is not None:
+            metrics[name] = getattr(request, name)
     return metrics

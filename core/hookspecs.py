@@ -3,7 +3,7 @@
 A plugin is a module with functions decorated `@hookimpl` whose names match the hooks below, named by an
 entry point in the `ernie_serve` group: `[project.entry-points.ernie_serve] myplugin = "my_pkg.plugin"`.
 The built-ins are declared the same way in ernie-serve's own pyproject.toml (`schedulers`, `torch`, `onnx`,
-`web_search`, `ernie45`) and found the same way (`ernie_serve.core.plugins`).
+`web_search`, `llguidance`, `ernie45`) and found the same way (`ernie_serve.core.plugins`).
 
 Each hook receives a `register` callback instead of returning values, so a plugin can register any number
 of things and the registry records which plugin provided each one. Hooks are called once per process, when
@@ -44,6 +44,7 @@ RequestTransform = Callable[[Any], Any]
 RegisterBackend = Callable[[str, "type[Backend]"], None]
 RegisterScheduler = Callable[[str, "type[Scheduler]"], None]
 RegisterModel = Callable[[str, type], None]
+RegisterGrammarBackend = Callable[[str, type], None]
 RegisterRoute = Callable[[RouteLike], None]
 RegisterRequestTransform = Callable[[str, RequestTransform], None]
 RegisterParser = Callable[[str, str, type], None]  # (kind: "reasoning" or "tool_call", name, parser class)
@@ -77,6 +78,17 @@ def register_models(register: RegisterModel) -> None:
     Called once when the registry is built. `architecture_name` is the HuggingFace `architectures[0]` of a
     checkpoint's config.json (e.g. "Ernie4_5_MoeForCausalLM"); the torch backend looks the class up by the
     loaded `ModelConfig.architecture` and constructs it.
+    """
+
+
+@hookspec
+def register_grammar_backends(register: RegisterGrammarBackend) -> None:
+    """Register grammar backends for structured output: `register(name, cls)`, `cls` an
+    `ernie_serve.structured_output.GrammarBackend` subclass.
+
+    Called once when the registry is built. `name` is what `--structured-outputs-backend` selects (default
+    "llguidance"). The frontend makes one instance per engine, at the first structured-output request, and
+    compiles specs with it on worker threads; its matchers run on the engine thread as `LogitsProcessor`s.
     """
 
 

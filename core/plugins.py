@@ -79,6 +79,7 @@ class Registry:
     backends: dict[str, Registration[type[Backend]]] = field(default_factory=dict)
     schedulers: dict[str, Registration[type[Scheduler]]] = field(default_factory=dict)
     models: dict[str, Registration[type]] = field(default_factory=dict)  # architecture name -> model class
+    grammar_backends: dict[str, Registration[type]] = field(default_factory=dict)  # name -> GrammarBackend class
     gateway_routes: list[Registration[Any]] = field(default_factory=list)  # name = the route's path
     request_transforms: dict[str, Registration[Callable[[Any], Any]]] = field(default_factory=dict)
     parsers: dict[str, Registration[type]] = field(default_factory=dict)  # "reasoning:ernie45", "tool_call:ernie45"
@@ -207,6 +208,7 @@ def _run_hooks(pm: pluggy.PluginManager, plugin: Any, items: list[tuple[str, str
         "register_backends": backend,
         "register_schedulers": add("schedulers", "scheduler", Scheduler),
         "register_models": add("models", "model", object),
+        "register_grammar_backends": add("grammar_backends", "grammar backend", object),
         "register_gateway_routes": route,
         "register_request_transforms": add("request_transforms", "request transform", None),
         "register_parsers": lambda kind, name, cls: add("parsers", f"{kind} parser", object)(f"{kind}:{name}", cls),
@@ -255,6 +257,11 @@ def get_backend_class(name: str) -> type[Backend]:
 def get_scheduler_class(name: str) -> type[Scheduler]:
     """The scheduler class registered as `name` (what `--scheduler` selects); `UnknownPluginError` if none."""
     return _lookup("scheduler", registry().schedulers, name)
+
+
+def get_grammar_backend_class(name: str) -> type:
+    """The grammar backend class registered as `name` (`--structured-outputs-backend`); `UnknownPluginError`."""
+    return _lookup("grammar backend", registry().grammar_backends, name)
 
 
 def get_model_class(architecture: str) -> type:

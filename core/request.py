@@ -8,8 +8,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ernie_serve.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ernie_serve.core.sampler import LogitsProcessor
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +50,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # its own, made by the frontend
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,12 +1,14 @@
 """Token sampling, once for every backend: penalties, min_tokens, temperature, top-k/top-p/min-p, per-request
-seeds, and vLLM-shaped logprobs, on the logits' device for the whole batch: only the chosen ids and the asked-for
-logprobs cross to the host. Logprobs are those of the raw distribution (log-softmax of the logits before penalties
-and temperature), as vLLM reports them. All work is float32. Shapes: B rows, V vocabulary, P rows with penalties,
+seeds, per-sequence constraints (`LogitsProcessor`) and vLLM-shaped logprobs, on the logits' device for the whole
+batch: only the chosen ids, the asked-for logprobs and the constraints' bitmasks cross. Logprobs are those of the raw
+distribution (log-softmax of the logits before penalties, constraints and temperature), as vLLM reports them. All work
+is float32. Shapes: B rows, V vocabulary, P rows with penalties, C constrained rows, W = ceil(V / 32) bitmask words,
 R rows sampled at random, L rows asking for logprobs, K the most top logprobs one of them asks for.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,32 @@ from ernie_serve.core.request import Logprob, Request
 from ernie_serve.core.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+
+
+class LogitsProcessor(ABC):
+    """One sequence's constraint on its next token: a grammar matcher, or anything simpler (force `</think>`).
+
+    Made per sequence by the frontend when it adds the request (each of `n` its own), from the compiled
+    `structured_outputs` and `SamplingParams.logits_processors`' factories. On the engine thread, in each step in
+    which its sequence samples, the sampler calls `fill_bitmask`, samples, then calls `accept_token`; the
+    scheduler then ends the sequence ("stop") if `is_finished`. It sees each output token once, in order, so its
+    state follows the request's tokens (preemption keeps them: nothing to undo).
+    """
+
+    @abstractmethod
+    def fill_bitmask(self, bitmask: torch.Tensor) -> bool:
+        """`bitmask`: an int32 CPU row `[W]`, all bits set; token t is bit t % 32 of word t // 32. Clear the bits
+        of the tokens not allowed next (`ernie_serve.structured_output.allow_only` keeps a few) and return True,
+        or return False to leave this step unconstrained. Eos can end the sequence only where its bit is set."""
+
+    @abstractmethod
+    def accept_token(self, token_id: int) -> None:
+        """The sequence's new token (one the mask allowed)."""
+
+    @property
+    def is_finished(self) -> bool:
+        """Read after `accept_token`: True ends the sequence, e.g. once its grammar takes no more tokens."""
+        return False
 
 
 @dataclass
@@ -49,7 +77,8 @@ class Sampler:
         vocab, device = raw.shape[-1], raw.device
         penalized = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
         stops = [(i, t) for i, r in enumerate(requests) for t in _early_stops(r) if 0 <= t < vocab]
-        logits = raw.clone() if penalized or stops else raw  # [B, V]
+        constrained, bitmask = _bitmasks(requests, vocab)  # [C], [C, W] on the host
+        logits = raw.clone() if penalized or stops or constrained else raw  # [B, V]
         if penalized:
             self._apply_penalties(logits, requests, states, penalized)
         elif self._counted:  # no penalties this step: let go of the counts table and the states it holds
@@ -57,6 +86,11 @@ class Sampler:
         if stops:  # until `min_tokens` exist, the tokens that would end a request cannot be sampled
             index = _index(stops, device)  # [N, 2] (row, token)
             logits[index[:, 0], index[:, 1]] = _NEG_INF
+        if constrained:
+            rows, shifts = _index(constrained, device), torch.arange(32, dtype=torch.int32, device=device)
+            bits = (bitmask.to(device)[:, :, None] >> shifts) & 1  # [C, W, 32]
+            allowed = bits.view(len(constrained), -1)[:, :vocab].bool()  # [C, V]
+            logits[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
 
         token_ids = logits.argmax(dim=-1)  # [B] the greedy rows' tokens; sampled rows are replaced below
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -78,6 +112,9 @@ class Sampler:
             token_ids[rows] = (probs / noise).argmax(dim=-1)
 
         chosen = token_ids.tolist()
+        for request, token in zip(requests, chosen, strict=True):
+            for processor in request.logits_processors:
+                processor.accept_token(token)
         logprobs = _logprobs(raw, token_ids, chosen, [r.sampling_params.logprobs for r in requests])
         return [SampledToken(t, lp) for t, lp in zip(chosen, logprobs, strict=True)]
 
@@ -126,6 +163,22 @@ class Sampler:
 
 def _index(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _bitmasks(requests: list[Request], vocab: int) -> tuple[list[int], torch.Tensor | None]:
+    """The rows some processor constrains this step, and their allowed tokens as bitmasks `[C, W]` on the host.
+    Each processor fills a row of its own; a request's rows are and-ed, so each of its processors has its say."""
+    rows, masks = [], []
+    for i, request in enumerate(requests):
+        mask = None
+        for processor in request.logits_processors:
+            row = torch.full((-(-vocab // 32),), -1, dtype=torch.int32)  # [W]
+            if processor.fill_bitmask(row):
+                mask = row if mask is None else mask.bitwise_and_(row)
+        if mask is not None:
+            rows.append(i)
+            masks.append(mask)
+    return rows, torch.stack(masks) if masks else None
 
 
 def _has_penalties(params: SamplingParams) -> bool:

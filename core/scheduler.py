@@ -280,6 +280,8 @@ class FCFSScheduler(Scheduler):
             and request.num_output_tokens >= params.min_tokens
         ):
             return RequestStatus.FINISHED_STOPPED
+        if any(p.is_finished for p in request.logits_processors):  # its grammar took its last token
+            return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.config.max_model_len:

@@ -1,7 +1,8 @@
 """ernie-serve: a plugin-based serving framework for ERNIE 4.5.
 
-Public API: `LLM`, `SamplingParams`, `RequestOutput`, `CompletionOutput`, the `Scheduler` / `FCFSScheduler`
-and `Backend` interfaces for plugins, and `hookimpl` to register them. Heavy modules (torch) load on first use,
+Public API: `LLM`, `SamplingParams` (with `StructuredOutputsParams`), `RequestOutput`, `CompletionOutput`, the
+`Scheduler` / `FCFSScheduler`, `Backend`, `LogitsProcessor` and `GrammarBackend` interfaces for plugins, and
+`hookimpl` to register them. Heavy modules (torch) load on first use,
 so a plugin module that only needs `hookimpl` imports quickly.
 """
 
@@ -11,7 +12,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from ernie_serve.core.hookspecs import hookimpl
-from ernie_serve.core.sampling_params import SamplingParams
+from ernie_serve.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -30,18 +31,22 @@ _LAZY = {
     "SchedulerConfig": "ernie_serve.core.scheduler",
     "Backend": "ernie_serve.core.backend",
     "KVCacheSpec": "ernie_serve.core.backend",
+    "LogitsProcessor": "ernie_serve.core.sampler",
+    "GrammarBackend": "ernie_serve.structured_output",
 }
 
-__all__ = ["SamplingParams", "hookimpl", "__version__", *_LAZY]
+__all__ = ["SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from ernie_serve.core.backend import Backend, KVCacheSpec
     from ernie_serve.core.config import EngineSettings, ModelConfig
     from ernie_serve.core.request import CompletionOutput, Logprob, Request, RequestOutput
+    from ernie_serve.core.sampler import LogitsProcessor
     from ernie_serve.core.scheduler import FCFSScheduler, Scheduler, SchedulerConfig
     from ernie_serve.engine import Engine
     from ernie_serve.llm import LLM
     from ernie_serve.plugins.schedulers import PriorityScheduler
+    from ernie_serve.structured_output import GrammarBackend
 
 
 def __getattr__(name: str) -> Any:

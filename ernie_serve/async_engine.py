@@ -219,8 +219,17 @@ class AsyncEngine:
         """Add requests together (one API call's prompts: `(token ids, text or None)` each) and return one
         stream of their outputs. Returns once the engine has taken every one of them; if it refuses one (too
         long, bad ids), none is kept and `RequestRejectedError` says which. Called by the gateway for every
-        API call, before its response starts."""
+        API call, before its response starts. A `structured_outputs` spec that does not compile raises its
+        `SamplingParamsError` (a `ValueError`)."""
         arrival = time.monotonic()  # the wait in the command queue counts toward the requests' latencies
+        grammar = None
+        if sampling_params.structured_outputs is not None:
+            # Compiled on a worker thread (cached per spec): neither the event loop nor the engine's steps wait for
+            # it. A spec that does not compile is a `SamplingParamsError`, before anything is added.
+            if self.engine is None or not self.is_ready:
+                raise EngineDeadError("the engine is not running") from self._error
+            compile_spec = self.engine.structured_outputs.compile
+            grammar = await asyncio.to_thread(compile_spec, sampling_params.structured_outputs)
         ids = list(request_ids)
         if len(set(ids)) != len(ids) or any(i in self._streams for i in ids):
             raise ValueError(f"request ids {ids!r} are already in use")
@@ -232,7 +241,9 @@ class AsyncEngine:
         def add_all(engine: Engine) -> None:
             for index, ((token_ids, text), request_id) in enumerate(zip(prompts, ids, strict=True)):
                 try:
-                    engine.add_request(token_ids, sampling_params, request_id, text, priority, arrival_time=arrival)
+                    engine.add_request(
+                        token_ids, sampling_params, request_id, text, priority, arrival_time=arrival, grammar=grammar
+                    )
                 except Exception as exc:
                     engine.abort_request(ids[:index])  # all or none: the call gets one answer
                     raise RequestRejectedError(index, exc) from exc

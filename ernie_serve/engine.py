@@ -21,8 +21,9 @@ from ernie_serve.core.errors import EngineFatalError
 from ernie_serve.core.request import Request, RequestOutput, RequestStatus
 from ernie_serve.core.sampling_params import SEED_MAX, SamplingParams, SamplingParamsError
 from ernie_serve.logging import ensure_logging
-from ernie_serve.models import resolve_model
+from ernie_serve.models import num_parameters, resolve_model
 from ernie_serve.output_processor import OutputProcessor
+from ernie_serve.structured_output import CompiledGrammar, StructuredOutputs
 
 log = structlog.get_logger("ernie_serve.engine")
 
@@ -43,6 +44,10 @@ class Engine:
         self.generation_defaults = resolved.generation_defaults
         self.tokenizer = resolved.load_tokenizer(settings.chat_template)
         self.eos_token_ids = frozenset(self.tokenizer.stop_token_ids | set(self.model_config.eos_token_ids))
+        # before the core: an unknown --structured-outputs-backend is refused before the weights load
+        self.structured_outputs = StructuredOutputs(
+            settings.structured_outputs_backend, self.tokenizer, self.model_config.vocab_size
+        )
         self.core = EngineCore(settings, self.model_config, resolved.weights_path)
         self.max_model_len = self.core.max_model_len
         self.processor = OutputProcessor(self.tokenizer)
@@ -52,7 +57,7 @@ class Engine:
             model=settings.model,
             backend=settings.backend,
             scheduler=settings.scheduler,
-            parameters=self.model_config.num_parameters,
+            parameters=num_parameters(self.model_config),
             kv_blocks=self.core.num_blocks,
             kv_tokens=self.core.num_blocks * settings.block_size,
             max_model_len=self.max_model_len,
@@ -73,10 +78,13 @@ class Engine:
         prompt: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises `SamplingParamsError` (naming the field) for a request
-        that cannot be served: too long, token ids outside the vocabulary. `arrival_time` (monotonic): when
-        the caller received it, if earlier than now (the async engine's command queue), for its metrics."""
+        that cannot be served: too long, token ids outside the vocabulary, a structured-output spec that does
+        not compile. `arrival_time` (monotonic): when the caller received it, if earlier than now (the async
+        engine's command queue), for its metrics. `grammar`: `structured_outputs` compiled by the caller (off
+        this thread); without it a spec is compiled here."""
         params = (sampling_params or SamplingParams()).with_defaults(
             self.generation_defaults.get("temperature"), self.generation_defaults.get("top_p")
         )
@@ -95,6 +103,9 @@ class Engine:
             if any(not 0 <= t < vocab for t in ids):
                 raise SamplingParamsError(field, f"{field} token ids must be in [0, {vocab})")
 
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.structured_outputs.compile(params.structured_outputs)
+
         child_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         children = []
         for index, child_id in enumerate(child_ids):
@@ -111,6 +122,9 @@ class Engine:
                 request = Request(
                     child_id, list(prompt_token_ids), child_params, self.eos_token_ids, priority, arrival_time=arrival
                 )
+                # each sequence its own constraints: a matcher's state is its sequence's tokens
+                request.logits_processors = [grammar.new_matcher()] if grammar is not None else []
+                request.logits_processors += [make() for make in params.logits_processors]
                 self.core.add_request(request)
                 added.append(child_id)
         except Exception:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -10,6 +12,7 @@ from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.request import RequestOutput
 from ernie_serve.core.sampling_params import SamplingParams
 from ernie_serve.engine import Engine
+from ernie_serve.structured_output import CompiledGrammar
 from ernie_serve.tokenizer import Tokenizer
 
 PromptInput = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} (optionally with "prompt")
@@ -74,16 +77,18 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt at once; outputs come back in input order."""
+        """Generate for every prompt at once; outputs come back in input order. A `structured_outputs` spec that
+        does not compile raises its `SamplingParamsError` before any request starts."""
         prompt_list = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         params_list = self._align(prompt_list, sampling_params)
+        grammars = self._compile_grammars(params_list)
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
                 text, token_ids = self._tokenize(prompt)
-                ids.append(
-                    self.engine.add_request(token_ids, params, prompt=text, priority=priority[i] if priority else 0)
-                )
+                grammar = grammars.get(params.structured_outputs.key) if params.structured_outputs else None
+                rank = priority[i] if priority else 0
+                ids.append(self.engine.add_request(token_ids, params, prompt=text, priority=rank, grammar=grammar))
         except Exception:
             self.engine.abort_request(ids)
             self._drain()
@@ -131,6 +136,15 @@ class LLM:
         finally:
             self.engine.abort_request(request_id)
             self._drain()
+
+    def _compile_grammars(self, params_list: list[SamplingParams]) -> dict[tuple[str, str], CompiledGrammar]:
+        """The call's distinct structured-output specs, compiled at once on worker threads (llguidance lets go of
+        the GIL while it compiles)."""
+        specs = {p.structured_outputs.key: p.structured_outputs for p in params_list if p.structured_outputs}
+        if not specs:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(len(specs), os.cpu_count() or 1)) as pool:
+            return dict(zip(specs, pool.map(self.engine.structured_outputs.compile, specs.values()), strict=True))
 
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
@@ -27,7 +28,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from ernie_serve.checkpoint import INDEX_FILE
-from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.config import SUPPORTED_MODEL_TYPES, EngineSettings, ModelConfig, ModelConfigError
 from ernie_serve.core.errors import UserError
 from ernie_serve.demo import demo_checkpoint_dir
 from ernie_serve.demo_tokenizer import padded_demo_tokenizer
@@ -170,7 +171,7 @@ def resolve_model(settings: EngineSettings) -> ResolvedModel:
             f"--model {name!r} is neither a checkpoint directory, a HuggingFace model id (owner/name), 'demo', "
             f"nor a preset ({', '.join(PRESETS)})"
         )
-    config = ModelConfig.from_pretrained(path)
+    config = read_model_config(path)
     defaults: dict[str, float] = {}
     generation_config = path / "generation_config.json"
     if generation_config.is_file():
@@ -235,3 +236,85 @@ def download_model(settings: EngineSettings) -> Path:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelResolutionError(f"--model {name}{at} could not be downloaded: {first_line}") from exc
     return Path(snapshot)
+
+
+def num_parameters(config: ModelConfig) -> int:
+    """The parameter count of a model of `config`'s shape (the engine logs it; docs quote the presets')."""
+    h, d = config.hidden_size, config.head_dim
+    attn = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    total = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    for i in range(config.num_hidden_layers):
+        if config.is_moe_layer(i):
+            mlp = 3 * h * config.moe_intermediate_size * (config.moe_num_experts + config.moe_num_shared_experts)
+            mlp += config.moe_num_experts * h
+        else:
+            mlp = 3 * h * config.intermediate_size
+        total += attn + mlp + 2 * h
+    return total + h
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """The `ModelConfig` of a config.json's contents (both ERNIE 4.5 model types; fields we do not use are kept in
+    `extra`). Raises `ModelConfigError` naming what cannot be served."""
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(
+            f"unsupported model_type {model_type!r}: ernie-serve serves {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_theta = raw.get("rope_theta", rope.get("rope_theta", 500000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ModelConfigError(f"unsupported rope_type {rope_type!r}: only the default RoPE is implemented")
+    heads = raw["num_attention_heads"]
+    eos = raw.get("eos_token_id", 2)
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    try:
+        config = ModelConfig(
+            model_type=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            hidden_act=raw.get("hidden_act", "silu"),
+            max_position_embeddings=raw.get("max_position_embeddings", 131072),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+            use_bias=bool(raw.get("use_bias", False)),
+            tie_word_embeddings=raw.get("tie_word_embeddings", True),
+            rope_theta=float(rope_theta),
+            moe_intermediate_size=raw.get("moe_intermediate_size", 0) or 0,
+            moe_k=raw.get("moe_k", 0) or 0,
+            moe_num_experts=raw.get("moe_num_experts", 0) or 0,
+            moe_num_shared_experts=raw.get("moe_num_shared_experts", 0) or 0,
+            moe_layer_start_index=raw.get("moe_layer_start_index", 0) or 0,
+            moe_layer_end_index=raw.get("moe_layer_end_index", -1),
+            moe_layer_interval=raw.get("moe_layer_interval", 1) or 1,
+            moe_norm_min=raw.get("moe_norm_min", 1e-12),
+            pad_token_id=raw.get("pad_token_id", 0) or 0,
+            bos_token_id=raw.get("bos_token_id", 1),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+    except KeyError as missing:
+        raise ModelConfigError(f"config.json lacks the required field {missing.args[0]!r}") from None
+    if config.hidden_act != "silu":
+        raise ModelConfigError(f"unsupported hidden_act {config.hidden_act!r}: ERNIE 4.5 uses silu")
+    if heads % config.num_key_value_heads:
+        raise ModelConfigError(
+            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({config.num_key_value_heads})"
+        )
+    if config.is_moe and not 0 < config.moe_k <= config.moe_num_experts:
+        raise ModelConfigError(f"moe_k ({config.moe_k}) must be in 1..moe_num_experts")
+    return config
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of the checkpoint directory `path` (its config.json); called when a model is resolved."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelConfigError(f"{path} has no config.json: not a HuggingFace-format checkpoint")
+    return model_config_from_dict(json.loads(config_file.read_text()))

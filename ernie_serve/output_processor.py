@@ -228,12 +228,18 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
                 merged[key] = merged[since] - arrival
         if "finished_time" in merged:
             merged["e2e_latency"] = merged["finished_time"] - arrival
-    gaps = [
-        p["mean_inter_token_latency"] * (p["num_generation_tokens"] - 1)
-        for p in parts
-        if "mean_inter_token_latency" in p
-    ]
-    steps = sum(p["num_generation_tokens"] - 1 for p in parts if "mean_inter_token_latency" in p)
-    if steps:
-        merged["mean_inter_token_latency"] = sum(gaps) / steps
+    # The gaps between a part's successive tokens add up to its last token time minus its first; a part that is
+    # itself merged (a request of several completions) brings its mean, weighted by its gaps.
+    weighted = [(_mean_gap(p), p["num_generation_tokens"] - 1) for p in parts if p["num_generation_tokens"] > 1]
+    weighted = [(gap, steps) for gap, steps in weighted if gap is not None]
+    if weighted:
+        merged["mean_inter_token_latency"] = sum(g * n for g, n in weighted) / sum(n for _, n in weighted)
     return merged
+
+
+def _mean_gap(part: dict[str, float]) -> float | None:
+    if "mean_inter_token_latency" in part:
+        return part["mean_inter_token_latency"]
+    if "first_token_time" in part and "last_token_time" in part:
+        return (part["last_token_time"] - part["first_token_time"]) / (part["num_generation_tokens"] - 1)
+    return None

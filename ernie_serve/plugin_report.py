@@ -78,6 +78,7 @@ def plugins_json(reg: Registry) -> dict[str, Any]:
         "backends": backends,
         "schedulers": [item(r) for r in reg.schedulers.values()],
         "models": [item(r) for r in reg.models.values()],
+        "grammar_backends": [item(r) for r in reg.grammar_backends.values()],
         "gateway_routes": [item(r) for r in reg.gateway_routes],
         "request_transforms": [item(r) for r in reg.request_transforms.values()],
         "parsers": [item(r) for r in reg.parsers.values()],  # names are "kind:name", e.g. "reasoning:ernie45"
@@ -103,8 +104,8 @@ def _table(out: TextIO, title: str, rows: list[tuple[str, ...]], details: list[l
 
 def write_report(reg: Registry, out: TextIO) -> None:
     """The `ernie-serve plugins` tables: backends (with availability, capabilities and option flags),
-    schedulers, models, plugin routes and transforms, output parsers, the plugins that loaded, and those that
-    were skipped."""
+    schedulers, models, grammar backends, plugin routes and transforms, output parsers, the plugins that loaded,
+    and those that were skipped."""
     backend_rows, backend_details = [], []
     for r in reg.backends.values():
         reason = availability(r.obj)
@@ -116,6 +117,7 @@ def write_report(reg: Registry, out: TextIO) -> None:
     _table(out, "Backends", backend_rows, backend_details)
     _table(out, "Schedulers", [(r.name, source(r)) for r in reg.schedulers.values()])
     _table(out, "Models (torch backend architectures)", [(r.name, source(r)) for r in reg.models.values()])
+    _table(out, "Grammar backends (structured output)", [(r.name, source(r)) for r in reg.grammar_backends.values()])
     if reg.gateway_routes:
         _table(out, "Gateway routes", [(r.name, source(r)) for r in reg.gateway_routes])
     if reg.request_transforms:

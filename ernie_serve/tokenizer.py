@@ -134,6 +134,33 @@ class _Codec(Protocol):
 
     def special_ids(self) -> set[int]: ...
 
+    def token_bytes(self) -> list[bytes]: ...
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the character that stands for each byte in vocabulary strings.
+    Printable bytes stand for themselves; the others take the code points from 256 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    try:
+        return bytes(_BYTE_LEVEL_CHARS[c] for c in token)
+    except KeyError:  # not spelled in the byte alphabet (a token added to the model by hand): its own text
+        return token.encode()
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece-style piece's bytes: "▁" is a space, "<0x0A>" the byte it names."""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
+
 
 class _HFCodec:
     """`tokenizer.json`, run by the `tokenizers` library (Rust, fast; added tokens are split out by it).
@@ -173,6 +200,17 @@ class _HFCodec:
 
     def special_ids(self) -> set[int]:
         return {i for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
+
+    def token_bytes(self) -> list[bytes]:
+        added = {i: token.content for i, token in self._tok.get_added_tokens_decoder().items()}
+        # Byte-level vocabularies spell bytes with stand-in characters; the others are SentencePiece-like.
+        byte_level = '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+        table = [b""] * self.id_bound
+        for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+            table[i] = _byte_level_bytes(token) if byte_level else _piece_bytes(token)
+        for i, content in added.items():
+            table[i] = content.encode()
+        return table
 
 
 class _SentencePieceCodec:
@@ -266,6 +304,13 @@ class _SentencePieceCodec:
 
     def special_ids(self) -> set[int]:
         return set(self._special)
+
+    def token_bytes(self) -> list[bytes]:
+        table = [_piece_bytes(self._sp.id_to_piece(i)) for i in range(self._num_pieces)]
+        table += [b""] * (self.id_bound - self._num_pieces)
+        for i, content in self._added_by_id.items():
+            table[i] = content.encode()
+        return table
 
 
 def _token_content(value: Any) -> str | None:
@@ -511,6 +556,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of one vocabulary string (special tokens included); None when it is not one token."""
         return self._codec.token_to_id(token)
+
+    def token_bytes(self) -> list[bytes]:
+        """Every id's bytes as generation emits them (special and added tokens: their text), indexed by id, for
+        grammar backends, which match tokens against bytes; called once per engine by the first structured-output
+        request. Concatenating the bytes of `encode(text)` gives back `text`."""
+        return self._codec.token_bytes()
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
         """Vocabulary strings (e.g. byte-level "Ġthe"), None for ids the tokenizer does not have."""

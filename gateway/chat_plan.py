@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from ernie_serve.core.sampler import LogitsProcessor, allow_only
+from ernie_serve.core.sampler import LogitsProcessor
 from ernie_serve.core.sampling_params import SamplingParams, StructuredOutputsParams
 from ernie_serve.gateway.errors import bad_request
 from ernie_serve.gateway.parsers import (
@@ -38,6 +38,7 @@ from ernie_serve.gateway.parsers import (
 )
 from ernie_serve.gateway.protocol import ChatCompletionRequest, FunctionCallOut, NamedToolChoice, ToolCallOut
 from ernie_serve.gateway.settings import ServerSettings
+from ernie_serve.structured_output import allow_only
 
 # The tool-call format that enforces tool_choice "required"/named on a server without --tool-call-parser.
 DEFAULT_TOOL_FORMAT = "ernie45"

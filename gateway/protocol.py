@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ernie_serve.core.sampling_params import SamplingParams
+from ernie_serve.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class RequestModel(BaseModel):
@@ -160,6 +160,52 @@ class NamedToolChoice(RequestModel):
 RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools")
 
 
+class JsonSchemaFormat(RequestModel):
+    """OpenAI's `response_format.json_schema`. `strict` is accepted and has no effect: output that follows the
+    schema is always enforced, never merely asked for."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object (`schema` is taken)
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
+class StructuredOutputsRequest(RequestModel):
+    """vLLM's `structured_outputs` request field: exactly one of these (the engine says so otherwise)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")  # `json` would shadow BaseModel.json
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# vLLM's older request fields for the same constraints, and the kind each one sets
+_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+_CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *_GUIDED_FIELDS)
+
 MAX_STOP_STRINGS = 256  # OpenAI allows 4; vLLM users pass dozens
 
 
@@ -187,6 +233,8 @@ class SamplingRequest(RequestModel):
     priority: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @field_validator("stop")
     @classmethod
@@ -204,6 +252,41 @@ class SamplingRequest(RequestModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingRequest:
+        given = [name for name in _CONSTRAINT_FIELDS if self._constraint(name)]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} both constrain the output: use one of them")
+        return self
+
+    def _constraint(self, name: str) -> Any:
+        """The value of a field that constrains the output, or None when it is unset (or `text`)."""
+        if name == "response_format":
+            return self.response_format if self.response_format and self.response_format.type != "text" else None
+        return getattr(self, name) if name == "structured_outputs" else (self.model_extra or {}).get(name)
+
+    @property
+    def constraint_field(self) -> str | None:
+        """The request field the structured-output constraint came from (for the `param` of its errors)."""
+        return next((name for name in _CONSTRAINT_FIELDS if self._constraint(name)), None)
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint as the engine's `StructuredOutputsParams`; raises `SamplingParamsError` when it is not
+        exactly one kind."""
+        name = self.constraint_field
+        if name is None:
+            return None
+        if name == "response_format":
+            assert self.response_format is not None
+            schema = self.response_format.json_schema.schema_ if self.response_format.json_schema else None
+            return StructuredOutputsParams(json=schema) if schema else StructuredOutputsParams(json_object=True)
+        if name in _GUIDED_FIELDS:
+            return StructuredOutputsParams(**{_GUIDED_FIELDS[name]: self._constraint(name)})
+        assert self.structured_outputs is not None
+        return StructuredOutputsParams(
+            **{"json" if k == "json_schema" else k: v for k, v in self.structured_outputs if v is not None}
+        )
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -224,6 +307,7 @@ class SamplingRequest(RequestModel):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured_outputs_params(),
         )
         if self.top_k is not None:
             kwargs["top_k"] = self.top_k
@@ -250,10 +334,6 @@ _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none"),
     "audio": (None,),
     "prediction": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "prompt_logprobs": (None,),  # backends return logits only for the positions that sample
 }
 
@@ -267,11 +347,6 @@ def unsupported_parameter(request: RequestModel) -> tuple[str, str] | None:
     for name, unused in table.items():
         if name in fields and not any(fields[name] == u and type(fields[name]) is type(u) for u in unused):
             return name, f"'{name}' is not supported yet by ernie-serve"
-    response_format = fields.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            return "response_format", f"response_format type {kind!r} is not supported yet: only 'text' is"
     modalities = fields.get("modalities")
     if modalities is not None and modalities != ["text"]:
         return "modalities", "only the 'text' modality is supported"

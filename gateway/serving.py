@@ -274,7 +274,7 @@ class OpenAIServing:
         try:
             return parsed.sampling_params()
         except SamplingParamsError as exc:
-            raise bad_request(str(exc), exc.param) from None
+            raise _renamed(bad_request(str(exc), exc.param), parsed) from None
 
     async def _submit(
         self,
@@ -296,8 +296,8 @@ class OpenAIServing:
                 raise _rejection(exc, len(prompts)) from None
             except EngineDeadError:
                 raise APIError(503, "the engine is not running", code="not_ready") from None
-            except ValueError as exc:
-                raise bad_request(str(exc)) from None
+            except ValueError as exc:  # a structured-output spec the grammar backend cannot compile, ...
+                raise bad_request(str(exc), getattr(exc, "param", None)) from None
         except ClientDisconnected:
             self._end(call, "abort")
             return None
@@ -393,7 +393,7 @@ class OpenAIServing:
                 exc.param = "max_completion_tokens"  # the engine knows one name; the caller used the other
             if exc.param == "structured_outputs" and plan.grammar is not None:
                 exc.param = "tools"  # the grammar that enforces tool_choice was built from them
-            raise
+            raise _renamed(exc, parsed) from None
         if stream is None:
             return Response(status_code=499)
         if parsed.stream:
@@ -535,7 +535,10 @@ class OpenAIServing:
         call.engine_ids = [call.id] if len(prompts) == 1 else [f"{call.id}-{i}" for i in range(len(prompts))]
         call.prompt_tokens = sum(len(ids) for _, ids in prompts)
         self._begin(call)
-        stream = await self._submit(request, call, [(ids, text) for text, ids in prompts], params, parsed.priority)
+        try:
+            stream = await self._submit(request, call, [(ids, text) for text, ids in prompts], params, parsed.priority)
+        except APIError as exc:
+            raise _renamed(exc, parsed) from None
         if stream is None:
             return Response(status_code=499)
         echoes = [(text if text is not None else tokenizer.decode(ids)) if parsed.echo else "" for text, ids in prompts]
@@ -705,6 +708,13 @@ def _reason(outputs: Sequence[CompletionOutput]) -> str:
     if "abort" in reasons:
         return "abort"
     return reasons[0] if reasons else "abort"
+
+
+def _renamed(error: APIError, parsed: SamplingRequest) -> APIError:
+    """The engine names a structured-output error `structured_outputs`; the caller may have used another field."""
+    if error.param == "structured_outputs" and parsed.constraint_field is not None:
+        error.param = parsed.constraint_field
+    return error
 
 
 def _rejection(exc: RequestRejectedError, count: int) -> APIError:

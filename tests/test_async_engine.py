@@ -11,7 +11,8 @@ import torch
 
 from ernie_serve.async_engine import AsyncEngine, RequestRejectedError
 from ernie_serve.core.config import EngineSettings
-from ernie_serve.core.sampling_params import SamplingParams
+from ernie_serve.core.sampling_params import SamplingParams, StructuredOutputsParams
+from ernie_serve.structured_output import GrammarCompileError
 
 
 class _ThreadCheckedDict(dict):  # type: ignore[type-arg]
@@ -112,6 +113,48 @@ def test_requests_added_together_share_one_stream_and_are_refused_together(tiny_
             last = await engine.add_requests([([9], None)], greedy, ["g"])
             assert [o.request_id async for _, o in last if o.finished] == ["g"]
             assert engine.snapshot.scheduler.num_running == 0
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_structured_output_specs_compile_off_the_loop_and_the_engine_thread(tiny_checkpoint) -> None:
+    settings = EngineSettings(model=str(tiny_checkpoint("moe_shared_tied", torch.float32)), block_size=4)
+
+    async def scenario() -> None:
+        engine = AsyncEngine(settings)
+        await engine.start()
+        try:
+            assert engine.engine is not None
+            compiler = engine.engine.structured_outputs
+            compile_in, threads = compiler.compile, []
+
+            def recording(spec: StructuredOutputsParams) -> Any:
+                threads.append(threading.current_thread())
+                return compile_in(spec)
+
+            compiler.compile = recording  # type: ignore[method-assign]
+            params = SamplingParams(
+                temperature=1.0,
+                seed=1,
+                n=2,
+                max_tokens=20,
+                structured_outputs=StructuredOutputsParams(choice=["ab", "cd"]),
+            )
+            stream = await engine.add_requests([([5, 6], None), ([7], None)], params, ["x", "y"])
+            finals = [output async for _, output in stream if output.finished]
+            completions = [c for o in finals for c in o.outputs]
+            assert len(completions) == 4
+            assert all(c.text in ("ab", "cd") and c.finish_reason == "stop" for c in completions)
+            # once per call (not per prompt, not per sequence), in neither the loop's thread nor the engine's
+            assert len(threads) == 1
+            assert threads[0] is not threading.main_thread() and threads[0].name != "ernie-serve-engine"
+
+            bad = SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed"))
+            with pytest.raises(GrammarCompileError, match="structured_outputs.regex cannot be compiled"):
+                await engine.add_requests([([5], None)], bad, ["z"])
+            assert not engine._streams
         finally:
             await engine.shutdown()
 

@@ -11,12 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ernie_serve.checkpoint import CheckpointError, detect_layout, disk_name, iter_checkpoint
-from ernie_serve.core.config import ModelConfig
+from ernie_serve.models import read_model_config
 from ernie_serve.testing.checkpoints import TINY_SHAPES
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    config = ModelConfig.from_pretrained(path)
+    config = read_model_config(path)
     return {item.name: item.tensor.float() for item in iter_checkpoint(path, config)}
 
 
@@ -49,7 +49,7 @@ def test_paddle_tensors_equal_the_pt_originals(tiny_checkpoint, paddle_checkpoin
 
 def test_fused_parts_are_views_of_one_read_and_uint16_is_bfloat16(paddle_checkpoint) -> None:
     path = paddle_checkpoint("dense_bias_headdim")
-    items = {item.name: item for item in iter_checkpoint(path, ModelConfig.from_pretrained(path))}
+    items = {item.name: item for item in iter_checkpoint(path, read_model_config(path))}
     parts = [items[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
     assert {item.source for item in parts} == {"ernie.layers.0.self_attn.qkv_proj.weight"}
     # one tensor read, three views: the loader copies each into place, no part is copied on its own
@@ -67,7 +67,7 @@ def test_fused_parts_are_views_of_one_read_and_uint16_is_bfloat16(paddle_checkpo
 
 def test_paddle_mtp_and_tied_head_are_skipped(paddle_checkpoint, tmp_path: Path) -> None:
     source = paddle_checkpoint("moe_shared_tied")
-    config = ModelConfig.from_pretrained(source)
+    config = read_model_config(source)
     extra = {
         "ernie.mtp_block.0.input_layernorm.weight": torch.ones(64),
         "ernie.mtp_linear_proj.0.weight": torch.ones(128, 64),

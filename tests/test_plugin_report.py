@@ -50,6 +50,7 @@ def _registry() -> Registry:
     reg.backends["gpu-only"] = by(FROB, "gpu-only", unavailable_backend("gpu-only", "needs an NVIDIA GPU"))
     reg.backends["shaky"] = by(FROB, "shaky", BrokenCheckBackend)
     reg.schedulers["fcfs"] = by(OURS, "fcfs", FCFSScheduler)
+    reg.grammar_backends["frobgrammar"] = by(FROB, "frobgrammar", FrobBackend)  # any class: not checked here
     reg.plugins = [OURS, FROB]
     reg.failures = [PluginInfo("bad", "bad_pkg", None, None, error="ImportError: no libbad")]
     return reg
@@ -73,6 +74,8 @@ def test_text_report() -> None:
         "  fcfs  ernie-serve 0.1.0 [schedulers]\n"
         "Models (torch backend architectures):\n"
         "  (none)\n"
+        "Grammar backends (structured output):\n"
+        "  frobgrammar  frob-serve 1.2 [frob]\n"
         "Plugins (entry points in group ernie_serve, in load order):\n"
         "  schedulers  ernie-serve 0.1.0 [schedulers]  ernie_serve.plugins.schedulers (built-in)\n"
         "  frob        frob-serve 1.2 [frob]           frob_pkg.plugin\n"
@@ -108,6 +111,7 @@ def test_json_report() -> None:
         ("gpu-only", False, "needs an NVIDIA GPU"),
         ("shaky", False, "availability check failed: RuntimeError: probe crashed"),
     ]
+    assert [(g["name"], g["provider"]) for g in doc["grammar_backends"]] == [("frobgrammar", "frob")]
     assert [p["name"] for p in doc["plugins"]] == ["schedulers", "frob"]
     assert doc["plugins"][0] == {
         "name": "schedulers",

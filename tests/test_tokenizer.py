@@ -501,3 +501,30 @@ def test_sentencepiece_missing_package(sp_dir: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
     with pytest.raises(ImportError, match="pip install sentencepiece"):
         Tokenizer.from_pretrained(sp_dir)
+
+
+# -- token bytes (for grammar backends) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_spell_the_encoded_text(tok: Tokenizer, padded: Tokenizer, text: str) -> None:
+    for tokenizer in (tok, padded):
+        table = tokenizer.token_bytes()
+        assert len(table) == tokenizer.vocab_size
+        assert b"".join(table[i] for i in tokenizer.encode(text)) == text.encode()
+
+
+def test_token_bytes_of_special_and_placeholder_tokens(tok: Tokenizer, padded: Tokenizer) -> None:
+    table = padded.token_bytes()
+    assert [table[tok.token_to_id(t)] for t in DEMO_SPECIAL_TOKENS] == [t.encode() for t in DEMO_SPECIAL_TOKENS]
+    assert table[DEMO_VOCAB_SIZE] == b"<|placeholder_" + str(DEMO_VOCAB_SIZE).encode() + b"|>"
+    assert tok.token_bytes() == table[:DEMO_VOCAB_SIZE]
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if t and not t.startswith(" ")])
+def test_sentencepiece_token_bytes(sp_tok: Tokenizer, text: str) -> None:
+    table = sp_tok.token_bytes()
+    assert len(table) == sp_tok.vocab_size
+    # SentencePiece spells the space it puts before the text (its dummy prefix); decoding drops it again
+    assert b"".join(table[i] for i in sp_tok.encode(text)) == b" " + text.encode()
+    assert table[1000] == b"<|IMAGE_PLACEHOLDER|>" and table[1001] == b"<think>" and table[1] == b"<s>"

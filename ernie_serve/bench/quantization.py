@@ -31,6 +31,7 @@ from ernie_serve.backends.torch.quant import QuantizedWeight, stacked_row_sums
 from ernie_serve.bench.workload import bench_checkpoint
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.logging import progress
+from ernie_serve.models import model_config_from_dict, num_parameters
 from ernie_serve.quantization import QuantSpec, quantize
 
 CPU = torch.device("cpu")
@@ -139,7 +140,7 @@ def memory_row(name: str, config: ModelConfig, variant: Variant) -> MemoryRow:
     model = build_model(config, None, variant, device=torch.device("meta"))
     quantized, full = quantized_tensor_bytes(model)
     total = sum(model.weight_bytes().values())
-    return MemoryRow(name, variant.label, quantized / full, total / (config.num_parameters * 4), total / 2**30)
+    return MemoryRow(name, variant.label, quantized / full, total / (num_parameters(config) * 4), total / 2**30)
 
 
 def accuracy_rows(
@@ -293,7 +294,7 @@ def tiny_models() -> list[tuple[str, ModelConfig]]:
     for shape, fields in TINY_SHAPES.items():
         raw = {**_BASE, **fields}
         raw.setdefault("head_dim", raw["hidden_size"] // raw["num_attention_heads"])
-        configs.append((f"tiny {shape}", ModelConfig.from_dict(raw)))
+        configs.append((f"tiny {shape}", model_config_from_dict(raw)))
     return configs
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from ernie_serve.core.backend import Backend
-from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.plan import SampledToken, ScheduledRequest, StepPlan, StepResult
 from ernie_serve.core.plugins import get_backend_class
 from ernie_serve.core.request import Request
 from ernie_serve.core.sampling_params import SamplingParams
 from ernie_serve.core.scheduler import FCFSScheduler, SchedulerConfig
+from ernie_serve.models import read_model_config
 from ernie_serve.testing.checkpoints import load_reference, reference_greedy
 
 BLOCK_SIZE = 4
@@ -43,7 +44,7 @@ def backend(request, checkpoint):
     backend_cls = get_backend_class(request.param)
     instance: Backend = backend_cls()
     settings = EngineSettings(model=str(checkpoint), backend=request.param, block_size=BLOCK_SIZE, device="cpu")
-    instance.load(ModelConfig.from_pretrained(checkpoint), settings, str(checkpoint), backend_cls.options_class())
+    instance.load(read_model_config(checkpoint), settings, str(checkpoint), backend_cls.options_class())
     instance.allocate_kv_cache(64, BLOCK_SIZE)
     yield instance
     instance.close()

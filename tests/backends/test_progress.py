@@ -11,7 +11,7 @@ import torch
 
 from ernie_serve.backends.torch import loader, model
 from ernie_serve.backends.torch.model import ErnieForCausalLM
-from ernie_serve.core.config import ModelConfig
+from ernie_serve.models import read_model_config
 
 
 @pytest.fixture()
@@ -38,7 +38,7 @@ def bars(monkeypatch) -> list[dict[str, Any]]:
 
 
 def _model(checkpoint) -> ErnieForCausalLM:
-    return ErnieForCausalLM(ModelConfig.from_pretrained(checkpoint), torch.float32, torch.device("cpu"))
+    return ErnieForCausalLM(read_model_config(checkpoint), torch.float32, torch.device("cpu"))
 
 
 def test_loading_a_checkpoint_counts_every_tensor(tiny_checkpoint, bars) -> None:
@@ -67,7 +67,7 @@ def test_onnx_export_reports_one_step_per_layer(tiny_checkpoint, bars, tmp_path)
     from ernie_serve.backends.onnx.export import export_to_dir
 
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     export_to_dir(config, str(checkpoint), tmp_path / "out", check=False)
     loading, exporting = bars
     assert loading["description"] == "loading weights" and loading["count"] == loading["total"]

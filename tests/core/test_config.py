@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from ernie_serve.core.config import ModelConfig, ModelConfigError
-from ernie_serve.models import PRESETS
+from ernie_serve.core.config import ModelConfigError
+from ernie_serve.models import PRESETS, model_config_from_dict, num_parameters
 
 MOE_21B = {
     "architectures": ["Ernie4_5_MoeForCausalLM"],
@@ -39,7 +39,7 @@ MOE_21B = {
 
 
 def test_real_21b_config_parses_with_extra_fields() -> None:
-    config = ModelConfig.from_dict(MOE_21B)
+    config = model_config_from_dict(MOE_21B)
     assert config.head_dim == 128  # derived: 2560 / 20
     assert config.extra["moe_gate"] == "topk" and config.extra["num_nextn_predict_layers"] == 1
     assert not config.is_moe_layer(0) and config.is_moe_layer(1) and config.is_moe_layer(27)
@@ -49,12 +49,12 @@ def test_real_21b_config_parses_with_extra_fields() -> None:
 def test_rope_parameters_and_explicit_head_dim() -> None:
     raw = {**MOE_21B, "head_dim": 96, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
     del raw["rope_theta"]
-    config = ModelConfig.from_dict(raw)
+    config = model_config_from_dict(raw)
     assert config.head_dim == 96 and config.rope_theta == 10000.0
 
 
 def test_moe_layer_selection_interval_and_end() -> None:
-    config = ModelConfig.from_dict(
+    config = model_config_from_dict(
         {
             **MOE_21B,
             "num_hidden_layers": 6,
@@ -68,15 +68,15 @@ def test_moe_layer_selection_interval_and_end() -> None:
 
 def test_unknown_model_type_and_missing_field() -> None:
     with pytest.raises(ModelConfigError, match="unsupported model_type 'qwen2'"):
-        ModelConfig.from_dict({**MOE_21B, "model_type": "qwen2"})
+        model_config_from_dict({**MOE_21B, "model_type": "qwen2"})
     broken = dict(MOE_21B)
     del broken["hidden_size"]
     with pytest.raises(ModelConfigError, match="'hidden_size'"):
-        ModelConfig.from_dict(broken)
+        model_config_from_dict(broken)
 
 
 def test_presets_have_the_published_sizes() -> None:
-    sizes = {name: config.num_parameters / 1e9 for name, config in PRESETS.items()}
+    sizes = {name: num_parameters(config) / 1e9 for name, config in PRESETS.items()}
     assert sizes["ernie-4.5-0.3b"] == pytest.approx(0.36, abs=0.01)
     assert sizes["ernie-4.5-21b-a3b"] == pytest.approx(21.8, abs=0.1)
     assert sizes["ernie-4.5-300b-a47b"] == pytest.approx(300, abs=1)

@@ -128,6 +128,7 @@ def test_builtins_come_from_our_own_entry_points(dists: DistFactory) -> None:
         "torch": "ernie_serve.backends.torch.plugin",
         "onnx": "ernie_serve.backends.onnx.plugin",
         "web_search": "ernie_serve.plugins.web_search",
+        "llguidance": "ernie_serve.plugins.llguidance_grammar",
         "ernie45": "ernie_serve.plugins.ernie45",
     }
     assert [(p.name, p.module, p.version) for p in reg.plugins] == [
@@ -145,6 +146,7 @@ def test_builtins_come_from_our_own_entry_points(dists: DistFactory) -> None:
     assert {name: r.provider for name, r in reg.parsers.items()} == {
         f"{kind}:{name}": "ernie45" for kind in ("reasoning", "tool_call") for name in ("ernie45", "ernie-x1")
     }
+    assert plugins.get_grammar_backend_class("llguidance").__name__ == "LLGuidanceBackend"
     assert plugins.get_model_class("Ernie4_5_MoeForCausalLM") is plugins.get_model_class("Ernie4_5ForCausalLM")
 
 
@@ -194,7 +196,15 @@ def test_allowlist_loads_only_listed_plugins(dists: DistFactory, monkeypatch: py
     assert "beta" not in reg.backends
     assert "beta_plugin" not in sys.modules  # not even imported
     # built-ins load whatever the allowlist says
-    assert [p.name for p in reg.plugins] == ["ernie45", "onnx", "schedulers", "torch", "web_search", "alpha"]
+    assert [p.name for p in reg.plugins] == [
+        "ernie45",
+        "llguidance",
+        "onnx",
+        "schedulers",
+        "torch",
+        "web_search",
+        "alpha",
+    ]
 
 
 def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,7 +215,7 @@ def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkey
     reg = plugins.registry()
 
     assert "alpha" not in reg.backends
-    assert [p.name for p in reg.plugins] == ["ernie45", "onnx", "schedulers", "torch", "web_search"]
+    assert [p.name for p in reg.plugins] == ["ernie45", "llguidance", "onnx", "schedulers", "torch", "web_search"]
 
 
 def test_allowlisted_plugin_that_is_not_installed_is_logged(
@@ -244,7 +254,7 @@ def test_third_party_plugins_load_after_builtins_sorted_by_distribution(
     reg = plugins.registry()
 
     names = [p.name for p in reg.plugins]
-    assert names == ["ernie45", "onnx", "schedulers", "torch", "web_search", "b-plugin", "a-plugin"]
+    assert names == ["ernie45", "llguidance", "onnx", "schedulers", "torch", "web_search", "b-plugin", "a-plugin"]
     assert (reg.backends["same"].provider, reg.backends["same"].distribution) == ("b-plugin", "aa-dist")
     # the same module under a second name is refused by the plugin manager, and reported
     assert "already registered" in _failure("z-plugin").error
@@ -377,6 +387,7 @@ def {hook}(register):
         ("register_schedulers", 'register("x", NotABackend)', "scheduler 'x' must be a subclass of Scheduler"),
         ("register_models", 'register("x", Model())', "model 'x' must be a class"),
         ("register_models", 'register("", Model)', "model name must be a non-empty string"),
+        ("register_grammar_backends", 'register("x", Model())', "grammar backend 'x' must be a class"),
         ("register_request_transforms", 'register("x", "text")', "request transform 'x' must be callable"),
         ("register_request_transforms", 'register("", print)', "request transform name must be a non-empty"),
         ("register_gateway_routes", "register(object())", "gateway route must have a string `path` attribute"),
@@ -390,7 +401,7 @@ def test_wrong_registrations_skip_the_plugin(dists: DistFactory, hook: str, call
 
     assert "Good" not in reg.models  # nothing from a failing plugin is kept
     assert "x" not in reg.backends and "x" not in reg.schedulers and "x" not in reg.request_transforms
-    assert "x" not in reg.models
+    assert "x" not in reg.models and "x" not in reg.grammar_backends
     assert _failure("wrong").error.startswith(f"{hook}: TypeError: {message}")
 
 

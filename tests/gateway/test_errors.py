@@ -69,9 +69,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None, messa
             "tools.0.function.name: String should match pattern '^[A-Za-z0-9_-]{1,64}$'",
         ),
         (
-            {"messages": MESSAGES, "response_format": {"type": "json_object"}},
-            "response_format",
-            "response_format type 'json_object' is not supported yet: only 'text' is",
+            {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"schema": []}}},
+            "response_format.json_schema.schema",
+            "response_format.json_schema.schema: Input should be an object",
         ),
         (
             {"messages": [{"role": "function", "content": "x", "name": "f"}]},

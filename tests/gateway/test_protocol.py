@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from ernie_serve.core.sampling_params import SamplingParamsError, StructuredOutputsParams
 from ernie_serve.gateway.errors import APIError, error_param, from_validation_error
 from ernie_serve.gateway.protocol import ChatCompletionRequest, CompletionRequest, unsupported_parameter
 
@@ -133,11 +134,6 @@ def test_unknown_fields_are_kept_for_plugins_and_otherwise_ignored() -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        (
-            {"response_format": {"type": "json_object"}},
-            "response_format",
-            "response_format type 'json_object' is not supported yet: only 'text' is",
-        ),
         ({"logit_bias": {"5": 10}}, "logit_bias", "'logit_bias' is not supported yet by ernie-serve"),
         ({"modalities": ["text", "audio"]}, "modalities", "only the 'text' modality is supported"),
     ],
@@ -292,3 +288,41 @@ def test_bad_tool_fields_are_400s(fields: dict, message: str | None) -> None:
     assert (error.status_code, error.type) == (400, "invalid_request_error")
     if message is not None:
         assert error.message == message
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, None),
+        ({"response_format": {"type": "text"}}, None),
+        ({"response_format": {"type": "json_object"}}, StructuredOutputsParams(json_object=True)),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+            StructuredOutputsParams(json=SCHEMA),
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "any"}}},
+            StructuredOutputsParams(json_object=True),
+        ),
+        ({"structured_outputs": {"json": SCHEMA}}, StructuredOutputsParams(json=SCHEMA)),
+        ({"structured_outputs": {"choice": ["a", "b"]}}, StructuredOutputsParams(choice=["a", "b"])),
+        ({"structured_outputs": {"grammar": "start: A"}}, StructuredOutputsParams(grammar="start: A")),
+        ({"guided_regex": "[0-9]+"}, StructuredOutputsParams(regex="[0-9]+")),
+        ({"guided_json": SCHEMA}, StructuredOutputsParams(json=SCHEMA)),
+    ],
+)
+def test_structured_output_fields_become_one_spec(fields: dict, expected: StructuredOutputsParams | None) -> None:
+    assert chat(**fields).sampling_params().structured_outputs == expected
+    body = {"prompt": "p", **fields}
+    assert CompletionRequest.model_validate_json(json.dumps(body)).sampling_params().structured_outputs == expected
+
+
+def test_two_constraints_at_once_are_refused() -> None:
+    error = chat_error(response_format={"type": "json_object"}, guided_choice=["a"])
+    assert error.message == "response_format and guided_choice both constrain the output: use one of them"
+    with pytest.raises(SamplingParamsError, match="set exactly one of") as info:
+        chat(structured_outputs={"regex": "a", "grammar": "start: A"}).sampling_params()
+    assert info.value.param == "structured_outputs"

@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from ernie_serve.core.config import ModelConfig
+from ernie_serve.models import read_model_config
 from ernie_serve.testing.checkpoints import PADDLE_CONFIG_KEYS
 
 
@@ -45,8 +45,8 @@ def test_untied_moe_checkpoint_in_paddle_layout(paddle_checkpoint, tiny_checkpoi
     config = json.loads((path / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
     assert PADDLE_CONFIG_KEYS.items() <= config.items()
-    parsed = ModelConfig.from_pretrained(path)
-    assert parsed == ModelConfig.from_pretrained(tiny_checkpoint("moe_interval2_untied_mqa", torch.bfloat16))
+    parsed = read_model_config(path)
+    assert parsed == read_model_config(tiny_checkpoint("moe_interval2_untied_mqa", torch.bfloat16))
     assert parsed.extra["fuse_rope"] is True and parsed.dtype == "bfloat16"
 
 

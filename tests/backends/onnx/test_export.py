@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 from ernie_serve import LLM, SamplingParams  # noqa: E402
 from ernie_serve.backends.onnx import export as export_mod  # noqa: E402
 from ernie_serve.backends.onnx.export import ExportOptions, cached_export, export_command, export_key  # noqa: E402
-from ernie_serve.core.config import ModelConfig  # noqa: E402
+from ernie_serve.models import read_model_config  # noqa: E402
 
 
 @pytest.fixture()
@@ -32,7 +32,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_second_start_reuses_the_export_and_a_changed_checkpoint_reexports(checkpoint_copy, cache_dir) -> None:
-    config = ModelConfig.from_pretrained(checkpoint_copy)
+    config = read_model_config(checkpoint_copy)
     first = cached_export(config, str(checkpoint_copy))
     assert not first.cached and first.path.is_file() and first.path.parent.parent == cache_dir
     info = json.loads((first.path.parent / "export.json").read_text())
@@ -67,7 +67,7 @@ def test_a_paddle_checkpoint_exports_and_serves_like_its_pt_original(
 
 
 def test_key_covers_options_config_and_dummy_seed(checkpoint_copy, cache_dir) -> None:
-    config = ModelConfig.from_pretrained(checkpoint_copy)
+    config = read_model_config(checkpoint_copy)
     base, material = export_key(config, str(checkpoint_copy), 0, ExportOptions())
     assert {"source", "options", "graph_version", "graph_builder", "onnx"} <= set(material)
     assert export_key(config, str(checkpoint_copy), 0, ExportOptions(opset=18))[0] != base

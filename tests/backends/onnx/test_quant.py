@@ -26,7 +26,7 @@ from ernie_serve.backends.onnx.graph import (  # noqa: E402
     past_names,
     save_graph,
 )
-from ernie_serve.core.config import ModelConfig  # noqa: E402
+from ernie_serve.models import num_parameters, read_model_config  # noqa: E402
 from ernie_serve.quantization import QuantSpec, dequantize, quantize  # noqa: E402
 
 WINT4_SPECS = [QuantSpec("wint4", 128), QuantSpec("wint4", 64), QuantSpec("wint4", 0)]
@@ -143,7 +143,7 @@ def _export(checkpoint, quant: GraphQuantization | None, out):
     """The tiny checkpoint's graph with `quant`, and an onnxruntime session on it."""
     from ernie_serve.backends.onnx.export import build_torch_model
 
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     model = build_torch_model(config, str(checkpoint), 0)
     save_graph(config, dict(model.checkpoint_targets()), out, "model.onnx", quant)
     return config, ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -172,7 +172,7 @@ def _torch_logits(checkpoint, spec: QuantSpec, lm_head: bool, tokens: list[int])
     from ernie_serve.backends.torch.loader import load_safetensors
     from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
 
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     model = ErnieForCausalLM(config, torch.float32, torch.device("cpu"), quantization=spec, quantize_lm_head=lm_head)
     load_safetensors(model.eval(), checkpoint)
     model.quantize_tied_lm_head()
@@ -225,7 +225,7 @@ def test_the_quantized_graph_quantizes_what_the_torch_backend_does(tiny_checkpoi
     """Every attention projection, dense MLP, routed and shared expert is one quantized product; the router,
     embedding and norms stay float32 (their MatMul / Gather / Mul read float32 initializers)."""
     checkpoint = tiny_checkpoint("moe_top1_dense_tail", torch.bfloat16)
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     for spec, op in ((QuantSpec("wint4", 128), "MatMulNBits"), (QuantSpec("wint8"), "DynamicQuantizeMatMul")):
         out = tmp_path / spec.scheme
         stats = export_to_dir(config, str(checkpoint), out, options=ExportOptions(quantization=spec))
@@ -242,14 +242,14 @@ def test_the_quantized_graph_quantizes_what_the_torch_backend_does(tiny_checkpoi
         initializers = {t.name: t for t in model.graph.initializer}
         assert initializers["model.embed_tokens.weight"].data_type == TensorProto.FLOAT
         tied_copy = config.vocab_size * config.hidden_size  # the quantized head beside the float32 embedding
-        assert stats.num_parameters == pytest.approx(config.num_parameters + tied_copy, rel=0.01)
+        assert stats.num_parameters == pytest.approx(num_parameters(config) + tied_copy, rel=0.01)
         assert {d.domain for d in model.opset_import} == {"", MS_DOMAIN}
         onnx.checker.check_model(str(out / "model.onnx"))
 
 
 def test_the_export_cache_key_tells_schemes_group_sizes_and_heads_apart(tiny_checkpoint) -> None:
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
-    config = ModelConfig.from_pretrained(checkpoint)
+    config = read_model_config(checkpoint)
     options = [
         ExportOptions(),
         ExportOptions(quantization=QuantSpec("wint8")),

@@ -7,7 +7,8 @@ import torch
 
 from ernie_serve.backends.torch.backend import TorchBackend, TorchOptions
 from ernie_serve.backends.torch.model import _onednn_linear_available
-from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.models import read_model_config
 
 
 def test_capabilities_and_options_are_declared_on_the_class() -> None:
@@ -25,9 +26,7 @@ def test_cpu_weight_prepack_option_decides_the_onednn_copies(tiny_checkpoint, pr
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
     backend = TorchBackend()
     settings = EngineSettings(model=str(checkpoint), device="cpu")
-    backend.load(
-        ModelConfig.from_pretrained(checkpoint), settings, str(checkpoint), TorchOptions(cpu_weight_prepack=prepack)
-    )
+    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions(cpu_weight_prepack=prepack))
     assert backend.model is not None
     assert (backend.model.lm_head_packed is not None) == prepack
     backend.close()

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from ernie_serve import LLM, SamplingParams
 from ernie_serve.backends.torch.backend import TorchBackend, TorchOptions
 from ernie_serve.backends.torch.loader import CheckpointError
-from ernie_serve.core.config import EngineSettings, ModelConfig
+from ernie_serve.core.config import EngineSettings
 from ernie_serve.core.plan import ScheduledRequest, StepPlan
+from ernie_serve.models import read_model_config
 from ernie_serve.testing.checkpoints import TINY_SHAPES
 
 PROMPTS = [[5, 6, 7], list(range(10, 31)), [300, 301, 2, 9]]
@@ -80,7 +81,7 @@ def _prefill_logits(checkpoint: Path, block_size: int = 4) -> torch.Tensor:
     """The backend's float32 logits at the last position of each of PROMPTS, prefilled together in one step."""
     backend = TorchBackend()
     settings = EngineSettings(model=str(checkpoint), device="cpu")
-    backend.load(ModelConfig.from_pretrained(checkpoint), settings, str(checkpoint), TorchOptions())
+    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions())
     backend.allocate_kv_cache(num_blocks=32, block_size=block_size)
     scheduled, next_block = [], 0
     for i, prompt in enumerate(PROMPTS):
