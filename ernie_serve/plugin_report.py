@@ -122,9 +122,8 @@ def write_report(reg: Registry, out: TextIO) -> None:
         _table(out, "Gateway routes", [(r.name, source(r)) for r in reg.gateway_routes])
     if reg.request_transforms:
         _table(out, "Request transforms", [(r.name, source(r)) for r in reg.request_transforms.values()])
-    if reg.parsers:  # --reasoning-parser / --tool-call-parser names, by kind
-        rows = [(*r.name.split(":", 1), source(r)) for r in reg.parsers.values()]
-        _table(out, "Output parsers (kind, name)", rows)
+    if reg.parsers:  # "reasoning:NAME" is what --reasoning-parser NAME selects, "tool_call:NAME" --tool-call-parser
+        _table(out, "Output parsers (kind:name)", [(r.name, source(r)) for r in reg.parsers.values()])
     plugin_rows = [(p.name, source(p), p.module + (" (built-in)" if p.builtin else "")) for p in reg.plugins]
     _table(out, "Plugins (entry points in group ernie_serve, in load order)", plugin_rows)
     if reg.failures:
