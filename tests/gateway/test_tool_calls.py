@@ -80,11 +80,13 @@ def spell(demo_tokenizer: Tokenizer) -> Callable[..., dict[str, Any]]:
     return make
 
 
-def collect(stream: Any) -> dict[str, Any]:
-    """A streamed choice 0 put together: reasoning, content, tool calls by index, finish reason."""
+def collect(stream: Any, index: int = 0) -> dict[str, Any]:
+    """A streamed choice put together: reasoning, content, tool calls by index, finish reason."""
     out: dict[str, Any] = {"reasoning": "", "reasoning_content": "", "content": "", "calls": {}, "finish": None}
     for chunk in stream:
         for choice in chunk.choices:
+            if choice.index != index:
+                continue
             delta = choice.delta
             extra = delta.model_extra or {}
             out["reasoning"] += extra.get("reasoning") or ""
@@ -207,6 +209,32 @@ def test_required_with_parallel_calls_returns_only_well_formed_calls(client: ope
     choice = reply.choices[0]
     check_calls(choice.message.tool_calls or [], {"get_weather", "add"})
     assert choice.finish_reason in ("tool_calls", "length")
+
+
+def test_each_of_n_choices_gets_its_own_calls(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = dict(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER, ADD],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+        temperature=1.0,
+        seed=5,
+        n=2,
+        extra_body=NO_THINKING,
+    )
+    reply = client.chat.completions.create(**kwargs)
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls"
+        check_calls(choice.message.tool_calls or [], {"get_weather", "add"})
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    for choice in reply.choices:  # the same seed, the same calls; each choice's calls are indexed from 0
+        streamed = collect(chunks, choice.index)
+        calls = choice.message.tool_calls or []
+        assert streamed["finish"] == "tool_calls"
+        assert list(streamed["calls"].values())[0][1:] == (calls[0].function.name, calls[0].function.arguments)
+        assert list(streamed["calls"]) == [0]
 
 
 @pytest.mark.parametrize("stream", [False, True])
