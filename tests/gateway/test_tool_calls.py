@@ -331,6 +331,20 @@ def test_tool_mistakes_are_400s(client: openai.OpenAI, extra: dict, param: str, 
     assert isinstance(body, dict) and (body["param"], body["message"]) == (param, message)
 
 
+def test_a_schema_the_grammar_engine_cannot_compile_is_a_400_naming_tools(client: openai.OpenAI) -> None:
+    odd = {"type": "object", "properties": {"when": {"type": "string", "format": "no-such-format"}}}
+    tool = {"type": "function", "function": {"name": "odd", "parameters": odd}}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, tools=[tool], tool_choice="required")
+    body = error.value.body
+    assert isinstance(body, dict) and body["param"] == "tools" and "no-such-format" in body["message"]
+    both = {"structured_outputs": {"regex": "a+"}}
+    with pytest.raises(openai.BadRequestError, match="cannot be combined with a structured output"):
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=4, tools=[WEATHER], tool_choice="required", extra_body=both
+        )
+
+
 def test_auto_needs_the_server_flag(server: Any) -> None:
     plain = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
