@@ -100,7 +100,7 @@ class ChatPlan:
 def plan_chat(request: ChatCompletionRequest, server: ServerParsers, token_id: TokenIdLookup) -> ChatPlan:
     """Check the request's tool and reasoning options against each other and the server (400s naming the
     field), and decide what they mean. Called once per chat request, before its prompt is rendered;
-    `token_id` is the tokenizer's lookup, for the grammar."""
+    `token_id` gives the id of a text that is one special token, for the grammar."""
     functions = [tool.function.model_dump(exclude_none=True) for tool in request.tools or []]
     variables = dict(request.chat_template_kwargs or {})
     if request.tools:

@@ -26,7 +26,8 @@ from ernie_serve.core.plugins import UnknownPluginError, registry
 REASONING = "reasoning"  # the `kind` a reasoning parser is registered under
 TOOL_CALL = "tool_call"  # the `kind` a tool-call parser is registered under
 
-# What a grammar builder asks the tokenizer: the id of a text that is one vocabulary token, else None.
+# What a grammar builder asks the tokenizer: the id of a text that is one special vocabulary token, else None.
+# A grammar must match a special token by its id (no text spells it); any other text, as text.
 TokenIdLookup = Callable[[str], "int | None"]
 
 
@@ -81,7 +82,7 @@ class ReasoningParser(ABC):
         grammar that constrains the answer after it. Called when such a grammar is built for a request."""
         end = token_id(cls.end_tag)
         gap = "REASONING_GAP: /\\n+/"  # the newlines between the reasoning and the answer
-        if end is not None:  # one vocabulary token: llguidance matches it by id (no text can spell a special one)
+        if end is not None:  # a special token: llguidance matches it by id, and no text can spell it
             return "\n".join([f"reasoning: REASONING_TEXT <[{end}]> REASONING_GAP?", "REASONING_TEXT: /(?s:.*)/", gap])
         tag = _regex_escape(cls.end_tag)
         return "\n".join(["reasoning: reasoning_text REASONING_GAP?", f"reasoning_text[lazy]: /(?s:.*){tag}/", gap])
@@ -110,8 +111,9 @@ class ToolParser(ABC):
         """A lark grammar (llguidance's dialect) that accepts exactly the output `split` turns into tool calls of
         `tools` (one call, or one or more when `parallel`), each call's arguments following its function's
         `parameters` schema; with `reasoning`, starting with the `reasoning` rule (defined by the reasoning
-        parser, appended by the caller). Called per request for tool_choice "required" or a named function,
-        which are enforced with it. None (the default): this parser cannot, and those requests get a 400."""
+        parser, appended by the caller); `token_id` gives the id of a tag that is a special token. Called per
+        request for tool_choice "required" or a named function, which are enforced with it. None (the
+        default): this parser cannot, and those requests get a 400."""
         return None
 
 

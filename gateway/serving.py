@@ -353,6 +353,11 @@ class OpenAIServing:
             parsed = result
         return parsed
 
+    def _special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is one special token (grammars match those by id), else None."""
+        token = self.engine.tokenizer.token_to_id(text)
+        return token if token is not None and token in self.engine.tokenizer.all_special_ids else None
+
     def _render_chat(self, parsed: ChatCompletionRequest, plan: ChatPlan) -> tuple[str, list[int]]:
         """The prompt text and its token ids; called in a worker thread by `chat`."""
         tokenizer = self.engine.tokenizer
@@ -376,7 +381,7 @@ class OpenAIServing:
         parsed: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         parsed = await self._apply_transforms(parsed)
         tokenizer = self.engine.tokenizer
-        plan = plan_chat(parsed, self.parsers, tokenizer.token_to_id)
+        plan = plan_chat(parsed, self.parsers, self._special_token_id)
         params = plan.constrain(self._params(parsed), tokenizer.encode)
         # Templating and tokenizing a long conversation take seconds: in a worker thread, so /health and the
         # other streams keep being served meanwhile (the tokenizer is immutable, any thread may use it).

@@ -144,8 +144,8 @@ def _json(value: Any) -> str:
 
 
 def _lark_literal(tag: str, token_id: TokenIdLookup) -> str:
-    """A tag in a lark rule: its token by id when it is one vocabulary token (the way the model writes it),
-    else the quoted text."""
+    """A tag in a lark rule: its token by id when it is a special token (the way the model writes it, and no
+    text spells it), else the quoted text."""
     token = token_id(tag)
     return f"<[{token}]>" if token is not None else _json(tag)
 
