@@ -141,7 +141,8 @@ def plan_chat(request: ChatCompletionRequest, server: ServerParsers, token_id: T
     reasoning_first = server.reasoning is not None and thinking
     grammar = parser.grammar(allowed, request.parallel_tool_calls, token_id, reasoning_first)
     if grammar is None:
-        raise bad_request(f"the server's tool-call parser cannot enforce tool_choice {choice!r}", "tool_choice")
+        what = "'required'" if choice == "required" else "naming a function"
+        raise bad_request(f"the server's tool-call parser cannot enforce tool_choice {what}", "tool_choice")
     if reasoning_first:
         assert server.reasoning is not None
         grammar += "\n" + server.reasoning.grammar_rule(token_id)

@@ -11,6 +11,7 @@ import torch
 from ernie_serve.core.sampling_params import SamplingParams
 from ernie_serve.gateway.chat_plan import ChatPlan, ReasoningBudget, ServerParsers, plan_chat
 from ernie_serve.gateway.errors import APIError
+from ernie_serve.gateway.parsers import ToolParser, ToolSplit
 from ernie_serve.gateway.protocol import ChatCompletionRequest
 from ernie_serve.gateway.settings import ServerSettings
 from ernie_serve.plugins.ernie45 import Ernie45ReasoningParser, Ernie45ToolParser
@@ -102,6 +103,22 @@ def test_with_thinking_the_grammar_lets_the_model_reason_first() -> None:
 )
 def test_inconsistent_requests_are_400s(fields: dict, param: str, message: str) -> None:
     assert refusal(AUTO, **fields) == (param, message)
+
+
+class TextOnlyToolParser(ToolParser):
+    """A tool-call parser that can read calls but writes no grammar."""
+
+    def split(self, text: str, finished: bool) -> ToolSplit:
+        return ToolSplit(text)
+
+
+def test_a_parser_without_a_grammar_cannot_force_calls() -> None:
+    server = ServerParsers(tool_call=TextOnlyToolParser, auto_tool_choice=True)
+    assert plan(server, tools=[WEATHER]).tool_parser is TextOnlyToolParser
+    assert refusal(server, tools=[WEATHER], tool_choice="required") == (
+        "tool_choice",
+        "the server's tool-call parser cannot enforce tool_choice 'required'",
+    )
 
 
 def test_grammar_and_budget_go_into_the_sampling_params() -> None:
