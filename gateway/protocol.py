@@ -283,10 +283,11 @@ class SamplingRequest(RequestModel):
             return StructuredOutputsParams(json=schema) if schema else StructuredOutputsParams(json_object=True)
         if name in _GUIDED_FIELDS:
             return StructuredOutputsParams(**{_GUIDED_FIELDS[name]: self._constraint(name)})
-        assert self.structured_outputs is not None
-        return StructuredOutputsParams(
-            **{"json" if k == "json_schema" else k: v for k, v in self.structured_outputs if v is not None}
-        )
+        spec = self.structured_outputs
+        assert spec is not None
+        # The declared fields only: unknown keys are kept in model_extra and, as everywhere, ignored.
+        given = {name: getattr(spec, name) for name in type(spec).model_fields if getattr(spec, name) is not None}
+        return StructuredOutputsParams(**{"json" if k == "json_schema" else k: v for k, v in given.items()})
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

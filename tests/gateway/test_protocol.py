@@ -320,6 +320,11 @@ def test_structured_output_fields_become_one_spec(fields: dict, expected: Struct
     assert CompletionRequest.model_validate_json(json.dumps(body)).sampling_params().structured_outputs == expected
 
 
+def test_unknown_keys_in_structured_outputs_are_ignored() -> None:
+    spec = chat(structured_outputs={"json_object": True, "": [1], "extra": None}).sampling_params().structured_outputs
+    assert spec == StructuredOutputsParams(json_object=True)
+
+
 def test_two_constraints_at_once_are_refused() -> None:
     error = chat_error(response_format={"type": "json_object"}, guided_choice=["a"])
     assert error.message == "response_format and guided_choice both constrain the output: use one of them"
