@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from ernie_serve.demo import demo_checkpoint_dir
-from ernie_serve.tokenizer import Tokenizer
+from ernie_serve.tokenizer import MARKUP_TOKENS, Tokenizer
 
 MODEL = "demo"
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -257,7 +257,9 @@ def test_a_named_function_is_the_one_called(client: openai.OpenAI, stream: bool)
     assert streamed["finish"] == "tool_calls" and [name for _, name, _ in streamed["calls"].values()] == ["add"]
 
 
-def test_required_while_thinking_reasons_within_the_budget_then_calls(client: openai.OpenAI) -> None:
+def test_required_while_thinking_reasons_within_the_budget_then_calls(
+    client: openai.OpenAI, demo_tokenizer: Tokenizer
+) -> None:
     reply = client.chat.completions.create(
         model=MODEL,
         messages=ASK,
@@ -272,7 +274,9 @@ def test_required_while_thinking_reasons_within_the_budget_then_calls(client: op
     assert choice.finish_reason == "tool_calls"
     check_calls(choice.message.tool_calls or [], {"get_weather"})
     reasoning = (choice.message.model_extra or {})["reasoning_content"] or ""
-    assert "<" not in reasoning and choice.message.content is None
+    assert not any(tag in reasoning for tag in MARKUP_TOKENS) and choice.message.content is None
+    # the budget: 5 tokens of reasoning at most, then </think> and the call
+    assert reply.usage is not None and len(demo_tokenizer.encode(reasoning)) <= 5
 
 
 def test_chat_template_kwargs_reach_the_template(client: openai.OpenAI, demo_tokenizer: Tokenizer) -> None:
