@@ -1,6 +1,6 @@
 """Token sampling, once for every backend: penalties, min_tokens, temperature, top-k/top-p/min-p, per-request
 seeds, per-sequence constraints (`LogitsProcessor`) and vLLM-shaped logprobs, on the logits' device for the whole
-batch: only the chosen ids, the asked-for logprobs and the constraints' bitmasks cross. Logprobs are those of the raw
+batch: only the chosen ids, the asked-for logprobs and the constraints' masks cross. Logprobs are those of the raw
 distribution (log-softmax of the logits before penalties, constraints and temperature), as vLLM reports them. All work
 is float32. Shapes: B rows, V vocabulary, P rows with penalties, C constrained rows, W = ceil(V / 32) bitmask words,
 R rows sampled at random, L rows asking for logprobs, K the most top logprobs one of them asks for.
@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ernie_serve.core.plan import SampledToken
@@ -78,7 +79,7 @@ class Sampler:
         penalized = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
         stops = [(i, t) for i, r in enumerate(requests) for t in _early_stops(r) if 0 <= t < vocab]
         constrained, bitmask = _bitmasks(requests, vocab)  # [C], [C, W] on the host
-        logits = raw.clone() if penalized or stops or constrained else raw  # [B, V]
+        logits = raw.clone() if penalized or stops else raw  # [B, V]
         if penalized:
             self._apply_penalties(logits, requests, states, penalized)
         elif self._counted:  # no penalties this step: let go of the counts table and the states it holds
@@ -86,11 +87,11 @@ class Sampler:
         if stops:  # until `min_tokens` exist, the tokens that would end a request cannot be sampled
             index = _index(stops, device)  # [N, 2] (row, token)
             logits[index[:, 0], index[:, 1]] = _NEG_INF
-        if constrained:
-            rows, shifts = _index(constrained, device), torch.arange(32, dtype=torch.int32, device=device)
-            bits = (bitmask.to(device)[:, :, None] >> shifts) & 1  # [C, W, 32]
-            allowed = bits.view(len(constrained), -1)[:, :vocab].bool()  # [C, V]
-            logits[rows] = logits[rows].masked_fill(~allowed, _NEG_INF)
+        if constrained:  # unpacked on the host (little-endian words: token t is bit t % 8 of byte t // 8)
+            allowed = np.ones((len(requests), bitmask.shape[1] * 32), dtype=np.uint8)  # [B, 32 W]
+            allowed[constrained] = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+            allowed = torch.from_numpy(allowed).view(torch.bool)[:, :vocab].to(device)  # [B, V]
+            logits = torch.where(allowed, logits, _NEG_INF)  # a new tensor: rows without constraints keep their values
 
         token_ids = logits.argmax(dim=-1)  # [B] the greedy rows' tokens; sampled rows are replaced below
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -166,8 +167,7 @@ def _index(values: list, device: torch.device) -> torch.Tensor:
 
 
 def _bitmasks(requests: list[Request], vocab: int) -> tuple[list[int], torch.Tensor | None]:
-    """The rows some processor constrains this step, and their allowed tokens as bitmasks `[C, W]` on the host.
-    Each processor fills a row of its own; a request's rows are and-ed, so each of its processors has its say."""
+    """The rows some processor constrains, and their bitmasks `[C, W]` on the host (a request's rows and-ed)."""
     rows, masks = [], []
     for i, request in enumerate(requests):
         mask = None

@@ -101,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time schedule() + update() (no model) with 1..512 requests decoding.",
     )
     _add_log_level(scheduler_bench)
+    structured_bench = bench_sub.add_parser(
+        "structured-output",
+        help="decode step time with JSON-schema-constrained requests against free ones",
+        description="Time engine decode steps of N concurrent requests on the CPU benchmark model, free and "
+        "constrained to a JSON schema, taking turns; medians and their ratio (docs/structured_output.md).",
+    )
+    structured_bench.add_argument("--requests", type=int, default=16, help="concurrent requests (default: 16)")
+    structured_bench.add_argument("--output-len", type=int, default=64, help="tokens per request (default: 64)")
+    structured_bench.add_argument("--rounds", type=int, default=5, help="free/constrained pairs (default: 5)")
+    structured_bench.add_argument("--model", default=None, help="checkpoint (default: the CPU benchmark model)")
+    _add_log_level(structured_bench)
     quant_bench = bench_sub.add_parser(
         "quantization",
         help="--quantization's accuracy and memory (torch backend), or the low-bit kernels' speed",
@@ -425,6 +436,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return scheduler_main()
         if args.bench_command == "soak":
             return _cmd_bench_soak(args)
+        if args.bench_command == "structured-output":
+            configure_logging("console", args.log_level)
+            from ernie_serve.bench.structured_output import main as structured_main
+
+            return structured_main(args.requests, args.output_len, args.rounds, args.model)
         if args.bench_command == "quantization":
             configure_logging("console", args.log_level)
             if args.backend == "onnx":
