@@ -3,7 +3,7 @@
 A plugin is a module with functions decorated `@hookimpl` whose names match the hooks below, named by an
 entry point in the `ernie_serve` group: `[project.entry-points.ernie_serve] myplugin = "my_pkg.plugin"`.
 The built-ins are declared the same way in ernie-serve's own pyproject.toml (`schedulers`, `torch`, `onnx`,
-`web_search`, `llguidance`) and found the same way (`ernie_serve.core.plugins`).
+`web_search`, `llguidance`, `ernie45`) and found the same way (`ernie_serve.core.plugins`).
 
 Each hook receives a `register` callback instead of returning values, so a plugin can register any number
 of things and the registry records which plugin provided each one. Hooks are called once per process, when
@@ -47,6 +47,7 @@ RegisterModel = Callable[[str, type], None]
 RegisterGrammarBackend = Callable[[str, type], None]
 RegisterRoute = Callable[[RouteLike], None]
 RegisterRequestTransform = Callable[[str, RequestTransform], None]
+RegisterParser = Callable[[str, str, type], None]  # (kind: "reasoning" or "tool_call", name, parser class)
 
 
 @hookspec
@@ -110,3 +111,10 @@ def register_request_transforms(register: RegisterRequestTransform) -> None:
     ERNIE's search prompt when the request carries search results. See `RequestTransform`. A transform that
     raises `ValueError` (with an optional `param` attribute naming the field) rejects the request with a 400.
     """
+
+
+@hookspec
+def register_parsers(register: RegisterParser) -> None:
+    """Register output parsers: `register("reasoning" | "tool_call", name, cls)`, cls a gateway `ReasoningParser` /
+    `ToolParser` (ernie_serve/gateway/parsers.py). Called once when the registry is built; `--reasoning-parser` /
+    `--tool-call-parser NAME` select one, and the gateway makes an instance per chat choice to parse its text."""

@@ -82,6 +82,7 @@ class Registry:
     grammar_backends: dict[str, Registration[type]] = field(default_factory=dict)  # name -> GrammarBackend class
     gateway_routes: list[Registration[Any]] = field(default_factory=list)  # name = the route's path
     request_transforms: dict[str, Registration[Callable[[Any], Any]]] = field(default_factory=dict)
+    parsers: dict[str, Registration[type]] = field(default_factory=dict)  # "reasoning:ernie45", "tool_call:ernie45"
     plugins: list[PluginInfo] = field(default_factory=list)  # loaded, in load order
     failures: list[PluginInfo] = field(default_factory=list)  # skipped, each with its `error`
 
@@ -210,6 +211,7 @@ def _run_hooks(pm: pluggy.PluginManager, plugin: Any, items: list[tuple[str, str
         "register_grammar_backends": add("grammar_backends", "grammar backend", object),
         "register_gateway_routes": route,
         "register_request_transforms": add("request_transforms", "request transform", None),
+        "register_parsers": lambda kind, name, cls: add("parsers", f"{kind} parser", object)(f"{kind}:{name}", cls),
     }
     for hook_name, register in callbacks.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():

@@ -628,12 +628,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import structlog
 
     from ernie_serve.core.plugins import UnknownPluginError, get_backend_class, get_scheduler_class
+    from ernie_serve.gateway.chat_plan import ServerParsers
     from ernie_serve.gateway.server import ServerStartError, run
 
     log = structlog.get_logger("ernie_serve.cli")
     try:  # fail before binding ports and loading weights when a plugin name is unknown
         get_backend_class(engine_settings.backend)
         get_scheduler_class(engine_settings.scheduler)
+        ServerParsers.from_settings(server_settings)
     except UnknownPluginError as exc:
         _error(str(exc))
         return EXIT_FAILURE

@@ -25,7 +25,7 @@ from ernie_serve.logging import progress
 # not get an event printed into their stdout.
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"  # 2: ERNIE's reasoning and tool-call tags in the tokenizer, a template with tools
 DEMO_CONFIG = ModelConfig(
     model_type="ernie4_5_moe",
     vocab_size=2112,  # a padded embedding, larger than the tokenizer, as in real checkpoints

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE, Tokenizer
+from ernie_serve.tokenizer import ERNIE_TOOLS_CHAT_TEMPLATE, MARKUP_TOKENS, Tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as RustTokenizer
@@ -40,6 +40,11 @@ DEMO_SPECIAL_TOKENS = (
 # The demo model's tokenizer size; the bundled corpus supports up to about 5000.
 DEMO_VOCAB_SIZE = 2048
 
+# ERNIE's reasoning and tool-call tags, special tokens with the last ids (the BPE is trained `len(DEMO_MARKUP)` ids
+# short of the size), single tokens as in ERNIE's Thinking models: grammars force them as such, and decoding
+# keeps them in the text for the output parsers.
+DEMO_MARKUP = MARKUP_TOKENS
+
 # Text of the padding ids of `padded_demo_tokenizer`. Visible when decoded (a dummy-weight model samples them
 # often), never produced by encoding text, and plainly not a word.
 PLACEHOLDER_TOKEN = "<|placeholder_{}|>"
@@ -53,30 +58,34 @@ def demo_corpus() -> str:
 def train_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE) -> RustTokenizer:
     """The demo byte-level BPE as an in-memory `tokenizers.Tokenizer` (what tokenizer.json holds).
 
-    `vocab_size` counts the special tokens and the 256 byte symbols; ValueError beyond what the corpus yields.
+    `vocab_size` counts the special tokens (markup included) and the 256 byte symbols; ValueError beyond what the
+    corpus yields.
     """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tokenizer = RustTokenizer(models.BPE())
     # No prefix space: decode(encode(text)) must give back exactly `text`, and ERNIE adds no BOS either.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(DEMO_MARKUP),
         special_tokens=list(DEMO_SPECIAL_TOKENS),
         # All 256 byte symbols, so text the corpus never showed (other scripts, rare emoji) still encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(demo_corpus().splitlines(keepends=True), trainer)
-    if tokenizer.get_vocab_size() != vocab_size:
-        raise ValueError(f"the demo corpus yields at most {tokenizer.get_vocab_size()} tokens, asked for {vocab_size}")
+    most = tokenizer.get_vocab_size() + len(DEMO_MARKUP)
+    if most != vocab_size:
+        raise ValueError(f"the demo corpus yields at most {most} tokens, asked for {vocab_size}")
+    tokenizer.add_special_tokens([AddedToken(tag, special=True, normalized=False) for tag in DEMO_MARKUP])
     return tokenizer
 
 
 def demo_tokenizer_config() -> dict[str, Any]:
-    """What the demo tokenizer's tokenizer_config.json says: ERNIE's special-token slots and chat template."""
+    """What the demo tokenizer's tokenizer_config.json says: ERNIE's special-token slots, and ERNIE's chat template
+    with tools and thinking (`ERNIE_TOOLS_CHAT_TEMPLATE`)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": {
@@ -96,12 +105,12 @@ def demo_tokenizer_config() -> dict[str, Any]:
         "pad_token": "<unk>",
         "cls_token": "<|begin_of_sentence|>",
         "sep_token": "<|end_of_sentence|>",
-        "additional_special_tokens": list(DEMO_SPECIAL_TOKENS[5:]),
+        "additional_special_tokens": [*DEMO_SPECIAL_TOKENS[5:], *DEMO_MARKUP],
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 131072,
-        "chat_template": ERNIE_CHAT_TEMPLATE,
+        "chat_template": ERNIE_TOOLS_CHAT_TEMPLATE,
     }
 
 
@@ -136,5 +145,7 @@ def padded_demo_tokenizer(vocab_size: int, chat_template: str | None = None) -> 
     serialized = json.loads(train_demo_tokenizer(DEMO_VOCAB_SIZE).to_str())
     vocab: dict[str, int] = serialized["model"]["vocab"]
     vocab.update({PLACEHOLDER_TOKEN.format(i): i for i in range(DEMO_VOCAB_SIZE, vocab_size)})
+    # Added tokens outside the model's vocabulary get new ids past it when loaded; in it, they keep theirs.
+    vocab.update({token["content"]: token["id"] for token in serialized["added_tokens"]})
     padded = RustTokenizer.from_str(json.dumps(serialized))
     return Tokenizer.from_tokenizers(padded, demo_tokenizer_config(), chat_template=chat_template)

@@ -106,14 +106,23 @@ class LLM:
         messages: Conversation | Sequence[Conversation],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the chat template to one conversation or a list of them, then `generate`."""
+        """Apply the chat template to one conversation or a list of them, then `generate`. As vLLM's: `tools`
+        (OpenAI tool definitions) and `chat_template_kwargs` (e.g. `{"enable_thinking": False}`) reach the
+        template; the text comes back as the model wrote it (the gateway's parsers are not applied)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.render_chat(c, add_generation_prompt) for c in conversations]  # type: ignore[arg-type]
+        variables = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+        prompts = [self.render_chat(c, add_generation_prompt, **variables) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params)
 
-    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True) -> dict[str, Any]:
-        text = self.engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    def render_chat(
+        self, conversation: Conversation, add_generation_prompt: bool = True, **template_variables: Any
+    ) -> dict[str, Any]:
+        text = self.engine.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, **template_variables
+        )
         # the template already places the special tokens: encode without adding any
         return {"prompt": text, "prompt_token_ids": self.engine.tokenizer.encode(text)}
 

@@ -100,6 +100,7 @@ def plugins_json(reg: Registry) -> dict[str, Any]:
         "grammar_backends": [item(r) for r in reg.grammar_backends.values()],
         "gateway_routes": [item(r) for r in reg.gateway_routes],
         "request_transforms": [item(r) for r in reg.request_transforms.values()],
+        "parsers": [item(r) for r in reg.parsers.values()],  # names are "kind:name", e.g. "reasoning:ernie45"
         "plugins": [plugin(p) for p in reg.plugins],
         "failed_plugins": [plugin(p) for p in reg.failures],
     }
@@ -122,8 +123,8 @@ def _table(out: TextIO, title: str, rows: list[tuple[str, ...]], details: list[l
 
 def write_report(reg: Registry, out: TextIO) -> None:
     """The `ernie-serve plugins` tables: backends (with availability, capabilities and option flags),
-    schedulers, models, grammar backends, plugin routes and transforms, the plugins that loaded, and those that
-    were skipped."""
+    schedulers, models, grammar backends, plugin routes and transforms, output parsers, the plugins that loaded,
+    and those that were skipped."""
     backend_rows, backend_details = [], []
     for r in reg.backends.values():
         reason = availability(r.obj)
@@ -141,6 +142,8 @@ def write_report(reg: Registry, out: TextIO) -> None:
         _table(out, "Gateway routes", [(r.name, source(r)) for r in reg.gateway_routes])
     if reg.request_transforms:
         _table(out, "Request transforms", [(r.name, source(r)) for r in reg.request_transforms.values()])
+    if reg.parsers:  # "reasoning:NAME" is what --reasoning-parser NAME selects, "tool_call:NAME" --tool-call-parser
+        _table(out, "Output parsers (kind:name)", [(r.name, source(r)) for r in reg.parsers.values()])
     plugin_rows = [(p.name, source(p), p.module + (" (built-in)" if p.builtin else "")) for p in reg.plugins]
     _table(out, "Plugins (entry points in group ernie_serve, in load order)", plugin_rows)
     if reg.failures:

@@ -28,7 +28,7 @@ from ernie_serve.core.errors import UserError
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as RustTokenizer
 
-__all__ = ["ERNIE_CHAT_TEMPLATE", "ChatTemplateError", "Tokenizer"]
+__all__ = ["ERNIE_CHAT_TEMPLATE", "ERNIE_TOOLS_CHAT_TEMPLATE", "MARKUP_TOKENS", "ChatTemplateError", "Tokenizer"]
 
 # ERNIE 4.5's chat template, verbatim from the model's tokenizer_config.json (REFERENCE.md). Used when a
 # checkpoint carries no template of its own.
@@ -43,6 +43,39 @@ ERNIE_CHAT_TEMPLATE = r"""{%- if not add_generation_prompt is defined -%}{%- set
   {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- "Assistant: " -}}{%- endif -%}"""  # noqa: E501
+
+# ERNIE_CHAT_TEMPLATE plus what ERNIE's Thinking template also renders, in our own wording and ERNIE's tags: the
+# request's `tools` as JSON schemas with how to call them, assistant turns' `tool_calls` and `tool` results in the
+# history, and `enable_thinking` (a `chat_template_kwargs` key: true opens `<think>`, false gives an empty
+# thought). A conversation without them renders exactly as with ERNIE_CHAT_TEMPLATE. The default for checkpoints
+# without a template, and the demo tokenizer's.
+ERNIE_TOOLS_CHAT_TEMPLATE = r"""{%- if not add_generation_prompt is defined -%}{%- set add_generation_prompt = true -%}{%- endif -%}
+{%- if not cls_token is defined -%}{%- set cls_token = "<|begin_of_sentence|>" -%}{%- endif -%}
+{%- if not sep_token is defined -%}{%- set sep_token = "<|end_of_sentence|>" -%}{%- endif -%}
+{{- cls_token -}}
+{%- if tools -%}
+  {{- "You can call the tools below, each described by a JSON schema:\n<tool_list>\n" -}}
+  {%- for tool in tools -%}{{- tool | tojson -}}{{- "\n" -}}{%- endfor -%}
+  {{- "</tool_list>\nTo call tools, answer with one block per call:\n<tool_call>\n" -}}
+  {{- "{\"name\": \"the tool's name\", \"arguments\": {\"a parameter\": \"its value\"}}\n</tool_call>\n" -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if message["role"] == "user" -%}{{- "User: " + message["content"] + "\n" -}}
+  {%- elif message["role"] == "assistant" -%}
+    {{- "Assistant: " + message["content"] -}}
+    {%- for call in message["tool_calls"] or [] -%}
+      {%- set function = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]} -%}
+      {{- "<tool_call>\n" + function | tojson + "\n</tool_call>\n" -}}
+    {%- endfor -%}
+    {{- sep_token -}}
+  {%- elif message["role"] == "tool" -%}{{- "User: <tool_response>\n" + message["content"] + "\n</tool_response>\n" -}}
+  {%- elif message["role"] == "system" -%}{{- message["content"] + "\n" -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- "Assistant: " -}}
+  {%- if enable_thinking is defined -%}{{- "<think>\n" if enable_thinking else "<think>\n\n</think>\n\n" -}}{%- endif -%}
+{%- endif -%}"""  # noqa: E501
 
 # The named special-token slots of a HuggingFace tokenizer_config.json, in the order HF lists them.
 _SPECIAL_TOKEN_KEYS = (
@@ -68,6 +101,12 @@ _ERNIE_SPECIAL_TOKENS = {
 
 # Generation ends at eos and at the end of an assistant turn, whatever the config names as eos.
 _STOP_TOKENS = ("</s>", "<|end_of_sentence|>")
+
+# ERNIE's reasoning and tool-call markup (REFERENCE.md). Thinking models have each as one vocabulary token, which
+# a tokenizer config may mark special; decoding prints them even when it skips special tokens, as HF does for
+# tokens marked `"special": false`: they are part of the model's answer, and the gateway's output parsers
+# (gateway/parsers.py) find reasoning and tool calls by them.
+MARKUP_TOKENS = ("<think>", "</think>", "<response>", "</response>", "<tool_call>", "</tool_call>")
 
 
 class TokenizerFileError(UserError, FileNotFoundError):
@@ -342,10 +381,10 @@ def _template_from_argument(value: str) -> str:
 
 def _choose_template(argument: str | None, parsed: _TokenizerConfig) -> str:
     """The template to use: the caller's (--chat-template or a chat_template.jinja file), else the config's,
-    else ERNIE's."""
+    else ERNIE's (with tools)."""
     if argument is not None:
         return _template_from_argument(argument)
-    return parsed.chat_template or ERNIE_CHAT_TEMPLATE
+    return parsed.chat_template or ERNIE_TOOLS_CHAT_TEMPLATE
 
 
 def _raise_exception(message: str) -> None:
@@ -425,6 +464,7 @@ class Tokenizer:
         self._all_special_ids = sorted(i for i in ids if i is not None)
         stop = {codec.token_to_id(t) for t in (self._special_tokens.get("eos_token"), *_STOP_TOKENS) if t}
         self._stop_token_ids = frozenset(i for i in stop if i is not None)
+        self._markup_ids = frozenset(i for i in map(codec.token_to_id, MARKUP_TOKENS) if i in codec.special_ids())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
@@ -535,8 +575,19 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids the tokenizer does not have (checkpoints pad the embedding past the vocabulary,
-        so a sampler can pick them) decode to nothing rather than failing."""
-        return self._codec.decode([int(i) for i in ids], skip_special_tokens)
+        so a sampler can pick them) decode to nothing rather than failing. `MARKUP_TOKENS` are never skipped."""
+        ids = [int(i) for i in ids]
+        if not skip_special_tokens or self._markup_ids.isdisjoint(ids):
+            return self._codec.decode(ids, skip_special_tokens)
+        # The runs between markup tokens decode as usual; markup tokens are whole characters, so the pieces
+        # join into the same text a tokenizer that does not skip them would give.
+        pieces, start = [], 0
+        for k, token in enumerate(ids):
+            if token in self._markup_ids:
+                pieces += [self._codec.decode(ids[start:k], True), self._codec.decode([token], False)]
+                start = k + 1
+        pieces.append(self._codec.decode(ids[start:], True))
+        return "".join(pieces)
 
     def decode_token(self, token_id: int) -> str:
         """One token's text, special tokens included, for logprobs' `decoded_token`; "" when unknown."""
@@ -545,12 +596,13 @@ class Tokenizer:
     # -- chat ---------------------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: Sequence[Mapping[str, Any]], /, add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         """Render a chat request's messages into the prompt text; called once per chat request.
 
-        `kwargs` reach the template as variables (e.g. `tools`), after the special tokens
-        (`bos_token`, `cls_token`, ...), as HF passes them.
+        `kwargs` reach the template as variables (e.g. `tools`, a request's `chat_template_kwargs`), after the
+        special tokens (`bos_token`, `cls_token`, ...), as HF passes them; any string may be a key (the
+        parameters before `/` cannot clash), and one that clashes with `messages` is a `ChatTemplateError`.
         """
         flat = [{**m, "content": _flatten_content(m.get("content"))} for m in messages]
         variables = {**self._special_tokens, **kwargs}

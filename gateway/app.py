@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from ernie_serve.async_engine import AsyncEngine
 from ernie_serve.gateway.auth import APIKeyMiddleware, RequestIdMiddleware
+from ernie_serve.gateway.chat_plan import ServerParsers
 from ernie_serve.gateway.errors import EXCEPTION_HANDLERS, APIError
 from ernie_serve.gateway.limits import BodyLimitMiddleware
 from ernie_serve.gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -56,6 +57,7 @@ def build_app(
     `on_engine_error`: called if the engine fails to load or stops for good while serving (a crash, a fatal
     backend error, a hung step); the server exits non-zero on it.
     `use_plugins`: mount plugin routes and apply plugin request transforms.
+    Raises `UnknownPluginError` when `--reasoning-parser` or `--tool-call-parser` names no registered parser.
     """
     settings = settings or ServerSettings()
     served = model_name or settings.served_model_name or engine.settings.model
@@ -68,6 +70,7 @@ def build_app(
         max_concurrency=settings.max_concurrency,
         transforms=transforms,
         accepted_model_names=[engine.settings.model],
+        parsers=ServerParsers.from_settings(settings),
     )
     state: dict[str, Any] = {"load_error": None}
 

@@ -115,7 +115,7 @@ _PROMPT: JsonSchemaValue = {
 # other keyword is added as is. test_openapi checks each rule against the model.
 _REQUEST_RULES: dict[str, dict[str, Any]] = {
     "ChatMessage": {
-        "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "developer"]}},
+        "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant", "developer", "tool"]}},
         # only an assistant turn may come without content
         "anyOf": [
             {"properties": {"role": {"const": "assistant"}}},

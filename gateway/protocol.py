@@ -8,6 +8,7 @@ fields, and plugins read their extensions from there), and parameters we do not 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -55,27 +56,47 @@ class TextContentPart(RequestModel):
         return self
 
 
+class FunctionCallText(RequestModel):
+    """A function call as OpenAI writes it: the arguments object as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallRecord(RequestModel):
+    """A tool call an assistant turn in the history made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallText
+
+
 class ChatMessage(RequestModel):
-    """One turn. `developer` is OpenAI's newer name for `system` and is rendered as one."""
+    """One turn. `developer` is OpenAI's newer name for `system` and is rendered as one; `tool` carries a tool's
+    result (for the call `tool_call_id`), after an assistant turn with `tool_calls`."""
 
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallRecord] | None = None  # assistant turns only
+    tool_call_id: str | None = None  # tool turns only
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise ValueError(f"'{role}' messages are not supported yet (tool calling is not implemented)")
-        if role not in ("system", "user", "assistant", "developer"):
-            raise ValueError(f"unknown role {role!r}: use 'system', 'user' or 'assistant'")
+        if role == "function":
+            raise ValueError("'function' messages (OpenAI's deprecated functions API) are not supported: use 'tool'")
+        if role not in ("system", "user", "assistant", "developer", "tool"):
+            raise ValueError(f"unknown role {role!r}: use 'system', 'user', 'assistant' or 'tool'")
         return role
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
         extra = self.model_extra or {}
-        if extra.get("tool_calls") or extra.get("function_call"):
-            raise ValueError("assistant tool calls are not supported yet (tool calling is not implemented)")
+        if extra.get("function_call"):
+            raise ValueError("'function_call' (OpenAI's deprecated functions API) is not supported: use 'tool_calls'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message cannot have tool_calls: only assistant turns make them")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a '{self.role}' message needs content")
         return self
@@ -89,8 +110,54 @@ class ChatMessage(RequestModel):
         return "\n".join(part.text or "" for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
+        """The turn as chat templates read it (HF's convention): tool-call arguments as objects, not JSON text."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        turn: dict[str, Any] = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _json_or_text(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
+
+
+def _json_or_text(call: ToolCallRecord) -> Any:
+    """The call's arguments parsed, or the text as it is when it is not JSON (a template still renders it)."""
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError:
+        return call.function.arguments
+
+
+class FunctionDefinition(RequestModel):
+    """A function the model may call: OpenAI's `tools[].function`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # accepted; a call is always checked against `parameters` when tool_choice forces it
+
+
+class ToolDefinition(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    """`tool_choice` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+# Template variables the gateway sets itself; `chat_template_kwargs` may not replace them.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "tools")
 
 
 class JsonSchemaFormat(RequestModel):
@@ -216,10 +283,11 @@ class SamplingRequest(RequestModel):
             return StructuredOutputsParams(json=schema) if schema else StructuredOutputsParams(json_object=True)
         if name in _GUIDED_FIELDS:
             return StructuredOutputsParams(**{_GUIDED_FIELDS[name]: self._constraint(name)})
-        assert self.structured_outputs is not None
-        return StructuredOutputsParams(
-            **{"json" if k == "json_schema" else k: v for k, v in self.structured_outputs if v is not None}
-        )
+        spec = self.structured_outputs
+        assert spec is not None
+        # The declared fields only: unknown keys are kept in model_extra and, as everywhere, ignored.
+        given = {name: getattr(spec, name) for name in type(spec).model_fields if getattr(spec, name) is not None}
+        return StructuredOutputsParams(**{"json" if k == "json_schema" else k: v for k, v in given.items()})
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -263,8 +331,6 @@ class SamplingRequest(RequestModel):
 # name -> the values that mean "not used"; any other value is a 400 naming the parameter.
 _UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "audio": (None,),
@@ -277,8 +343,8 @@ def unsupported_parameter(request: RequestModel) -> tuple[str, str] | None:
     """(parameter, message) for the first parameter the request uses that we do not implement yet."""
     fields = {**request.__dict__, **(request.model_extra or {})}
     table = dict(_UNSUPPORTED_COMMON)
-    if isinstance(request, CompletionRequest):
-        table["suffix"] = (None, "")
+    if isinstance(request, CompletionRequest):  # tools are a chat feature
+        table.update(suffix=(None, ""), tools=(None, []), tool_choice=(None, "none"))
     for name, unused in table.items():
         if name in fields and not any(fields[name] == u and type(fields[name]) is type(u) for u in unused):
             return name, f"'{name}' is not supported yet by ernie-serve"
@@ -298,12 +364,40 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True  # vLLM extension
+    tools: list[ToolDefinition] | None = None
+    # None: "auto" when there are tools, else "none" (OpenAI's defaults)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra template variables, e.g. enable_thinking
+    reasoning_max_tokens: int | None = Field(None, ge=1)  # FastDeploy: most tokens of reasoning
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: function names must be unique")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & set(RESERVED_TEMPLATE_VARIABLES))
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}: they are request fields")
+        return self
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """`tool_choice`, or its default: "auto" when the request has tools, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def thinking(self) -> bool:
+        """False when the request turned thinking off (`chat_template_kwargs: {"enable_thinking": false}`)."""
+        return (self.chat_template_kwargs or {}).get("enable_thinking", True) is not False
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -393,9 +487,33 @@ class ChatLogprobs(ResponseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(ResponseModel):
+    name: str
+    arguments: str  # the arguments object as JSON text
+
+
+class ToolCallOut(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # With --reasoning-parser: the reasoning, under vLLM's older and newer names (null without a parser).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+
+
+class DeltaToolCall(ResponseModel):
+    """A tool call in a stream: sent whole, once, in the chunk where its closing tag arrives."""
+
+    index: int  # of the call within the choice's tool calls
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -421,6 +539,9 @@ class DeltaMessage(ResponseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _set_keys_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -33,8 +33,10 @@ from ernie_serve.core.request import CompletionOutput, Logprob, RequestOutput, S
 from ernie_serve.core.sampling_params import SamplingParams, SamplingParamsError
 from ernie_serve.gateway import sse
 from ernie_serve.gateway.auth import request_id as scope_request_id
+from ernie_serve.gateway.chat_plan import ChatPlan, ServerParsers, finish_reason, plan_chat, tool_call_out
 from ernie_serve.gateway.errors import APIError, bad_request, from_validation_error
 from ernie_serve.gateway.metrics import GatewayMetrics, RequestTracker
+from ernie_serve.gateway.parsers import ChoiceParser, ParsedOutput, StreamedParse
 from ernie_serve.gateway.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -49,6 +51,7 @@ from ernie_serve.gateway.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
     SamplingRequest,
     TopLogprob,
     UsageInfo,
@@ -183,6 +186,7 @@ class OpenAIServing:
         max_concurrency: int | None = None,
         transforms: Sequence[tuple[str, RequestTransform]] = (),
         accepted_model_names: Sequence[str] = (),
+        parsers: ServerParsers | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -190,6 +194,7 @@ class OpenAIServing:
         self.model_names = {model_name, *accepted_model_names}
         self.max_concurrency = max_concurrency
         self.transforms = list(transforms)
+        self.parsers = parsers or ServerParsers()  # --reasoning-parser, --tool-call-parser
         self.active: dict[str, _Call] = {}
         self.draining = False
         self._drained = asyncio.Event()
@@ -348,12 +353,19 @@ class OpenAIServing:
             parsed = result
         return parsed
 
-    def _render_chat(self, parsed: ChatCompletionRequest) -> tuple[str, list[int]]:
+    def _special_token_id(self, text: str) -> int | None:
+        """The id of `text` when it is one special token (grammars match those by id), else None."""
+        token = self.engine.tokenizer.token_to_id(text)
+        return token if token is not None and token in self.engine.tokenizer.all_special_ids else None
+
+    def _render_chat(self, parsed: ChatCompletionRequest, plan: ChatPlan) -> tuple[str, list[int]]:
         """The prompt text and its token ids; called in a worker thread by `chat`."""
         tokenizer = self.engine.tokenizer
         try:
             prompt = tokenizer.apply_chat_template(
-                [m.for_template() for m in parsed.messages], add_generation_prompt=parsed.add_generation_prompt
+                [m.for_template() for m in parsed.messages],
+                add_generation_prompt=parsed.add_generation_prompt,
+                **plan.template_variables,
             )
         except ValueError as exc:
             raise bad_request(str(exc), "messages") from None
@@ -368,10 +380,12 @@ class OpenAIServing:
     async def chat(self, request: Request) -> Response:
         parsed: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         parsed = await self._apply_transforms(parsed)
-        params = self._params(parsed)
+        tokenizer = self.engine.tokenizer
+        plan = plan_chat(parsed, self.parsers, self._special_token_id)
+        params = plan.constrain(self._params(parsed), tokenizer.encode)
         # Templating and tokenizing a long conversation take seconds: in a worker thread, so /health and the
         # other streams keep being served meanwhile (the tokenizer is immutable, any thread may use it).
-        prompt, prompt_ids = await anyio.to_thread.run_sync(self._render_chat, parsed)
+        prompt, prompt_ids = await anyio.to_thread.run_sync(self._render_chat, parsed, plan)
         self._check_available()  # the checks again: the body may have taken a while to arrive
         call = _Call(f"chatcmpl-{uuid.uuid4().hex}", scope_request_id(request.scope), "chat", self.metrics.track())
         call.engine_ids = [call.id]
@@ -382,16 +396,18 @@ class OpenAIServing:
         except APIError as exc:
             if exc.param == "max_tokens" and parsed.max_completion_tokens is not None:
                 exc.param = "max_completion_tokens"  # the engine knows one name; the caller used the other
+            if exc.param == "structured_outputs" and plan.grammar is not None:
+                exc.param = "tools"  # the grammar that enforces tool_choice was built from them
             raise _renamed(exc, parsed) from None
         if stream is None:
             return Response(status_code=499)
         if parsed.stream:
-            return EventStream(self._chat_stream(call, parsed, stream))
+            return EventStream(self._chat_stream(call, parsed, stream, plan))
         finals = await self._final_outputs(request, call, stream)
         if finals is None:
             return Response(status_code=499)
         call.engine_metrics = finals[0].metrics
-        return JSONResponse(self._chat_response(call, parsed, finals[0]).model_dump(mode="json"))
+        return JSONResponse(self._chat_response(call, parsed, finals[0], plan).model_dump(mode="json"))
 
     def _count_new(self, call: _Call, output: RequestOutput, seen: int) -> int:
         total = sum(len(c.token_ids) for c in output.outputs)
@@ -400,19 +416,31 @@ class OpenAIServing:
         return total
 
     def _chat_response(
-        self, call: _Call, parsed: ChatCompletionRequest, final: RequestOutput
+        self, call: _Call, parsed: ChatCompletionRequest, final: RequestOutput, plan: ChatPlan
     ) -> ChatCompletionResponse:
         choices = []
         for c in final.outputs:
             logprobs = None
             if parsed.logprobs and c.logprobs is not None:
                 logprobs = ChatLogprobs(content=chat_logprobs(c.token_ids, c.logprobs, parsed.top_logprobs or 0))
+            message, reason = ChatResponseMessage(content=c.text), c.finish_reason
+            if plan.parses:
+                out = plan.choice_parser().parse(c.text, finished=True)
+                reasoning = out.reasoning or None if plan.reasoning is not None else None
+                message = ChatResponseMessage(
+                    # null rather than "" next to reasoning or calls, as OpenAI answers a turn without text
+                    content=out.content or (None if reasoning or out.tool_calls else ""),
+                    reasoning_content=reasoning,
+                    reasoning=reasoning,
+                    tool_calls=[tool_call_out(tc) for tc in out.tool_calls],
+                )
+                reason = finish_reason(reason, bool(out.tool_calls))
             choices.append(
                 ChatCompletionChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=c.text),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=c.finish_reason,
+                    finish_reason=reason,
                     stop_reason=c.stop_reason,
                 )
             )
@@ -430,6 +458,7 @@ class OpenAIServing:
         call: _Call,
         parsed: ChatCompletionRequest,
         stream: OutputStream,
+        plan: ChatPlan,
     ) -> AsyncIterator[bytes]:
         created = int(time.time())
         want_logprobs = parsed.logprobs
@@ -437,6 +466,9 @@ class OpenAIServing:
         continuous = parsed.continuous_usage
         n = parsed.n
         progress = [_ChoiceProgress() for _ in range(n)]
+        choice_parsers: list[ChoiceParser | None] = [plan.choice_parser() if plan.parses else None for _ in range(n)]
+        parsed_sent = [StreamedParse() for _ in range(n)]
+        made_calls = [False] * n
         reason = "abort"
         model = self.model_name
 
@@ -455,7 +487,7 @@ class OpenAIServing:
                     i = c.index
                     if progress[i].done:
                         continue
-                    delta, first_new, finished = progress[i].advance(c)
+                    text, first_new, finished = progress[i].advance(c)
                     logprobs = None
                     if len(c.token_ids) > first_new:
                         new_tokens = True
@@ -463,14 +495,22 @@ class OpenAIServing:
                             logprobs = ChatLogprobs(
                                 content=chat_logprobs(c.token_ids[first_new:], c.logprobs[first_new:], top_k)
                             )
-                    if delta or logprobs is not None:
-                        yield chunk(
-                            ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=delta), logprobs=logprobs)
-                        )
+                    choice_parser = choice_parsers[i]
+                    if choice_parser is None:
+                        delta, news = DeltaMessage(content=text), bool(text)
+                    else:
+                        delta = _parsed_delta(parsed_sent[i], choice_parser.parse(c.text, finished), plan)
+                        news = bool(delta.model_dump())
+                        made_calls[i] = made_calls[i] or bool(delta.tool_calls)
+                    if news or logprobs is not None:
+                        yield chunk(ChatCompletionStreamChoice(index=i, delta=delta, logprobs=logprobs))
                     if finished:
                         yield chunk(
                             ChatCompletionStreamChoice(
-                                index=i, delta=DeltaMessage(), finish_reason=c.finish_reason, stop_reason=c.stop_reason
+                                index=i,
+                                delta=DeltaMessage(),
+                                finish_reason=finish_reason(c.finish_reason, made_calls[i]),
+                                stop_reason=c.stop_reason,
                             )
                         )
                 if new_tokens:
@@ -609,6 +649,18 @@ class OpenAIServing:
         finally:
             await stream.aclose()
             self._end(call, reason)
+
+
+def _parsed_delta(sent: StreamedParse, output: ParsedOutput, plan: ChatPlan) -> DeltaMessage:
+    """The delta of one streamed choice whose text goes through parsers: what its parsed output gained."""
+    reasoning, content, calls = sent.advance(output)
+    reasoning_text = reasoning if plan.reasoning is not None and reasoning else None
+    return DeltaMessage(
+        content=content or None,
+        reasoning_content=reasoning_text,
+        reasoning=reasoning_text,
+        tool_calls=[DeltaToolCall(index=k, **tool_call_out(call).model_dump()) for k, call in calls] or None,
+    )
 
 
 @dataclass

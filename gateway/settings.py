@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # FastDeploy's name for the key variable; read when ERNIE_SERVE_API_KEY and --api-key are both absent.
@@ -48,6 +48,19 @@ class ServerSettings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="seconds in-flight requests may run after SIGTERM before they are aborted"
     )
+    reasoning_parser: str | None = Field(
+        None,
+        description="split chat answers into reasoning_content and content with this registered reasoning parser "
+        "(built-in: ernie45, alias ernie-x1; default: none, reasoning stays in content)",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="turn tool calls in chat answers into tool_calls with this registered tool-call parser "
+        "(built-in: ernie45, alias ernie-x1; default: none)",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="let the model decide whether to call tools (tool_choice 'auto'); needs --tool-call-parser"
+    )
     # Accepted for FastDeploy command lines; they have no effect here (see `inert_option_notes`).
     engine_worker_queue_port: int | None = Field(
         None, description="FastDeploy's engine queue port; no effect here (the engine runs in-process)"
@@ -65,6 +78,13 @@ class ServerSettings(BaseSettings):
             value = [str(value)]
         keys = [k.strip() for item in value for k in str(item).split(",")]
         return [k for k in keys if k]
+
+    @field_validator("enable_auto_tool_choice")
+    @classmethod
+    def _auto_needs_parser(cls, enabled: bool, info: ValidationInfo) -> bool:
+        if enabled and not info.data.get("tool_call_parser"):
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (which format to read calls in)")
+        return enabled
 
     @model_validator(mode="before")
     @classmethod

@@ -113,6 +113,14 @@ def test_special_tokens(tok: Tokenizer, skip: bool) -> None:
     assert "".join(deltas) == detok.output_text == tok.decode(ids, skip_special_tokens=skip)
 
 
+def test_markup_tokens_stream_as_text(tok: Tokenizer) -> None:
+    text = "reason\n</think>\n\n<response>\nanswer\n</response>\n"
+    ids = [*tok.encode(text), 4]  # the turn ends with <|end_of_sentence|>, which is skipped
+    assert sum(i in tok.all_special_ids for i in ids) == 4  # the tags are single special tokens
+    deltas, _, detok = stream(tok, one_by_one(ids))
+    assert "".join(deltas) == detok.output_text == text
+
+
 def test_random_ids_match_decode(tok: Tokenizer) -> None:
     """Arbitrary ids (broken byte sequences, specials, ids past the vocabulary) in arbitrary batches."""
     rng = random.Random(1234)

@@ -87,6 +87,17 @@ def test_chat_uses_template(llm: LLM) -> None:
     assert len(two) == 2
 
 
+def test_chat_passes_tools_and_template_kwargs(llm: LLM) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    tools = [{"type": "function", "function": {"name": "clock", "parameters": {"type": "object"}}}]
+    out = llm.chat(
+        [{"role": "user", "content": "Time?"}], greedy, tools=tools, chat_template_kwargs={"enable_thinking": False}
+    )
+    assert out[0].prompt is not None
+    assert '<tool_list>\n{"type": "function", "function": {"name": "clock"' in out[0].prompt
+    assert out[0].prompt.endswith("User: Time?\nAssistant: <think>\n\n</think>\n\n")
+
+
 def test_generation_config_defaults_apply(llm: LLM) -> None:
     # the tiny checkpoint's generation_config.json has no temperature: unset means 1.0 (sampling)
     assert llm.engine.generation_defaults == {}

@@ -20,7 +20,13 @@ from ernie_serve.demo_tokenizer import (
     padded_demo_tokenizer,
     train_demo_tokenizer,
 )
-from ernie_serve.tokenizer import ERNIE_CHAT_TEMPLATE, ChatTemplateError, Tokenizer
+from ernie_serve.tokenizer import (
+    ERNIE_CHAT_TEMPLATE,
+    ERNIE_TOOLS_CHAT_TEMPLATE,
+    MARKUP_TOKENS,
+    ChatTemplateError,
+    Tokenizer,
+)
 
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -84,8 +90,10 @@ def test_demo_tokenizer_shape(tok: Tokenizer) -> None:
     assert [tok.token_to_id(t) for t in DEMO_SPECIAL_TOKENS] == list(range(10))
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
     assert tok.stop_token_ids == frozenset({2, 4})
-    assert tok.all_special_ids == list(range(10))
-    assert tok.chat_template == ERNIE_CHAT_TEMPLATE
+    # ERNIE's reasoning and tool-call tags: special tokens with the last ids
+    assert [tok.token_to_id(t) for t in MARKUP_TOKENS] == list(range(2042, 2048))
+    assert tok.all_special_ids == [*range(10), *range(2042, 2048)]
+    assert tok.chat_template == ERNIE_TOOLS_CHAT_TEMPLATE
 
 
 def test_demo_tokenizer_vocab_size(tmp_path: Path) -> None:
@@ -140,7 +148,7 @@ def test_padded_tokenizer_special_tokens_and_template(padded: Tokenizer) -> None
     assert [padded.token_to_id(t) for t in DEMO_SPECIAL_TOKENS] == list(range(10))
     assert (padded.bos_token_id, padded.eos_token_id, padded.pad_token_id) == (1, 2, 0)
     assert padded.stop_token_ids == frozenset({2, 4})
-    assert padded.all_special_ids == list(range(10))  # placeholders are ordinary tokens
+    assert padded.all_special_ids == [*range(10), *range(2042, 2048)]  # placeholders are ordinary tokens
     assert padded.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
     assert padded.encode(EXPECTED_PROMPT)[0] == 3
     assert padded_demo_tokenizer(DEMO_VOCAB_SIZE, chat_template=CUSTOM).chat_template == CUSTOM
@@ -177,6 +185,15 @@ def test_special_tokens_in_text(tok: Tokenizer) -> None:
         "<|begin_of_sentence|>User: hi\nAssistant: ok<|end_of_sentence|></s>"
     )
     assert tok.decode_token(4) == "<|end_of_sentence|>"
+
+
+def test_markup_tokens_are_kept_when_special_tokens_are_skipped(tok: Tokenizer) -> None:
+    text = 'plan\n</think>\n\n<response>\nok\n</response>\n<tool_call>\n{"name": "f"}\n</tool_call>'
+    ids = tok.encode(f"{text}<|end_of_sentence|></s>")
+    assert [i for i in ids if i in tok.all_special_ids] == [2043, 2044, 2045, 2046, 2047, 4, 2]  # one token each
+    assert tok.decode(ids) == text  # the parsers read the tags; the end of the turn is still skipped
+    assert tok.decode(ids, skip_special_tokens=False) == text + "<|end_of_sentence|></s>"
+    assert tok.decode([2042]) == "<think>" and tok.decode_token(2047) == "</tool_call>"
 
 
 def test_out_of_vocab_ids(tok: Tokenizer) -> None:
@@ -268,6 +285,45 @@ def test_chat_template_matches_transformers(demo_dir: Path, tok: Tokenizer) -> N
     for gen in (True, False):
         expected = ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
         assert tok.apply_chat_template(MESSAGES, add_generation_prompt=gen) == expected
+
+
+TOOLS = [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "weather?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "w", "arguments": {"city": "巴黎"}}}],
+    },
+    {"role": "tool", "content": "sunny", "tool_call_id": "1"},
+]
+
+
+def test_tools_template_renders_tools_calls_results_and_thinking(tok: Tokenizer, demo_dir: Path) -> None:
+    assert tok.apply_chat_template(TOOL_TURNS, tools=TOOLS, enable_thinking=False) == (
+        "<|begin_of_sentence|>You can call the tools below, each described by a JSON schema:\n<tool_list>\n"
+        '{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}\n'
+        "</tool_list>\nTo call tools, answer with one block per call:\n<tool_call>\n"
+        '{"name": "the tool\'s name", "arguments": {"a parameter": "its value"}}\n</tool_call>\n'
+        "User: weather?\n"
+        'Assistant: <tool_call>\n{"name": "w", "arguments": {"city": "巴黎"}}\n</tool_call>\n<|end_of_sentence|>'
+        "User: <tool_response>\nsunny\n</tool_response>\n"
+        "Assistant: <think>\n\n</think>\n\n"
+    )
+    assert tok.apply_chat_template(MESSAGES, enable_thinking=True) == EXPECTED_PROMPT + "<think>\n"
+    assert tok.apply_chat_template(MESSAGES, tools=[]) == EXPECTED_PROMPT  # nothing to show: as ERNIE's template
+    verbatim = Tokenizer.from_pretrained(demo_dir, chat_template=ERNIE_CHAT_TEMPLATE)
+    assert verbatim.apply_chat_template(MESSAGES) == EXPECTED_PROMPT
+
+
+def test_tools_template_matches_transformers(demo_dir: Path, tok: Tokenizer) -> None:
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(demo_dir))
+    for thinking in (True, False):
+        expected = ref.apply_chat_template(
+            TOOL_TURNS, tools=TOOLS, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
+        assert tok.apply_chat_template(TOOL_TURNS, tools=TOOLS, enable_thinking=thinking) == expected
 
 
 def test_list_of_parts_content(tok: Tokenizer) -> None:

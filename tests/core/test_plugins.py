@@ -129,6 +129,7 @@ def test_builtins_come_from_our_own_entry_points(dists: DistFactory) -> None:
         "onnx": "ernie_serve.backends.onnx.plugin",
         "web_search": "ernie_serve.plugins.web_search",
         "llguidance": "ernie_serve.plugins.llguidance_grammar",
+        "ernie45": "ernie_serve.plugins.ernie45",
     }
     assert [(p.name, p.module, p.version) for p in reg.plugins] == [
         (name, declared[name], version) for name in sorted(declared)
@@ -141,6 +142,10 @@ def test_builtins_come_from_our_own_entry_points(dists: DistFactory) -> None:
     assert (reg.backends["torch"].provider, reg.backends["torch"].obj.__name__) == ("torch", "TorchBackend")
     assert reg.backends["onnx"].provider == "onnx"
     assert reg.request_transforms["ernie_web_search"].provider == "web_search"
+    # reasoning and tool-call parsers share names: the registry keys them by kind
+    assert {name: r.provider for name, r in reg.parsers.items()} == {
+        f"{kind}:{name}": "ernie45" for kind in ("reasoning", "tool_call") for name in ("ernie45", "ernie-x1")
+    }
     assert plugins.get_grammar_backend_class("llguidance").__name__ == "LLGuidanceBackend"
     assert plugins.get_model_class("Ernie4_5_MoeForCausalLM") is plugins.get_model_class("Ernie4_5ForCausalLM")
 
@@ -191,7 +196,15 @@ def test_allowlist_loads_only_listed_plugins(dists: DistFactory, monkeypatch: py
     assert "beta" not in reg.backends
     assert "beta_plugin" not in sys.modules  # not even imported
     # built-ins load whatever the allowlist says
-    assert [p.name for p in reg.plugins] == ["llguidance", "onnx", "schedulers", "torch", "web_search", "alpha"]
+    assert [p.name for p in reg.plugins] == [
+        "ernie45",
+        "llguidance",
+        "onnx",
+        "schedulers",
+        "torch",
+        "web_search",
+        "alpha",
+    ]
 
 
 def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,7 +215,7 @@ def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkey
     reg = plugins.registry()
 
     assert "alpha" not in reg.backends
-    assert [p.name for p in reg.plugins] == ["llguidance", "onnx", "schedulers", "torch", "web_search"]
+    assert [p.name for p in reg.plugins] == ["ernie45", "llguidance", "onnx", "schedulers", "torch", "web_search"]
 
 
 def test_allowlisted_plugin_that_is_not_installed_is_logged(
@@ -241,7 +254,7 @@ def test_third_party_plugins_load_after_builtins_sorted_by_distribution(
     reg = plugins.registry()
 
     names = [p.name for p in reg.plugins]
-    assert names == ["llguidance", "onnx", "schedulers", "torch", "web_search", "b-plugin", "a-plugin"]
+    assert names == ["ernie45", "llguidance", "onnx", "schedulers", "torch", "web_search", "b-plugin", "a-plugin"]
     assert (reg.backends["same"].provider, reg.backends["same"].distribution) == ("b-plugin", "aa-dist")
     # the same module under a second name is refused by the plugin manager, and reported
     assert "already registered" in _failure("z-plugin").error

@@ -59,6 +59,7 @@ def test_example_scheduler_plugin_installs_lists_and_generates(tmp_path: Path) -
     assert "  shortest-first  ernie-serve-shortest-first 0.1.0 [shortest-first]" in lines
     plugins_at = next(i for i, line in enumerate(lines) if line.startswith("Plugins ")) + 1
     assert [line.split()[0] for line in lines[plugins_at:]] == [
+        "ernie45",
         "llguidance",
         "onnx",
         "schedulers",

@@ -60,8 +60,13 @@ def assert_error(response: httpx.Response, status: int, param: str | None, messa
         ),
         (
             {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tools",
-            "'tools' is not supported yet by ernie-serve",
+            "tool_choice",
+            '"auto" tool choice needs a server started with --enable-auto-tool-choice and --tool-call-parser',
+        ),
+        (
+            {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools.0.function.name",
+            "tools.0.function.name: String should match pattern '^[A-Za-z0-9_-]{1,64}$'",
         ),
         (
             {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"schema": []}}},
@@ -69,9 +74,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None, messa
             "response_format.json_schema.schema: Input should be an object",
         ),
         (
-            {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+            {"messages": [{"role": "function", "content": "x", "name": "f"}]},
             "messages.0.role",
-            "messages.0.role: 'tool' messages are not supported yet (tool calling is not implemented)",
+            "messages.0.role: 'function' messages (OpenAI's deprecated functions API) are not supported: use 'tool'",
         ),
         ({"messages": []}, "messages", "messages: List should have at least 1 item after validation, not 0"),
         ({}, "messages", "'messages' is required"),

@@ -110,7 +110,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 # Bodies that the rules written into the schema exclude; the server must refuse each with a 400.
 EXCLUDED_BY_RULES = [
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "function", "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "tool"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": None}, *HI]}),

@@ -43,14 +43,31 @@ def test_content_parts_join_and_developer_is_system() -> None:
     ("messages", "param", "message"),
     [
         (
-            [{"role": "tool", "content": "x"}],
+            [{"role": "function", "content": "x"}],
             "messages.0.role",
-            "messages.0.role: 'tool' messages are not supported yet (tool calling is not implemented)",
+            "messages.0.role: 'function' messages (OpenAI's deprecated functions API) are not supported: use 'tool'",
         ),
         (
             [{"role": "wizard", "content": "x"}],
             "messages.0.role",
-            "messages.0.role: unknown role 'wizard': use 'system', 'user' or 'assistant'",
+            "messages.0.role: unknown role 'wizard': use 'system', 'user', 'assistant' or 'tool'",
+        ),
+        ([{"role": "tool"}], "messages.0", "messages.0: a 'tool' message needs content"),
+        (
+            [{"role": "user", "content": "x", "tool_calls": []}, {"role": "user", "content": "y", "tool_calls": [{}]}],
+            "messages.1.tool_calls.0.id",
+            "'messages.1.tool_calls.0.id' is required",
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": "x",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                }
+            ],
+            "messages.0",
+            "messages.0: a 'user' message cannot have tool_calls: only assistant turns make them",
         ),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
@@ -117,12 +134,6 @@ def test_unknown_fields_are_kept_for_plugins_and_otherwise_ignored() -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        (
-            {"tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tools",
-            "'tools' is not supported yet by ernie-serve",
-        ),
-        ({"tool_choice": "auto"}, "tool_choice", "'tool_choice' is not supported yet by ernie-serve"),
         ({"logit_bias": {"5": 10}}, "logit_bias", "'logit_bias' is not supported yet by ernie-serve"),
         ({"modalities": ["text", "audio"]}, "modalities", "only the 'text' modality is supported"),
     ],
@@ -224,6 +235,61 @@ def test_malformed_json_and_non_objects() -> None:
     assert (error.param, error.message) == (None, "the request body must be a JSON object")
 
 
+def test_tool_turns_reach_the_template_with_arguments_as_objects() -> None:
+    request = chat(
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Paris"}'}},
+                    {"id": "c2", "type": "function", "function": {"name": "w", "arguments": "not json"}},
+                ],
+            },
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+        ]
+    )
+    turns = [m.for_template() for m in request.messages]
+    assert turns[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": {"city": "Paris"}}},
+            {"id": "c2", "type": "function", "function": {"name": "w", "arguments": "not json"}},
+        ],
+    }
+    assert turns[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f"}},
+                    {"type": "function", "function": {"name": "f"}},
+                ]
+            },
+            "tools: function names must be unique",
+        ),
+        (
+            {"chat_template_kwargs": {"messages": [], "enable_thinking": True}},
+            "chat_template_kwargs may not set messages: they are request fields",
+        ),
+        ({"tool_choice": "sometimes"}, None),
+        ({"tools": [{"type": "retrieval"}]}, None),
+        ({"reasoning_max_tokens": 0}, "reasoning_max_tokens: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_tool_fields_are_400s(fields: dict, message: str | None) -> None:
+    error = chat_error(**fields)
+    assert (error.status_code, error.type) == (400, "invalid_request_error")
+    if message is not None:
+        assert error.message == message
+
+
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 
 
@@ -252,6 +318,11 @@ def test_structured_output_fields_become_one_spec(fields: dict, expected: Struct
     assert chat(**fields).sampling_params().structured_outputs == expected
     body = {"prompt": "p", **fields}
     assert CompletionRequest.model_validate_json(json.dumps(body)).sampling_params().structured_outputs == expected
+
+
+def test_unknown_keys_in_structured_outputs_are_ignored() -> None:
+    spec = chat(structured_outputs={"json_object": True, "": [1], "extra": None}).sampling_params().structured_outputs
+    assert spec == StructuredOutputsParams(json_object=True)
 
 
 def test_two_constraints_at_once_are_refused() -> None:
