@@ -115,6 +115,10 @@ class Backend(ABC):
         The conformance suite checks it is 0 once every request has ended and been released."""
         return None
 
+    def check_health(self) -> None:  # noqa: B027 - optional hook
+        """Called every few seconds from the serving loop's watchdog, on another thread than `execute`'s, also
+        while idle: raise when the backend can no longer serve (e.g. a worker process died). Must be cheap."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once when the engine shuts down: release memory, threads, devices."""
 

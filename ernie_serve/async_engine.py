@@ -177,6 +177,12 @@ class AsyncEngine:
             if started is not None and time.monotonic() - started > timeout:
                 log.error("an engine step is hung", timeout_s=timeout)
                 self._declare_dead(EngineHungError(f"an engine step ran for more than {timeout:g} s"))
+            elif self.engine is not None:
+                try:  # e.g. a tensor-parallel worker that died while the engine was idle
+                    self.engine.core.backend.check_health()
+                except Exception as exc:
+                    log.error("the backend can no longer serve", error=str(exc))
+                    self._declare_dead(exc)
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Let in-flight requests finish for up to `timeout` seconds, abort the rest, stop the thread."""

@@ -247,6 +247,12 @@ class TorchBackend(Backend):
                 # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
                 self._heap_trimmer = HeapTrimmer(options.cpu_malloc_trim_interval)
 
+    def check_health(self) -> None:
+        """A spawned tensor-parallel worker that ended unasked (seen by its watcher thread) ends serving, also
+        while idle; one that hangs is found by the next step's collective timeout."""
+        if self.runtime is not None and self.runtime.failed is not None:
+            raise RuntimeError(self.runtime.failed)
+
     @property
     def weight_bytes(self) -> dict[str, int]:
         """Resident weight bytes: `quantized`, `full_precision`, and `kernel_copies` (the prepacked copies)."""

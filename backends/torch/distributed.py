@@ -273,6 +273,11 @@ class ParallelRuntime:
     def ack(self) -> None:
         self.store.set(f"ack/{self._sent - 1}/{self.rank}", "1")
 
+    @property
+    def failed(self) -> str | None:
+        """Rank 0: why a spawned worker ended unasked (one line naming it), or None while all run."""
+        return self._failed
+
     # ----- faults -----
     def _watch(self, rank: int, proc: subprocess.Popen[bytes]) -> None:
         """Rank 0, one thread per spawned worker: log at once, naming the rank, when it ends unasked."""

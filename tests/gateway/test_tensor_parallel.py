@@ -114,3 +114,18 @@ def test_a_rank_that_dies_or_hangs_mid_request_stops_the_server(
         if sig == signal.SIGSTOP:  # a stopped process cannot notice that rank 0 is gone (if rank 0 left it)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
+
+
+def test_a_rank_that_dies_while_idle_turns_the_server_unhealthy_and_stops_it(
+    launch: Callable[..., Any], checkpoint: Path
+) -> None:
+    server = launch(checkpoint, "--tensor-parallel-size", "2", "--shutdown-timeout", "5")
+    worker = int(server.wait_for_event(event="tensor-parallel layout")["worker_pids"]["1"])
+    try:
+        assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+        os.kill(worker, signal.SIGKILL)  # no request in flight: no step will notice
+        failed = server.wait_for_event(event="the backend can no longer serve")
+        assert failed["error"].startswith("tensor-parallel rank 1") and "killed by SIGKILL" in failed["error"]
+        assert server.wait_exit() == 1
+    finally:
+        server.stop()
