@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.demo import cache_root, write_random_checkpoint
-from ernie_serve.demo_tokenizer import DEMO_SPECIAL_TOKENS, build_demo_tokenizer
+from ernie_serve.demo_tokenizer import DEMO_MARKUP, DEMO_SPECIAL_TOKENS, build_demo_tokenizer
 
 # Token ids below this are ERNIE's special tokens (<unk>, <s>, </s>, <|begin_of_sentence|>, ...): random
 # prompts never contain them, so a prompt cannot end early or change the chat structure.
@@ -119,13 +119,16 @@ def write_word_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
 
     Random-weight models pick ids all over their vocabulary; with the 2048-piece demo tokenizer most of a
     32000-id model's tokens decode to nothing, no chunk is sent for them, and the HTTP path looks cheaper than
-    it is with a real model. ERNIE's special tokens keep their ids 0..9; `tokenizer_config.json` is written
-    too (special tokens, chat template)."""
+    it is with a real model. ERNIE's special tokens keep their ids 0..9 and its markup tags take the last ids,
+    as in the demo tokenizer (whose config names them); `tokenizer_config.json` is written too (special tokens,
+    chat template)."""
     out = Path(out_dir)
     build_demo_tokenizer(out)  # for tokenizer_config.json; tokenizer.json is replaced below
+    specials = [*DEMO_SPECIAL_TOKENS, *DEMO_MARKUP]
     vocab = {token: i for i, token in enumerate(DEMO_SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size - len(DEMO_MARKUP))})
+    vocab.update({tag: vocab_size - len(DEMO_MARKUP) + k for k, tag in enumerate(DEMO_MARKUP)})
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in DEMO_SPECIAL_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer.save(str(out / "tokenizer.json"))

@@ -38,5 +38,6 @@ def test_word_tokenizer_streams_text_for_every_id(tmp_path: Path) -> None:
     write_word_tokenizer(tmp_path, 300)
     tokenizer = Tokenizer.from_pretrained(tmp_path)
     assert len(tokenizer) == 300
-    assert tokenizer.decode([11, 299, 2, 4]) == "w11 w299"  # special tokens skipped
+    assert tokenizer.decode([11, 293, 2, 4]) == "w11 w293"  # special tokens skipped
+    assert [tokenizer.token_to_id(t) for t in ("<think>", "</tool_call>")] == [294, 299]  # ERNIE's tags, last
     assert tokenizer.stop_token_ids == {2, 4}
