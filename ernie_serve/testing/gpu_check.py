@@ -196,12 +196,18 @@ def run_throughput(args: argparse.Namespace, quantization: str | None = None) ->
             **({"quantization": quantization} if quantization else {}),
         },
     )
+    check = f"throughput {args.model} {args.dtype}{f' {quantization}' if quantization else ''}"
+    return throughput_row(check, config)
+
+
+def throughput_row(check: str, config: throughput.ThroughputConfig) -> CheckRow:
+    """Run `config` (one backend) and make its row: output tok/s, mean TTFT and TPOT, the KV pool."""
     _, results = throughput.run(config)
     result = results[0]
     return CheckRow(
-        f"throughput {args.model} {args.dtype}{f' {quantization}' if quantization else ''}",
+        check,
         True,
-        f"{num_prompts} x {input_len} in / {output_len} out, {result.seconds:.0f} s",
+        f"{config.num_requests} x {config.input_len} in / {config.output_len} out, {result.seconds:.0f} s",
         output_tok_s=result.tokens_per_second,
         ttft_ms=result.ttft_ms["mean"] if result.ttft_ms else None,
         tpot_ms=result.tpot_ms["mean"] if result.tpot_ms else None,

@@ -26,7 +26,7 @@ from ernie_serve.bench import throughput
 from ernie_serve.bench.workload import bench_checkpoint
 from ernie_serve.logging import LOG_LEVELS, configure_logging
 from ernie_serve.models import PRESETS, read_model_config
-from ernie_serve.testing.gpu_check import CheckRow, format_table
+from ernie_serve.testing.gpu_check import CheckRow, format_table, throughput_row
 
 IDENTITY_PROMPTS = [list(range(10 + i, 10 + i + n)) for i, n in enumerate((5, 17, 40, 64, 9, 31, 100, 3))]
 IDENTITY_TOKENS = 32
@@ -99,17 +99,7 @@ def run_throughput(args: argparse.Namespace, n: int) -> CheckRow:
             **options,
         },
     )
-    _, results = throughput.run(config)
-    result = results[0]
-    return CheckRow(
-        f"throughput TP={n} {args.model} {args.dtype}",
-        True,
-        f"{args.num_prompts} x {args.input_len} in / {args.output_len} out, {result.seconds:.0f} s",
-        output_tok_s=result.tokens_per_second,
-        ttft_ms=result.ttft_ms["mean"] if result.ttft_ms else None,
-        tpot_ms=result.tpot_ms["mean"] if result.tpot_ms else None,
-        kv_blocks=result.kv_blocks,
-    )
+    return throughput_row(f"throughput TP={n} {args.model} {args.dtype}", config)
 
 
 def _heads(model: str) -> int:
