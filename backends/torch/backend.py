@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 
 import structlog
@@ -174,6 +175,9 @@ class TorchBackend(Backend):
                 "model_path": model_path,
                 "options": options,
                 "threads": torch.get_num_threads(),  # a worker computes with as many threads as rank 0
+                "log_level": logging.getLevelName(
+                    logging.getLogger().getEffectiveLevel()
+                ).lower(),  # and logs as rank 0 does
             }
             self.runtime = ParallelRuntime.start(world, payload, self.device, timeout)
         else:

@@ -341,7 +341,7 @@ def serve_worker(env: RankEnv, payload: dict[str, Any]) -> int:
     from ernie_serve.logging import configure_logging
 
     settings = payload["settings"]
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, payload.get("log_level", "info"))
     torch.set_num_threads(payload.get("threads") or torch.get_num_threads())
     bound = log.bind(rank=env.rank)
     backend = TorchBackend(rank_env=env)
