@@ -129,11 +129,20 @@ def call_schema(function: Mapping[str, Any], name_key: str = "name", arguments_k
         "type": "object",
         "properties": {
             name_key: {"const": function["name"]},
-            arguments_key: function.get("parameters") or {"type": "object"},
+            arguments_key: closed_parameters(function.get("parameters") or {"type": "object"}),
         },
         "required": [name_key, arguments_key],
         "additionalProperties": False,
     }
+
+
+def closed_parameters(parameters: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A tool's parameters schema as a forced call's grammar enforces it: one that lists its properties and does
+    not say whether others may appear gets `additionalProperties: false` (OpenAI's strict mode), so that a
+    constrained model cannot invent arguments the tool does not take, nor write an extra key without end."""
+    if "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 def held_back(text: str, *tags: str) -> int:

@@ -20,6 +20,7 @@ from ernie_serve.gateway.parsers import (
     ParsedToolCall,
     ReasoningParser,
     StreamedParse,
+    call_schema,
     held_back,
     parser_class,
 )
@@ -128,3 +129,13 @@ def test_reasoning_grammar_rule_matches_the_end_tag_by_id_or_as_text() -> None:
     assert by_id.splitlines()[0] == "reasoning: REASONING_TEXT <[42]> REASONING_GAP?"
     as_text = ReasoningParser.grammar_rule(lambda _: None)
     assert "reasoning_text[lazy]: /(?s:.*)<\\/think>/" in as_text.splitlines()
+
+
+def test_a_forced_calls_arguments_take_only_the_declared_properties_unless_the_schema_says_otherwise() -> None:
+    open_schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    arguments = call_schema({"name": "f", "parameters": open_schema})["properties"]["arguments"]
+    assert arguments == {**open_schema, "additionalProperties": False}
+    assert open_schema.get("additionalProperties") is None  # the request's own schema is not changed
+    allowing = {**open_schema, "additionalProperties": True}
+    assert call_schema({"name": "f", "parameters": allowing})["properties"]["arguments"] == allowing
+    assert call_schema({"name": "f"})["properties"]["arguments"] == {"type": "object"}  # no properties: any object

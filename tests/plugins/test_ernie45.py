@@ -212,7 +212,7 @@ def test_grammar_uses_token_ids_of_single_token_tags_and_the_schemas() -> None:
     assert lines[1] == 'call: <[7]> "\\n" call_json "\\n" <[8]>'
     schema = json.loads(lines[2].removeprefix("call_json: %json "))
     assert schema["properties"]["name"] == {"const": "get_weather"}
-    assert schema["properties"]["arguments"] == TOOLS[0]["parameters"]
+    assert schema["properties"]["arguments"] == {**TOOLS[0]["parameters"], "additionalProperties": False}
     several = Ernie45ToolParser.grammar(TOOLS, parallel=True, token_id=lambda _: None, reasoning=True)
     assert several is not None and several.startswith("start: reasoning call (CALL_GAP call)*\n")
     assert 'call: "<tool_call>" "\\n" call_json "\\n" "</tool_call>"' in several  # tags as text
