@@ -286,10 +286,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(_failed_row(f"throughput {args.model} {args.dtype} {scheme or ''}".rstrip(), exc))
             if on_cuda:
                 torch.cuda.empty_cache()
+    return report(rows, started, args.output_json)
+
+
+def report(rows: Sequence[CheckRow], started: float, output_json: str | None) -> int:
+    """Print the table and the total time, write the rows as JSON if asked; the exit code (0: every row
+    passed). Shared by every gpu_check mode."""
     print(format_table(rows))
     print(f"total {time.monotonic() - started:.0f} s")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    if output_json:
+        Path(output_json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0 if all(r.passed for r in rows) else 1
 
 

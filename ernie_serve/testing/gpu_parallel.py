@@ -13,11 +13,9 @@ none); `--device cpu` rehearses everything over gloo on the CPU instead (with a 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ from ernie_serve.bench import throughput
 from ernie_serve.bench.workload import bench_checkpoint
 from ernie_serve.logging import LOG_LEVELS, configure_logging
 from ernie_serve.models import PRESETS, read_model_config
-from ernie_serve.testing.gpu_check import CheckRow, format_table, throughput_row
+from ernie_serve.testing.gpu_check import CheckRow, report, throughput_row
 
 IDENTITY_PROMPTS = [list(range(10 + i, 10 + i + n)) for i, n in enumerate((5, 17, 40, 64, 9, 31, 100, 3))]
 IDENTITY_TOKENS = 32
@@ -136,8 +134,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(CheckRow(name, False, f"error: {type(exc).__name__}", failures=[f"{exc}"]))
         if on_cuda:
             torch.cuda.empty_cache()
-    print(format_table(rows))
-    print(f"total {time.monotonic() - started:.0f} s")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    return 0 if all(r.passed for r in rows) else 1
+    return report(rows, started, args.output_json)
