@@ -46,16 +46,23 @@ def load_safetensors(model: ErnieForCausalLM, path: str | Path) -> None:
 @torch.inference_mode()
 def init_dummy_weights(model: ErnieForCausalLM, seed: int) -> None:
     """Random weights of the real shape (norms 1, correction bias 0): for benchmarks without downloads."""
+    device = next(model.parameters()).device  # where the weights live: drawn there on CUDA
     for name, target in progress(list(model.checkpoint_targets()), "initializing dummy weights", unit="tensor"):
-        target.copy_(dummy_tensor(name, tuple(target.shape), seed))
+        target.copy_(dummy_tensor(name, tuple(target.shape), seed, device))
 
 
-def dummy_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def dummy_tensor(name: str, shape: tuple[int, ...], seed: int, device: torch.device | None = None) -> torch.Tensor:
     """The dummy checkpoint tensor `name`: norms 1, correction bias 0, else N(0, 0.02) from a generator seeded
-    by `seed` and the name, so a tensor-parallel rank draws the same tensor whole and keeps its slice."""
+    by `seed` and the name, so a tensor-parallel rank draws the same tensor whole and keeps its slice.
+
+    On a CUDA `device` the numbers are drawn there, by the device's own generator: drawing the 21B-A3B's 22
+    billion numbers on one CPU core takes minutes, on the GPU a second. So dummy weights are the same for the
+    same seed on one kind of device, not across CPU and CUDA (their generators differ)."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, device=device)
     if name.endswith("e_score_correction_bias"):
-        return torch.zeros(shape)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+        return torch.zeros(shape, device=device)
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    where = device if on_cuda else "cpu"
+    generator = torch.Generator(device=where).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=torch.float32, device=where).normal_(0.0, 0.02, generator=generator)

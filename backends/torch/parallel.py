@@ -185,7 +185,7 @@ def _expert_parallel(model: ErnieForCausalLM, moe: SparseMoE, layout: ParallelLa
     config = model.config
     e, h = layout.experts[1] - layout.experts[0], config.hidden_size
     total = e * layout.world_size
-    device = model.embed_weight.device
+    device = next(model.parameters()).device  # where the weights live: drawn there on CUDA
     moe.router_weight = nn.Parameter(torch.empty(total, h, device=device), requires_grad=False)  # [E, H] fp32
     moe.score_bias = nn.Parameter(torch.empty(total, device=device), requires_grad=False)  # [E]
     if moe.shared is not None:
@@ -311,12 +311,13 @@ def load_shard(model: ErnieForCausalLM, path: str | Path, config: ModelConfig, l
 def init_dummy_shard(model: ErnieForCausalLM, config: ModelConfig, layout: ParallelLayout, seed: int) -> None:
     """This rank's slices of the same random weights `loader.init_dummy_weights` gives the whole model (each
     tensor drawn whole from a seed of its own name, then sliced), so that every world size serves one model."""
+    device = next(model.parameters()).device  # where the weights live: drawn there on CUDA
     for name, target in progress(list(model.checkpoint_targets()), "initializing dummy weights", unit="tensor"):
         shard = shard_of(name, tuple(target.shape), config, layout)
         shape = list(target.shape)
         if shard.dim is not None:
             shape[shard.dim] = shard.full
-        tensor = dummy_tensor(shard.name, tuple(shape), seed)
+        tensor = dummy_tensor(shard.name, tuple(shape), seed, device)
         if shard.dim is not None:
             tensor = tensor.narrow(shard.dim, shard.start, min(shard.stop, shard.full) - shard.start)
             if shard.dim == 0:
