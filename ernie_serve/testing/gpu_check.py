@@ -180,6 +180,7 @@ def run_throughput(args: argparse.Namespace, quantization: str | None = None) ->
     config = throughput.ThroughputConfig(
         model=args.model,
         backends=(args.backend,),
+        quantizations=(quantization,),
         num_requests=num_prompts,
         input_len=input_len,
         output_len=output_len,
@@ -193,7 +194,6 @@ def run_throughput(args: argparse.Namespace, quantization: str | None = None) ->
             "max_num_seqs": args.max_num_seqs,
             # the context the run needs, and no more: on the CPU the KV pool is sized from it
             "max_model_len": input_len + output_len,
-            **({"quantization": quantization} if quantization else {}),
         },
     )
     check = f"throughput {args.model} {args.dtype}{f' {quantization}' if quantization else ''}"
@@ -207,7 +207,8 @@ def throughput_row(check: str, config: throughput.ThroughputConfig) -> CheckRow:
     return CheckRow(
         check,
         True,
-        f"{config.num_requests} x {config.input_len} in / {config.output_len} out, {result.seconds:.0f} s",
+        f"{result.system}: {config.num_requests} x {config.input_len} in / {config.output_len} out, "
+        f"{result.seconds:.0f} s",
         output_tok_s=result.tokens_per_second,
         ttft_ms=result.ttft_ms["mean"] if result.ttft_ms else None,
         tpot_ms=result.tpot_ms["mean"] if result.tpot_ms else None,

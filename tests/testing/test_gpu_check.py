@@ -117,7 +117,11 @@ def test_quantization_rows_rehearsed_on_the_cpu(tiny_checkpoint, tmp_path: Path,
         assert rows[f"accuracy {scheme} vs bf16, tiny moe_shared_tied"]["passed"]
         throughput_row = rows[f"throughput {model} float32 {scheme}"]
         assert throughput_row["passed"] and throughput_row["output_tok_s"] > 0
+        assert throughput_row["result"].startswith(
+            f"ernie-serve (torch {scheme}): "
+        )  # the engine that ran was quantized
     assert rows[f"throughput {model} float32"]["passed"]
+    assert rows[f"throughput {model} float32"]["result"].startswith("ernie-serve (torch): ")
     assert len(rows) == 2 * len(shapes) + 3
 
 
