@@ -100,23 +100,26 @@ class EngineCore:
         self._step_request_ids: list[str] | None = []  # of the step in progress; None before its plan exists
 
     def _size_kv_pool(self) -> tuple[int, int]:
-        """Blocks from an explicit count or byte size, else free GPU memory, else a CPU default; then cap the
-        context limit to what the pool can hold for one request."""
+        """Blocks from an explicit count or byte size, else free GPU memory, else a CPU default, the last two at
+        most what `max_num_seqs` sequences of the longest context fill; then cap the context limit to what the
+        pool can hold for one request."""
         s, spec = self.settings, self.backend.kv_cache_spec()
         bytes_per_block = spec.bytes_per_token * s.block_size
         model_len = min(
             s.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
+        # every sequence at the longest context: more blocks could never be used (a tiny model on a 141 GB GPU
+        # would otherwise get hundreds of millions, and the block manager a list of them)
+        wanted = s.max_num_seqs * -(-model_len // s.block_size)
         if s.num_gpu_blocks_override:
             num_blocks = s.num_gpu_blocks_override
         elif s.kv_cache_memory_bytes:
             num_blocks = s.kv_cache_memory_bytes // bytes_per_block
-        elif spec.device_free_bytes is not None:
-            num_blocks = int(spec.device_free_bytes * s.gpu_memory_utilization) // bytes_per_block
-        else:
-            wanted = s.max_num_seqs * -(-model_len // s.block_size)
-            num_blocks = min(wanted, DEFAULT_CPU_KV_CACHE_BYTES // bytes_per_block)
+        else:  # free device memory, or a fixed budget on the CPU
+            free = spec.device_free_bytes
+            budget = DEFAULT_CPU_KV_CACHE_BYTES if free is None else int(free * s.gpu_memory_utilization)
+            num_blocks = min(wanted, budget // bytes_per_block)
         if not s.enable_chunked_prefill and s.max_num_batched_tokens < model_len:
             model_len = s.max_num_batched_tokens  # without chunking, a whole prompt must fit one step
             if s.max_model_len and s.max_model_len > model_len:

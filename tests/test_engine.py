@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from ernie_serve import LLM, SamplingParams
+from ernie_serve.core import plugins
+
+FAULTS = Path(__file__).resolve().parent / "faults"  # backends registered only in tests
 
 PROMPTS = [list(range(10, 10 + n)) for n in (3, 17, 40, 64, 9, 31)]
 PARAMS = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 5, 20, 8, 16, 10)]
@@ -92,3 +97,17 @@ def test_a_request_larger_than_the_pool_fails_clearly(checkpoint) -> None:
     assert llm.engine.max_model_len == 32
     with pytest.raises(ValueError, match="maximum context length is 32"):
         llm.generate({"prompt_token_ids": list(range(10, 40))}, SamplingParams(max_tokens=8))
+
+
+def test_a_large_devices_kv_pool_is_capped_at_what_the_sequences_can_fill(checkpoint, monkeypatch) -> None:
+    """On a large GPU, free memory would give a tiny model hundreds of millions of KV blocks (and the block
+    manager a list of them): the pool stops at `max_num_seqs` sequences of the longest context."""
+    monkeypatch.syspath_prepend(str(FAULTS))
+    plugins.reset_plugin_manager()
+    try:
+        llm = LLM(model=checkpoint, backend="roomy-device", max_num_seqs=3, max_model_len=40, block_size=4)
+        assert llm.engine.core.num_blocks == 3 * 10
+        assert _tokens(llm, PROMPTS[:1], PARAMS[:1])  # and it serves
+        llm.close()
+    finally:
+        plugins.reset_plugin_manager()

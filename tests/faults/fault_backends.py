@@ -3,11 +3,13 @@ holds the token `FAULT_TOKEN` makes the step that computes its third generated t
 report a broken device, depending on the backend chosen: by then a stream has sent its first tokens.
 
 A request carries the fault in its own prompt, so the drill also shows that only the faulty request fails.
-The out-of-memory backend is a device with room for a few tokens a step (see `OutOfMemoryBackend`)."""
+The out-of-memory backend is a device with room for a few tokens a step (see `OutOfMemoryBackend`); the roomy
+one a device with a terabyte free."""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 from ernie_serve.backends.torch.backend import TorchBackend
 from ernie_serve.core.errors import BackendOutOfMemoryError, EngineFatalError
@@ -67,9 +69,18 @@ class OutOfMemoryBackend(_FaultyBackend):
         return super().execute(plan)
 
 
+class RoomyDeviceBackend(TorchBackend):
+    """A device reporting a terabyte free after loading (no memory is taken: the engine sizes the pool from the
+    report, and it is capped long before that)."""
+
+    def kv_cache_spec(self):  # type: ignore[no-untyped-def]
+        return replace(super().kv_cache_spec(), device_free_bytes=1 << 40)
+
+
 @hookimpl
 def register_backends(register):  # type: ignore[no-untyped-def]
     register("raising", RaisingBackend)
     register("hanging", HangingBackend)
     register("broken-device", BrokenDeviceBackend)
     register("out-of-memory", OutOfMemoryBackend)
+    register("roomy-device", RoomyDeviceBackend)
