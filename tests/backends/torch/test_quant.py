@@ -27,17 +27,27 @@ SPECS = [QuantSpec("wint8"), QuantSpec("wint4"), QuantSpec("wint4", 64), QuantSp
 IDS = [s.describe() for s in SPECS]
 
 
-def _filled(spec: QuantSpec, count: int, in_features: int, out_features: int, seed: int = 0):
-    """A QuantizedWeight filled from random `[out, in]` matrices, and those matrices' dequantized values."""
+CUDA = pytest.param(
+    torch.device("cuda"),
+    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU check runs it there)"),
+    id="cuda",
+)
+
+
+def _filled(
+    spec: QuantSpec, count: int, in_features: int, out_features: int, seed: int = 0, device: torch.device = CPU
+):
+    """A QuantizedWeight filled from random `[out, in]` matrices, and those matrices' dequantized values (on the
+    CPU, float32)."""
     generator = torch.Generator().manual_seed(seed)
-    weight = QuantizedWeight(count, in_features, out_features, spec, CPU)
+    weight = QuantizedWeight(count, in_features, out_features, spec, device)
     expected = []
     for index in range(count):
         matrix = torch.randn(out_features, in_features, generator=generator) * 0.05
         # filled in two column slices, as q|k|v or gate|up are
         half = out_features // 2
-        weight.target(index, slice(0, half)).copy_(matrix[:half])
-        weight.target(index, slice(half, out_features)).copy_(matrix[half:])
+        weight.target(index, slice(0, half)).copy_(matrix[:half].to(device))
+        weight.target(index, slice(half, out_features)).copy_(matrix[half:].to(device))
         expected.append(dequantize(*quantize(matrix, spec), spec))  # [out, in]
     return weight, expected
 
@@ -77,11 +87,13 @@ def test_stacked_row_sums_pick_each_bags_matrix(spec: QuantSpec) -> None:
     torch.testing.assert_close(stacked_row_sums(weight, x, which), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_device_kernel_copies_multiply_like_the_codes_and_replace_them(spec: QuantSpec) -> None:
-    """`pack_for_device`, which the model runs on CUDA, run here on torch's CPU kernels of the same ops: the
-    very int8 op, and the CPU twin of tinygemm's int4 op (which takes the codes before nibble packing)."""
-    weight, expected = _filled(spec, 2, 256, 96)
+def test_device_kernel_copies_multiply_like_the_codes_and_replace_them(spec: QuantSpec, device: torch.device) -> None:
+    """`pack_for_device`, which the model runs on CUDA: on the GPU, torch's CUDA kernels; on the CPU, torch's CPU
+    kernels of the same ops: the very int8 op, and the CPU twin of tinygemm's int4 op (which takes the codes
+    before nibble packing)."""
+    weight, expected = _filled(spec, 2, 256, 96, device=device)
     weight.pack_for_device()
     assert weight.rows.numel() == 0 and all(m.device_kernel is not None for m in weight.matrices)
     for matrix in weight.matrices:  # the copies hold the codes at 8 or 4 bits, as the row-wise layout did
@@ -95,10 +107,27 @@ def test_device_kernel_copies_multiply_like_the_codes_and_replace_them(spec: Qua
         x = torch.randn(rows, 256, generator=generator)
         for index in range(2):
             reference = x @ expected[index].t()  # [rows, 96]
-            out = weight.matrices[index].matmul(x)
+            out = weight.matrices[index].matmul(x.to(device)).float().cpu()
             # wint4 runs in bfloat16 (activations, scales and result): about 2^-8 relative error each
             bound = 1e-4 if spec.bits == 8 else 2e-2 * reference.abs().max().item()
             assert out.shape == reference.shape and (out - reference).abs().max().item() < bound
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_kernels_on_a_21b_expert_in_bfloat16(spec: QuantSpec, device: torch.device, rows: int) -> None:
+    """What the 21B-A3B's experts run on a GPU: a `[2560 -> 1536]` matrix, bfloat16 activations, the CUDA kernels
+    against the dequantized weight's product in float32 (bfloat16 rounding: about 1% of the largest value)."""
+    weight, expected = _filled(spec, 1, 2560, 1536, device=device)
+    weight.pack_for_device()
+    assert weight.matrix.device_kernel is not None
+    x = torch.randn(rows, 2560, generator=torch.Generator().manual_seed(5))
+    reference = x @ expected[0].t()  # [rows, 1536]
+    out = weight.matrix.matmul(x.to(device, torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1536)
+    error = (out.float().cpu() - reference).abs().max().item() / reference.abs().max().item()
+    assert error < 2e-2, error
 
 
 def test_int4_device_kernel_needs_whole_groups_and_keeps_the_codes_otherwise() -> None:
