@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ernie_serve.bench import throughput
+from ernie_serve.core.config import EngineSettings
 from ernie_serve.logging import LOG_LEVELS, configure_logging, progress
 from ernie_serve.testing.conformance import BackendConformance, CaseResult, conformance_cases
 
@@ -152,10 +153,11 @@ def run_quantization_accuracy(args: argparse.Namespace, scheme: str) -> list[Che
     models = bench.tiny_models()
     if args.model in PRESETS:
         models.append((args.model, PRESETS[args.model]))
-    variant = bench.Variant(QuantSpec(scheme))
+    # the serving default's grouping (wint4: groups of 128), as `--quantization scheme` alone gives
+    variant = bench.Variant(QuantSpec.of(scheme, EngineSettings.model_fields["quantization_group_size"].default))
     rows = []
     for name, config in models:
-        check = f"accuracy {scheme} vs bf16, {name}"
+        check = f"accuracy {variant.label} vs bf16, {name}"
         try:
             [row] = bench.accuracy_rows(
                 name, config, None, [variant], args.accuracy_sequences, 128, torch.device(args.device), torch.bfloat16

@@ -107,14 +107,15 @@ def test_quantization_rows_rehearsed_on_the_cpu(tiny_checkpoint, tmp_path: Path,
     gpu_check.main(argv)  # 1 where a random tiny shape misses an accuracy target; the rows say which
     rows = {row["check"]: row for row in json.loads(out_json.read_text())}
     shapes = [name for name, _ in tiny_models()]
+    labels = {"wint8": "wint8 (per output channel)", "wint4": "wint4 (groups of 128)"}  # the serving defaults
     for scheme in ("wint8", "wint4"):
         for shape in shapes:
-            row = rows[f"accuracy {scheme} vs bf16, {shape}"]
+            row = rows[f"accuracy {labels[scheme]} vs bf16, {shape}"]
             top1 = float(row["result"].split()[1].rstrip("%,")) / 100
             assert row["passed"] == (top1 >= gpu_check.ACCURACY_TARGETS[scheme]), row
             assert "128 positions" in row["result"] and row["failures"] == ([] if row["passed"] else [
                 f"top-1 below the {gpu_check.ACCURACY_TARGETS[scheme]:.0%} target"])  # fmt: skip
-        assert rows[f"accuracy {scheme} vs bf16, tiny moe_shared_tied"]["passed"]
+        assert rows[f"accuracy {labels[scheme]} vs bf16, tiny moe_shared_tied"]["passed"]
         throughput_row = rows[f"throughput {model} float32 {scheme}"]
         assert throughput_row["passed"] and throughput_row["output_tok_s"] > 0
         assert throughput_row["result"].startswith(
