@@ -65,6 +65,12 @@ class TorchOptions(BackendOptions):
         "the int8 weights), which also quantizes activations per call: W8A8-dynamic, not weight-only, faster, less "
         "accurate, and a request's result then depends on its batch; needs --cpu-weight-prepack",
     )
+    exact_quantized_kernels: bool = Field(
+        False,
+        description="torch backend with --quantization on CPU: multiply quantized weights in float32 (fbgemm's row "
+        "sums at one row, a dequantized copy per call above; exact with the dequantized weights, several times "
+        "slower) instead of torch's weight-only int8/int4 kernels, which round activations to bfloat16",
+    )
     quantize_lm_head: bool = Field(
         True,
         description="torch backend with --quantization: store the LM head quantized too (a quantized copy when "
@@ -213,6 +219,7 @@ class TorchBackend(Backend):
                 "quantization": spec,
                 "quantize_lm_head": options.quantize_lm_head,
                 "int8_activations": options.int8_activations and options.cpu_weight_prepack,
+                "exact_quantized_kernels": options.exact_quantized_kernels,
             }
             log.info("quantizing weights while loading", scheme=spec.describe(), lm_head=options.quantize_lm_head)
         # quantized layers are built quantized and filled tensor by tensor: no full-precision copy ever exists
@@ -242,8 +249,8 @@ class TorchBackend(Backend):
         wanted = options.cpu_weight_prepack or on_cuda
         prepare = getattr(self.model, "prepare_for_inference", None) if wanted else None
         extra_bytes = prepare() if prepare is not None else 0
-        if on_cuda and quant:
-            self._weight_bytes = self.model.weight_bytes()  # the repacked codes replaced the row-wise ones
+        if quant:
+            self._weight_bytes = getattr(self.model, "weight_bytes", dict)()  # repacked codes may replace row-wise ones
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))

@@ -115,7 +115,7 @@ def sums_weight_rows(x: torch.Tensor, max_rows: int = 1) -> bool:
     stream from memory, and fbgemm's `embedding_bag` kernels stream `[in, out]` weights up to ~2x faster than
     MKL's GEMV on these CPUs. `embedding_bag` runs its bags in parallel, so a single sum is split into one bag
     per torch thread (`split_bags`)."""
-    return x.shape[0] <= max_rows and x.device.type == "cpu" and x.dtype == torch.float32
+    return 0 < x.shape[0] <= max_rows and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 @functools.cache
@@ -169,7 +169,8 @@ def project(
     decision with their own kernels (`QuantMatrix.row_sums` / `.matmul`)."""
     if not isinstance(weight, torch.Tensor):
         matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
-        if sums_weight_rows(x) and matrix.packed is None:  # fbgemm's int8 GEMM also wins at one row
+        # fbgemm's int8 GEMM and torch's int8/int4 kernels also win at one row
+        if sums_weight_rows(x) and matrix.packed is None and matrix.device_kernel is None:
             out = matrix.row_sums(x, split_bags(matrix.in_features))  # [1, out]
         else:
             out = matrix.matmul(x)  # [T, out]
@@ -410,9 +411,11 @@ class SparseMoE(RowParallelOutput, nn.Module):
         if self.routed_hook is not None:
             out = self.routed_hook(x, experts, weights, residual)
             return self._finish(self.shared(x, out) if self.shared is not None else out)
-        # (with fbgemm int8 GEMM copies, every step takes the grouped path: at one row they beat the row sums)
-        int8_gemm = self.quantized and self.expert_weights[0][0].packed is not None  # type: ignore[union-attr]
-        if not int8_gemm and sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
+        # (with fbgemm int8 GEMM or torch int8/int4 kernel copies, every step takes the grouped path: at one row
+        # they beat the row sums, and the int kernels replaced the rows the row sums read)
+        first = self.expert_weights[0][0]
+        gemm_kernels = self.quantized and (first.packed is not None or first.device_kernel is not None)  # type: ignore[union-attr]
+        if not gemm_kernels and sums_weight_rows(x, max_rows=FEW_TOKEN_ASSIGNMENTS // self.top_k):
             few_tokens = self._forward_few_tokens_quantized if self.quantized else self._forward_few_tokens
             out = few_tokens(x, experts, weights, residual)
         else:
@@ -531,11 +534,14 @@ class ErnieForCausalLM(nn.Module):
         quantization: QuantSpec | None = None,
         quantize_lm_head: bool = False,
         int8_activations: bool = False,
+        exact_quantized_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.quantization = quantization
         self.int8_activations = int8_activations  # wint8 products by fbgemm's W8A8 GEMM (prepare_for_inference)
+        # on CPU, keep the float32 row sums / dequantized products instead of torch's bf16-activation kernels
+        self.exact_quantized_kernels = exact_quantized_kernels
         self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, dtype, device, quantization) for i in range(config.num_hidden_layers)
@@ -594,11 +600,13 @@ class ErnieForCausalLM(nn.Module):
         single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
         bytes the copies take (0 elsewhere). On CUDA, quantized weights are repacked instead for torch's CUDA
         kernels (`QuantizedWeight.pack_for_device`), in place of their row-wise codes."""
-        if self.embed_weight.device.type == "cuda":
-            quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
+        quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
+        on_cuda = self.embed_weight.device.type == "cuda"
+        if on_cuda or (quantized and not self.int8_activations and not self.exact_quantized_kernels):
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
                 weight.pack_for_device()
-            return 0
+            if on_cuda:
+                return 0
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:
             packable = []  # every projection is quantized, and weight-only kernels need no copy

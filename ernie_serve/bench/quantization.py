@@ -44,18 +44,21 @@ class Variant:
     spec: QuantSpec
     lm_head: bool = True  # the LM head quantized too
     w8a8: bool = False  # several-row products by fbgemm's int8 GEMM (activations quantized per call)
+    exact: bool = False  # on CPU, the float32 row sums instead of torch's int kernels (bfloat16 activations)
 
     @property
     def label(self) -> str:
         head = "" if self.lm_head else ", fp32 head"
-        return f"{self.spec.describe()}{head}{' +W8A8' if self.w8a8 else ''}"
+        return f"{self.spec.describe()}{head}{' +W8A8' if self.w8a8 else ''}{', exact kernels' if self.exact else ''}"
 
 
 DEFAULT_VARIANTS = (
     Variant(QuantSpec("wint8")),
+    Variant(QuantSpec("wint8"), exact=True),
     Variant(QuantSpec("wint8"), w8a8=True),
     Variant(QuantSpec("wint8"), lm_head=False),
     Variant(QuantSpec("wint4", 128)),
+    Variant(QuantSpec("wint4", 128), exact=True),
     Variant(QuantSpec("wint4", 64)),
     Variant(QuantSpec("wint4", 0)),
     Variant(QuantSpec("wint4", 128), lm_head=False),
@@ -92,7 +95,12 @@ def build_model(
     quantized weights repacked for torch's CUDA kernels, as the backend does)."""
     quant: dict[str, Any] = {}
     if variant is not None:
-        quant = {"quantization": variant.spec, "quantize_lm_head": variant.lm_head, "int8_activations": variant.w8a8}
+        quant = {
+            "quantization": variant.spec,
+            "quantize_lm_head": variant.lm_head,
+            "int8_activations": variant.w8a8,
+            "exact_quantized_kernels": variant.exact,
+        }
     model = ErnieForCausalLM(config, dtype, device, **quant).eval()
     if device.type == "meta":
         return model
@@ -102,8 +110,8 @@ def build_model(
         load_safetensors(model, checkpoint)
     if variant is not None:
         model.quantize_tied_lm_head()
-        if variant.w8a8 or device.type == "cuda":
-            model.prepare_for_inference()
+        if not variant.exact or variant.w8a8 or device.type == "cuda":
+            model.prepare_for_inference()  # the kernels' copies, as the backend makes them
     return model
 
 
@@ -355,7 +363,7 @@ def main(
     memory_models = [("bench 70M", BENCH_MODEL), *presets]
     print(f"{'model':<32} {'variant':<40} {'tensors/fp32':>12} {'model/fp32':>10} {'weights GiB':>11}")
     for name, config in memory_models:
-        for variant in {v.label: v for v in variants if not v.w8a8}.values():
+        for variant in {v.label: v for v in variants if not v.w8a8 and not v.exact}.values():
             row = memory_row(name, config, variant)
             print(
                 f"{row.model:<32} {row.variant:<40} {row.tensors_ratio:>12.4f} {row.model_ratio:>10.4f} "

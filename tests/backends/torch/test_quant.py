@@ -108,8 +108,10 @@ def test_device_kernel_copies_multiply_like_the_codes_and_replace_them(spec: Qua
         for index in range(2):
             reference = x @ expected[index].t()  # [rows, 96]
             out = weight.matrices[index].matmul(x.to(device)).float().cpu()
-            # wint4 runs in bfloat16 (activations, scales and result): about 2^-8 relative error each
-            bound = 1e-4 if spec.bits == 8 else 2e-2 * reference.abs().max().item()
+            # wint4, and wint8 on the CPU, run in bfloat16 (activations, scales and result): about 2^-8 relative
+            # error each; wint8 on CUDA takes float32 activations as they are
+            exact = spec.bits == 8 and device.type == "cuda"
+            bound = 1e-4 if exact else 2e-2 * reference.abs().max().item()
             assert out.shape == reference.shape and (out - reference).abs().max().item() < bound
 
 
@@ -239,8 +241,8 @@ PROMPTS = [[5, 6, 7], list(range(10, 31)), [300, 301]]
 def test_greedy_tokens_equal_the_dequantized_reference(
     tiny_checkpoint, tmp_path: Path, scheme: str, group: int, shape: str
 ) -> None:
-    """Weight-only kernels compute with exactly the dequantized weights: transformers on a checkpoint of
-    those weights (float32) gives the same greedy tokens, through chunked prefill and single-token decode."""
+    """The exact kernels compute with exactly the dequantized weights: transformers on a checkpoint of those
+    weights (float32) gives the same greedy tokens, through chunked prefill and single-token decode."""
     checkpoint = tiny_checkpoint(shape, torch.bfloat16)
     spec = QuantSpec.of(scheme, group)
     reference = load_reference(write_dequantized_checkpoint(checkpoint, tmp_path / "deq", spec, lm_head=True))
@@ -250,6 +252,7 @@ def test_greedy_tokens_equal_the_dequantized_reference(
         quantization_group_size=group,
         block_size=4,
         max_num_batched_tokens=16,
+        exact_quantized_kernels=True,
     )
     ours = _greedy(llm, PROMPTS)
     assert ours == [reference_greedy(reference, p, 6) for p in PROMPTS]
@@ -289,3 +292,35 @@ def test_int8_activations_run_every_product_through_the_int8_gemm(tiny_checkpoin
     assert len(w8a8.token_ids) == 6 and w8a8.token_ids[0] == weight_only.token_ids[0]
     first = w8a8.logprobs[0][w8a8.token_ids[0]].logprob
     assert first == pytest.approx(weight_only.logprobs[0][weight_only.token_ids[0]].logprob, abs=0.2)
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("wint8", 128), ("wint4", 64)], ids=str)
+def test_cpu_default_multiplies_by_torch_int_kernels_close_to_the_exact_ones(
+    tiny_checkpoint, scheme: str, group: int
+) -> None:
+    """By default a quantized model on the CPU multiplies by torch's weight-only int8/int4 kernels (bfloat16
+    activations) wherever their shape rules fit, in place of the row-wise codes; `exact_quantized_kernels`
+    keeps the float32 row sums. Both give nearly the same log-probabilities."""
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
+    settings = dict(quantization=scheme, quantization_group_size=group, block_size=4, max_num_batched_tokens=16)
+    fast, exact = LLM(model=checkpoint, **settings), LLM(model=checkpoint, exact_quantized_kernels=True, **settings)
+    gate_up = fast.engine.core.backend.model.layers[1].mlp.expert_weights[0][0]  # [H=64, 2I]: tiles groups of 64
+    assert gate_up.device_kernel is not None and gate_up.rows.shape[0] == 0  # the row-wise codes are gone
+    exact_gate_up = exact.engine.core.backend.model.layers[1].mlp.expert_weights[0][0]
+    assert exact_gate_up.device_kernel is None and exact_gate_up.rows.shape[0] == 64
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    for prompt in PROMPTS:
+        ours, theirs = (llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0] for llm in (fast, exact))
+        first = ours.token_ids[0]
+        assert first == theirs.token_ids[0]  # later tokens may part at a near tie
+        assert ours.logprobs[0][first].logprob == pytest.approx(theirs.logprobs[0][first].logprob, abs=0.05)
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "int-kernels"])
+def test_a_step_that_wants_no_logits_runs(tiny_checkpoint, exact: bool) -> None:
+    """A prompt longer than the step budget, alone: its first chunk's step asks the LM head for no rows (the
+    exact kernels' row sums took row 0 of an empty batch and failed the request)."""
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
+    llm = LLM(model=checkpoint, quantization="wint8", exact_quantized_kernels=exact, max_num_batched_tokens=16)
+    output = llm.generate({"prompt_token_ids": list(range(10, 31))}, SamplingParams(max_tokens=2))[0].outputs[0]
+    assert output.finish_reason == "length" and len(output.token_ids) == 2

@@ -8,14 +8,22 @@ import torch
 
 from ernie_serve.testing.conformance import BackendConformance, conformance_cases
 
-# (LLM keywords, whether the kernels round beyond float32): the weight-only kernels compute exactly with the
-# dequantized weights. Not here: `int8_activations` (W8A8), whose per-call activation scale makes a request's
-# tokens depend on its batch (it fails `mixed_batching` by design); test_quant.py covers its kernel.
+EXACT = {"exact_quantized_kernels": True}
+# (LLM keywords, whether the kernels round beyond float32): the exact kernels compute exactly with the
+# dequantized weights; torch's int8/int4 kernels (the default) round activations to bfloat16, so the suite's
+# reduced-precision tolerances apply to them. Not here: `int8_activations` (W8A8), whose per-call activation
+# scale makes a request's tokens depend on its batch (it fails `mixed_batching` by design); test_quant.py
+# covers its kernel.
 VARIANTS = {
-    "wint4-g128": ({"quantization": "wint4"}, False),
-    "wint4-g64-fp32-head": ({"quantization": "wint4", "quantization_group_size": 64, "quantize_lm_head": False}, False),
-    "wint8": ({"quantization": "wint8"}, False),
+    "wint4-g128": ({"quantization": "wint4", **EXACT}, False),
+    "wint4-g64-fp32-head": (
+        {"quantization": "wint4", "quantization_group_size": 64, "quantize_lm_head": False, **EXACT},
+        False,
+    ),
+    "wint8": ({"quantization": "wint8", **EXACT}, False),
     "wint8-no-prepack": ({"quantization": "wint8", "cpu_weight_prepack": False}, False),
+    "wint8-int-kernels": ({"quantization": "wint8"}, True),
+    "wint4-g64-int-kernels": ({"quantization": "wint4", "quantization_group_size": 64}, True),
 }
 
 
