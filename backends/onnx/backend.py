@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
@@ -162,6 +163,7 @@ class OnnxBackend(Backend):
 
     def __init__(self) -> None:
         self.session: Any = None
+        self.graph_path: Path | None = None
         self._caches: dict[str, _Cache] = {}
         self._buffer = np.zeros(0, np.float32)  # staging for the batch's past KV, see `_staging`
         self.block_size = 0
@@ -208,6 +210,7 @@ class OnnxBackend(Backend):
                 weight_only=options.onnx_weight_only,
             )
         export = cached_export(model_config, model_path, settings.seed, export_options)
+        self.graph_path = export.path  # the model.onnx this backend runs
         self._weight_bytes = {kind: n for kind, n in export.weight_bytes.items() if n}
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
