@@ -199,3 +199,14 @@ def test_reduced_precision_graphs_compute_what_the_float32_graph_does(weights, s
         np.testing.assert_allclose(got[0], expected[0], atol=tolerance, rtol=0, err_msg=f"{dtype} logits")
         for ours, theirs in zip(got[1:], expected[1:], strict=True):
             np.testing.assert_allclose(ours.astype(np.float32), theirs, atol=tolerance, rtol=0, err_msg=dtype)
+
+
+def test_each_flavour_and_dtype_is_an_export_of_its_own(tiny_checkpoint) -> None:
+    from ernie_serve.backends.onnx.export import ExportOptions, export_key
+
+    checkpoint = tiny_checkpoint("moe_top1_dense_tail", torch.bfloat16)
+    config = read_model_config(checkpoint)
+    variants = [ExportOptions(), ExportOptions(graph_flavour="tensorrt")]
+    variants += [ExportOptions(graph_flavour="tensorrt", dtype=dtype) for dtype in ("bfloat16", "float16")]
+    keys = {export_key(config, str(checkpoint), 0, options)[0] for options in variants}
+    assert len(keys) == len(variants)
