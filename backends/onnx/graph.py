@@ -42,7 +42,7 @@ model from the same builder, with three differences:
   quant    `--quantization` is refused: the quantized graph uses onnxruntime's contrib ops, which TensorRT's
            parser does not know (backends/tensorrt/lint.py checks the ops against the parser's list).
 In float32 it runs in onnxruntime on CPU, which is how it is tested without TensorRT; onnxruntime's CPU kernels
-have no bfloat16 arithmetic, so the bfloat16 graph is checked for validity there, not run.
+have no bfloat16 arithmetic, so the tests run the bfloat16 graph in onnx's (slow, exact) reference evaluator.
 
 Legend: B sequences in the batch, S new tokens per sequence (right-padded), P cached tokens per sequence
 (right-padded), H hidden, Q query heads, K key/value heads, G = Q / K, D head dim, E routed experts, k experts
