@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import structlog
@@ -85,6 +86,12 @@ class OnnxOptions(BackendOptions):
         description="onnx backend with --quantization: export the LM head quantized too (a quantized copy when "
         "the embeddings are tied); docs/quantization.md has the figures",
     )
+    onnx_graph_flavour: Literal["onnxruntime", "tensorrt"] = Field(
+        "onnxruntime",
+        description="onnx backend: export and run this flavour of the graph; tensorrt is the graph the tensorrt "
+        "backend builds its engine from (static-width MoE routing: every expert over every token, E/k times the "
+        "expert FLOPs), run here to check it against the other backends; float32 only, no --quantization",
+    )
     onnx_weight_only: bool = Field(
         False,
         description="onnx backend with --quantization wint4: MatMulNBits computes in float32 with the dequantized "
@@ -156,6 +163,7 @@ class OnnxBackend(Backend):
 
     def __init__(self) -> None:
         self.session: Any = None
+        self.graph_path: Path | None = None
         self._caches: dict[str, _Cache] = {}
         self._buffer = np.zeros(0, np.float32)  # staging for the batch's past KV, see `_staging`
         self.block_size = 0
@@ -179,7 +187,12 @@ class OnnxBackend(Backend):
             raise BackendConfigError(f"--dtype {settings.dtype}: the onnx backend's graph computes in float32")
         providers = resolve_providers(options.onnx_providers, settings.device, ort.get_available_providers())
         self.config = model_config
-        export_options = ExportOptions()
+        export_options = ExportOptions(graph_flavour=options.onnx_graph_flavour)
+        if settings.quantization and options.onnx_graph_flavour == "tensorrt":
+            raise BackendConfigError(
+                "--quantization with --onnx-graph-flavour tensorrt: the tensorrt graph has no quantized form "
+                "(its quantized ops would be onnxruntime's own); drop one of the two"
+            )
         if settings.quantization:
             spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
             if options.onnx_weight_only and spec.bits == 8:
@@ -197,6 +210,7 @@ class OnnxBackend(Backend):
                 weight_only=options.onnx_weight_only,
             )
         export = cached_export(model_config, model_path, settings.seed, export_options)
+        self.graph_path = export.path  # the model.onnx this backend runs
         self._weight_bytes = {kind: n for kind, n in export.weight_bytes.items() if n}
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

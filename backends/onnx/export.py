@@ -29,9 +29,11 @@ from ernie_serve.backends.onnx import graph as graph_module
 from ernie_serve.backends.onnx.graph import (
     GRAPH_VERSION,
     MS_DOMAIN,
+    ONNXRUNTIME,
     OPSET,
     GraphQuantization,
     GraphStats,
+    check_flavour,
     past_names,
 )
 from ernie_serve.quantization import QuantSpec
@@ -50,11 +52,14 @@ CONTENT_HASH_LIMIT = 1 << 30  # checkpoints up to 1 GiB are keyed by their bytes
 class ExportOptions:
     """Everything besides the checkpoint that changes the exported graph (part of the cache key)."""
 
-    dtype: str = "float32"  # weights and activations; the only one implemented (CPU has no fast bf16)
+    # weights and activations: float32 for the onnxruntime flavour (CPU has no fast bf16); the tensorrt flavour
+    # also takes bfloat16 and float16
+    dtype: str = "float32"
     opset: int = OPSET
     quantization: QuantSpec | None = None  # `--quantization` and its group size (`QuantSpec.of`), or None
     quantize_lm_head: bool = True  # with `quantization`: the LM head quantized too
     weight_only: bool = False  # wint4: MatMulNBits at accuracy_level 0 (float32 activations) instead of 4
+    graph_flavour: str = ONNXRUNTIME  # "tensorrt": the graph TensorRT builds from (graph.py's docstring)
 
     def graph_quantization(self) -> GraphQuantization | None:
         if self.quantization is None:
@@ -127,14 +132,17 @@ def export_key(
     return hashlib.sha256(blob).hexdigest()[:24], material
 
 
-def build_torch_model(model_config: ModelConfig, weights_path: str | None, seed: int):
-    """Our torch model in float32 on CPU, filled by the torch backend's loader: the export's weight source."""
+def build_torch_model(model_config: ModelConfig, weights_path: str | None, seed: int, dtype: str = "float32"):
+    """Our torch model on CPU, filled by the torch backend's loader: the export's weight source. In float32, or
+    in bfloat16 for a bfloat16 graph: half the memory on a large model, and the same weights (checkpoints are
+    bfloat16, dummy weights are rounded from float32 the same way either way)."""
     import torch
 
     from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
     from ernie_serve.backends.torch.model import ErnieForCausalLM
 
-    model = ErnieForCausalLM(model_config, torch.float32, torch.device("cpu")).eval()
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    model = ErnieForCausalLM(model_config, torch_dtype, torch.device("cpu")).eval()
     if weights_path is None:
         init_dummy_weights(model, seed)
     else:
@@ -156,12 +164,13 @@ def export_to_dir(
     from ernie_serve.backends.onnx.graph import save_graph
 
     options = options or ExportOptions()
-    if options.dtype != "float32" or options.opset != OPSET:
-        raise ValueError(f"unsupported ONNX export options {options}: only float32 at opset {OPSET}")
-    model = build_torch_model(model_config, weights_path, seed)
-    stats = save_graph(
-        model_config, dict(model.checkpoint_targets()), out_dir, MODEL_FILE, options.graph_quantization()
-    )
+    if options.opset != OPSET:
+        raise ValueError(f"unsupported ONNX export options {options}: only opset {OPSET}")
+    quant = options.graph_quantization()
+    check_flavour(options.graph_flavour, options.dtype, quant)
+    model = build_torch_model(model_config, weights_path, seed, options.dtype)
+    weights = dict(model.checkpoint_targets())
+    stats = save_graph(model_config, weights, out_dir, MODEL_FILE, quant, options.graph_flavour, options.dtype)
     del model
     if check:
         onnx.checker.check_model(str(Path(out_dir) / MODEL_FILE))

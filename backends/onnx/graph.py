@@ -25,6 +25,25 @@ is for onnxruntime only; TensorRT builds from the float graph):
          weights take onnxruntime's u8u8 path, which does not saturate on AVX2, so the 8-bit codes stay whole
          (with int8 weights the u8s8 path saturates unless the codes are cut to 7 bits).
 
+The TensorRT flavour (`flavour="tensorrt"`, the graph the TensorRT backend builds its engine from) is the same
+model from the same builder, with three differences:
+  routing  no NonZero and no ScatterND: every routed expert runs over all T token rows and its output is
+           weighted by its column of a dense [T, E] routing-weight matrix (zero for experts a token did not
+           choose), built from TopK's ids with Equal against a constant arange and ReduceSum (no OneHot). Every
+           shape in the graph then follows from the input shapes alone (a static routing width), which
+           TensorRT's optimization profiles need. The cost: routed-expert FLOPs grow by E / k (64 / 6, about
+           10.7x, on 21B-A3B); decode, bound by reading the expert weights, reads the same weights either way
+           once a batch touches most experts.
+  dtype    `dtype="bfloat16"/"float16"`: TensorRT 10+ networks are strongly typed, so precision is the tensors'
+           dtype: weights, the residual stream, KV inputs and outputs are in `dtype`; where the torch backend
+           computes in float32 the graph casts to float32 and back: RMSNorm statistics, RoPE, the router and its
+           softmax, the routing weights, and attention's softmax (scores are cast to float32 before the float32
+           `attention_bias` is added: MASKED does not fit in float16). Logits stay float32.
+  quant    `--quantization` is refused: the quantized graph uses onnxruntime's contrib ops, which TensorRT's
+           parser does not know (backends/tensorrt/lint.py checks the ops against the parser's list).
+In float32 it runs in onnxruntime on CPU, which is how it is tested without TensorRT; onnxruntime's CPU kernels
+have no bfloat16 arithmetic, so the tests run the bfloat16 graph in onnx's (slow, exact) reference evaluator.
+
 Legend: B sequences in the batch, S new tokens per sequence (right-padded), P cached tokens per sequence
 (right-padded), H hidden, Q query heads, K key/value heads, G = Q / K, D head dim, E routed experts, k experts
 per token, I intermediate size, V vocab, T = B * S token rows, n tokens routed to one expert.
@@ -41,7 +60,8 @@ Outputs:
   logits           [B, V]       float32
   new_key_{i}      [B, K, S, D] float32  keys (after RoPE) of the S new tokens only: the caller appends them to
   new_value_{i}    [B, K, S, D] float32  each sequence's own cache (returning past + new would copy the whole
-                                         cache out of the runtime every step)
+                                         cache out of the runtime every step); the graph's dtype in the
+                                         TensorRT flavour, as are past_key/past_value
 """
 
 from __future__ import annotations
@@ -71,6 +91,11 @@ MASKED = -1e9  # finite, so a fully masked row softmaxes to finite values instea
 EXTERNAL_THRESHOLD = 1024
 _ALIGN = 4096  # external tensors start at page boundaries, so onnxruntime can map them
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: the quantized kernels
+ONNXRUNTIME, TENSORRT = "onnxruntime", "tensorrt"  # graph flavours, see the module docstring
+FLAVOURS = (ONNXRUNTIME, TENSORRT)
+# Compute dtypes by name, as onnx.TensorProto's data types (onnx is imported lazily: the CLI runs without it).
+FLOAT, FLOAT16, BFLOAT16 = 1, 10, 16
+DTYPES = {"float32": FLOAT, "float16": FLOAT16, "bfloat16": BFLOAT16}
 PER_CHANNEL_BLOCK = 128  # MatMulNBits block for one scale per output channel (the scale repeated per block)
 
 INPUT_IDS, POSITION_IDS, ATTENTION_BIAS, LOGITS_INDEX, LOGITS = (
@@ -95,6 +120,29 @@ def _np(tensor: Any) -> np.ndarray:
     if hasattr(tensor, "detach"):
         tensor = tensor.detach().to(device="cpu").float().numpy()
     return np.asarray(tensor, dtype=np.float32)
+
+
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 `array` rounded to bfloat16 (nearest, ties to even, as torch's `.to(torch.bfloat16)`), as the
+    uint16 bit patterns ONNX stores (numpy has no bfloat16). Weights are finite, so NaN needs no care."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def check_flavour(flavour: str, dtype: str, quant: GraphQuantization | None = None) -> None:
+    """Raise ValueError, naming what is allowed, for a flavour/dtype/quantization the builder cannot emit."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown ONNX graph flavour {flavour!r}: {', '.join(FLAVOURS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown ONNX graph dtype {dtype!r}: {', '.join(DTYPES)}")
+    if flavour == ONNXRUNTIME and dtype != "float32":
+        raise ValueError(f"the onnxruntime graph computes in float32, not {dtype} (the tensorrt flavour takes a dtype)")
+    if flavour == TENSORRT and quant is not None:
+        raise ValueError(
+            f"--quantization {quant.spec.describe()}: the tensorrt graph flavour has no quantized form (the "
+            "quantized graph uses onnxruntime's contrib ops, which TensorRT's ONNX parser does not support)"
+        )
 
 
 @dataclass(frozen=True)
@@ -153,7 +201,7 @@ class GraphStats:
     num_parameters: int = 0  # weights, quantized ones counted by their logical [N, K] elements
     external_bytes: int = 0
     quantized_bytes: int = 0  # codes and scales of the quantized weights
-    full_precision_bytes: int = 0  # every float32 weight (embeddings, norms, router, unquantized head)
+    full_precision_bytes: int = 0  # every unquantized weight (embeddings, norms, router, unquantized head)
     op_counts: Counter[str] = field(default_factory=Counter)
 
 
@@ -188,13 +236,16 @@ class _Builder:
         self.initializers.append(self.numpy_helper.from_array(array, name))
         return name
 
-    def weight(self, name: str, array: np.ndarray, parameters: int | None = None) -> str:
-        """A model weight: counted as a parameter, written to the external data file when large. float32,
-        or, for quantized weights' codes, uint8 (`parameters` then says how many weights it stands for, and
-        the bytes count as quantized)."""
-        from onnx import TensorProto, helper
+    def weight(self, name: str, array: np.ndarray, parameters: int | None = None, dtype: str = "float32") -> str:
+        """A model weight: counted as a parameter, written to the external data file when large. float32
+        (or `dtype`, a `DTYPES` name, rounded from float32), or, for quantized weights' codes, uint8
+        (`parameters` then says how many weights it stands for, and the bytes count as quantized)."""
+        from onnx import helper
 
-        array = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == np.uint8 else np.float32)
+        if dtype == "bfloat16" and array.dtype != np.uint8:
+            return self._bfloat16_weight(name, array)
+        stored = np.float16 if dtype == "float16" else np.float32
+        array = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == np.uint8 else stored)
         if parameters is None:
             self.stats.num_parameters += array.size
             self.stats.full_precision_bytes += array.nbytes
@@ -204,10 +255,30 @@ class _Builder:
         if self.data_file is None or array.nbytes < EXTERNAL_THRESHOLD:
             self.initializers.append(self.numpy_helper.from_array(array, name))
             return name
+        return self._external(name, array, helper.np_dtype_to_tensor_dtype(array.dtype))
+
+    def _bfloat16_weight(self, name: str, array: np.ndarray) -> str:
+        """`weight` in bfloat16: stored as raw bit patterns, which numpy_helper cannot make from numpy."""
+        from onnx import TensorProto
+
+        bits = bfloat16_bits(array)
+        self.stats.num_parameters += bits.size
+        self.stats.full_precision_bytes += bits.nbytes
+        if self.data_file is None or bits.nbytes < EXTERNAL_THRESHOLD:
+            proto = TensorProto(name=name, data_type=BFLOAT16, dims=bits.shape, raw_data=bits.tobytes())
+            self.initializers.append(proto)
+            return name
+        return self._external(name, bits, BFLOAT16)
+
+    def _external(self, name: str, array: np.ndarray, data_type: int) -> str:
+        """Append `array`'s bytes to the data file at a page boundary; the initializer points there."""
+        from onnx import TensorProto
+
+        assert self.data_file is not None
         offset = -self.data_file.tell() % _ALIGN + self.data_file.tell()
         self.data_file.seek(offset)
         self.data_file.write(array.tobytes())
-        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        proto = TensorProto(name=name, data_type=data_type, dims=array.shape)
         for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):
             proto.external_data.add(key=key, value=str(value))
         proto.data_location = TensorProto.EXTERNAL
@@ -217,12 +288,21 @@ class _Builder:
 
 
 class _ErnieGraph:
-    """Emits the forward pass layer by layer; initializer names follow the checkpoint's."""
+    """Emits the forward pass layer by layer; initializer names follow the checkpoint's. `flavour` and `dtype`
+    as `build_graph` takes them (in float32 every cast below is skipped, so the onnxruntime flavour's graph is
+    exactly what it was before the TensorRT flavour existed)."""
 
     def __init__(
-        self, config: ModelConfig, weights: Mapping[str, Any], b: _Builder, quant: GraphQuantization | None = None
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, Any],
+        b: _Builder,
+        quant: GraphQuantization | None = None,
+        flavour: str = ONNXRUNTIME,
+        dtype: str = "float32",
     ) -> None:
         self.config, self.weights, self.b, self.quant = config, weights, b, quant
+        self.flavour, self.dtype = flavour, dtype
         self.q_heads, self.kv_heads, self.head_dim = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -238,15 +318,31 @@ class _ErnieGraph:
     def has(self, name: str) -> bool:
         return name in self.weights
 
+    def wt(self, name: str, array: np.ndarray) -> str:
+        """A weight the model computes with in the graph's dtype (router, correction bias and RoPE frequencies
+        stay float32 and use `b.weight` directly)."""
+        return self.b.weight(name, array, dtype=self.dtype)
+
+    def to_float(self, x: str) -> str:
+        """`x` in float32, for math the torch backend does in float32 whatever its dtype."""
+        return x if self.dtype == "float32" else self.b.op("Cast", x, to=FLOAT)
+
+    def to_dtype(self, x: str, name: str | None = None) -> str:
+        """A float32 `x` back in the graph's dtype; with `name`, the result gets that name (a graph output)."""
+        if self.dtype == "float32":
+            return x if name is None else self.b.op("Identity", x, name=name)
+        return self.b.op("Cast", x, to=DTYPES[self.dtype], name=name)
+
     # ----- building blocks -----
     def rmsnorm(self, x: str, weight: str) -> str:
         """`w * x / sqrt(mean(x^2) + eps)` in float32; this Pow/ReduceMean/Add/Sqrt/Div/Mul chain is the one
         onnxruntime fuses into SimplifiedLayerNormalization. `weight` is the checkpoint name."""
         b = self.b
+        x = self.to_float(x)  # the statistics in float32, scaled by the weight in dtype, as the torch backend
         power = b.op("Pow", x, b.const(2.0, np.float32))
         mean = b.op("ReduceMean", power, axes=[-1], keepdims=1)
         denom = b.op("Sqrt", b.op("Add", mean, b.const(self.config.rms_norm_eps, np.float32)))
-        return b.op("Mul", b.op("Div", x, denom), b.weight(weight, self.w(weight)))
+        return b.op("Mul", self.to_dtype(b.op("Div", x, denom)), self.wt(weight, self.w(weight)))
 
     def linear(self, x: str, name: str, *parts: str) -> str:
         """`x @ W^T + b` for checkpoint projections `{prefix}.{part}.weight` (several parts fused along the
@@ -257,9 +353,9 @@ class _ErnieGraph:
         if self.quant is not None and is_quantized_tensor(f"{parts[0]}.weight"):
             y = self.quantized_matmul(x, name, weight)
         else:
-            y = b.op("MatMul", x, b.weight(f"{name}.weight", weight.T))
+            y = b.op("MatMul", x, self.wt(f"{name}.weight", weight.T))
         if self.has(f"{parts[0]}.bias"):
-            y = b.op("Add", y, b.weight(f"{name}.bias", self.w(*(f"{p}.bias" for p in parts))))
+            y = b.op("Add", y, self.wt(f"{name}.bias", self.w(*(f"{p}.bias" for p in parts))))
         return y
 
     def quantized_matmul(self, x: str, name: str, weight: np.ndarray) -> str:
@@ -316,8 +412,9 @@ class _ErnieGraph:
         k = b.op("Transpose", b.op("Reshape", k, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3])  # [B, K, S, D]
         v_new, k_new = new_names(i)[1], new_names(i)[0]
         b.op("Transpose", b.op("Reshape", v, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3], name=v_new)
-        q = b.op("Mul", self.rope(q, cos, sin), b.const(d**-0.5, np.float32))  # scale q: fewer elements
-        b.op("Identity", self.rope(k, cos, sin), name=k_new)
+        # RoPE in float32 (as the torch backend); q is scaled before the cast back: fewer elements than scores
+        q = self.to_dtype(b.op("Mul", self.rope(self.to_float(q), cos, sin), b.const(d**-0.5, np.float32)))
+        self.to_dtype(self.rope(self.to_float(k), cos, sin), name=k_new)
         past_k, past_v = past_names(i)
         # GQA without repeating KV: query head h uses KV head h // G, so the G query heads of one KV head are
         # G*S rows of one matrix, row g*S + s: [B, Q, S, D] -> [B, K, G*S, D].
@@ -327,15 +424,33 @@ class _ErnieGraph:
         # its MatMul.)
         scores_past = b.op("MatMul", q, b.op("Transpose", past_k, perm=[0, 1, 3, 2]))  # [B, K, G*S, P]
         scores_new = b.op("MatMul", q, b.op("Transpose", k_new, perm=[0, 1, 3, 2]))  # [B, K, G*S, S]
-        scores = b.op("Add", b.op("Concat", scores_past, scores_new, axis=-1), bias)  # [B, K, G*S, P+S]
-        probs_past, probs_new = b.op("Split", b.op("Softmax", scores, axis=-1), self.split_ps, axis=-1, outputs=2)
+        scores = b.op("Concat", scores_past, scores_new, axis=-1)  # [B, K, G*S, P+S]
+        scores = b.op("Add", self.to_float(scores), bias)  # float32: bias holds MASKED, beyond float16's range
+        probs = self.to_dtype(b.op("Softmax", scores, axis=-1))
+        probs_past, probs_new = b.op("Split", probs, self.split_ps, axis=-1, outputs=2)
         out = b.op("Add", b.op("MatMul", probs_past, past_v), b.op("MatMul", probs_new, v_new))  # [B, K, G*S, D]
         out = b.op("Reshape", out, b.const([0, q_heads, -1, d]))  # [B, Q, S, D]
         out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, q_heads * d]))
         return self.linear(out, f"{name}.o_proj", f"{name}.o_proj")  # [B, S, H]
 
     def moe(self, i: int, x: str) -> str:
-        """Route each token to its top-k experts and run each expert on its own tokens only.
+        """The MoE block of layer `i`: x [.., H] -> [T, H] (the caller reshapes it back)."""
+        return self.moe_dense(i, x) if self.flavour == TENSORRT else self.moe_sparse(i, x)
+
+    def route(self, rows: str, name: str) -> tuple[str, str]:
+        """Router in float32 for rows [T, H]: (probs [T, E], the top-k experts [T, k] int64). The correction
+        bias only selects: probs are not biased."""
+        b, c = self.b, self.config
+        router_weight = b.weight(f"{name}.gate.weight", self.w(f"{name}.gate.weight").T)  # [H, E] float32
+        router = b.op("MatMul", self.to_float(rows), router_weight)  # [T, E]
+        probs = b.op("Softmax", router, axis=-1)
+        bias_name = f"{name}.moe_statics.e_score_correction_bias"
+        selection = b.op("Add", probs, b.weight(bias_name, self.w(bias_name).reshape(-1)))  # [T, E]
+        _, experts = b.op("TopK", selection, b.const([c.moe_k]), axis=-1, largest=1, sorted=1, outputs=2)
+        return probs, experts
+
+    def moe_sparse(self, i: int, x: str) -> str:
+        """Route each token to its top-k experts and run each expert on its own tokens only (onnxruntime).
 
         Router (float32): probs = softmax(x Wr^T); experts = TopK(probs + bias) (the bias only selects);
         weights = probs at those experts, renormalized. Then, unrolled over the E experts (a fixed count, no
@@ -351,11 +466,7 @@ class _ErnieGraph:
         b, c, name = self.b, self.config, f"model.layers.{i}.mlp"
         h = c.hidden_size
         rows = b.op("Reshape", x, b.const([-1, h]))  # [T, H]
-        router = b.op("MatMul", rows, b.weight(f"{name}.gate.weight", self.w(f"{name}.gate.weight").T))  # [T, E]
-        probs = b.op("Softmax", router, axis=-1)
-        bias_name = f"{name}.moe_statics.e_score_correction_bias"
-        selection = b.op("Add", probs, b.weight(bias_name, self.w(bias_name).reshape(-1)))  # [T, E]
-        _, experts = b.op("TopK", selection, b.const([c.moe_k]), axis=-1, largest=1, sorted=1, outputs=2)
+        probs, experts = self.route(rows, name)
         weights = b.op("GatherElements", probs, experts, axis=1)  # [T, k]
         total = b.op("ReduceSum", weights, self.axis_last, keepdims=1)
         weights = b.op("Div", weights, b.op("Max", total, b.const(c.moe_norm_min, np.float32)))
@@ -374,12 +485,47 @@ class _ErnieGraph:
             out = b.op("Add", out, self.swiglu(rows, f"{name}.shared_experts"))
         return out
 
+    def moe_dense(self, i: int, x: str) -> str:
+        """The same routing with a static routing width (TensorRT): every expert runs over all T rows.
+
+        The router's top-k ids become a dense [T, E] weight matrix: Equal against a constant arange marks each
+        (token, slot, expert) [T, k, E], ReduceSum over the slots gives a 0/1 mask of the chosen experts, and
+        the masked probabilities renormalized over the chosen ones are exactly the sparse path's weights, with
+        zeros elsewhere (float32, like the torch backend's routing). Expert e's output [T, H] is scaled by its
+        column and summed in expert order: an unchosen expert adds exact zeros. No NonZero, ScatterND or
+        OneHot, and no shape depends on the routing. Costs E / k times the routed-expert FLOPs of the sparse
+        path (see the module docstring); memory holds one expert's activations at a time plus the running sum.
+        """
+        from onnx import TensorProto
+
+        b, c, name = self.b, self.config, f"model.layers.{i}.mlp"
+        e = c.moe_num_experts
+        rows = b.op("Reshape", x, b.const([-1, c.hidden_size]))  # [T, H]
+        probs, experts = self.route(rows, name)  # [T, E], [T, k]
+        slots = b.op("Unsqueeze", experts, self.axis_last)  # [T, k, 1]
+        marks = b.op("Cast", b.op("Equal", slots, b.const(np.arange(e))), to=TensorProto.FLOAT)  # [T, k, E]
+        chosen = b.op("ReduceSum", marks, b.const([1]), keepdims=0)  # [T, E] 1 where chosen, else 0
+        weights = b.op("Mul", probs, chosen)  # [T, E]
+        total = b.op("ReduceSum", weights, self.axis_last, keepdims=1)  # [T, 1]
+        weights = self.to_dtype(b.op("Div", weights, b.op("Max", total, b.const(c.moe_norm_min, np.float32))))
+        columns = b.op("Split", weights, b.const([1] * e), axis=1, outputs=e)  # E x [T, 1]
+        columns = [columns] if e == 1 else columns
+        out = None
+        for expert, column in enumerate(columns):
+            y = b.op("Mul", self.swiglu(rows, f"{name}.experts.{expert}"), column)  # [T, H]
+            out = y if out is None else b.op("Add", out, y)  # a running sum: one expert's [T, H] alive at a time
+        assert out is not None
+        if c.moe_num_shared_experts:
+            out = b.op("Add", out, self.swiglu(rows, f"{name}.shared_experts"))
+        return out
+
     def build(self) -> tuple[list[Any], list[Any]]:
         """Emit every node; returns (graph inputs, graph outputs) value infos."""
         from onnx import TensorProto, helper
 
         b, c = self.b, self.config
         kd = [self.kv_heads, self.head_dim]
+        kv_type = DTYPES[self.dtype]  # keys and values are stored as the model computes them
         inputs = [
             helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
             helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
@@ -389,11 +535,11 @@ class _ErnieGraph:
         outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", c.vocab_size])]
         for i in range(c.num_hidden_layers):
             for name in past_names(i):
-                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kd[0], "past", kd[1]]))
+                inputs.append(helper.make_tensor_value_info(name, kv_type, ["batch", kd[0], "past", kd[1]]))
             for name in new_names(i):
-                outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kd[0], "seq", kd[1]]))
+                outputs.append(helper.make_tensor_value_info(name, kv_type, ["batch", kd[0], "seq", kd[1]]))
 
-        embed = b.weight("model.embed_tokens.weight", self.w("model.embed_tokens.weight"))  # [V, H]
+        embed = self.wt("model.embed_tokens.weight", self.w("model.embed_tokens.weight"))  # [V, H]
         x = b.op("Gather", embed, INPUT_IDS, axis=0)  # [B, S, H]
         half = np.arange(self.head_dim // 2, dtype=np.float32)
         inv_freq = 1.0 / np.float32(c.rope_theta) ** (half * 2 / self.head_dim)  # [D/2], as the torch backend's
@@ -427,8 +573,11 @@ class _ErnieGraph:
         if self.quant is not None and self.quant.lm_head:  # a tied head: a quantized copy of the embedding
             b.op("Identity", self.quantized_matmul(last, "lm_head", self.w(head_name)), name=LOGITS)  # [B, V]
         else:
-            head = embed if c.tie_word_embeddings else b.weight("lm_head.weight", self.w("lm_head.weight"))
-            b.op("Gemm", last, head, transB=1, name=LOGITS)  # [B, V]
+            head = embed if c.tie_word_embeddings else self.wt("lm_head.weight", self.w("lm_head.weight"))
+            if self.dtype == "float32":
+                b.op("Gemm", last, head, transB=1, name=LOGITS)  # [B, V]
+            else:  # the head in dtype, its logits float32 (as the torch backend's `.float()`)
+                b.op("Cast", b.op("Gemm", last, head, transB=1), to=FLOAT, name=LOGITS)  # [B, V]
         return inputs, outputs
 
 
@@ -438,15 +587,23 @@ def build_graph(
     data_file: BinaryIO | None = None,
     data_location: str = "",
     quant: GraphQuantization | None = None,
+    flavour: str = ONNXRUNTIME,
+    dtype: str = "float32",
 ) -> tuple[onnx.ModelProto, GraphStats]:
     """The whole model as an ONNX `ModelProto`. `weights` maps checkpoint names to tensors or arrays (every
     name `checkpoint_targets()` yields; `lm_head.weight` only when untied). With `data_file`, weights of at
     least `EXTERNAL_THRESHOLD` bytes are streamed there (named `data_location` relative to the model file).
-    With `quant`, the projections are stored quantized (see the module docstring)."""
+    With `quant`, the projections are stored quantized (see the module docstring).
+
+    `flavour="tensorrt"` builds the graph the TensorRT backend parses (static routing width, only ops of
+    TensorRT's ONNX parser), in `dtype` ("float32", "bfloat16" or "float16"); it refuses `quant` with a
+    ValueError, as it does a dtype other than float32 for the default onnxruntime flavour. A TensorRT-flavour
+    model records `flavour` and `dtype` in its metadata_props."""
     from onnx import helper
 
+    check_flavour(flavour, dtype, quant)
     builder = _Builder(data_file, data_location)
-    inputs, outputs = _ErnieGraph(config, weights, builder, quant).build()
+    inputs, outputs = _ErnieGraph(config, weights, builder, quant, flavour, dtype).build()
     graph = helper.make_graph(builder.nodes, "ernie4_5", inputs, outputs, initializer=builder.initializers)
     opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if quant else [])
     proto = helper.make_model(
@@ -456,6 +613,8 @@ def build_graph(
         producer_version=GRAPH_VERSION,
     )
     proto.ir_version = 8  # the newest IR that onnxruntime >= 1.14 loads; opset 17 needs >= 8
+    if flavour != ONNXRUNTIME:  # the default flavour's model stays byte for byte what it always was
+        helper.set_model_props(proto, {"flavour": flavour, "dtype": dtype})
     builder.stats.num_nodes = len(builder.nodes)
     return proto, builder.stats
 
@@ -466,15 +625,18 @@ def save_graph(
     out_dir: str | os.PathLike[str],
     name: str = "model.onnx",
     quant: GraphQuantization | None = None,
+    flavour: str = ONNXRUNTIME,
+    dtype: str = "float32",
 ) -> GraphStats:
-    """Write `name` and its external weights `name.data` into `out_dir` (see `build_graph`)."""
+    """Write `name` and its external weights `name.data` into `out_dir` (see `build_graph`, which takes the
+    same `quant`, `flavour` and `dtype`)."""
     import onnx
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_name = f"{name}.data"
     with open(out / data_name, "wb") as data_file:
-        proto, stats = build_graph(config, weights, data_file, data_name, quant)
+        proto, stats = build_graph(config, weights, data_file, data_name, quant, flavour, dtype)
     if stats.external_bytes == 0:
         (out / data_name).unlink()
     onnx.save_model(proto, str(out / name))

@@ -32,7 +32,12 @@ def test_capabilities_and_options_are_declared_on_the_class() -> None:
     assert OnnxBackend.capabilities.quantization == ("wint8", "wint4")
     assert not OnnxBackend.capabilities.tensor_parallel
     assert OnnxBackend.options_class is OnnxOptions
-    assert set(OnnxOptions.model_fields) == {"onnx_providers", "onnx_quantize_lm_head", "onnx_weight_only"}
+    assert set(OnnxOptions.model_fields) == {
+        "onnx_providers",
+        "onnx_quantize_lm_head",
+        "onnx_weight_only",
+        "onnx_graph_flavour",
+    }
 
 
 def test_provider_option_splits_commas_from_flags_and_env(monkeypatch) -> None:
