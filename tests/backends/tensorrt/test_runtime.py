@@ -162,3 +162,46 @@ def test_a_continuing_request_must_have_been_new(trt, engine, monkeypatch) -> No
     backend = _backend(trt, engine, monkeypatch)
     with pytest.raises(RuntimeError, match="never new or was released"):
         backend.execute(StepPlan([ScheduledRequest("x", [1], 3, [], is_new=False, samples=True)]))
+
+
+def test_load_builds_once_then_loads_with_a_context_per_profile(
+    trt, tiny_graph, small_profiles, tmp_path, monkeypatch
+) -> None:
+    """`load` end to end on the stand-in, with the CUDA calls and the TensorRT-flavour graph writer replaced."""
+    import shutil
+
+    from ernie_serve.backends.tensorrt import backend as trt_backend
+    from ernie_serve.backends.tensorrt.backend import TensorRTOptions
+    from ernie_serve.backends.tensorrt.cache import Target
+    from ernie_serve.core.backend import BackendConfigError
+    from ernie_serve.core.config import EngineSettings
+
+    config, graph = tiny_graph
+
+    def write_graph(model_config, weights_path, seed, dtype, out_dir):
+        for name in ("model.onnx", "model.onnx.data"):
+            shutil.copy(graph.parent / name, out_dir / name)
+        return out_dir / "model.onnx"
+
+    monkeypatch.setattr(build, "write_graph", write_graph)
+    monkeypatch.setattr(trt_backend, "engine_profiles", lambda model_config, settings: small_profiles(model_config))
+    monkeypatch.setattr(trt_backend, "current_target", lambda trt, device: Target("10.13.0", "H200", (9, 0), "12.8"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    stream = SimpleNamespace(cuda_stream=STREAM, synchronize=lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    settings = EngineSettings(device="cuda", dtype="float32")
+    options = TensorRTOptions(tensorrt_cache_dir=str(tmp_path))
+    first = TensorRTBackend()
+    first.load(config, settings, None, options)
+    assert "Builder.build_serialized_network" in [c[0] for c in trt.calls]
+    profiles_set = [c[1:] for c in trt.calls if c[0] == "IExecutionContext.set_optimization_profile_async"]
+    assert profiles_set == [(0, STREAM), (1, STREAM)] and len(first.contexts) == 2
+    assert [c.profile for c in first.contexts] == [0, 1]
+    assert first.limits == [kv_plan.ProfileLimits(4, 16, 32), kv_plan.ProfileLimits(8, 1, 64)]
+    assert first.weight_bytes["engine"] == len(next(tmp_path.glob("*/engine.plan")).read_bytes())
+    trt.calls.clear()
+    second = TensorRTBackend()
+    second.load(config, settings, None, options)  # from the cache: deserialized, not built
+    assert "Builder" not in [c[0] for c in trt.calls] and "Runtime.deserialize_cuda_engine" in [c[0] for c in trt.calls]
+    with pytest.raises(BackendConfigError, match="--device cpu: the tensorrt backend runs on a CUDA GPU"):
+        TensorRTBackend().load(config, EngineSettings(device="cpu"), None, options)
