@@ -30,14 +30,18 @@ def trt(monkeypatch: pytest.MonkeyPatch) -> Any:
     return _fake_module().install(monkeypatch)
 
 
-def _small_profiles(config: Any) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
-    """Profiles for the tiny shapes in the layout profiles.py returns: 0 prefill (up to 4 x 16 new tokens after
-    up to 32), 1 decode (up to 8 sequences, one token, after up to 64)."""
+def _small_profiles(
+    config: Any, prefill: tuple[int, int, int] = (4, 16, 32), decode: tuple[int, int] = (8, 64)
+) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+    """Profiles for the tiny shapes in the layout profiles.py returns: 0 prefill (by default up to 4 x 16 new
+    tokens after up to 32: `prefill` = (B, S, P)), 1 decode (up to 8 sequences, one token, after up to 64:
+    `decode` = (B, P))."""
     from ernie_serve.backends.onnx.graph import past_names
 
     kv = (config.num_key_value_heads, config.head_dim)
     result = []
-    for (b0, b1), (s0, s1), (p0, p1) in (((1, 4), (2, 16), (1, 32)), ((1, 8), (1, 1), (1, 64))):
+    (pb, ps, pp), (db, dp) = prefill, decode
+    for (b0, b1), (s0, s1), (p0, p1) in (((1, pb), (2, ps), (1, pp)), ((1, db), (1, 1), (1, dp))):
         opt_b, opt_s, opt_p = b1, s1, p1 // 2
         shapes: dict[str, tuple[tuple[int, ...], ...]] = {
             "input_ids": ((b0, s0), (opt_b, opt_s), (b1, s1)),
