@@ -171,6 +171,9 @@ def obtain_engine(
         log.info("building a tensorrt engine (minutes for a large model)", key=key, precision=precision)
         with tempfile.TemporaryDirectory(prefix="ernie-serve-trt-") as scratch:
             onnx_path = build.write_graph(model_config, weights_path, seed, precision, Path(scratch))
+            # warnings, not errors: the parser is the authority, and its own errors are reported in full
+            for problem in build.lint_problems(onnx_path, profiles):
+                log.warning("the graph may not suit TensorRT's ONNX parser", problem=problem)
             return build.build_engine(
                 trt, logger, onnx_path, profiles, timing_cache_path(cache_dir, target), workspace_bytes
             )

@@ -162,6 +162,16 @@ def deserialize(trt: ModuleType, runtime: Any, engine: bytes) -> Any | None:
         return None
 
 
+def lint_problems(onnx_path: Path, profiles: Sequence[Profile]) -> list[str]:
+    """What `lint.py` finds wrong with the graph for TensorRT's ONNX parser and these profiles (empty: nothing).
+    Called before a build, which takes minutes on a large model, to say early what the parser may refuse."""
+    import onnx
+
+    from ernie_serve.backends.tensorrt.lint import lint_graph
+
+    return lint_graph(onnx.load(str(onnx_path), load_external_data=False), profiles)
+
+
 def write_graph(model_config: ModelConfig, weights_path: str | None, seed: int, dtype: str, out_dir: Path) -> Path:
     """Write the TensorRT flavour of the ONNX graph (`backends/onnx/graph.py`, `flavour="tensorrt"`) in `dtype`
     with its external weights into `out_dir`; returns model.onnx's path. Called on a cache miss only."""

@@ -184,6 +184,8 @@ def test_load_builds_once_then_loads_with_a_context_per_profile(
         return out_dir / "model.onnx"
 
     monkeypatch.setattr(build, "write_graph", write_graph)
+    linted: list[int] = []  # lint.py comes with the graph side of the backend; its findings are only logged
+    monkeypatch.setattr(build, "lint_problems", lambda path, profiles: linted.append(len(profiles)) or ["a problem"])
     monkeypatch.setattr(trt_backend, "engine_profiles", lambda model_config, settings: small_profiles(model_config))
     monkeypatch.setattr(trt_backend, "current_target", lambda trt, device: Target("10.13.0", "H200", (9, 0), "12.8"))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
