@@ -9,7 +9,7 @@ Subcommands:
 - `bench serve`: a serving benchmark against a running server (vLLM's `bench serve`), or `--offline`.
 - `bench throughput`: the offline engine against transformers' `generate`; `bench scheduler`: scheduler cost.
 - `bench soak`: streaming clients with random aborts for a fixed time; fails unless the server came out whole.
-- `export onnx`: write a checkpoint's model as an ONNX graph.
+- `export onnx`: write a checkpoint's model as an ONNX graph; `export tensorrt`: build its TensorRT engine.
 
 Errors the user can fix (bad flag values, unknown backend, missing checkpoint) are one line on stderr and
 a non-zero exit, never a traceback; argparse usage errors exit 2 as usual.
@@ -169,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --quantization: keep the LM head in float32",
     )
     _add_log_level(export_onnx)
+    export_trt = export_sub.add_parser(
+        "tensorrt",
+        help="build a TensorRT engine into an engine cache directory (needs TensorRT and an NVIDIA GPU)",
+        description="Build the TensorRT engine --backend tensorrt would build, into DIR; serve it with "
+        "--tensorrt-cache-dir DIR and the same --dtype and batch/length limits.",
+    )
+    export_trt.add_argument("--model", required=True, help="checkpoint directory, 'demo', or a preset name")
+    export_trt.add_argument("--output", required=True, help="the engine cache directory to build into")
+    export_trt.add_argument("--load-format", choices=("auto", "safetensors", "dummy"), default="auto")
+    export_trt.add_argument("--seed", type=int, default=0, help="seed for dummy weights (default: 0)")
+    export_trt.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    for flag, default in (("--max-num-batched-tokens", 2048), ("--max-num-seqs", 64), ("--max-model-len", None)):
+        export_trt.add_argument(flag, type=int, default=default, help=f"as for serving (default: {default})")
+    _add_log_level(export_trt)
 
     plugins = sub.add_parser(
         "plugins",
@@ -461,6 +475,19 @@ def _main(argv: Sequence[str] | None) -> int:
         return _cmd_bench_serve(args)
     if args.command == "export":
         configure_logging("console", args.log_level)
+        if args.export_format == "tensorrt":
+            from ernie_serve.backends.tensorrt.export import export_command as tensorrt_export
+
+            return tensorrt_export(
+                args.model,
+                args.output,
+                args.load_format,
+                args.seed,
+                args.dtype,
+                args.max_num_batched_tokens,
+                args.max_num_seqs,
+                args.max_model_len,
+            )
         try:  # the exporter needs the onnx extra; the rest of the CLI must not
             from ernie_serve.backends.onnx.export import export_command
         except ImportError as missing:
@@ -632,12 +659,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ernie_serve.gateway.server import ServerStartError, run
 
     log = structlog.get_logger("ernie_serve.cli")
-    try:  # fail before binding ports and loading weights when a plugin name is unknown
-        get_backend_class(engine_settings.backend)
+    try:  # fail before binding ports and loading weights when a plugin name is unknown, or cannot run here
+        unavailable = get_backend_class(engine_settings.backend).availability()
         get_scheduler_class(engine_settings.scheduler)
         ServerParsers.from_settings(server_settings)
     except UnknownPluginError as exc:
         _error(str(exc))
+        return EXIT_FAILURE
+    if unavailable:
+        _error(f"backend {engine_settings.backend!r} cannot run here: {unavailable}")
         return EXIT_FAILURE
     for note in inert_option_notes(server_settings):
         log.warning(note)

@@ -115,9 +115,15 @@ def ensure_logging() -> None:
         configure_logging()
 
 
+def show_progress() -> bool:
+    """Whether progress bars are shown now: stderr is a terminal and the log format is the console one, so
+    logs and pipes stay clean. For bars driven by callbacks (a TensorRT build) rather than by `progress`."""
+    return _progress_allowed and sys.stderr.isatty()
+
+
 def progress(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Iterate `items` with a progress bar on stderr, for long steps a user waits for (building the demo
-    model, loading weights, exporting, benchmarks). Shown only when stderr is a terminal and the log format
-    is the console one, so logs and pipes stay clean."""
-    show = _progress_allowed and sys.stderr.isatty()
-    yield from tqdm(items, desc=description, total=total, unit=unit, disable=not show, leave=False, file=sys.stderr)
+    model, loading weights, exporting, benchmarks). Shown only when `show_progress()`."""
+    yield from tqdm(
+        items, desc=description, total=total, unit=unit, disable=not show_progress(), leave=False, file=sys.stderr
+    )

@@ -18,7 +18,8 @@ passes at the accuracy targets of docs/quantization.md: wint8 99%, wint4 90%), a
 with that scheme, through torch's CUDA weight-only kernels (`backends/torch/quant.py`).
 
 This is the base that GPU work extends with rows of its own (quantization, tensor parallelism, TensorRT).
-`python -m ernie_serve.testing.gpu_check parallel` runs the tensor-parallel checks (`gpu_parallel.py`).
+`python -m ernie_serve.testing.gpu_check parallel` runs the tensor-parallel checks (`gpu_parallel.py`),
+`python -m ernie_serve.testing.gpu_check tensorrt` the TensorRT backend's (`gpu_tensorrt.py`).
 Needs the test extra for the conformance suite (transformers): `pip install 'ernie-serve[test]'`.
 """
 
@@ -246,14 +247,19 @@ def _failed_row(check: str, exc: BaseException) -> CheckRow:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the checks; 0 when every one passed (or there is no GPU to check), 1 otherwise. `parallel` as the
-    first argument runs the tensor-parallel checks instead (`ernie_serve.testing.gpu_parallel`)."""
+    """Run the checks; 0 when every one passed (or there is no GPU to check), 1 otherwise. `parallel` or
+    `tensorrt` as the first argument runs the tensor-parallel (`gpu_parallel`) or TensorRT (`gpu_tensorrt`)
+    checks instead."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["parallel"]:
         # imported here: that module builds on this one's table
         from ernie_serve.testing import gpu_parallel
 
         return gpu_parallel.main(arguments[1:])
+    if arguments[:1] == ["tensorrt"]:
+        from ernie_serve.testing import gpu_tensorrt
+
+        return gpu_tensorrt.main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     schemes = quantization_schemes(args)
