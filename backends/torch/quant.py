@@ -148,19 +148,24 @@ class Int8Kernel:
 
     codes: torch.Tensor  # [out, in] int8
     scales: torch.Tensor  # [out] float32
+    scales_bf16: torch.Tensor | None = None  # [out] what the CPU kernel takes, converted once
+
+    def __post_init__(self) -> None:
+        if not self.codes.is_cuda:
+            self.scales_bf16 = self.scales.to(torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
-        if x.is_cuda and x.shape[0] > INT8_KERNEL_MAX_ROWS:
-            return torch.mm(x, self.codes.t().to(x.dtype)) * self.scales.to(x.dtype)  # scales per output column
+        if x.is_cuda:
+            if x.shape[0] > INT8_KERNEL_MAX_ROWS:
+                return torch.mm(x, self.codes.t().to(x.dtype)) * self.scales.to(x.dtype)  # scales per column
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scales.to(x.dtype))
         # on CPU at any row count, with bfloat16 activations: float32 ones take a path 10-40x slower
-        activations = x if x.is_cuda else x.to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(
-            activations.contiguous(), self.codes, self.scales.to(activations.dtype)
-        )
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.codes, self.scales_bf16)
         return out.to(x.dtype)
 
     def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * 4
+        extra = 0 if self.scales_bf16 is None else self.scales_bf16.numel() * 2
+        return self.codes.numel() + self.scales.numel() * 4 + extra
 
 
 @dataclass
