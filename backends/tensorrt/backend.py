@@ -103,7 +103,7 @@ def graph_key(model_config: ModelConfig, weights_path: str | None, seed: int, pr
     onnx version) of these weights, with the TensorRT flavour and precision."""
     from ernie_serve.backends.onnx.export import ExportOptions, export_key
 
-    key, _ = export_key(model_config, weights_path, seed, ExportOptions(dtype=precision))
+    key, _ = export_key(model_config, weights_path, seed, ExportOptions(dtype=precision, graph_flavour="tensorrt"))
     return f"{key}-tensorrt-{precision}"
 
 
