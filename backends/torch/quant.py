@@ -8,17 +8,19 @@ then compute `sum_i x_i * q[i, :]` exactly (integer codes times float activation
 quantization), and the per-output-channel (or per group of input rows) scales are applied to that small
 result: weight-only quantization. The scales are `[G, out]` float32 (G groups of input rows, 1 per channel).
 
-Kernels (docs/quantization.md has the measurements behind the choice): one row (decode) takes the weighted row
-sums above, reading 1 or 0.5 bytes per weight instead of 4; several rows dequantize the weight to float32 and
-multiply, or, for wint8 with `--cpu-weight-prepack`, run fbgemm's int8 GEMM (`quantized.linear_dynamic`) on a
-packed copy, which also quantizes the activations per call (W8A8-dynamic, not weight-only).
+Kernels (docs/quantization.md has the measurements behind the choice): by default, after loading, each weight is
+repacked for torch's weight-only kernels and its row-wise codes are let go (`pack_for_device`): on CPU
+`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` at every row count, bfloat16 activations. With
+`--exact-quantized-kernels` the row-wise codes stay and are multiplied exactly in float32: one row (decode) as
+the weighted row sums above, several rows through a dequantized float32 copy; or, for wint8 with
+`--int8-activations`, by fbgemm's int8 GEMM (`quantized.linear_dynamic`) on a packed copy, which also quantizes
+the activations per call (W8A8-dynamic, not weight-only).
 
-On CUDA the codes are repacked once after loading for torch's own weight-only kernels (`pack_for_device`), and the
-row-wise copy is then let go: wint4 in tinygemm's tensor-core layout for `_weight_int4pack_mm` (bfloat16
-activations, groups of 32-256 input rows; per-channel scales are repeated over groups of 128), wint8 as an
-`[out, in]` int8 matrix multiplied by `_weight_int8pack_mm` for a few rows and as a bfloat16 copy made per call for
-more. These CUDA paths have not run on a GPU yet: `python -m ernie_serve.testing.gpu_check quantization` checks
-them; the same packing code runs here against torch's CPU int4 kernel in the tests.
+On CUDA the codes are repacked the same way for torch's CUDA kernels: wint4 in tinygemm's tensor-core layout for
+`_weight_int4pack_mm` (bfloat16 activations, groups of 32-256 input rows; per-channel scales are repeated over
+groups of 128), wint8 as an `[out, in]` int8 matrix multiplied by `_weight_int8pack_mm` for a few rows and as a
+bfloat16 copy made per call for more. The CUDA paths ran once on a GPU, inside `gpu_check --quantization`'s
+21B-A3B accuracy rows; their own tests (tests/backends/torch/test_quant.py, `-k cuda`) have not run on one.
 """
 
 from __future__ import annotations
