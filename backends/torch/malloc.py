@@ -27,6 +27,17 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+def trim_heap() -> bool:
+    """`malloc_trim(0)` now; False where the C library has none. For one-off work that frees many large
+    temporaries of many sizes: repacking a quantized model's weights at load left 2.4x the weights' memory in
+    the heap without it (3 layers of the 21B-A3B: 2.25 GiB before, 5.42 after, 2.27 trimmed)."""
+    trim = _libc_malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class HeapTrimmer:
     """Calls `malloc_trim(0)` when `interval_s` has passed since the last call. `maybe_trim` is called by the
     torch backend on the engine thread after each step it runs on CPU with oneDNN kernels; the first call only

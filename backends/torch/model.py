@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_serve.backends.torch.malloc import trim_heap
 from ernie_serve.backends.torch.quant import QuantizedWeight, QuantMatrix, QuantTarget, stacked_row_sums
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.logging import progress
@@ -605,6 +606,8 @@ class ErnieForCausalLM(nn.Module):
         if on_cuda or (quantized and not self.int8_activations and not self.exact_quantized_kernels):
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
                 weight.pack_for_device()
+                if not on_cuda:
+                    trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
             if on_cuda:
                 return 0
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]

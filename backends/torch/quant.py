@@ -38,6 +38,7 @@ from ernie_serve.quantization import QuantSpec, rounded_codes
 _BYTE_BAGS = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
 _4BIT_BAGS = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm's int4 kernels take
+CPU_PACK_ROWS = 4096  # output channels `Int4Kernel.pack` converts at a time on CPU (a multiple of 64)
 INT8_KERNEL_MAX_ROWS = 8  # above this, wint8 on CUDA multiplies a bfloat16 copy (the int8 kernel is a GEMV)
 
 
@@ -194,12 +195,15 @@ class Int4Kernel:
         elif scales.shape[0] != groups:
             return None  # a short last group
         inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
-        unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)  # [out, in] 0..15
         if codes.is_cuda:  # two codes a byte along the input, the even one in the high nibble
+            unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)  # [out, in] 0..15
             nibbles = (unsigned[:, 0::2] << 4 | unsigned[:, 1::2]).contiguous()  # [out, in / 2]
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.to(torch.int32), inner_k_tiles)
+        else:  # the CPU op takes int32 codes, 4 bytes a weight (1 GiB for the 21B-A3B's LM head at once), and
+            # packs output channels independently, so it takes them a block at a time (a test checks the blocks)
+            blocks = codes.split(CPU_PACK_ROWS)  # [rows, in] each
+            pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            packed = torch.cat([pack(block.to(torch.int32) + 8, inner_k_tiles) for block in blocks])
         scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).to(torch.bfloat16)
         return cls(packed, scales_and_zeros.contiguous(), group)  # [G, out, 2]
 

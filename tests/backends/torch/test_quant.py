@@ -10,10 +10,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ernie_serve import LLM, SamplingParams
+from ernie_serve.backends.torch import quant
 from ernie_serve.backends.torch.backend import TorchBackend
 from ernie_serve.backends.torch.loader import init_dummy_weights
 from ernie_serve.backends.torch.model import ErnieForCausalLM, SparseMoE
-from ernie_serve.backends.torch.quant import Int8Kernel, QuantizedWeight, stacked_row_sums
+from ernie_serve.backends.torch.quant import Int4Kernel, Int8Kernel, QuantizedWeight, stacked_row_sums
 from ernie_serve.core import plugins
 from ernie_serve.core.backend import BackendCapabilities
 from ernie_serve.core.config import ModelConfig
@@ -130,6 +131,17 @@ def test_cuda_kernels_on_a_21b_expert_in_bfloat16(spec: QuantSpec, device: torch
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 1536)
     error = (out.float().cpu() - reference).abs().max().item() / reference.abs().max().item()
     assert error < 2e-2, error
+
+
+def test_int4_cpu_packing_by_blocks_of_output_channels_equals_packing_at_once(monkeypatch) -> None:
+    """The CPU int4 layout packs output channels independently, so the 21B-A3B's LM head can be packed a block
+    at a time instead of as one int32 matrix of 1 GiB."""
+    codes = torch.randint(-8, 8, (4 * 64 + 64, 256), generator=torch.Generator().manual_seed(6), dtype=torch.int8)
+    scales = torch.rand(2, codes.shape[0]) + 0.5  # [G, out]
+    whole = Int4Kernel.pack(codes, scales, 128)
+    monkeypatch.setattr(quant, "CPU_PACK_ROWS", 64)
+    blocks = Int4Kernel.pack(codes, scales, 128)
+    assert whole is not None and blocks is not None and torch.equal(whole.packed, blocks.packed)
 
 
 def test_int4_device_kernel_needs_whole_groups_and_keeps_the_codes_otherwise() -> None:
