@@ -162,10 +162,11 @@ def test_with_quantization_each_rank_quantizes_its_own_slice(tiny_checkpoint, sc
     slice (o_proj) is quantized as the slice alone: its scales come from this rank's input channels."""
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
     spec = QuantSpec.of(scheme, 128)
-    with LLM(model=str(checkpoint), quantization=scheme) as whole:
+    exact = {"exact_quantized_kernels": True}  # keeps the row-wise codes that `dequantized` reads
+    with LLM(model=str(checkpoint), quantization=scheme, **exact) as whole:
         attn = whole.engine.core.backend.model.layers[0].attn
         whole_qkv, whole_o = attn.qkv_weight.dequantized(), attn.o_weight.dequantized()  # [(Q+2K)*D, H], [H, Q*D]
-    with LLM(model=str(checkpoint), quantization=scheme, tensor_parallel_size=2) as sharded:
+    with LLM(model=str(checkpoint), quantization=scheme, tensor_parallel_size=2, **exact) as sharded:
         assert sharded.generate({"prompt_token_ids": [5, 6, 7]}, PARAMS)[0].outputs[0].finish_reason == "length"
         attn = sharded.engine.core.backend.model.layers[0].attn
         qkv, o = attn.qkv_weight.dequantized(), attn.o_weight.dequantized()  # [(Q+2K)*D/2, H], [H, Q*D/2]
