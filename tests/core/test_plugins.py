@@ -127,6 +127,7 @@ def test_builtins_come_from_our_own_entry_points(dists: DistFactory) -> None:
         "schedulers": "ernie_serve.plugins.schedulers",
         "torch": "ernie_serve.backends.torch.plugin",
         "onnx": "ernie_serve.backends.onnx.plugin",
+        "tensorrt": "ernie_serve.backends.tensorrt.plugin",
         "web_search": "ernie_serve.plugins.web_search",
         "llguidance": "ernie_serve.plugins.llguidance_grammar",
         "ernie45": "ernie_serve.plugins.ernie45",
@@ -201,6 +202,7 @@ def test_allowlist_loads_only_listed_plugins(dists: DistFactory, monkeypatch: py
         "llguidance",
         "onnx",
         "schedulers",
+        "tensorrt",
         "torch",
         "web_search",
         "alpha",
@@ -215,7 +217,7 @@ def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkey
     reg = plugins.registry()
 
     assert "alpha" not in reg.backends
-    assert [p.name for p in reg.plugins] == ["ernie45", "llguidance", "onnx", "schedulers", "torch", "web_search"]
+    assert [p.name for p in reg.plugins] == ["ernie45", "llguidance", "onnx", "schedulers", "tensorrt", "torch", "web_search"]
 
 
 def test_allowlisted_plugin_that_is_not_installed_is_logged(
@@ -254,7 +256,7 @@ def test_third_party_plugins_load_after_builtins_sorted_by_distribution(
     reg = plugins.registry()
 
     names = [p.name for p in reg.plugins]
-    assert names == ["ernie45", "llguidance", "onnx", "schedulers", "torch", "web_search", "b-plugin", "a-plugin"]
+    assert names == ["ernie45", "llguidance", "onnx", "schedulers", "tensorrt", "torch", "web_search", "b-plugin", "a-plugin"]
     assert (reg.backends["same"].provider, reg.backends["same"].distribution) == ("b-plugin", "aa-dist")
     # the same module under a second name is refused by the plugin manager, and reported
     assert "already registered" in _failure("z-plugin").error
@@ -473,7 +475,7 @@ def test_unknown_names_list_what_is_available(dists: DistFactory) -> None:
     assert isinstance(excinfo.value, KeyError)
     assert "round-robin" in str(excinfo.value) and "fcfs" in str(excinfo.value)
     with pytest.raises(UnknownPluginError, match="torch"):
-        plugins.get_backend_class("tensorrt")
+        plugins.get_backend_class("openvino")
     with pytest.raises(UnknownPluginError, match="Ernie4_5_MoeForCausalLM"):
         plugins.get_model_class("LlamaForCausalLM")
 

@@ -63,6 +63,7 @@ def test_example_scheduler_plugin_installs_lists_and_generates(tmp_path: Path) -
         "llguidance",
         "onnx",
         "schedulers",
+        "tensorrt",
         "torch",
         "web_search",
         "shortest-first",
