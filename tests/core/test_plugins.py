@@ -217,7 +217,15 @@ def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkey
     reg = plugins.registry()
 
     assert "alpha" not in reg.backends
-    assert [p.name for p in reg.plugins] == ["ernie45", "llguidance", "onnx", "schedulers", "tensorrt", "torch", "web_search"]
+    assert [p.name for p in reg.plugins] == [
+        "ernie45",
+        "llguidance",
+        "onnx",
+        "schedulers",
+        "tensorrt",
+        "torch",
+        "web_search",
+    ]
 
 
 def test_allowlisted_plugin_that_is_not_installed_is_logged(
@@ -256,7 +264,17 @@ def test_third_party_plugins_load_after_builtins_sorted_by_distribution(
     reg = plugins.registry()
 
     names = [p.name for p in reg.plugins]
-    assert names == ["ernie45", "llguidance", "onnx", "schedulers", "tensorrt", "torch", "web_search", "b-plugin", "a-plugin"]
+    assert names == [
+        "ernie45",
+        "llguidance",
+        "onnx",
+        "schedulers",
+        "tensorrt",
+        "torch",
+        "web_search",
+        "b-plugin",
+        "a-plugin",
+    ]
     assert (reg.backends["same"].provider, reg.backends["same"].distribution) == ("b-plugin", "aa-dist")
     # the same module under a second name is refused by the plugin manager, and reported
     assert "already registered" in _failure("z-plugin").error
