@@ -311,6 +311,8 @@ class ParallelRuntime:
             silent = [r for r, n in before.items() if self.store.add(f"heartbeat/{r}", 0) == n]
         except Exception as exc:
             return f"the tensor-parallel control store failed: {exc}"
+        if self._failed is not None:  # a worker's watcher saw it end while we waited (`poll` above cannot: the
+            return self._failed  # watcher's `wait` holds the process's lock, and `poll` then says "running")
         if silent:
             return f"tensor-parallel rank {', '.join(map(str, silent))} stopped answering (no heartbeat for 2 s)"
         return "every tensor-parallel rank is alive; a collective failed or timed out"
