@@ -599,8 +599,9 @@ class ErnieForCausalLM(nn.Module):
         projection, expert and the LM head gets a oneDNN copy (`onednn_pack`): 1.5-3x faster than MKL's GEMM at
         decode batch sizes on these CPUs, for about the model's size again in memory (the plain weights stay:
         single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
-        bytes the copies take (0 elsewhere). On CUDA, quantized weights are repacked instead for torch's CUDA
-        kernels (`QuantizedWeight.pack_for_device`), in place of their row-wise codes."""
+        bytes the copies take (0 elsewhere). Quantized weights are repacked instead, in place of their row-wise
+        codes, for torch's weight-only int kernels (`QuantizedWeight.pack_for_device`): always on CUDA, and on the
+        CPU unless `exact_quantized_kernels` or `int8_activations` asks for the float32 or fbgemm kernels."""
         quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
         on_cuda = self.embed_weight.device.type == "cuda"
         if on_cuda or (quantized and not self.int8_activations and not self.exact_quantized_kernels):
