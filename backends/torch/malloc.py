@@ -13,10 +13,12 @@ multi-row activation a fresh mmap, which cost ~40% of CPU throughput; docs/relia
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from collections.abc import Callable
 
 
+@functools.cache  # looked up once: `trim_heap` runs after every weight's repacking
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's `malloc_trim`, or None under a C library without it (musl, macOS)."""
     try:

@@ -16,6 +16,9 @@ import ernie_serve.core
 from ernie_serve.core import plugins
 from ernie_serve.core.plugins import UnknownPluginError
 
+# the built-in plugins as the registry lists them: by name, before any third-party one
+BUILTIN_PLUGINS = ["ernie45", "llguidance", "onnx", "schedulers", "tensorrt", "torch", "web_search"]
+
 # A complete (if useless) backend, so registering it passes the Backend subclass check.
 # It imports `hookimpl` the way DESIGN.md tells third-party authors to.
 BACKEND_SOURCE = """
@@ -197,16 +200,7 @@ def test_allowlist_loads_only_listed_plugins(dists: DistFactory, monkeypatch: py
     assert "beta" not in reg.backends
     assert "beta_plugin" not in sys.modules  # not even imported
     # built-ins load whatever the allowlist says
-    assert [p.name for p in reg.plugins] == [
-        "ernie45",
-        "llguidance",
-        "onnx",
-        "schedulers",
-        "tensorrt",
-        "torch",
-        "web_search",
-        "alpha",
-    ]
+    assert [p.name for p in reg.plugins] == [*BUILTIN_PLUGINS, "alpha"]
 
 
 def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,15 +211,7 @@ def test_empty_allowlist_loads_no_third_party_plugins(dists: DistFactory, monkey
     reg = plugins.registry()
 
     assert "alpha" not in reg.backends
-    assert [p.name for p in reg.plugins] == [
-        "ernie45",
-        "llguidance",
-        "onnx",
-        "schedulers",
-        "tensorrt",
-        "torch",
-        "web_search",
-    ]
+    assert [p.name for p in reg.plugins] == BUILTIN_PLUGINS
 
 
 def test_allowlisted_plugin_that_is_not_installed_is_logged(
@@ -264,17 +250,7 @@ def test_third_party_plugins_load_after_builtins_sorted_by_distribution(
     reg = plugins.registry()
 
     names = [p.name for p in reg.plugins]
-    assert names == [
-        "ernie45",
-        "llguidance",
-        "onnx",
-        "schedulers",
-        "tensorrt",
-        "torch",
-        "web_search",
-        "b-plugin",
-        "a-plugin",
-    ]
+    assert names == [*BUILTIN_PLUGINS, "b-plugin", "a-plugin"]
     assert (reg.backends["same"].provider, reg.backends["same"].distribution) == ("b-plugin", "aa-dist")
     # the same module under a second name is refused by the plugin manager, and reported
     assert "already registered" in _failure("z-plugin").error
