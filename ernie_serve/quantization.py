@@ -115,6 +115,29 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+NBITS_PER_CHANNEL_BLOCK = 128  # MatMulNBits' block for one scale per output channel (the scale repeated)
+
+
+def matmul_nbits_layout(
+    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Signed codes `[N, K]` and scales `[N, G]` in onnxruntime's `MatMulNBits` layout: B (uint8
+    `[N, blocks, block * bits / 8]`: codes `q + 2^(bits-1)`, for 4 bits two a byte along K, low nibble first, the
+    last block padded with code 0), its scales (float32 `[N * blocks]`) and the block size. No zero points: the
+    op's default, `2^(bits-1)`, is the codes' offset. One scale per row (group size 0) is repeated over blocks of
+    `NBITS_PER_CHANNEL_BLOCK` (the op takes power-of-two blocks of 16 or more, not one block of K)."""
+    n, k = codes.shape
+    block = spec.group_size or NBITS_PER_CHANNEL_BLOCK
+    blocks = -(-k // block)
+    if spec.group_size == 0:
+        scales = scales.expand(n, blocks)
+    padded = torch.nn.functional.pad(codes.to(torch.int16), (0, blocks * block - k))  # [N, blocks * block]
+    unsigned = (padded + 2 ** (spec.bits - 1)).to(torch.uint8)
+    if spec.bits == 4:
+        unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+    return unsigned.reshape(n, blocks, -1), scales.reshape(-1).float().contiguous(), block
+
+
 def storage_bytes(out_features: int, in_features: int, spec: QuantSpec, scale_bytes: int = 4) -> int:
     """Bytes of one quantized `[out, in]` weight, codes and scales (no kernel-specific padding)."""
     codes = out_features * in_features * spec.bits // 8

@@ -76,7 +76,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from ernie_serve.logging import progress
-from ernie_serve.quantization import QuantSpec, is_quantized_tensor, quantize
+from ernie_serve.quantization import (
+    NBITS_PER_CHANNEL_BLOCK,
+    QuantSpec,
+    is_quantized_tensor,
+    matmul_nbits_layout,
+    quantize,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -96,7 +102,6 @@ FLAVOURS = (ONNXRUNTIME, TENSORRT)
 # Compute dtypes by name, as onnx.TensorProto's data types (onnx is imported lazily: the CLI runs without it).
 FLOAT, FLOAT16, BFLOAT16 = 1, 10, 16
 DTYPES = {"float32": FLOAT, "float16": FLOAT16, "bfloat16": BFLOAT16}
-PER_CHANNEL_BLOCK = 128  # MatMulNBits block for one scale per output channel (the scale repeated per block)
 
 INPUT_IDS, POSITION_IDS, ATTENTION_BIAS, LOGITS_INDEX, LOGITS = (
     "input_ids",
@@ -158,29 +163,20 @@ class GraphQuantization:
 
     def block_size(self) -> int:
         """MatMulNBits' block along K (wint4)."""
-        return self.spec.group_size or PER_CHANNEL_BLOCK
+        return self.spec.group_size or NBITS_PER_CHANNEL_BLOCK
 
     def matmul_nbits_attributes(self, k: int, n: int) -> dict[str, int]:
         return {"K": k, "N": n, "bits": 4, "block_size": self.block_size(), "accuracy_level": self.accuracy_level}
 
 
 def matmul_nbits_inputs(weight: np.ndarray, quant: GraphQuantization) -> tuple[np.ndarray, np.ndarray]:
-    """wint4 `weight` [N, K] as MatMulNBits' B (uint8 `[N, blocks, block / 2]`: codes `q + 8`, two a byte along
-    K, low nibble first, the last block padded with code 0) and scales (float32 `[N * blocks]`); no zero points
-    (the op's default, 8, is the codes' offset). One scale per row (group size 0) is repeated over its blocks."""
+    """wint4 `weight` [N, K] as MatMulNBits' B (uint8 `[N, blocks, block / 2]`) and scales (float32
+    `[N * blocks]`): `matmul_nbits_layout`, which the torch backend's onnxruntime kernels share."""
     import torch
 
-    spec = quant.spec
-    n, k = weight.shape
-    codes, scales = quantize(torch.from_numpy(weight), spec)  # [N, K] int8, [N, G] float32
-    block = quant.block_size()
-    blocks = -(-k // block)
-    if spec.group_size == 0:
-        scales = scales.expand(n, blocks)
-    padded = torch.nn.functional.pad(codes, (0, blocks * block - k))  # [N, blocks * block]
-    unsigned = (padded.to(torch.int16) + 8).to(torch.uint8)  # [N, blocks * block] in 1..15
-    packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).reshape(n, blocks, block // 2)
-    return packed.numpy(), scales.reshape(-1).numpy()
+    codes, scales = quantize(torch.from_numpy(weight), quant.spec)  # [N, K] int8, [N, G] float32
+    packed, block_scales, _ = matmul_nbits_layout(codes, scales, quant.spec)
+    return packed.numpy(), block_scales.numpy()
 
 
 def dynamic_quantize_matmul_inputs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
