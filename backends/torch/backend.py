@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from typing import Literal
 
 import structlog
 import torch
@@ -14,6 +15,8 @@ from ernie_serve.backends.torch.distributed import ParallelRuntime, RankEnv, tor
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
 from ernie_serve.backends.torch.malloc import HeapTrimmer
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
+from ernie_serve.backends.torch.ort_kernels import AUTO_MIN_WEIGHTS, onnxruntime_available
+from ernie_serve.backends.torch.quant import QuantizedWeight
 from ernie_serve.core.backend import (
     Backend,
     BackendCapabilities,
@@ -71,6 +74,14 @@ class TorchOptions(BackendOptions):
         "sums at one row, a dequantized copy per call above; exact with the dequantized weights, several times "
         "slower) instead of torch's weight-only int8/int4 kernels, which round activations to bfloat16",
     )
+    cpu_quantized_kernels: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="torch backend with --quantization on CPU: whose int kernels multiply the quantized weights. "
+        "onnxruntime: MatMulNBits for every matrix (2-3x torch's int4 kernel on large matrices; rounds activations "
+        "to int8 per block of 128 or 64 inputs, like llama.cpp; needs `pip install 'ernie-serve[onnx]'`); torch: "
+        "torch's int8/int4 kernels (activations rounded to bfloat16); auto: onnxruntime's for 4-bit matrices of "
+        "2M weights or more where it is installed, torch's for the rest (docs/quantization.md)",
+    )
     quantize_lm_head: bool = Field(
         True,
         description="torch backend with --quantization: store the LM head quantized too (a quantized copy when "
@@ -88,6 +99,39 @@ class TorchOptions(BackendOptions):
         description="torch backend with --tensor-parallel-size N: split the routed experts by expert over the ranks "
         "(E/N whole experts each) instead of splitting every expert's width (docs/parallelism.md)",
     )
+
+
+def cpu_quantized_kernels(requested: str) -> str:
+    """`--cpu-quantized-kernels` resolved: "auto" (onnxruntime's for large 4-bit matrices) where onnxruntime is
+    installed, else "torch"; "onnxruntime" (every quantized matrix) only where it is."""
+    if requested == "auto":
+        return "auto" if onnxruntime_available() else "torch"
+    if requested == "onnxruntime" and not onnxruntime_available():
+        raise BackendUnavailableError(
+            "--cpu-quantized-kernels onnxruntime: onnxruntime is not installed (pip install 'ernie-serve[onnx]')"
+        )
+    return requested
+
+
+def describe_cpu_kernels(options: TorchOptions, spec: QuantSpec) -> str:
+    """Which kernels multiply quantized weights on CPU, for the start-up log (as `prepare_for_inference`
+    chooses them)."""
+    if options.int8_activations and options.cpu_weight_prepack:
+        return "fbgemm int8 GEMM for wint8 (W8A8-dynamic), exact float32 kernels for wint4"
+    if options.exact_quantized_kernels or not options.cpu_weight_prepack:
+        return "exact (float32 row sums / dequantized products)"
+    policy = cpu_quantized_kernels(options.cpu_quantized_kernels)
+    torch_kernel = f"torch's {'int8' if spec.bits == 8 else 'int4'} kernel (activations bfloat16)"
+    if policy == "onnxruntime":
+        return "onnxruntime MatMulNBits (activations int8 per block)"
+    if policy == "auto" and spec.bits == 4:
+        return (
+            f"onnxruntime MatMulNBits (activations int8 per block) for matrices of {AUTO_MIN_WEIGHTS:,} weights "
+            f"or more, {torch_kernel} below"
+        )
+    if spec.bits == 4 and options.cpu_quantized_kernels == "auto":
+        return f"{torch_kernel}; pip install 'ernie-serve[onnx]' for onnxruntime's, 2-3x faster on large matrices"
+    return torch_kernel
 
 
 def peak_rss_bytes() -> int:
@@ -128,6 +172,7 @@ class TorchBackend(Backend):
         self.model: ErnieForCausalLM | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self._torch_threads_before: int | None = None  # set where onnxruntime's kernels took the cores
         # Each running request's block table, `[blocks]` on the host: set whole on its `is_new` step, grown
         # by `new_block_ids`, dropped by `release`.
         self._tables: dict[str, torch.Tensor] = {}
@@ -220,8 +265,14 @@ class TorchBackend(Backend):
                 "quantize_lm_head": options.quantize_lm_head,
                 "int8_activations": options.int8_activations and options.cpu_weight_prepack,
                 "exact_quantized_kernels": options.exact_quantized_kernels,
+                "cpu_quantized_kernels": cpu_quantized_kernels(options.cpu_quantized_kernels),
             }
-            log.info("quantizing weights while loading", scheme=spec.describe(), lm_head=options.quantize_lm_head)
+            log.info(
+                "quantizing weights while loading",
+                scheme=spec.describe(),
+                lm_head=options.quantize_lm_head,
+                cpu_kernels=describe_cpu_kernels(options, spec) if self.device.type == "cpu" else None,
+            )
         # quantized layers are built quantized and filled tensor by tensor: no full-precision copy ever exists
         self.model = model_cls(self.config, self.dtype, self.device, **quant).eval()
         if self.layout is not None:
@@ -251,12 +302,32 @@ class TorchBackend(Backend):
         extra_bytes = prepare() if prepare is not None else 0
         if quant:
             self._weight_bytes = getattr(self.model, "weight_bytes", dict)()  # repacked codes may replace row-wise ones
+            if not on_cuda:
+                self._hand_cores_to_onnxruntime()
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
             if options.cpu_malloc_trim_interval > 0:
                 # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
                 self._heap_trimmer = HeapTrimmer(options.cpu_malloc_trim_interval)
+
+    def _hand_cores_to_onnxruntime(self) -> None:
+        """Where onnxruntime's kernels hold most quantized weights, torch's own ops (attention, norms, routing:
+        small next to the products) run on one thread. torch's OpenMP workers spin-wait after each parallel
+        region and took the core onnxruntime's worker needed: measured on the 21B-A3B's shapes, decode ran 1.3x
+        faster with torch on one thread and each onnxruntime session on two than with both on two. `close`
+        gives torch its threads back."""
+        weights = [m for m in self.model.modules() if isinstance(m, QuantizedWeight)]
+        held = sum(w.onnxruntime_bytes() for w in weights)
+        total = sum(w.nbytes() for w in weights)
+        if total and held * 2 >= total and torch.get_num_threads() > 1:
+            log.info(
+                "onnxruntime kernels hold most quantized weights: torch's own ops run on one thread",
+                onnxruntime_share=round(held / total, 3),
+                onnxruntime_threads=torch.get_num_threads(),
+            )
+            self._torch_threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
 
     def check_health(self) -> None:
         """A spawned tensor-parallel worker that ended unasked (seen by its watcher thread) ends serving, also
@@ -412,6 +483,9 @@ class TorchBackend(Backend):
         self.kv_caches = []
         self._tables.clear()
         self.model = None
+        if self._torch_threads_before is not None:  # the process's other work gets its threads back
+            torch.set_num_threads(self._torch_threads_before)
+            self._torch_threads_before = None
         if self.runtime is not None:
             self.runtime.close()
             self.runtime = None

@@ -536,6 +536,7 @@ class ErnieForCausalLM(nn.Module):
         quantize_lm_head: bool = False,
         int8_activations: bool = False,
         exact_quantized_kernels: bool = False,
+        cpu_quantized_kernels: str = "torch",
     ) -> None:
         super().__init__()
         self.config = config
@@ -543,6 +544,8 @@ class ErnieForCausalLM(nn.Module):
         self.int8_activations = int8_activations  # wint8 products by fbgemm's W8A8 GEMM (prepare_for_inference)
         # on CPU, keep the float32 row sums / dequantized products instead of torch's bf16-activation kernels
         self.exact_quantized_kernels = exact_quantized_kernels
+        # otherwise, whose int kernels: "auto", "onnxruntime" or "torch" (ort_kernels.uses_onnxruntime)
+        self.cpu_quantized_kernels = cpu_quantized_kernels
         self.embed_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)  # [V, H]
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, dtype, device, quantization) for i in range(config.num_hidden_layers)
@@ -600,13 +603,14 @@ class ErnieForCausalLM(nn.Module):
         decode batch sizes on these CPUs, for about the model's size again in memory (the plain weights stay:
         single rows are multiplied from them, except by the LM head, which always uses its copy). Returns the
         bytes the copies take (0 elsewhere). Quantized weights are repacked instead, in place of their row-wise
-        codes, for torch's weight-only int kernels (`QuantizedWeight.pack_for_device`): always on CUDA, and on the
-        CPU unless `exact_quantized_kernels` or `int8_activations` asks for the float32 or fbgemm kernels."""
+        codes, for the int kernels (`QuantizedWeight.pack_for_device`): always on CUDA (torch's), and on the CPU
+        (`cpu_quantized_kernels`: onnxruntime's, torch's, or by shape) unless `exact_quantized_kernels` or
+        `int8_activations` asks for the float32 or fbgemm kernels."""
         quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
         on_cuda = self.embed_weight.device.type == "cuda"
         if on_cuda or (quantized and not self.int8_activations and not self.exact_quantized_kernels):
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
-                weight.pack_for_device()
+                weight.pack_for_device(self.cpu_quantized_kernels)
                 if not on_cuda:
                     trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
             if on_cuda:

@@ -10,7 +10,8 @@ result: weight-only quantization. The scales are `[G, out]` float32 (G groups of
 
 Kernels (docs/quantization.md has the measurements behind the choice): by default, after loading, each weight is
 repacked for torch's weight-only kernels and its row-wise codes are let go (`pack_for_device`): on CPU
-`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` at every row count, bfloat16 activations. With
+`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` at every row count, bfloat16 activations, except that
+large 4-bit matrices go to onnxruntime's `MatMulNBits` where it is installed (`ort_kernels.py`). With
 `--exact-quantized-kernels` the row-wise codes stay and are multiplied exactly in float32: one row (decode) as
 the weighted row sums above, several rows through a dequantized float32 copy; or, for wint8 with
 `--int8-activations`, by fbgemm's int8 GEMM (`quantized.linear_dynamic`) on a packed copy, which also quantizes
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ernie_serve.backends.torch.ort_kernels import NBitsKernel, uses_onnxruntime
 from ernie_serve.quantization import QuantSpec, rounded_codes
 
 _BYTE_BAGS = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
@@ -69,7 +71,7 @@ class QuantMatrix:
     spec: QuantSpec
     out_features: int
     packed: Any = None  # fbgemm `linear_prepack` params of the same weight (wint8 with prepack), or None
-    device_kernel: Int4Kernel | Int8Kernel | None = None  # torch's CUDA kernels' copy (`pack_for_device`)
+    device_kernel: Int4Kernel | Int8Kernel | NBitsKernel | None = None  # the int kernels' copy (`pack_for_device`)
     in_features: int = 0  # set from `rows`, which `release_rows` may empty
 
     def __post_init__(self) -> None:
@@ -109,11 +111,14 @@ class QuantMatrix:
             return codes.view(groups, gs, -1).mul_(self.scales.unsqueeze(1)).view(self.in_features, -1)
         return codes.mul_(self.scales.repeat_interleave(gs, 0)[: self.in_features])  # short last group
 
-    def codes(self) -> torch.Tensor:
-        """The signed integer codes `[in, out]` (int16 for 8 bits, int8 for 4)."""
+    def codes(self, columns: slice | None = None) -> torch.Tensor:
+        """The signed integer codes `[in, out]` (int16 for 8 bits, int8 for 4), or those of output `columns`
+        only (`[in, columns]`; for 4 bits an even start and stop)."""
         if self.rows.shape[0] != self.in_features:
             raise RuntimeError("the row-wise codes were released after packing for the device kernels")
-        stored = self.rows[:, : code_bytes(self.out_features, self.spec)]
+        start, stop = (0, self.out_features) if columns is None else (columns.start, columns.stop)
+        per_byte = 8 // self.spec.bits
+        stored = self.rows[:, start // per_byte : stop // per_byte]
         if self.spec.bits == 8:
             return stored.to(torch.int16) - 128
         low = (stored & 0x0F).to(torch.int8) - 8
@@ -134,9 +139,16 @@ class QuantMatrix:
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         return codes.numel() + self.out_features * 8
 
-    def pack_for_device(self) -> int:
-        """Make the copy torch's CUDA weight-only kernels multiply (see the module docstring); the bytes it
-        takes, or 0 where the shapes do not fit them (the matrix keeps dequantizing per call then)."""
+    def pack_for_device(self, cpu_kernels: str = "torch") -> int:
+        """Make the copy the int kernels multiply (see the module docstring): on CPU onnxruntime's where
+        `cpu_kernels` ("auto", "onnxruntime" or "torch": `ort_kernels.uses_onnxruntime`) says so, else torch's;
+        the bytes it takes, or 0 where the shapes do not fit them (the matrix keeps dequantizing per call then)."""
+        onnxruntime = uses_onnxruntime(cpu_kernels, self.spec, self.in_features, self.out_features)
+        if onnxruntime and self.rows.device.type == "cpu":  # its codes a piece of output columns at a time
+            self.device_kernel = NBitsKernel.pack(
+                lambda columns: self.codes(columns).t(), self.scales, self.spec, self.in_features
+            )
+            return self.device_kernel.nbytes()
         codes = self.codes().t().contiguous()  # [out, in] signed
         if self.spec.bits == 8:
             self.device_kernel = Int8Kernel(codes.to(torch.int8), self.scales[0].clone())
@@ -284,17 +296,23 @@ class QuantizedWeight(nn.Module):
     def pack_for_gemm(self) -> int:
         return sum(m.pack_for_gemm() for m in self.matrices)
 
-    def pack_for_device(self) -> None:
-        """Called once after loading on CUDA: give every matrix its copy for torch's CUDA kernels and, where
-        all of them got one, let go of the row-wise codes, which nothing reads any more (`nbytes` counts what
-        is kept)."""
+    def onnxruntime_bytes(self) -> int:
+        """The bytes of this stack's matrices that onnxruntime's kernels hold (`pack_for_device`)."""
+        return sum(m.device_kernel.nbytes() for m in self.matrices if isinstance(m.device_kernel, NBitsKernel))
+
+    def pack_for_device(self, cpu_kernels: str = "torch") -> None:
+        """Called once after loading (on CPU unless the exact kernels were asked for): give every matrix its
+        copy for the int kernels (`cpu_kernels`: "auto", "onnxruntime" or "torch" on CPU; CUDA always torch's)
+        and, where all of them got one, let go of the row-wise codes and the scales, which nothing reads any more
+        (`nbytes` counts what is kept)."""
         for matrix in self.matrices:
-            matrix.pack_for_device()
-        if all(m.device_kernel is not None for m in self.matrices):
+            matrix.pack_for_device(cpu_kernels)
+        if all(m.device_kernel is not None for m in self.matrices):  # the kernels hold their own scales too
             count, _, width = self.rows.shape
-            self.rows = self.rows.new_empty(count, 0, width)  # a new tensor: a view would keep the storage
-            for matrix, rows in zip(self.matrices, self.rows.unbind(0), strict=True):
-                matrix.rows = rows
+            self.rows = self.rows.new_empty(count, 0, width)  # new tensors: a view would keep the storage
+            self.scales = self.scales.new_empty(count, 0, self.out_features)
+            for matrix, rows, scales in zip(self.matrices, self.rows.unbind(0), self.scales.unbind(0), strict=True):
+                matrix.rows, matrix.scales = rows, scales
 
     def nbytes(self) -> int:
         kernels = sum(m.device_kernel.nbytes() for m in self.matrices if m.device_kernel is not None)

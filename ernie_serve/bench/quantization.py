@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup, onednn_pack
+from ernie_serve.backends.torch.ort_kernels import NBitsKernel, onnxruntime_available
 from ernie_serve.backends.torch.quant import QuantizedWeight, stacked_row_sums
 from ernie_serve.bench.workload import bench_checkpoint
 from ernie_serve.core.config import ModelConfig
@@ -45,11 +46,18 @@ class Variant:
     lm_head: bool = True  # the LM head quantized too
     w8a8: bool = False  # several-row products by fbgemm's int8 GEMM (activations quantized per call)
     exact: bool = False  # on CPU, the float32 row sums instead of torch's int kernels (bfloat16 activations)
+    # the int kernels on CPU (`--cpu-quantized-kernels`): "torch" (bfloat16 activations), "onnxruntime" (every
+    # matrix through MatMulNBits, int8 activations per block) or "auto" (onnxruntime's for large 4-bit matrices)
+    cpu_kernels: str = "torch"
 
     @property
     def label(self) -> str:
         head = "" if self.lm_head else ", fp32 head"
-        return f"{self.spec.describe()}{head}{' +W8A8' if self.w8a8 else ''}{', exact kernels' if self.exact else ''}"
+        w8a8 = " +W8A8" if self.w8a8 else ""
+        kernels = ", exact kernels" if self.exact else ""
+        if self.cpu_kernels != "torch" and not self.exact:
+            kernels = f", {self.cpu_kernels} kernels"
+        return f"{self.spec.describe()}{head}{w8a8}{kernels}"
 
 
 DEFAULT_VARIANTS = (
@@ -59,6 +67,8 @@ DEFAULT_VARIANTS = (
     Variant(QuantSpec("wint8"), lm_head=False),
     Variant(QuantSpec("wint4", 128)),
     Variant(QuantSpec("wint4", 128), exact=True),
+    Variant(QuantSpec("wint4", 128), cpu_kernels="auto"),
+    Variant(QuantSpec("wint4", 128), cpu_kernels="onnxruntime"),
     Variant(QuantSpec("wint4", 64)),
     Variant(QuantSpec("wint4", 0)),
     Variant(QuantSpec("wint4", 128), lm_head=False),
@@ -100,6 +110,7 @@ def build_model(
             "quantize_lm_head": variant.lm_head,
             "int8_activations": variant.w8a8,
             "exact_quantized_kernels": variant.exact,
+            "cpu_quantized_kernels": variant.cpu_kernels,
         }
     model = ErnieForCausalLM(config, dtype, device, **quant).eval()
     if device.type == "meta":
@@ -191,11 +202,11 @@ def accuracy_rows(
     return rows
 
 
-ACCURACY_HEADER = f"{'model':<32} {'variant':<40} {'positions':>9} {'top-1':>8} {'mean KL':>9}"
+ACCURACY_HEADER = f"{'model':<32} {'variant':<44} {'positions':>9} {'top-1':>8} {'mean KL':>9}"
 
 
 def _format_accuracy(row: AccuracyRow) -> str:
-    return f"{row.model:<32} {row.variant:<40} {row.positions:>9} {row.top1 * 100:>7.2f}% {row.kl:>9.5f}"
+    return f"{row.model:<32} {row.variant:<44} {row.positions:>9} {row.top1 * 100:>7.2f}% {row.kl:>9.5f}"
 
 
 def weight_statistics(config: ModelConfig, checkpoint: Path | None) -> str:
@@ -279,6 +290,9 @@ def kernel_candidates(in_features: int, out_features: int, rows: int) -> dict[st
     candidates["wint4 _weight_int4pack_mm_for_cpu (bf16 x)"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
         xb, int4pack, 128, scale_zero
     )
+    if onnxruntime_available():  # a session of torch's thread count (one, in `main`)
+        nbits = NBitsKernel.pack(lambda c: codes4[c], scales4.t().contiguous(), QuantSpec("wint4", 128), in_features)
+        candidates["wint4 g128 onnxruntime MatMulNBits (int8 x per block)"] = lambda: nbits.matmul(x)
     return candidates
 
 
@@ -342,6 +356,10 @@ def main(
     from ernie_serve.bench.workload import BENCH_MODEL
     from ernie_serve.models import PRESETS
 
+    if not onnxruntime_available():
+        print("onnxruntime is not installed: its kernels' rows are left out (pip install 'ernie-serve[onnx]')")
+        variants = [v for v in variants if v.cpu_kernels == "torch"]
+
     checkpoint = bench_checkpoint()
     # the benchmark checkpoint's weights are N(0, 0.05): at this width a random network of that gain is
     # chaotic (a small change to a layer's output grows through the layers), so the same shape with the
@@ -363,7 +381,8 @@ def main(
     memory_models = [("bench 70M", BENCH_MODEL), *presets]
     print(f"{'model':<32} {'variant':<40} {'tensors/fp32':>12} {'model/fp32':>10} {'weights GiB':>11}")
     for name, config in memory_models:
-        for variant in {v.label: v for v in variants if not v.w8a8 and not v.exact}.values():
+        kernels_only = [v for v in variants if v.w8a8 or v.exact or v.cpu_kernels != "torch"]  # same bytes
+        for variant in {v.label: v for v in variants if v not in kernels_only}.values():
             row = memory_row(name, config, variant)
             print(
                 f"{row.model:<32} {row.variant:<40} {row.tensors_ratio:>12.4f} {row.model_ratio:>10.4f} "

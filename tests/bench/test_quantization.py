@@ -61,3 +61,14 @@ def test_the_w8a8_variant_uses_the_int8_gemm() -> None:
         name, config, None, [Variant(QuantSpec("wint8")), Variant(QuantSpec("wint8"), w8a8=True)], 1, 16
     )
     assert w8a8.kl != weight_only.kl  # activations quantized: not the weight-only result
+
+
+def test_the_onnxruntime_variant_runs_onnxruntimes_kernel() -> None:
+    pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    name, config = tiny_models()[0]
+    spec = QuantSpec("wint4", 64)
+    torch_kernels, onnxruntime = accuracy_rows(
+        name, config, None, [Variant(spec), Variant(spec, cpu_kernels="onnxruntime")], 1, 16
+    )
+    assert onnxruntime.variant.endswith("onnxruntime kernels")
+    assert onnxruntime.kl != torch_kernels.kl and onnxruntime.kl < 0.01  # int8 activations: close, not equal

@@ -20,6 +20,7 @@ def test_capabilities_and_options_are_declared_on_the_class() -> None:
         "cpu_weight_prepack",
         "int8_activations",
         "exact_quantized_kernels",
+        "cpu_quantized_kernels",
         "quantize_lm_head",
         "cpu_malloc_trim_interval",
         "enable_expert_parallel",

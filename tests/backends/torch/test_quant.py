@@ -95,8 +95,11 @@ def test_device_kernel_copies_multiply_like_the_codes_and_replace_them(spec: Qua
     kernels of the same ops: the very int8 op, and the CPU twin of tinygemm's int4 op (which takes the codes
     before nibble packing)."""
     weight, expected = _filled(spec, 2, 256, 96, device=device)
+    codes = weight.matrices[1].codes()  # [in, out]
+    assert torch.equal(weight.matrices[1].codes(slice(32, 64)), codes[:, 32:64])
     weight.pack_for_device()
     assert weight.rows.numel() == 0 and all(m.device_kernel is not None for m in weight.matrices)
+    assert weight.scales.numel() == 0 and all(m.scales.numel() == 0 for m in weight.matrices)  # the kernels' own
     for matrix in weight.matrices:  # the copies hold the codes at 8 or 4 bits, as the row-wise layout did
         kernel = matrix.device_kernel
         codes = kernel.codes if isinstance(kernel, Int8Kernel) else kernel.packed

@@ -25,6 +25,10 @@ VARIANTS = {
     "wint8-int-kernels": ({"quantization": "wint8"}, True),
     "wint4-g64-int-kernels": ({"quantization": "wint4", "quantization_group_size": 64}, True),
 }
+# Not here either: `cpu_quantized_kernels="onnxruntime"`, which rounds activations to int8 per block: on the
+# top-1-routed tiny model that flips an expert and moves a greedy token 2.9 nats below the reference's, past the
+# suite's near-tie allowance (as the onnx backend's default exports do). test_ort_kernels.py covers its kernel
+# and a model on it; `auto`, the default, leaves these tiny shapes on torch's kernels.
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,159 @@
+"""onnxruntime's `MatMulNBits` as the torch backend's CPU kernel (`--cpu-quantized-kernels`): the product
+against the dequantized weights within the bound of its int8 activation rounding, which matrices `auto` sends to
+it, and a model served on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ernie_serve import LLM, SamplingParams
+from ernie_serve.backends.torch import backend as torch_backend
+from ernie_serve.backends.torch import ort_kernels
+from ernie_serve.backends.torch.ort_kernels import NBitsKernel, uses_onnxruntime
+from ernie_serve.backends.torch.quant import Int4Kernel, QuantizedWeight
+from ernie_serve.core.backend import BackendUnavailableError
+from ernie_serve.quantization import NBITS_PER_CHANNEL_BLOCK, QuantSpec, dequantize, quantize
+
+pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+
+SPECS = [QuantSpec("wint4", 128), QuantSpec("wint4", 64), QuantSpec("wint4"), QuantSpec("wint8")]
+IDS = [s.describe() for s in SPECS]
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """A model whose weights onnxruntime holds sets torch to one thread (`_hand_cores_to_onnxruntime`):
+    give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)
+
+
+def _kernel_and_weight(spec: QuantSpec, in_features: int, out_features: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05  # [out, in]
+    codes, scales = quantize(weight, spec)  # [out, in], [out, G]
+    kernel = NBitsKernel.pack(lambda columns: codes[columns], scales.t().contiguous(), spec, in_features)
+    return kernel, dequantize(codes, scales, spec)  # the kernel, the `[out, in]` weight it stands for
+
+
+def _activation_rounding_bound(x: torch.Tensor, weight: torch.Tensor, block: int) -> torch.Tensor:
+    """`accuracy_level=4` rounds each row of x to int8 per block of `block` inputs (scale max|x| / 127): each
+    input moves by at most half a step, so output n moves by at most the sum over blocks of half the block's
+    step times the block's |W[n, i]|. Returns that bound `[T, out]`."""
+    rows, k = x.shape
+    blocks = -(-k // block)
+    padded = torch.nn.functional.pad(x, (0, blocks * block - k)).view(rows, blocks, block)
+    half_steps = padded.abs().amax(-1) / 127 / 2  # [T, blocks]
+    w = torch.nn.functional.pad(weight.abs(), (0, blocks * block - k)).view(-1, blocks, block).sum(-1)  # [out, blocks]
+    return half_steps @ w.t()  # [T, out]
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("in_features", [256, 200])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_product_is_the_dequantized_one_within_its_activation_rounding(
+    spec: QuantSpec, in_features: int, rows: int
+) -> None:
+    kernel, weight = _kernel_and_weight(spec, in_features, 96)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1))
+    reference = x @ weight.t()  # [rows, 96]
+    out = kernel.matmul(x)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    bound = _activation_rounding_bound(x, weight, spec.group_size or NBITS_PER_CHANNEL_BLOCK)
+    assert ((out - reference).abs() <= bound * 1.05 + 1e-5).all()
+    assert not torch.equal(out, reference)  # it does round: the bound is the right yardstick, not 1e-6
+
+
+def test_a_nibble_swapped_weight_is_outside_the_bound(monkeypatch) -> None:
+    """The bound above is tight enough to catch a packing error: the same codes with the two nibbles of each
+    byte swapped (the classic mistake in this layout) miss it by far."""
+    spec = QuantSpec("wint4", 128)
+
+    def swapped(codes, scales, spec):
+        packed, block_scales, block = matmul_nbits_layout(codes, scales, spec)
+        return (packed >> 4) | (packed << 4), block_scales, block
+
+    matmul_nbits_layout = ort_kernels.matmul_nbits_layout
+    monkeypatch.setattr(ort_kernels, "matmul_nbits_layout", swapped)
+    kernel, weight = _kernel_and_weight(spec, 256, 96)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    bound = _activation_rounding_bound(x, weight, 128)
+    assert ((kernel.matmul(x) - x @ weight.t()).abs() > bound * 1.05 + 1e-5).float().mean() > 0.5
+
+
+def test_a_matrix_in_pieces_multiplies_like_one_session(monkeypatch) -> None:
+    """Past `PIECE_WEIGHTS` a matrix is packed as sessions over ranges of output columns (even widths)."""
+    spec = QuantSpec("wint4", 64)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    whole, _ = _kernel_and_weight(spec, 128, 100)
+    monkeypatch.setattr(ort_kernels, "PIECE_WEIGHTS", 128 * 30)
+    pieces, _ = _kernel_and_weight(spec, 128, 100)
+    assert len(whole.sessions) == 1 and len(pieces.sessions) == 4
+    assert ort_kernels._pieces(100, 128) == [(0, 26), (26, 52), (52, 78), (78, 100)]
+    assert torch.allclose(pieces.matmul(x), whole.matmul(x), rtol=1e-5, atol=1e-6)  # (tiling may reorder sums)
+
+
+def test_keeps_the_callers_dtype_and_takes_strided_input() -> None:
+    kernel, weight = _kernel_and_weight(QuantSpec("wint4", 64), 128, 64)
+    x = torch.randn(128, 4).t()  # [4, 128], not contiguous
+    assert kernel.matmul(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert torch.allclose(kernel.matmul(x), kernel.matmul(x.contiguous()))
+
+
+def test_auto_sends_only_large_four_bit_matrices() -> None:
+    wint4, wint8 = QuantSpec("wint4", 128), QuantSpec("wint8")
+    # the 21B-A3B's quantized shapes [in, out]: every one has 2M weights or more, except the k and v projections
+    for shape in [(2560, 3072), (1536, 2560), (2560, 2560), (2560, 103424), (2560, 24576), (12288, 2560)]:
+        assert uses_onnxruntime("auto", wint4, *shape)
+        assert not uses_onnxruntime("auto", wint8, *shape)  # torch's int8 kernel already reads at memory speed
+        assert not uses_onnxruntime("torch", wint4, *shape)
+    assert not uses_onnxruntime("auto", wint4, 2560, 512)
+    assert not uses_onnxruntime("auto", wint4, 512, 512) and uses_onnxruntime("onnxruntime", wint4, 512, 512)
+    assert uses_onnxruntime("auto", wint4, 512, 32000)  # the benchmark model's LM head
+
+
+def test_without_onnxruntime_auto_is_torch_and_asking_for_it_is_an_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch_backend, "onnxruntime_available", lambda: False)
+    assert torch_backend.cpu_quantized_kernels("auto") == "torch"
+    assert torch_backend.cpu_quantized_kernels("torch") == "torch"
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'ernie-serve\[onnx\]'"):
+        torch_backend.cpu_quantized_kernels("onnxruntime")
+
+
+PROMPTS = [[5, 6, 7], list(range(10, 31)), [300, 301]]
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("wint4", 64), ("wint8", 128)], ids=str)
+def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
+    tiny_checkpoint, torch_threads: int, scheme: str, group: int
+) -> None:
+    """`--cpu-quantized-kernels onnxruntime`: every quantized matrix is an onnxruntime session (its row-wise
+    codes let go), torch's own ops move to one thread, and log-probabilities stay near the exact kernels'."""
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
+    settings = dict(quantization=scheme, quantization_group_size=group, block_size=4, max_num_batched_tokens=16)
+    exact = LLM(model=checkpoint, exact_quantized_kernels=True, **settings)
+    fast = LLM(model=checkpoint, cpu_quantized_kernels="onnxruntime", **settings)
+    weights = [m for m in fast.engine.core.backend.model.modules() if isinstance(m, QuantizedWeight)]
+    assert weights and all(isinstance(m.device_kernel, NBitsKernel) for w in weights for m in w.matrices)
+    assert all(w.rows.numel() == 0 for w in weights)
+    assert torch.get_num_threads() == (1 if torch_threads > 1 else torch_threads)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    for prompt in PROMPTS:
+        ours, theirs = (llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0] for llm in (fast, exact))
+        first = ours.token_ids[0]
+        assert first == theirs.token_ids[0]  # later tokens may part at a near tie
+        # int8 activations per block move a tiny model's log-probabilities more than torch's bfloat16 ones do
+        # (measured on these prompts: up to 0.07 nats, against 0.05), far less than a wrong weight would
+        assert ours.logprobs[0][first].logprob == pytest.approx(theirs.logprobs[0][first].logprob, abs=0.15)
+    fast.close()
+    assert torch.get_num_threads() == torch_threads  # given back
+
+
+def test_auto_keeps_a_tiny_models_matrices_on_torch_kernels(tiny_checkpoint, torch_threads: int) -> None:
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
+    llm = LLM(model=checkpoint, quantization="wint4", quantization_group_size=64)
+    weights = [m for m in llm.engine.core.backend.model.modules() if isinstance(m, QuantizedWeight)]
+    kernels = {type(m.device_kernel) for w in weights for m in w.matrices}  # (None: a shape torch's cannot take)
+    assert Int4Kernel in kernels and NBitsKernel not in kernels and torch.get_num_threads() == torch_threads
