@@ -311,7 +311,7 @@ def test_int8_activations_run_every_product_through_the_int8_gemm(tiny_checkpoin
 
 @pytest.mark.parametrize(("scheme", "group"), [("wint8", 128), ("wint4", 64)], ids=str)
 def test_cpu_default_multiplies_by_torch_int_kernels_close_to_the_exact_ones(
-    tiny_checkpoint, scheme: str, group: int
+    tiny_checkpoint, first_tokens_agree, scheme: str, group: int
 ) -> None:
     """By default a quantized model on the CPU multiplies by torch's weight-only int8/int4 kernels (bfloat16
     activations) wherever their shape rules fit, in place of the row-wise codes; `exact_quantized_kernels`
@@ -323,12 +323,7 @@ def test_cpu_default_multiplies_by_torch_int_kernels_close_to_the_exact_ones(
     assert gate_up.device_kernel is not None and gate_up.rows.shape[0] == 0  # the row-wise codes are gone
     exact_gate_up = exact.engine.core.backend.model.layers[1].mlp.expert_weights[0][0]
     assert exact_gate_up.device_kernel is None and exact_gate_up.rows.shape[0] == 64
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
-    for prompt in PROMPTS:
-        ours, theirs = (llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0] for llm in (fast, exact))
-        first = ours.token_ids[0]
-        assert first == theirs.token_ids[0]  # later tokens may part at a near tie
-        assert ours.logprobs[0][first].logprob == pytest.approx(theirs.logprobs[0][first].logprob, abs=0.05)
+    first_tokens_agree(fast, exact, 0.05)
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "int-kernels"])
