@@ -2,12 +2,13 @@
 
 Measured on this project's 2-core AVX2 machine (docs/quantization.md, "Kernels"), torch's
 `_weight_int4pack_mm_for_cpu` is compute-bound: it reads a 21B-A3B expert's 4-bit weights at about 7 GB/s, where
-`MatMulNBits` with `accuracy_level=4` reads them at 16-18 GB/s (two threads) and is 1.3-3.5x faster at every row
-count measured. `accuracy_level=4` rounds the activations to int8 per block of the input (one scale per block of
-128 or 64 inputs, the weights' own blocks), the way llama.cpp multiplies its q4_0 weights by q8 activations:
+`MatMulNBits` with `accuracy_level=4` takes 2.1-3.4x less CPU time at every row count measured, on matrices from
+the benchmark model's LM head up (about 12 GB/s on one thread for that expert). `accuracy_level=4` rounds the
+activations to int8 per block of the input (one scale per block of 128 or 64 inputs, the weights' own blocks),
+the way llama.cpp multiplies its q4_0 weights by q8 activations:
 **W4A8 per block, not weight-only**. docs/quantization.md has its accuracy beside the weight-only kernels'.
 For small matrices the call's fixed cost (the session, numpy, the thread wake-up) outweighs the gain, and
-torch's int8 kernel already reads at memory speed, so `--cpu-quantized-kernels auto` (the default) sends only
+torch's int8 kernel is closer to memory speed, so `--cpu-quantized-kernels auto` (the default) sends only
 4-bit matrices of at least `AUTO_MIN_WEIGHTS` weights here (`uses_onnxruntime`).
 
 Each such matrix becomes one small ONNX graph (`x [T, K] -> MatMulNBits -> y [T, N]`) in its own inference
