@@ -113,14 +113,13 @@ def cpu_quantized_kernels(requested: str) -> str:
     return requested
 
 
-def describe_cpu_kernels(options: TorchOptions, spec: QuantSpec) -> str:
+def describe_cpu_kernels(options: TorchOptions, spec: QuantSpec, policy: str) -> str:
     """Which kernels multiply quantized weights on CPU, for the start-up log (as `prepare_for_inference`
-    chooses them)."""
+    chooses them; `policy`: `--cpu-quantized-kernels` as `cpu_quantized_kernels` resolved it)."""
     if options.int8_activations and options.cpu_weight_prepack:
         return "fbgemm int8 GEMM for wint8 (W8A8-dynamic), exact float32 kernels for wint4"
     if options.exact_quantized_kernels or not options.cpu_weight_prepack:
         return "exact (float32 row sums / dequantized products)"
-    policy = cpu_quantized_kernels(options.cpu_quantized_kernels)
     torch_kernel = f"torch's {'int8' if spec.bits == 8 else 'int4'} kernel (activations bfloat16)"
     if policy == "onnxruntime":
         return "onnxruntime MatMulNBits (activations int8 per block)"
@@ -260,18 +259,19 @@ class TorchBackend(Backend):
         quant = {}
         if settings.quantization:  # only then: a plugin model class need not take these keywords
             spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
+            policy = cpu_quantized_kernels(options.cpu_quantized_kernels)
             quant = {
                 "quantization": spec,
                 "quantize_lm_head": options.quantize_lm_head,
                 "int8_activations": options.int8_activations and options.cpu_weight_prepack,
                 "exact_quantized_kernels": options.exact_quantized_kernels,
-                "cpu_quantized_kernels": cpu_quantized_kernels(options.cpu_quantized_kernels),
+                "cpu_quantized_kernels": policy,
             }
             log.info(
                 "quantizing weights while loading",
                 scheme=spec.describe(),
                 lm_head=options.quantize_lm_head,
-                cpu_kernels=describe_cpu_kernels(options, spec) if self.device.type == "cpu" else None,
+                cpu_kernels=describe_cpu_kernels(options, spec, policy) if self.device.type == "cpu" else None,
             )
         # quantized layers are built quantized and filled tensor by tensor: no full-precision copy ever exists
         self.model = model_cls(self.config, self.dtype, self.device, **quant).eval()

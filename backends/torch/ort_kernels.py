@@ -143,7 +143,7 @@ class NBitsKernel:
         return self._nbytes
 
 
-_untrimmed = [0]  # bytes packed since the heap was last trimmed
+_untrimmed_bytes = 0  # packed since the heap was last trimmed
 
 
 def _trim_now_and_then(packed_bytes: int) -> None:
@@ -152,10 +152,11 @@ def _trim_now_and_then(packed_bytes: int) -> None:
     21B-A3B's shapes left resident memory 1.9 GiB above what they hold. Trimming after every session bounds
     that but costs a walk of the whole heap each time (on the 21B-A3B, 5.4 minutes of repacking instead of
     2.7), so it is done once per `TRIM_EVERY_BYTES` of weights packed."""
-    _untrimmed[0] += packed_bytes
-    if _untrimmed[0] >= TRIM_EVERY_BYTES:
+    global _untrimmed_bytes
+    _untrimmed_bytes += packed_bytes
+    if _untrimmed_bytes >= TRIM_EVERY_BYTES:
         trim_heap()
-        _untrimmed[0] = 0
+        _untrimmed_bytes = 0
 
 
 def _pieces(out_features: int, in_features: int) -> list[tuple[int, int]]:

@@ -54,9 +54,9 @@ class Variant:
     def label(self) -> str:
         head = "" if self.lm_head else ", fp32 head"
         w8a8 = " +W8A8" if self.w8a8 else ""
-        kernels = ", exact kernels" if self.exact else ""
-        if self.cpu_kernels != "torch" and not self.exact:
-            kernels = f", {self.cpu_kernels} kernels"
+        kernels = "" if self.cpu_kernels == "torch" else f", {self.cpu_kernels} kernels"
+        if self.exact:
+            kernels = ", exact kernels"
         return f"{self.spec.describe()}{head}{w8a8}{kernels}"
 
 
