@@ -130,6 +130,22 @@ def resolve_providers(requested: list[str] | None, device: str, available: list[
     return providers
 
 
+def inference_session(model: str | bytes, options: Any, providers: list[str]) -> Any:  # -> ort.InferenceSession
+    """`ort.InferenceSession(model, options, providers)`, on onnxruntime's process-wide thread pool where this
+    process has one: onnxruntime then refuses sessions with pools of their own (the torch backend makes that
+    pool when onnxruntime's kernels hold most of its quantized weights)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except RuntimeError as error:
+        if "global thread pool" not in str(error):
+            raise
+    log.info("onnxruntime's process-wide thread pool is in use in this process: this session runs on it")
+    options.use_per_session_threads = False
+    return ort.InferenceSession(model, options, providers=providers)
+
+
 @dataclass
 class _Cache:
     """One request's keys and values, all layers: `data[layer, 0=key/1=value, K, capacity, D]`."""
@@ -224,7 +240,7 @@ class OnnxBackend(Backend):
         import torch
 
         session_options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(export.path), session_options, providers=providers)
+        self.session = inference_session(str(export.path), session_options, providers)
         self._output_names = [o.name for o in self.session.get_outputs()]
         log.info(
             "onnx session ready",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ernie_serve.backends.onnx.backend import inference_session
 from ernie_serve.backends.onnx.export import ExportOptions, export_to_dir
 from ernie_serve.backends.onnx.graph import (
     MS_DOMAIN,
@@ -56,7 +57,7 @@ def _session(path: Path, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads or torch.get_num_threads()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return inference_session(str(path), options, ["CPUExecutionProvider"])
 
 
 def decode_logits(session: Any, config: Any, tokens: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ def _one_node(node: Any, k: int, n: int, arrays: dict[str, np.ndarray]) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # the calling thread: its CPU time is the kernel's
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return inference_session(model.SerializeToString(), options, ["CPUExecutionProvider"])
 
 
 def kernel_candidates(k: int, n: int) -> dict[str, Kernel]:

@@ -16,7 +16,7 @@ from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetenso
 from ernie_serve.backends.torch.malloc import HeapTrimmer
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
 from ernie_serve.backends.torch.ort_kernels import AUTO_MIN_WEIGHTS, onnxruntime_available
-from ernie_serve.backends.torch.quant import QuantizedWeight
+from ernie_serve.backends.torch.quant import QuantizedWeight, onnxruntime_share
 from ernie_serve.core.backend import (
     Backend,
     BackendCapabilities,
@@ -303,7 +303,7 @@ class TorchBackend(Backend):
         if quant:
             self._weight_bytes = getattr(self.model, "weight_bytes", dict)()  # repacked codes may replace row-wise ones
             if not on_cuda:
-                self._hand_cores_to_onnxruntime()
+                self._hand_cores_to_onnxruntime(quant["cpu_quantized_kernels"])
         if extra_bytes:
             self._weight_bytes["kernel_copies"] = extra_bytes
             log.info("weights prepared for CPU kernels", extra_gib=round(extra_bytes / 2**30, 2))
@@ -311,19 +311,22 @@ class TorchBackend(Backend):
                 # oneDNN's per-shape primitives would otherwise leave freed memory in the heap (malloc.py)
                 self._heap_trimmer = HeapTrimmer(options.cpu_malloc_trim_interval)
 
-    def _hand_cores_to_onnxruntime(self) -> None:
-        """Where onnxruntime's kernels hold most quantized weights, torch's own ops (attention, norms, routing:
-        small next to the products) run on one thread. torch's OpenMP workers spin-wait after each parallel
-        region and took the core onnxruntime's worker needed: measured on the 21B-A3B's shapes, decode ran 1.3x
-        faster with torch on one thread and each onnxruntime session on two than with both on two. `close`
-        gives torch its threads back."""
+    def _hand_cores_to_onnxruntime(self, policy: str) -> None:
+        """Where onnxruntime's kernels hold most quantized weights (`onnxruntime_share`, the rule by which
+        `prepare_for_inference` gave their sessions the process-wide pool), torch's own ops (attention, norms,
+        routing: small next to the products) run on one thread. torch's OpenMP workers spin-wait after each
+        parallel region and took the core onnxruntime's worker needed: measured on the 21B-A3B's shapes, decode
+        ran 1.3x faster with torch on one thread and each onnxruntime session on two than with both on two.
+        `close` gives torch its threads back."""
         weights = [m for m in self.model.modules() if isinstance(m, QuantizedWeight)]
-        held = sum(w.onnxruntime_bytes() for w in weights)
-        total = sum(w.nbytes() for w in weights)
-        if total and held * 2 >= total and torch.get_num_threads() > 1:
+        if not any(w.onnxruntime_bytes() for w in weights):  # exact or fbgemm kernels: nothing was packed
+            return
+        share = onnxruntime_share(weights, policy)
+        if share >= 0.5 and torch.get_num_threads() > 1:
             log.info(
-                "onnxruntime kernels hold most quantized weights: torch's own ops run on one thread",
-                onnxruntime_share=round(held / total, 3),
+                "onnxruntime kernels hold most quantized weights: they share one spinning thread pool, and "
+                "torch's own ops run on one thread",
+                onnxruntime_share=round(share, 3),
                 onnxruntime_threads=torch.get_num_threads(),
             )
             self._torch_threads_before = torch.get_num_threads()

@@ -17,7 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_serve.backends.torch.malloc import trim_heap
-from ernie_serve.backends.torch.quant import QuantizedWeight, QuantMatrix, QuantTarget, stacked_row_sums
+from ernie_serve.backends.torch.ort_kernels import (
+    FusedMLPKernel,
+    FusedPart,
+    fits_one_session,
+    thread_pool,
+    uses_onnxruntime,
+)
+from ernie_serve.backends.torch.quant import (
+    QuantizedWeight,
+    QuantMatrix,
+    QuantTarget,
+    onnxruntime_share,
+    stacked_row_sums,
+)
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.logging import progress
 from ernie_serve.quantization import QuantSpec
@@ -191,6 +204,31 @@ def project(
     return torch.mm(x, weight) if base is None else torch.addmm(base, x, weight)  # [T, out]
 
 
+def fuse_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> FusedMLPKernel | None:
+    """One onnxruntime session for a quantized SwiGLU MLP's two CPU matrices (`FusedMLPKernel`) where
+    `--cpu-quantized-kernels` (`policy`) sends both to onnxruntime and they fit one session; each matrix keeps a
+    `FusedPart` as its kernel, so its stack lets go of the row-wise codes when packed (`pack_for_device`)."""
+    if isinstance(gate_up, QuantizedWeight) and isinstance(down, QuantizedWeight):
+        gate_up, down = gate_up.matrix, down.matrix
+    if not (isinstance(gate_up, QuantMatrix) and isinstance(down, QuantMatrix)) or gate_up.rows.device.type != "cpu":
+        return None
+    if gate_up.device_kernel is not None or down.device_kernel is not None:
+        return None  # already packed
+    spec, hidden, out = gate_up.spec, gate_up.in_features, down.out_features
+    intermediate = down.in_features
+    if not (
+        uses_onnxruntime(policy, spec, hidden, 2 * intermediate)
+        and uses_onnxruntime(policy, spec, intermediate, out)
+        and fits_one_session(hidden, intermediate, out)
+    ):
+        return None
+    kernel = FusedMLPKernel.pack((gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), spec)
+    gate_up_weights = hidden * 2 * intermediate
+    share = kernel.nbytes() * gate_up_weights // (gate_up_weights + intermediate * out)  # by weights
+    gate_up.device_kernel, down.device_kernel = FusedPart(share), FusedPart(kernel.nbytes() - share)
+    return kernel
+
+
 def _experts(weight: nn.Parameter | QuantizedWeight) -> list[Weight]:
     """Each expert's `[in, out]` weight of a stack."""
     return list(weight.matrices) if isinstance(weight, QuantizedWeight) else list(weight.unbind(0))
@@ -319,6 +357,7 @@ class MLP(RowParallelOutput, nn.Module):
         self.down_bias = _param(hidden, dtype=dtype, device=device) if bias else None
         self.gate_up_packed: torch.Tensor | None = None  # see `pack_weights`
         self.down_packed: torch.Tensor | None = None
+        self.fused: FusedMLPKernel | None = None  # see `fuse_for_onnxruntime`
 
     def pack_weights(self) -> int:
         """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`), or
@@ -329,10 +368,18 @@ class MLP(RowParallelOutput, nn.Module):
         self.down_packed = onednn_pack(self.down_weight.t())
         return packed_bytes(self.gate_up_packed, self.down_packed)
 
+    def fuse_for_onnxruntime(self, policy: str) -> None:
+        """Called after loading, before its quantized weights are packed: see `fuse_for_onnxruntime`."""
+        if self.fused is None and self.gate_up_bias is None and self.down_bias is None:
+            self.fused = fuse_for_onnxruntime(self.gate_up_weight, self.down_weight, policy)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
+        added = residual if self.adds_residual else None
+        if self.fused is not None:
+            out = self.fused.forward(x)  # [T, H]
+            return self._finish(out if added is None else out + added)
         gate_up = project(x, self.gate_up_weight, self.gate_up_bias, packed=self.gate_up_packed)  # [T, 2I]
         hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [T, I]
-        added = residual if self.adds_residual else None
         return self._finish(project(hidden, self.down_weight, self.down_bias, added, self.down_packed))
 
 
@@ -384,6 +431,7 @@ class SparseMoE(RowParallelOutput, nn.Module):
         shared = config.moe_num_shared_experts * i
         self.shared = MLP(h, shared, config.use_bias, dtype, device, quant) if shared else None
         self.expert_packed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+        self.expert_fused: list[FusedMLPKernel] | None = None  # see `fuse_for_onnxruntime`
         # expert parallelism (parallel.py): computes `residual + this rank's experts' share` instead of the paths
         # below, which assume every expert is local; takes (x, experts, weights, residual)
         self.routed_hook: Callable[..., torch.Tensor] | None = None
@@ -396,6 +444,28 @@ class SparseMoE(RowParallelOutput, nn.Module):
             return self.gate_up_weight.pack_for_gemm() + self.down_weight.pack_for_gemm()
         self.expert_packed = [(onednn_pack(g.t()), onednn_pack(d.t())) for g, d in self.expert_weights]
         return sum(packed_bytes(*pair) for pair in self.expert_packed)
+
+    def fuse_for_onnxruntime(self, policy: str) -> None:
+        """Called after loading, before its quantized weights are packed: each expert as one onnxruntime
+        session where both its matrices go to onnxruntime (`fuse_for_onnxruntime`); all or none."""
+        if self.expert_fused is not None:
+            return
+        first = fuse_for_onnxruntime(*self.expert_weights[0], policy)
+        if first is None:
+            return  # every expert has the first's shapes: none would be fused
+        rest = [fuse_for_onnxruntime(gate_up, down, policy) for gate_up, down in self.expert_weights[1:]]
+        assert all(kernel is not None for kernel in rest)
+        self.expert_fused = [first, *rest]  # type: ignore[list-item]
+
+    def run_expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
+        """One expert's SwiGLU over the rows routed to it (unweighted)."""
+        if self.expert_fused is not None:
+            return self.expert_fused[expert].forward(rows)
+        gate_up_weight, down_weight = self.expert_weights[expert]
+        gate_up_packed, down_packed = self.expert_packed[expert] if self.expert_packed else (None, None)
+        gate_up = project(rows, gate_up_weight, packed=gate_up_packed)  # [n, 2I]
+        hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [n, I]
+        return project(hidden, down_weight, packed=down_packed)  # [n, H]
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids `[T, k]` and their renormalized weights `[T, k]` (float32)."""
@@ -431,15 +501,8 @@ class SparseMoE(RowParallelOutput, nn.Module):
         token_of = order // self.top_k  # [T*k] source token of each sorted assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         x_sorted = x.index_select(0, token_of)  # [T*k, H]
-        outputs = []
-        for expert, rows in enumerate(x_sorted.split(counts)):  # [n_e, H] views, one per expert
-            if rows.shape[0] == 0:
-                continue
-            gate_up_weight, down_weight = self.expert_weights[expert]
-            gate_up_packed, down_packed = self.expert_packed[expert] if self.expert_packed else (None, None)
-            gate_up = project(rows, gate_up_weight, packed=gate_up_packed)  # [n, 2I]
-            hidden = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # [n, I]
-            outputs.append(project(hidden, down_weight, packed=down_packed))  # [n, H]
+        # [n_e, H] views, one per expert that has rows
+        outputs = [self.run_expert(e, rows) for e, rows in enumerate(x_sorted.split(counts)) if rows.shape[0]]
         y_sorted = torch.cat(outputs)  # [T*k, H], still grouped by expert
         y_sorted *= weights.flatten().index_select(0, order).unsqueeze(-1).to(y_sorted.dtype)
         return residual.index_add(0, token_of, y_sorted)  # [T, H]
@@ -605,16 +668,30 @@ class ErnieForCausalLM(nn.Module):
         bytes the copies take (0 elsewhere). Quantized weights are repacked instead, in place of their row-wise
         codes, for the int kernels (`QuantizedWeight.pack_for_device`): always on CUDA (torch's), and on the CPU
         (`cpu_quantized_kernels`: onnxruntime's, torch's, or by shape) unless `exact_quantized_kernels` or
-        `int8_activations` asks for the float32 or fbgemm kernels."""
+        `int8_activations` asks for the float32 or fbgemm kernels. On the CPU, an MLP or expert whose matrices
+        both go to onnxruntime becomes one session first (`fuse_for_onnxruntime`), and onnxruntime's sessions
+        share its process-wide pool where they hold most quantized bytes (`ort_kernels.thread_pool`)."""
         quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
         on_cuda = self.embed_weight.device.type == "cuda"
         if on_cuda or (quantized and not self.int8_activations and not self.exact_quantized_kernels):
-            for weight in progress(quantized, "repacking quantized weights", unit="weight"):
-                weight.pack_for_device(self.cpu_quantized_kernels)
-                if not on_cuda:
-                    trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
             if on_cuda:
+                for weight in quantized:
+                    weight.pack_for_device()
                 return 0
+            # onnxruntime's sessions share one spinning pool where they will hold most quantized bytes (torch
+            # then runs on one thread: the backend's `_hand_cores_to_onnxruntime`, by the same rule)
+            shared = onnxruntime_share(quantized, self.cpu_quantized_kernels) >= 0.5
+            # the MLP (or MoE: shared experts are an MLP of their own) that owns each weight, to fuse first
+            mlps = [m for m in self.modules() if isinstance(m, SparseMoE | MLP)]
+            owners = {id(w): m for m in mlps for w in (m.gate_up_weight, m.down_weight)}
+            with thread_pool(shared, torch.get_num_threads()):
+                for weight in progress(quantized, "repacking quantized weights", unit="weight"):
+                    owner = owners.get(id(weight))
+                    if owner is not None and self.cpu_quantized_kernels != "torch":
+                        owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)  # once: its matrices then have kernels
+                    # releases the row-wise codes at once, so at most one MLP's are held twice
+                    weight.pack_for_device(self.cpu_quantized_kernels)
+                    trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:
             packable = []  # every projection is quantized, and weight-only kernels need no copy

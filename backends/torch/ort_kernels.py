@@ -12,19 +12,20 @@ torch's int8 kernel is closer to memory speed, so `--cpu-quantized-kernels auto`
 4-bit matrices of at least `AUTO_MIN_WEIGHTS` weights here (`uses_onnxruntime`).
 
 Each such matrix becomes one small ONNX graph (`x [T, K] -> MatMulNBits -> y [T, N]`) in its own inference
-session; onnxruntime repacks the weight once when the session is made, and the row-wise codes are let go
-(`QuantizedWeight.pack_for_device`). Threads: each session has its own intra-op pool of torch's thread count
-with spin-waiting off. onnxruntime's pools spin after each run by default, and with thousands of sessions (the
-21B-A3B has about 3,500 matrices) the spinning workers of the last few took the cores from everything else
-(measured: decode 25x slower); its process-wide pool (`set_global_thread_pool_sizes`) cannot turn spinning off
-from Python, and took torch's decode from 89 to 20 tokens/s. A pool without spinning parks its worker
-thread between runs: it costs a thread per session, no CPU.
+session, and a SwiGLU MLP whose two matrices both come here one graph for the whole MLP (`FusedMLPKernel`);
+onnxruntime repacks the weights once when the session is made, and the row-wise codes are let go
+(`QuantizedWeight.pack_for_device`). Threads (`thread_pool`): where onnxruntime holds most quantized bytes, all
+sessions share onnxruntime's process-wide pool, whose worker spins between runs, and torch runs on one thread;
+elsewhere each session has its own pool with spin-waiting off, since torch's workers need the cores. (Pools of
+their own that spin were ruinous: with thousands of sessions the workers of the last few spun at once and took
+the cores from everything else, decode 25x slower.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,34 +67,108 @@ def uses_onnxruntime(policy: str, spec: QuantSpec, in_features: int, out_feature
     return policy == "auto" and spec.bits == 4 and in_features * out_features >= AUTO_MIN_WEIGHTS
 
 
+_shared_pool = False  # whether sessions made now run on onnxruntime's process-wide pool (`thread_pool`)
+_shared_pool_sized = False  # whether this process has that pool: once it has, every session must use it
+
+
+@contextlib.contextmanager
+def thread_pool(shared: bool, threads: int) -> Iterator[None]:
+    """Sessions made inside run on onnxruntime's process-wide pool of `threads` threads, which spin-waits between
+    runs (`shared`), or each on a pool of its own that does not.
+
+    Shared is for models whose weights onnxruntime holds most of, with torch on one thread (the backend's
+    `_hand_cores_to_onnxruntime`, by the same rule): the pool's one worker spins on the core torch leaves it and
+    takes up each product at once, where a session's own parked worker is woken for every product. Measured on
+    the 21B-A3B (docs/quantization.md): 5.87 decode tokens/s shared, 3.12 with pools of their own. Where torch
+    keeps its threads its OpenMP workers need that core: with torch on two threads and only the benchmark
+    model's LM head in onnxruntime, a spinning pool took torch's decode from 89 to 20 tokens/s.
+
+    onnxruntime makes the process-wide pool once and then refuses sessions with pools of their own, so once a
+    load has asked for it every later session in the process uses it too (a model loaded afterwards whose
+    products are mostly torch's runs beside a spinning worker: slower, correct); the onnx backend's sessions
+    follow it as well."""
+    global _shared_pool, _shared_pool_sized
+    if shared and not _shared_pool_sized:
+        import onnxruntime as ort
+
+        try:
+            ort.set_global_thread_pool_sizes(threads, 1)
+        except Exception:  # refused: something else in this process made that pool already, with its own size
+            pass
+        _shared_pool_sized = True
+    before, _shared_pool = _shared_pool, shared
+    try:
+        yield
+    finally:
+        _shared_pool = before
+
+
 def _session_options():  # -> onnxruntime.SessionOptions
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: a session per matrix would repeat any warning thousands of times
     options.enable_cpu_mem_arena = False  # an arena per session would hold its largest output for good
+    if _shared_pool or _shared_pool_sized:
+        options.use_per_session_threads = False
+        return options
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see the module docstring
     return options
 
 
-def _graph_bytes(packed: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int, block: int) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
+def _matmul_node(x: str, name: str, y: str, k: int, n: int, bits: int, block: int):  # -> onnx.NodeProto
+    from onnx import helper
 
-    node = helper.make_node(
-        "MatMulNBits", ["x", "B", "scales"], ["y"], domain=MS_DOMAIN,
+    return helper.make_node(
+        "MatMulNBits", [x, f"{name}.B", f"{name}.scales"], [y], domain=MS_DOMAIN,
         K=k, N=n, bits=bits, block_size=block, accuracy_level=4,
     )  # fmt: skip
+
+
+def _packed_initializers(name: str, codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tuple[list, int]:
+    """`MatMulNBits`' weight and scales for codes `[n, in]` and scales `[n, G]` (`matmul_nbits_layout`), and its
+    block size."""
+    from onnx import numpy_helper
+
+    packed, block_scales, block = matmul_nbits_layout(codes, scales, spec)
+    weight = numpy_helper.from_array(packed.numpy(), f"{name}.B")
+    return [weight, numpy_helper.from_array(block_scales.numpy(), f"{name}.scales")], block
+
+
+def _session(nodes: list, initializers: list, x: tuple[str, int], y: tuple[str, int]):  # -> ort.InferenceSession
+    """A session of `nodes` from input `x` `[rows, x[1]]` to output `y` `[rows, y[1]]`, both float32."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
-        [node],
+        nodes,
         "quantized_matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
-        initializer=[numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales")],
+        [helper.make_tensor_value_info(x[0], TensorProto.FLOAT, ["rows", x[1]])],
+        [helper.make_tensor_value_info(y[0], TensorProto.FLOAT, ["rows", y[1]])],
+        initializer=initializers,
     )
+    initializers.clear()  # the graph has its own copies: let the caller's go now
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    del graph
+    session = ort.InferenceSession(model, _session_options(), providers=["CPUExecutionProvider"])
+    # The Python session keeps the model's bytes (to rebuild itself if its providers change, which never happens
+    # here): a second copy of every weight. onnxruntime has its own, repacked, so drop them.
+    if hasattr(session, "_model_bytes"):
+        session._model_bytes = None
+    return session
+
+
+def _held_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
+    """onnxruntime does not report its packed size: estimated from the codes and scales it is given."""
+    return int(storage_bytes(out_features, in_features, spec) * (1 + PACKED_OVERHEAD))
+
+
+def _run(session, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] float32
+    rows = x.detach().to(torch.float32).contiguous().numpy()  # no copy for a contiguous float32 CPU x
+    return torch.from_numpy(session.run(None, {"x": rows})[0])
 
 
 class NBitsKernel:
@@ -110,34 +185,91 @@ class NBitsKernel:
     ) -> NBitsKernel:
         """From `codes_of(columns)`, the signed codes `[columns, in]` of a range of output columns, and the scales
         `[G, out]` (the layout `QuantizedWeight` stores)."""
-        import onnxruntime as ort
-
         out_features = scales.shape[1]
         sessions, nbytes = [], 0
         for start, stop in _pieces(out_features, in_features):
             codes = codes_of(slice(start, stop))  # [n, in]
-            packed, block_scales, block = matmul_nbits_layout(codes, scales[:, start:stop].t(), spec)
+            initializers, block = _packed_initializers("w", codes, scales[:, start:stop].t(), spec)
             del codes
-            model = _graph_bytes(packed.numpy(), block_scales.numpy(), in_features, stop - start, spec.bits, block)
-            del packed, block_scales
-            session = ort.InferenceSession(model, _session_options(), providers=["CPUExecutionProvider"])
-            # The Python session keeps the model's bytes (to rebuild itself if its providers change, which never
-            # happens here): a second copy of every weight. onnxruntime has its own, repacked, so drop them.
-            if hasattr(session, "_model_bytes"):
-                session._model_bytes = None
-            del model
-            sessions.append(session)
-            # onnxruntime does not report its packed size: estimated from the codes and scales it was given
-            piece_bytes = storage_bytes(stop - start, in_features, spec)
-            nbytes += int(piece_bytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES
-            _trim_now_and_then(piece_bytes)
+            node = _matmul_node("x", "w", "y", in_features, stop - start, spec.bits, block)
+            sessions.append(_session([node], initializers, ("x", in_features), ("y", stop - start)))
+            nbytes += _held_bytes(in_features, stop - start, spec) + SESSION_OVERHEAD_BYTES
+            _trim_now_and_then(storage_bytes(stop - start, in_features, spec))
         return cls(sessions, in_features, out_features, nbytes)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
-        rows = x.detach().to(torch.float32).contiguous().numpy()  # no copy for a contiguous float32 CPU x
-        outs = [torch.from_numpy(session.run(None, {"x": rows})[0]) for session in self.sessions]  # [T, piece]
+        outs = [_run(session, x) for session in self.sessions]  # [T, piece] each
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.to(x.dtype)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+def fits_one_session(in_features: int, intermediate: int, out_features: int) -> bool:
+    """Whether a SwiGLU MLP (`[in, 2*intermediate]` gate|up, `[intermediate, out]` down) is small enough for
+    one `FusedMLPKernel` (the 21B-A3B's experts and shared experts are; its dense first MLP, 94M weights, is
+    not)."""
+    return intermediate * (2 * in_features + out_features) <= PIECE_WEIGHTS
+
+
+class FusedMLPKernel:
+    """A whole SwiGLU MLP, `down(silu(gate(x)) * up(x))`, as one onnxruntime session: a routed expert, the
+    shared experts or a dense MLP whose two matrices both go to onnxruntime (`fits_one_session`).
+
+    Same arithmetic as its two matrices' `NBitsKernel`s with torch's SiLU between them (the down projection's
+    input is rounded to int8 per block either way), in one call instead of two plus four torch ops, and half
+    the sessions (docs/quantization.md has what it gained on the 21B-A3B)."""
+
+    def __init__(self, session, out_features: int, nbytes: int) -> None:
+        self.session, self.out_features, self._nbytes = session, out_features, nbytes
+
+    @classmethod
+    def pack(
+        cls,
+        gate_up: tuple[torch.Tensor, torch.Tensor],  # codes [2I, in] signed, scales [G, 2I]
+        down: tuple[torch.Tensor, torch.Tensor],  # codes [out, I] signed, scales [G', out]
+        spec: QuantSpec,
+    ) -> FusedMLPKernel:
+        from onnx import helper, numpy_helper
+
+        (gate_up_codes, gate_up_scales), (down_codes, down_scales) = gate_up, down
+        two_i, in_features = gate_up_codes.shape
+        out_features, intermediate = down_codes.shape
+        gate_up_tensors, gate_up_block = _packed_initializers("gate_up", gate_up_codes, gate_up_scales.t(), spec)
+        down_tensors, down_block = _packed_initializers("down", down_codes, down_scales.t(), spec)
+        halves = numpy_helper.from_array(np.array([intermediate, intermediate], dtype=np.int64), "halves")
+        nodes = [
+            _matmul_node("x", "gate_up", "gate_up.y", in_features, two_i, spec.bits, gate_up_block),  # [T, 2I]
+            helper.make_node("Split", ["gate_up.y", "halves"], ["gate", "up"], axis=1),  # [T, I] each
+            helper.make_node("Sigmoid", ["gate"], ["gate.sigmoid"]),
+            helper.make_node("Mul", ["gate", "gate.sigmoid"], ["gate.silu"]),
+            helper.make_node("Mul", ["gate.silu", "up"], ["hidden"]),  # [T, I]
+            _matmul_node("hidden", "down", "y", intermediate, out_features, spec.bits, down_block),  # [T, out]
+        ]
+        session = _session(nodes, [*gate_up_tensors, *down_tensors, halves], ("x", in_features), ("y", out_features))
+        nbytes = _held_bytes(in_features, two_i, spec) + _held_bytes(intermediate, out_features, spec)
+        _trim_now_and_then(storage_bytes(two_i, in_features, spec) + storage_bytes(out_features, intermediate, spec))
+        return cls(session, out_features, nbytes + SESSION_OVERHEAD_BYTES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.out_features)
+        return _run(self.session, x).to(x.dtype)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class FusedPart:
+    """What each matrix of a `FusedMLPKernel`'s MLP keeps as its device kernel: its share of the session's
+    bytes (for the reports). It cannot multiply on its own; its MLP calls the fused kernel instead."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._nbytes = nbytes
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this matrix is multiplied only together with its MLP's other one (FusedMLPKernel)")
 
     def nbytes(self) -> int:
         return self._nbytes

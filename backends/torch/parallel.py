@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_serve.backends.torch.loader import dummy_tensor
-from ernie_serve.backends.torch.model import MLP, Attention, ErnieForCausalLM, SparseMoE, project
+from ernie_serve.backends.torch.model import MLP, Attention, ErnieForCausalLM, SparseMoE
 from ernie_serve.checkpoint import CheckpointError, CheckpointSlicer
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.core.errors import UserError
@@ -217,15 +217,8 @@ def _local_experts(
     token_of = picked // moe.top_k  # [A]
     counts = torch.bincount(local, minlength=moe.num_experts).tolist()
     x_sorted = x.index_select(0, token_of)  # [A, H]
-    outputs = []
-    for expert, rows in enumerate(x_sorted.split(counts)):  # [n_e, H]
-        if rows.shape[0] == 0:
-            continue
-        gate_up_weight, down_weight = moe.expert_weights[expert]
-        gate_up_packed, down_packed = moe.expert_packed[expert] if moe.expert_packed else (None, None)
-        gate_up = project(rows, gate_up_weight, packed=gate_up_packed)  # [n, 2I]
-        hidden = F.silu(gate_up[:, : moe.intermediate]) * gate_up[:, moe.intermediate :]  # [n, I]
-        outputs.append(project(hidden, down_weight, packed=down_packed))  # [n, H]
+    # [n_e, H] for each of this rank's experts that has rows
+    outputs = [moe.run_expert(e, rows) for e, rows in enumerate(x_sorted.split(counts)) if rows.shape[0]]
     y = torch.cat(outputs)  # [A, H]
     y *= weights.flatten().index_select(0, picked).unsqueeze(-1).to(y.dtype)
     return residual.index_add(0, token_of, y)

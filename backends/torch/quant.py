@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ernie_serve.backends.torch.ort_kernels import NBitsKernel, uses_onnxruntime
-from ernie_serve.quantization import QuantSpec, rounded_codes
+from ernie_serve.backends.torch.ort_kernels import FusedPart, NBitsKernel, uses_onnxruntime
+from ernie_serve.quantization import QuantSpec, rounded_codes, storage_bytes
 
 _BYTE_BAGS = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
 _4BIT_BAGS = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets
@@ -71,7 +71,8 @@ class QuantMatrix:
     spec: QuantSpec
     out_features: int
     packed: Any = None  # fbgemm `linear_prepack` params of the same weight (wint8 with prepack), or None
-    device_kernel: Int4Kernel | Int8Kernel | NBitsKernel | None = None  # the int kernels' copy (`pack_for_device`)
+    # the int kernels' copy (`pack_for_device`), or its share of an MLP's fused onnxruntime kernel
+    device_kernel: Int4Kernel | Int8Kernel | NBitsKernel | FusedPart | None = None
     in_features: int = 0  # set from `rows`, which `release_rows` may empty
 
     def __post_init__(self) -> None:
@@ -298,7 +299,8 @@ class QuantizedWeight(nn.Module):
 
     def onnxruntime_bytes(self) -> int:
         """The bytes of this stack's matrices that onnxruntime's kernels hold (`pack_for_device`)."""
-        return sum(m.device_kernel.nbytes() for m in self.matrices if isinstance(m.device_kernel, NBitsKernel))
+        onnxruntime = (NBitsKernel, FusedPart)
+        return sum(m.device_kernel.nbytes() for m in self.matrices if isinstance(m.device_kernel, onnxruntime))
 
     def pack_for_device(self, cpu_kernels: str = "torch") -> None:
         """Called once after loading (on CPU unless the exact kernels were asked for): give every matrix its
@@ -306,7 +308,8 @@ class QuantizedWeight(nn.Module):
         and, where all of them got one, let go of the row-wise codes and the scales, which nothing reads any more
         (`nbytes` counts what is kept)."""
         for matrix in self.matrices:
-            matrix.pack_for_device(cpu_kernels)
+            if matrix.device_kernel is None:  # not already part of an MLP's fused kernel
+                matrix.pack_for_device(cpu_kernels)
         if all(m.device_kernel is not None for m in self.matrices):  # the kernels hold their own scales too
             count, _, width = self.rows.shape
             self.rows = self.rows.new_empty(count, 0, width)  # new tensors: a view would keep the storage
@@ -317,6 +320,15 @@ class QuantizedWeight(nn.Module):
     def nbytes(self) -> int:
         kernels = sum(m.device_kernel.nbytes() for m in self.matrices if m.device_kernel is not None)
         return self.rows.numel() + self.scales.numel() * self.scales.element_size() + kernels
+
+
+def onnxruntime_share(weights: list[QuantizedWeight], cpu_kernels: str) -> float:
+    """The fraction of these CPU weights' quantized bytes that `pack_for_device(cpu_kernels)` will give to
+    onnxruntime (0 for none)."""
+    sizes = [(w, w.rows.shape[0] * storage_bytes(w.out_features, w.in_features, w.spec)) for w in weights]
+    total = sum(size for _, size in sizes)
+    held = sum(size for w, size in sizes if uses_onnxruntime(cpu_kernels, w.spec, w.in_features, w.out_features))
+    return held / total if total else 0.0
 
 
 def stacked_row_sums(

@@ -4,13 +4,24 @@ it, and a model served on it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from ernie_serve import LLM
 from ernie_serve.backends.torch import backend as torch_backend
 from ernie_serve.backends.torch import ort_kernels
-from ernie_serve.backends.torch.ort_kernels import NBitsKernel, uses_onnxruntime
+from ernie_serve.backends.torch.model import MLP, SparseMoE
+from ernie_serve.backends.torch.ort_kernels import (
+    FusedMLPKernel,
+    FusedPart,
+    NBitsKernel,
+    fits_one_session,
+    uses_onnxruntime,
+)
 from ernie_serve.backends.torch.quant import Int4Kernel, QuantizedWeight
 from ernie_serve.core.backend import BackendUnavailableError
 from ernie_serve.quantization import NBITS_PER_CHANNEL_BLOCK, QuantSpec, dequantize, quantize
@@ -95,6 +106,41 @@ def test_a_matrix_in_pieces_multiplies_like_one_session(monkeypatch) -> None:
     assert torch.allclose(pieces.matmul(x), whole.matmul(x), rtol=1e-5, atol=1e-6)  # (tiling may reorder sums)
 
 
+def _quantized(spec: QuantSpec, in_features: int, out_features: int, seed: int):
+    """Codes `[out, in]` and scales `[G, out]` of a random matrix, and the `[out, in]` weight they stand for."""
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05
+    codes, scales = quantize(weight, spec)  # [out, in], [out, G]
+    return (codes, scales.t().contiguous()), dequantize(codes, scales, spec)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 128), QuantSpec("wint4"), QuantSpec("wint8")], ids=str)
+def test_a_fused_mlp_is_its_two_kernels_with_silu_between(spec: QuantSpec) -> None:
+    hidden, intermediate = 256, 192
+    gate_up, gate_up_weight = _quantized(spec, hidden, 2 * intermediate, seed=0)  # [2I, H]
+    down, down_weight = _quantized(spec, intermediate, hidden, seed=1)  # [H, I]
+    fused = FusedMLPKernel.pack(gate_up, down, spec)
+    gate_up_kernel = NBitsKernel.pack(lambda c: gate_up[0][c], gate_up[1], spec, hidden)
+    down_kernel = NBitsKernel.pack(lambda c: down[0][c], down[1], spec, intermediate)
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(2))
+    g, u = gate_up_kernel.matmul(x).chunk(2, dim=1)  # [T, I] each
+    two_calls = down_kernel.matmul(torch.nn.functional.silu(g) * u)  # [T, H]
+    out = fused.forward(x)
+    # the same products; SiLU in onnxruntime and in torch may differ in the last bit, and that bit can move an
+    # int8 rounding of the down projection's input by one step
+    assert torch.allclose(out, two_calls, rtol=0, atol=1e-3 * two_calls.abs().max())
+    g, u = (x @ gate_up_weight.t()).chunk(2, dim=1)
+    exact = (torch.nn.functional.silu(g) * u) @ down_weight.t()
+    swapped = (torch.nn.functional.silu(u) * g) @ down_weight.t()  # up and gate the other way round
+    error = (out - exact).abs().max()
+    assert error < 0.05 * exact.abs().max() and error < (swapped - exact).abs().max() / 4
+    assert fused.forward(x[:0]).shape == (0, hidden)
+
+
+def test_experts_and_shared_experts_of_the_21b_fit_one_session() -> None:
+    assert fits_one_session(2560, 1536, 2560) and fits_one_session(2560, 3072, 2560)  # an expert, the shared two
+    assert not fits_one_session(2560, 12288, 2560)  # its dense first layer: two sessions
+
+
 def test_keeps_the_callers_dtype_and_takes_strided_input() -> None:
     kernel, weight = _kernel_and_weight(QuantSpec("wint4", 64), 128, 64)
     x = torch.randn(128, 4).t()  # [4, 128], not contiguous
@@ -132,9 +178,13 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     settings = dict(quantization=scheme, quantization_group_size=group, block_size=4, max_num_batched_tokens=16)
     exact = LLM(model=checkpoint, exact_quantized_kernels=True, **settings)
     fast = LLM(model=checkpoint, cpu_quantized_kernels="onnxruntime", **settings)
-    weights = [m for m in fast.engine.core.backend.model.modules() if isinstance(m, QuantizedWeight)]
-    assert weights and all(isinstance(m.device_kernel, NBitsKernel) for w in weights for m in w.matrices)
+    model = fast.engine.core.backend.model
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    # every MLP and expert one session, the attention projections and the head one each
+    assert weights and all(isinstance(m.device_kernel, NBitsKernel | FusedPart) for w in weights for m in w.matrices)
     assert all(w.rows.numel() == 0 for w in weights)
+    assert all(m.expert_fused is not None for m in model.modules() if isinstance(m, SparseMoE))
+    assert all(m.fused is not None for m in model.modules() if isinstance(m, MLP))
     assert torch.get_num_threads() == (1 if torch_threads > 1 else torch_threads)
     # int8 activations per block move a tiny model's log-probabilities more than torch's bfloat16 ones do
     # (measured on these prompts: up to 0.07 nats, against 0.05), far less than a wrong weight would
@@ -149,3 +199,63 @@ def test_auto_keeps_a_tiny_models_matrices_on_torch_kernels(tiny_checkpoint, tor
     weights = [m for m in llm.engine.core.backend.model.modules() if isinstance(m, QuantizedWeight)]
     kernels = {type(m.device_kernel) for w in weights for m in w.matrices}  # (None: a shape torch's cannot take)
     assert Int4Kernel in kernels and NBitsKernel not in kernels and torch.get_num_threads() == torch_threads
+    assert not any(m.expert_fused for m in llm.engine.core.backend.model.modules() if isinstance(m, SparseMoE))
+
+
+# Run in a fresh process: onnxruntime's process-wide pool, once made, stays for the process's life.
+POOLS_SCRIPT = """
+import json, sys
+import torch
+from ernie_serve import LLM, SamplingParams
+from ernie_serve.backends.torch import ort_kernels
+from ernie_serve.backends.torch.model import SparseMoE
+
+checkpoint, head_weights = sys.argv[1], int(sys.argv[2])
+facts = {"threads": torch.get_num_threads()}
+params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+ort_kernels.AUTO_MIN_WEIGHTS = head_weights  # `auto` then sends only the LM head to onnxruntime
+with LLM(model=checkpoint, quantization="wint4", quantization_group_size=64) as llm:
+    head = llm.engine.core.backend.model.lm_head_quantized.matrix.device_kernel
+    facts["head_only"] = {
+        "kernel": type(head).__name__,
+        "own_pool": head.sessions[0].get_session_options().use_per_session_threads,
+        "torch_threads": torch.get_num_threads(),
+    }
+quantized = dict(quantization="wint4", quantization_group_size=64)
+with LLM(model=checkpoint, cpu_quantized_kernels="onnxruntime", **quantized) as llm:
+    model = llm.engine.core.backend.model
+    sessions = [k.session for m in model.modules() if isinstance(m, SparseMoE) for k in m.expert_fused]
+    facts["everything"] = {
+        "sessions": len(sessions),
+        "own_pool": [s.get_session_options().use_per_session_threads for s in sessions],
+        "torch_threads": torch.get_num_threads(),
+        "tokens": len(llm.generate({"prompt_token_ids": [5, 6, 7]}, params)[0].outputs[0].token_ids),
+    }
+facts["torch_threads_after"] = torch.get_num_threads()
+with LLM(model=checkpoint, backend="onnx") as llm:  # its session must take the process-wide pool now
+    facts["onnx_tokens"] = len(llm.generate({"prompt_token_ids": [5, 6, 7]}, params)[0].outputs[0].token_ids)
+print(json.dumps(facts))
+"""
+
+
+def test_thread_pools_follow_who_holds_the_weights(tiny_checkpoint) -> None:
+    """Where onnxruntime holds only the LM head, its session has a pool of its own (spin-waiting off) and torch
+    keeps its threads; where it holds every quantized weight, its sessions share the process-wide pool and torch
+    runs on one thread until `close()`; after that the onnx backend's session runs on that pool too."""
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+    config = json.loads((checkpoint / "config.json").read_text())
+    head_weights = config["hidden_size"] * config["vocab_size"]
+    run = subprocess.run(
+        [sys.executable, "-c", POOLS_SCRIPT, str(checkpoint), str(head_weights)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    threads = facts["threads"]
+    assert facts["head_only"] == {"kernel": "NBitsKernel", "own_pool": True, "torch_threads": threads}
+    everything = facts["everything"]
+    assert everything["sessions"] > 0 and not any(everything["own_pool"])
+    assert everything["torch_threads"] == 1 and everything["tokens"] == 4
+    assert facts["torch_threads_after"] == threads and facts["onnx_tokens"] == 4
