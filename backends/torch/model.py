@@ -21,7 +21,7 @@ from ernie_serve.backends.torch.ort_kernels import (
     FusedMLPKernel,
     FusedPart,
     fits_one_session,
-    thread_pool,
+    share_thread_pool,
     uses_onnxruntime,
 )
 from ernie_serve.backends.torch.quant import (
@@ -670,7 +670,7 @@ class ErnieForCausalLM(nn.Module):
         (`cpu_quantized_kernels`: onnxruntime's, torch's, or by shape) unless `exact_quantized_kernels` or
         `int8_activations` asks for the float32 or fbgemm kernels. On the CPU, an MLP or expert whose matrices
         both go to onnxruntime becomes one session first (`fuse_for_onnxruntime`), and onnxruntime's sessions
-        share its process-wide pool where they hold most quantized bytes (`ort_kernels.thread_pool`)."""
+        share its process-wide pool where they hold most quantized bytes (`ort_kernels.share_thread_pool`)."""
         quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
         on_cuda = self.embed_weight.device.type == "cuda"
         if on_cuda or (quantized and not self.int8_activations and not self.exact_quantized_kernels):
@@ -680,18 +680,18 @@ class ErnieForCausalLM(nn.Module):
                 return 0
             # onnxruntime's sessions share one spinning pool where they will hold most quantized bytes (torch
             # then runs on one thread: the backend's `_hand_cores_to_onnxruntime`, by the same rule)
-            shared = onnxruntime_share(quantized, self.cpu_quantized_kernels) >= 0.5
+            if onnxruntime_share(quantized, self.cpu_quantized_kernels) >= 0.5:
+                share_thread_pool(torch.get_num_threads())
             # the MLP (or MoE: shared experts are an MLP of their own) that owns each weight, to fuse first
             mlps = [m for m in self.modules() if isinstance(m, SparseMoE | MLP)]
             owners = {id(w): m for m in mlps for w in (m.gate_up_weight, m.down_weight)}
-            with thread_pool(shared, torch.get_num_threads()):
-                for weight in progress(quantized, "repacking quantized weights", unit="weight"):
-                    owner = owners.get(id(weight))
-                    if owner is not None and self.cpu_quantized_kernels != "torch":
-                        owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)  # once: its matrices then have kernels
-                    # releases the row-wise codes at once, so at most one MLP's are held twice
-                    weight.pack_for_device(self.cpu_quantized_kernels)
-                    trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
+            for weight in progress(quantized, "repacking quantized weights", unit="weight"):
+                owner = owners.get(id(weight))
+                if owner is not None and self.cpu_quantized_kernels != "torch":
+                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)  # once: its matrices then have kernels
+                # releases the row-wise codes at once, so at most one MLP's are held twice
+                weight.pack_for_device(self.cpu_quantized_kernels)
+                trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:
             packable = []  # every projection is quantized, and weight-only kernels need no copy

@@ -14,7 +14,7 @@ torch's int8 kernel is closer to memory speed, so `--cpu-quantized-kernels auto`
 Each such matrix becomes one small ONNX graph (`x [T, K] -> MatMulNBits -> y [T, N]`) in its own inference
 session, and a SwiGLU MLP whose two matrices both come here one graph for the whole MLP (`FusedMLPKernel`);
 onnxruntime repacks the weights once when the session is made, and the row-wise codes are let go
-(`QuantizedWeight.pack_for_device`). Threads (`thread_pool`): where onnxruntime holds most quantized bytes, all
+(`QuantizedWeight.pack_for_device`). Threads (`share_thread_pool`): where onnxruntime holds most quantized bytes, all
 sessions share onnxruntime's process-wide pool, whose worker spins between runs, and torch runs on one thread;
 elsewhere each session has its own pool with spin-waiting off, since torch's workers need the cores. (Pools of
 their own that spin were ruinous: with thousands of sessions the workers of the last few spun at once and took
@@ -23,9 +23,8 @@ the cores from everything else, decode 25x slower.)
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,40 +66,33 @@ def uses_onnxruntime(policy: str, spec: QuantSpec, in_features: int, out_feature
     return policy == "auto" and spec.bits == 4 and in_features * out_features >= AUTO_MIN_WEIGHTS
 
 
-_shared_pool = False  # whether sessions made now run on onnxruntime's process-wide pool (`thread_pool`)
-_shared_pool_sized = False  # whether this process has that pool: once it has, every session must use it
+_shared_pool = False  # whether this process has onnxruntime's process-wide pool: once it has, every session uses it
 
 
-@contextlib.contextmanager
-def thread_pool(shared: bool, threads: int) -> Iterator[None]:
-    """Sessions made inside run on onnxruntime's process-wide pool of `threads` threads, which spin-waits between
-    runs (`shared`), or each on a pool of its own that does not.
+def share_thread_pool(threads: int) -> None:
+    """Sessions made from now on run on onnxruntime's process-wide pool of `threads` threads, which spin-waits
+    between runs, instead of each on a pool of its own that does not.
 
-    Shared is for models whose weights onnxruntime holds most of, with torch on one thread (the backend's
+    For models whose weights onnxruntime holds most of, with torch on one thread (the backend's
     `_hand_cores_to_onnxruntime`, by the same rule): the pool's one worker spins on the core torch leaves it and
     takes up each product at once, where a session's own parked worker is woken for every product. Measured on
     the 21B-A3B (docs/quantization.md): 5.87 decode tokens/s shared, 3.12 with pools of their own. Where torch
     keeps its threads its OpenMP workers need that core: with torch on two threads and only the benchmark
     model's LM head in onnxruntime, a spinning pool took torch's decode from 89 to 20 tokens/s.
 
-    onnxruntime makes the process-wide pool once and then refuses sessions with pools of their own, so once a
-    load has asked for it every later session in the process uses it too (a model loaded afterwards whose
-    products are mostly torch's runs beside a spinning worker: slower, correct); the onnx backend's sessions
-    follow it as well."""
-    global _shared_pool, _shared_pool_sized
-    if shared and not _shared_pool_sized:
-        import onnxruntime as ort
+    onnxruntime makes the process-wide pool once and then refuses sessions with pools of their own, so every
+    later session in the process uses it too (a model loaded afterwards whose products are mostly torch's runs
+    beside a spinning worker: slower, correct); the onnx backend's sessions follow it as well."""
+    global _shared_pool
+    if _shared_pool:
+        return
+    import onnxruntime as ort
 
-        try:
-            ort.set_global_thread_pool_sizes(threads, 1)
-        except Exception:  # refused: something else in this process made that pool already, with its own size
-            pass
-        _shared_pool_sized = True
-    before, _shared_pool = _shared_pool, shared
     try:
-        yield
-    finally:
-        _shared_pool = before
+        ort.set_global_thread_pool_sizes(threads, 1)
+    except Exception:  # refused: something else in this process made that pool already, with its own size
+        pass
+    _shared_pool = True
 
 
 def _session_options():  # -> onnxruntime.SessionOptions
@@ -109,7 +101,7 @@ def _session_options():  # -> onnxruntime.SessionOptions
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: a session per matrix would repeat any warning thousands of times
     options.enable_cpu_mem_arena = False  # an arena per session would hold its largest output for good
-    if _shared_pool or _shared_pool_sized:
+    if _shared_pool:
         options.use_per_session_threads = False
         return options
     options.intra_op_num_threads = max(1, torch.get_num_threads())
