@@ -287,7 +287,8 @@ def _add_bench_throughput(bench_sub: Any) -> None:
         "--decode-repeats",
         type=int,
         default=5,
-        help="single-request decode passes per backend on a fresh engine, median; 0 skips (default: 5)",
+        help="single-request decode passes per backend on a fresh engine after one warm-up pass, median; 0 skips "
+        "(default: 5)",
     )
     bench.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
     bench.add_argument("--skip-transformers", action="store_true", help="time ernie-serve only")

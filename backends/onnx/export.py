@@ -35,6 +35,7 @@ from ernie_serve.backends.onnx.graph import (
     GraphStats,
     check_flavour,
     past_names,
+    qmoe_supported,
 )
 from ernie_serve.quantization import QuantSpec
 
@@ -60,11 +61,24 @@ class ExportOptions:
     quantize_lm_head: bool = True  # with `quantization`: the LM head quantized too
     weight_only: bool = False  # wint4: MatMulNBits at accuracy_level 0 (float32 activations) instead of 4
     graph_flavour: str = ONNXRUNTIME  # "tensorrt": the graph TensorRT builds from (graph.py's docstring)
+    # with `quantization`: each MoE layer's routed experts as one QMoE node (graph.py, `moe_qmoe`); None
+    # resolves to whether the installed onnxruntime runs QMoE, so the key says which graph was built
+    fused_moe: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.fused_moe is None:
+            fused = self.quantization is not None and self.graph_flavour == ONNXRUNTIME and qmoe_supported()
+            object.__setattr__(self, "fused_moe", fused)
 
     def graph_quantization(self) -> GraphQuantization | None:
         if self.quantization is None:
             return None
-        return GraphQuantization(self.quantization, self.quantize_lm_head, accuracy_level=0 if self.weight_only else 4)
+        return GraphQuantization(
+            self.quantization,
+            self.quantize_lm_head,
+            accuracy_level=0 if self.weight_only else 4,
+            fused_moe=bool(self.fused_moe),
+        )
 
 
 @dataclass

@@ -24,6 +24,9 @@ is for onnxruntime only; TensorRT builds from the float graph):
          channel. It quantizes the activations to uint8 per call: W8A8-dynamic, not weight-only. Unsigned
          weights take onnxruntime's u8u8 path, which does not saturate on AVX2, so the 8-bit codes stay whole
          (with int8 weights the u8s8 path saturates unless the codes are cut to 7 bits).
+  experts  each MoE layer's routed experts, either scheme, as one `QMoE` node (`moe_qmoe`) where onnxruntime
+         runs it (`qmoe_supported`) and one block divides both widths (`qmoe_block`); otherwise each expert's
+         two products are the kernels above (`moe_sparse`).
 
 The TensorRT flavour (`flavour="tensorrt"`, the graph the TensorRT backend builds its engine from) is the same
 model from the same builder, with three differences:
@@ -66,6 +69,7 @@ Outputs:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -160,6 +164,9 @@ class GraphQuantization:
     # MatMulNBits' accuracy_level: 4 lets it quantize activations to int8 per block (the fast kernels); 0
     # computes in float32 with the dequantized weights (exact, several times slower: for tests)
     accuracy_level: int = 4
+    # Routed experts as one `QMoE` node per layer where the shapes allow (`qmoe_block`), instead of the
+    # unrolled per-expert subgraphs; the exporter sets it only where onnxruntime runs QMoE (`qmoe_supported`)
+    fused_moe: bool = False
 
     def block_size(self) -> int:
         """MatMulNBits' block along K (wint4)."""
@@ -187,6 +194,93 @@ def dynamic_quantize_matmul_inputs(weight: np.ndarray) -> tuple[np.ndarray, np.n
     codes, scales = quantize(torch.from_numpy(weight), QuantSpec("wint8"))  # [N, K] int8, [N, 1]
     unsigned = (codes.t().to(torch.int16) + 128).to(torch.uint8)  # [K, N] in 1..255
     return unsigned.numpy(), scales[:, 0].numpy(), np.full(weight.shape[0], 128, np.uint8)
+
+
+def qmoe_block(spec: QuantSpec, hidden: int, intermediate: int) -> int | None:
+    """The block along K for a layer's experts as one `QMoE` node, or None where QMoE cannot hold them.
+
+    QMoE takes one block size for both products (K = hidden for gate/up, intermediate for down), a power of
+    two of 16 or more that divides both. Groups of 64 or 128 are that block; one scale per output channel
+    (wint8, and wint4 group size -1) is the largest such block up to 128, with the row's scale repeated.
+    """
+    if spec.group_size:
+        return spec.group_size if hidden % spec.group_size == 0 and intermediate % spec.group_size == 0 else None
+    for block in (128, 64, 32, 16):
+        if hidden % block == 0 and intermediate % block == 0:
+            return block
+    return None
+
+
+def qmoe_expert_inputs(weight: np.ndarray, spec: QuantSpec, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """One expert's `weight` [N, K] in QMoE's layout: codes uint8 `[N, K * bits / 8]` (`q + 2^(bits-1)`, the
+    op's default zero point; 4-bit codes two a byte along K, low nibble first) and float32 scales
+    `[N, K / block]` (a per-channel scale repeated over the row's blocks)."""
+    import torch
+
+    codes, scales = quantize(torch.from_numpy(weight), spec)  # [N, K] int8, [N, G] float32
+    n, k = codes.shape
+    scales = scales.expand(n, k // block) if spec.group_size == 0 else scales  # [N, K / block]
+    unsigned = (codes.to(torch.int16) + 2 ** (spec.bits - 1)).to(torch.uint8)  # [N, K]
+    if spec.bits == 4:
+        unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)  # [N, K / 2]
+    return unsigned.numpy(), np.ascontiguousarray(scales.numpy(), dtype=np.float32)
+
+
+@functools.cache
+def qmoe_supported() -> bool:
+    """Whether the installed onnxruntime runs `QMoE` as the graph uses it (float32 activations, SwiGLU with
+    gate and up interleaved, block-wise scales, accuracy_level, 4 and 8 bits): its CPU kernel gained these over
+    several releases. Probed once with two-expert nodes whose outputs are checked against numpy."""
+    try:
+        import onnxruntime  # noqa: F401
+        from onnx import helper  # noqa: F401
+    except ImportError:
+        return False
+    return all(_qmoe_probe(bits) for bits in (4, 8))
+
+
+def _qmoe_probe(bits: int) -> bool:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = inter = block = 16
+    per_byte, offset = 8 // bits, 2 ** (bits - 1)
+    rng = np.random.default_rng(0)
+    fc1 = rng.integers(0, 256, (2, 2 * inter, hidden // per_byte), dtype=np.uint8)  # [E, 2I, H*bits/8]
+    fc2 = rng.integers(0, 256, (2, hidden, inter // per_byte), dtype=np.uint8)  # [E, H, I*bits/8]
+    s1, s2 = np.full((2, 2 * inter, 1), 0.01, np.float32), np.full((2, hidden, 1), 0.01, np.float32)
+    node = helper.make_node(
+        "QMoE", ["x", "router", "fc1", "s1", "", "fc2", "s2"], ["y"], domain=MS_DOMAIN, k=1,
+        activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=bits,
+        block_size=block, accuracy_level=0, activation_alpha=1.0, activation_beta=0.0,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "probe",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", w]) for n, w in (("x", hidden), ("router", 2))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
+        [numpy_helper.from_array(a, n) for a, n in ((fc1, "fc1"), (s1, "s1"), (fc2, "fc2"), (s2, "s2"))],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.ir_version = 8
+    x = rng.normal(0, 1, (1, hidden)).astype(np.float32)
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        (y,) = session.run(None, {"x": x, "router": np.array([[0.0, 5.0]], np.float32)})
+    except Exception:  # noqa: BLE001 - any refusal (unknown op, attribute, layout) means: not this onnxruntime
+        return False
+
+    def dequantize_expert(packed: np.ndarray) -> np.ndarray:  # [N, K*bits/8] -> [N, K]
+        codes = np.stack([packed & 0x0F, packed >> 4], -1).reshape(packed.shape[0], -1) if bits == 4 else packed
+        return (codes.astype(np.float32) - offset) * 0.01
+
+    gate_up = dequantize_expert(fc1[1]) @ x[0]  # expert 1 alone: its routing weight is 1 after normalizing
+    gate, up = gate_up[0::2], gate_up[1::2]  # interleaved rows
+    expected = dequantize_expert(fc2[1]) @ (gate / (1 + np.exp(-gate)) * up)
+    # 8-bit experts round their activations to int8 whatever the accuracy_level: a loose bound for them
+    tolerance = 1e-4 if bits == 4 else 0.05 * float(np.abs(expected).max())
+    return bool(np.allclose(y[0], expected, rtol=1e-4, atol=tolerance))
 
 
 @dataclass
@@ -431,19 +525,78 @@ class _ErnieGraph:
 
     def moe(self, i: int, x: str) -> str:
         """The MoE block of layer `i`: x [.., H] -> [T, H] (the caller reshapes it back)."""
-        return self.moe_dense(i, x) if self.flavour == TENSORRT else self.moe_sparse(i, x)
+        if self.flavour == TENSORRT:
+            return self.moe_dense(i, x)
+        c = self.config
+        biased = self.has(f"model.layers.{i}.mlp.experts.0.gate_proj.bias")  # QMoE's bias inputs are not wired
+        if self.quant is not None and self.quant.fused_moe and not biased:
+            block = qmoe_block(self.quant.spec, c.hidden_size, c.moe_intermediate_size)
+            if block is not None:
+                return self.moe_qmoe(i, x, block)
+        return self.moe_sparse(i, x)
 
-    def route(self, rows: str, name: str) -> tuple[str, str]:
-        """Router in float32 for rows [T, H]: (probs [T, E], the top-k experts [T, k] int64). The correction
-        bias only selects: probs are not biased."""
+    def route(self, rows: str, name: str) -> tuple[str, str, str]:
+        """Router in float32 for rows [T, H]: (logits [T, E], probs [T, E], the top-k experts [T, k] int64).
+        The correction bias only selects: probs are not biased."""
         b, c = self.b, self.config
         router_weight = b.weight(f"{name}.gate.weight", self.w(f"{name}.gate.weight").T)  # [H, E] float32
-        router = b.op("MatMul", self.to_float(rows), router_weight)  # [T, E]
-        probs = b.op("Softmax", router, axis=-1)
+        logits = b.op("MatMul", self.to_float(rows), router_weight)  # [T, E]
+        probs = b.op("Softmax", logits, axis=-1)
         bias_name = f"{name}.moe_statics.e_score_correction_bias"
         selection = b.op("Add", probs, b.weight(bias_name, self.w(bias_name).reshape(-1)))  # [T, E]
         _, experts = b.op("TopK", selection, b.const([c.moe_k]), axis=-1, largest=1, sorted=1, outputs=2)
-        return probs, experts
+        return logits, probs, experts
+
+    def moe_qmoe(self, i: int, x: str, block: int) -> str:
+        """The routed experts of layer `i` as one onnxruntime `QMoE` node (quantized graphs), which runs each
+        chosen expert on its own tokens inside the kernel: a few nodes per layer instead of `moe_sparse`'s
+        ~15 per expert, most of which run on zero rows in a decode step.
+
+        QMoE routes by itself: softmax over its router input, top k, weights renormalized over the k. ERNIE
+        selects by softmax + correction bias but weights by the unbiased softmax, so the router input is
+        the router's logits at the experts ERNIE chose and `MASKED` elsewhere: the softmax of that is each
+        chosen expert's probability over the chosen ones' sum (the unchosen get exactly 0), its top k are
+        the chosen experts, and the renormalized weights are ERNIE's (its `moe_norm_min` floor never acts:
+        the chosen k of E probabilities sum to at least k / E). Experts are stacked `[E, ...]`, gate and up
+        rows interleaved in one fc1 (`swiglu_fusion=1`: CPU QMoE's only fused layout), and the activation
+        is `gate * sigmoid(alpha * gate) * (up + beta)` with alpha 1 and beta 0: SiLU(gate) * up.
+        `accuracy_level` as for MatMulNBits (4: activations rounded to int8 per block; 8-bit experts always
+        round them, like `DynamicQuantizeMatMul`)."""
+        assert self.quant is not None
+        b, c, spec, name = self.b, self.config, self.quant.spec, f"model.layers.{i}.mlp"
+        h, inter, num_experts = c.hidden_size, c.moe_intermediate_size, c.moe_num_experts
+        rows = b.op("Reshape", x, b.const([-1, h]))  # [T, H]
+        logits, _, experts = self.route(rows, name)  # [T, E], [T, k]
+        chosen = b.op("GatherElements", logits, experts, axis=1)  # [T, k]
+        masked = b.op("Expand", b.const(MASKED, np.float32), b.op("Shape", logits))  # [T, E]
+        router = b.op("ScatterElements", masked, experts, chosen, axis=1)  # [T, E]
+        interleave = np.stack([np.arange(inter), inter + np.arange(inter)], 1).reshape(-1)  # gate_j, up_j, ...
+        fc1_codes, fc1_scales, fc2_codes, fc2_scales = [], [], [], []
+        for e in range(num_experts):
+            prefix = f"{name}.experts.{e}"
+            gate_up = self.w(f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight")[interleave]  # [2I, H]
+            codes, scales = qmoe_expert_inputs(gate_up, spec, block)
+            fc1_codes.append(codes)
+            fc1_scales.append(scales)
+            codes, scales = qmoe_expert_inputs(self.w(f"{prefix}.down_proj.weight"), spec, block)  # [H, I]
+            fc2_codes.append(codes)
+            fc2_scales.append(scales)
+        fc1_weights = num_experts * 2 * inter * h
+        inputs = [
+            b.weight(f"{name}.experts.fc1.qweight", np.stack(fc1_codes), parameters=fc1_weights),  # [E, 2I, H*b/8]
+            b.weight(f"{name}.experts.fc1.scales", np.stack(fc1_scales), parameters=0),  # [E, 2I, H / block]
+            "",  # no fc1 bias
+            b.weight(f"{name}.experts.fc2.qweight", np.stack(fc2_codes), parameters=num_experts * h * inter),
+            b.weight(f"{name}.experts.fc2.scales", np.stack(fc2_scales), parameters=0),  # [E, H, I / block]
+        ]
+        out = b.op(
+            "QMoE", rows, router, *inputs, domain=MS_DOMAIN, k=c.moe_k, activation_type="swiglu", swiglu_fusion=1,
+            normalize_routing_weights=1, expert_weight_bits=spec.bits, block_size=block,
+            accuracy_level=self.quant.accuracy_level, activation_alpha=1.0, activation_beta=0.0,
+        )  # fmt: skip  # [T, H]
+        if c.moe_num_shared_experts:
+            out = b.op("Add", out, self.swiglu(rows, f"{name}.shared_experts"))
+        return out
 
     def moe_sparse(self, i: int, x: str) -> str:
         """Route each token to its top-k experts and run each expert on its own tokens only (onnxruntime).
@@ -462,7 +615,7 @@ class _ErnieGraph:
         b, c, name = self.b, self.config, f"model.layers.{i}.mlp"
         h = c.hidden_size
         rows = b.op("Reshape", x, b.const([-1, h]))  # [T, H]
-        probs, experts = self.route(rows, name)
+        _, probs, experts = self.route(rows, name)
         weights = b.op("GatherElements", probs, experts, axis=1)  # [T, k]
         total = b.op("ReduceSum", weights, self.axis_last, keepdims=1)
         weights = b.op("Div", weights, b.op("Max", total, b.const(c.moe_norm_min, np.float32)))
@@ -497,7 +650,7 @@ class _ErnieGraph:
         b, c, name = self.b, self.config, f"model.layers.{i}.mlp"
         e = c.moe_num_experts
         rows = b.op("Reshape", x, b.const([-1, c.hidden_size]))  # [T, H]
-        probs, experts = self.route(rows, name)  # [T, E], [T, k]
+        _, probs, experts = self.route(rows, name)  # [T, E], [T, k]
         slots = b.op("Unsqueeze", experts, self.axis_last)  # [T, k, 1]
         marks = b.op("Cast", b.op("Equal", slots, b.const(np.arange(e))), to=TensorProto.FLOAT)  # [T, k, E]
         chosen = b.op("ReduceSum", marks, b.const([1]), keepdims=0)  # [T, E] 1 where chosen, else 0

@@ -5,7 +5,8 @@ Each system starts first: an engine is created and warmed up on one short reques
 is made, or found in its cache, here, and counts as start-up), or transformers loads the checkpoint and warms
 up. Then every system runs the whole workload submitted at once, `rounds` times, taking turns, and the median
 is reported, so a machine shared with other work favours none of them. Last, each backend decodes one request
-alone on a fresh engine (`decode_repeats` times, median), and with `profile` the engine's time is broken down.
+alone on a fresh engine (`decode_repeats` times after one warm-up pass, median), and with `profile` the
+engine's time is broken down.
 
 The workload is `workload.mixed_workload` (prompts 16..256 tokens, outputs 16..128), or with `input_len` and
 `output_len` vLLM's random dataset at those fixed lengths (the GPU check's 8,000 in / 1,000 out).
@@ -183,9 +184,13 @@ def decode_rate(engine: Engine, new_tokens: int = SINGLE_DECODE_REQUEST.output_l
 
 
 def single_request_decode(settings: EngineSettings, repeats: int = 5) -> float:
-    """Median `decode_rate` over `repeats` passes on a fresh engine (no earlier workload's cache state)."""
+    """Median `decode_rate` over `repeats` passes on a fresh engine (no earlier workload's cache state), after
+    one unmeasured pass of the same request: the first pass pays one-time costs (onnxruntime plans memory for
+    each new input shape, allocators grow, pages fault in) that a serving engine pays once, and llama-bench,
+    which docs/benchmarks.md compares against, likewise warms up before it measures."""
     engine = Engine(settings)
     try:
+        decode_rate(engine)  # warm-up, not measured
         rates = [decode_rate(engine) for _ in progress(range(repeats), "single-request decode", unit="pass")]
     finally:
         engine.close()

@@ -24,6 +24,7 @@ from ernie_serve.backends.onnx.graph import (  # noqa: E402
     dynamic_quantize_matmul_inputs,
     matmul_nbits_inputs,
     past_names,
+    qmoe_supported,
     save_graph,
 )
 from ernie_serve.models import num_parameters, read_model_config  # noqa: E402
@@ -185,23 +186,61 @@ def _torch_logits(checkpoint, spec: QuantSpec, lm_head: bool, tokens: list[int])
 
 
 TOKENS = [5, 77, 300, 41, 9, 123, 250, 18, 64, 400, 3, 99]
-GRAPH_CASES = {  # shape, spec, LM head quantized
-    "moe_shared_tied wint4 g128": ("moe_shared_tied", QuantSpec("wint4", 128), True),
-    "moe_interval2_untied_mqa wint4 g64": ("moe_interval2_untied_mqa", QuantSpec("wint4", 64), True),
-    "dense_bias_headdim wint4 per-channel fp32 head": ("dense_bias_headdim", QuantSpec("wint4", 0), False),
-    "moe_top1_dense_tail wint4 g128 fp32 head": ("moe_top1_dense_tail", QuantSpec("wint4", 128), False),
+GRAPH_CASES = {  # shape, spec, LM head quantized, routed experts as QMoE nodes
+    "moe_shared_tied wint4 g128": ("moe_shared_tied", QuantSpec("wint4", 128), True, False),
+    "moe_interval2_untied_mqa wint4 g64": ("moe_interval2_untied_mqa", QuantSpec("wint4", 64), True, False),
+    "dense_bias_headdim wint4 per-channel fp32 head": ("dense_bias_headdim", QuantSpec("wint4", 0), False, False),
+    "moe_top1_dense_tail wint4 g128 fp32 head": ("moe_top1_dense_tail", QuantSpec("wint4", 128), False, False),
+    # QMoE: per-channel scales over blocks of 32 (shared experts beside it) and of 16 (top-1, a dense tail)
+    "moe_shared_tied wint4 per-channel QMoE": ("moe_shared_tied", QuantSpec("wint4", 0), True, True),
+    "moe_top1_dense_tail wint4 per-channel QMoE": ("moe_top1_dense_tail", QuantSpec("wint4", 0), False, True),
+    "moe_interval2_untied_mqa wint4 per-channel QMoE": ("moe_interval2_untied_mqa", QuantSpec("wint4", 0), True, True),
+    # QMoE with groups of 64 along K: a tiny shape whose hidden and expert widths are multiples of 64
+    "moe_g64 wint4 g64 QMoE": ("moe_g64", QuantSpec("wint4", 64), True, True),
 }
 
 
+@pytest.fixture(scope="module")
+def graph_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """`graph_checkpoint(shape)`: a tiny checkpoint, or `moe_g64` (hidden 128, experts 64 wide: the widths
+    QMoE's groups of 64 divide, which the tiny shapes' are not)."""
+
+    def make(shape: str):
+        if shape != "moe_g64":
+            return tiny_checkpoint(shape, torch.bfloat16)
+        from ernie_serve.core.config import ModelConfig
+        from ernie_serve.demo import write_random_checkpoint
+
+        out = tmp_path_factory.mktemp("moe_g64")
+        config = ModelConfig(
+            model_type="ernie4_5_moe", vocab_size=512, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, moe_intermediate_size=64, moe_k=2,
+            moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=1, tie_word_embeddings=True,
+        )  # fmt: skip
+        write_random_checkpoint(out, config, seed=3, dtype=torch.bfloat16, std=0.1)
+        return out
+
+    return make
+
+
 @pytest.mark.parametrize("case", list(GRAPH_CASES))
-def test_exact_kernels_give_the_torch_backends_quantized_logits(case: str, tiny_checkpoint, tmp_path) -> None:
-    """With MatMulNBits computing in float32 (accuracy_level 0), the graph is the torch backend's weight-only
-    quantized model exactly, up to float32 summation order: the same tensors quantized (fused or not, experts,
-    shared experts, LM head or not), the same codes and scales. A tensor quantized on one side only would move
-    the logits by about the quantization error itself, 1e-2 and more here."""
-    shape, spec, lm_head = GRAPH_CASES[case]
-    checkpoint = tiny_checkpoint(shape, torch.bfloat16)
-    config, session = _export(checkpoint, GraphQuantization(spec, lm_head, accuracy_level=0), tmp_path)
+def test_exact_kernels_give_the_torch_backends_quantized_logits(case: str, graph_checkpoint, tmp_path) -> None:
+    """With MatMulNBits and QMoE computing in float32 (accuracy_level 0), the graph is the torch backend's
+    weight-only quantized model exactly, up to float32 summation order: the same tensors quantized (fused or
+    not, experts, shared experts, LM head or not), the same codes and scales, and QMoE's own routing given
+    ERNIE's choice (biased selection, unbiased weights). A tensor quantized on one side only would move the
+    logits by about the quantization error itself, 1e-2 and more here."""
+    shape, spec, lm_head, fused_moe = GRAPH_CASES[case]
+    if fused_moe and not qmoe_supported():
+        pytest.skip("this onnxruntime has no CPU QMoE with float32 activations")
+    checkpoint = graph_checkpoint(shape)
+    quant = GraphQuantization(spec, lm_head, accuracy_level=0, fused_moe=fused_moe)
+    config, session = _export(checkpoint, quant, tmp_path)
+    if fused_moe:
+        model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+        assert sum(n.op_type == "QMoE" for n in model.graph.node) == sum(
+            config.is_moe_layer(i) for i in range(config.num_hidden_layers)
+        )
     expected = _torch_logits(checkpoint, spec, lm_head, TOKENS)
     np.testing.assert_allclose(_prefill_logits(session, config, TOKENS), expected, rtol=0, atol=2e-4)
     unquantized = _torch_logits(checkpoint, spec, not lm_head, TOKENS)  # the head the other way
@@ -221,25 +260,39 @@ def test_fast_kernels_stay_near_the_torch_backends_quantized_logits(scheme: str,
     assert np.abs(got - expected).max() > 1e-5  # it is not the exact path
 
 
-def test_the_quantized_graph_quantizes_what_the_torch_backend_does(tiny_checkpoint, tmp_path) -> None:
-    """Every attention projection, dense MLP, routed and shared expert is one quantized product; the router,
-    embedding and norms stay float32 (their MatMul / Gather / Mul read float32 initializers)."""
+@pytest.mark.parametrize("fused_moe", [False, True])
+def test_the_quantized_graph_quantizes_what_the_torch_backend_does(fused_moe: bool, tiny_checkpoint, tmp_path) -> None:
+    """Every attention projection, dense MLP, routed and shared expert is one quantized product (or, with
+    `fused_moe`, each MoE layer's routed experts one QMoE node with uint8 codes); the router, embedding and
+    norms stay float32 (their MatMul / Gather / Mul read float32 initializers)."""
+    if fused_moe and not qmoe_supported():
+        pytest.skip("this onnxruntime has no CPU QMoE with float32 activations")
     checkpoint = tiny_checkpoint("moe_top1_dense_tail", torch.bfloat16)
     config = read_model_config(checkpoint)
-    for spec, op in ((QuantSpec("wint4", 128), "MatMulNBits"), (QuantSpec("wint8"), "DynamicQuantizeMatMul")):
+    for spec, op in ((QuantSpec("wint4", 0), "MatMulNBits"), (QuantSpec("wint8"), "DynamicQuantizeMatMul")):
         out = tmp_path / spec.scheme
-        stats = export_to_dir(config, str(checkpoint), out, options=ExportOptions(quantization=spec))
+        options = ExportOptions(quantization=spec, fused_moe=fused_moe)
+        stats = export_to_dir(config, str(checkpoint), out, options=options)
         model = onnx.load(str(out / "model.onnx"), load_external_data=False)
         ops = Counter(n.op_type for n in model.graph.node)
         moe = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
-        mlps = sum(config.moe_num_experts + config.moe_num_shared_experts if m else 1 for m in moe)
+        routed = 0 if fused_moe else config.moe_num_experts
+        mlps = sum(routed + config.moe_num_shared_experts if m else 1 for m in moe)
         # per layer qkv (fused) + o, per MLP gate_up (fused) + down, and the LM head
         assert ops[op] == 2 * config.num_hidden_layers + 2 * mlps + 1
+        assert ops["QMoE"] == (sum(moe) if fused_moe else 0)
+        initializers = {t.name: t for t in model.graph.initializer}
+        for node in (n for n in model.graph.node if n.op_type == "QMoE"):
+            fc1, fc2 = initializers[node.input[2]], initializers[node.input[5]]
+            assert fc1.data_type == fc2.data_type == TensorProto.UINT8
+            e, h, inter = config.moe_num_experts, config.hidden_size, config.moe_intermediate_size
+            per_byte = 8 // spec.bits
+            assert list(fc1.dims) == [e, 2 * inter, h // per_byte]
+            assert list(fc2.dims) == [e, h, inter // per_byte]
         float_matmuls = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
         assert {w for w in float_matmuls if w.startswith("model.")} == {
             f"model.layers.{i}.mlp.gate.weight" for i, m in enumerate(moe) if m
         }
-        initializers = {t.name: t for t in model.graph.initializer}
         assert initializers["model.embed_tokens.weight"].data_type == TensorProto.FLOAT
         tied_copy = config.vocab_size * config.hidden_size  # the quantized head beside the float32 embedding
         assert stats.num_parameters == pytest.approx(num_parameters(config) + tied_copy, rel=0.01)
@@ -258,6 +311,7 @@ def test_the_export_cache_key_tells_schemes_group_sizes_and_heads_apart(tiny_che
         ExportOptions(quantization=QuantSpec("wint4", 0)),
         ExportOptions(quantization=QuantSpec("wint4", 128), quantize_lm_head=False),
         ExportOptions(quantization=QuantSpec("wint4", 128), weight_only=True),
+        ExportOptions(quantization=QuantSpec("wint4", 128), fused_moe=not qmoe_supported()),
     ]
     keys = [export_key(config, str(checkpoint), 0, o)[0] for o in options]
     assert len(set(keys)) == len(keys)
@@ -268,8 +322,12 @@ def test_capabilities_and_quantization_options() -> None:
     assert OnnxBackend.capabilities.quantization == ("wint8", "wint4")
     assert OnnxOptions().onnx_quantize_lm_head is True and OnnxOptions().onnx_weight_only is False
     assert ExportOptions(quantization=QuantSpec("wint4", 64), weight_only=True).graph_quantization() == (
-        GraphQuantization(QuantSpec("wint4", 64), accuracy_level=0)
+        GraphQuantization(QuantSpec("wint4", 64), accuracy_level=0, fused_moe=qmoe_supported())
     )
+    # QMoE only in quantized onnxruntime graphs, and only where onnxruntime runs it
+    assert ExportOptions().fused_moe is False
+    assert ExportOptions(quantization=QuantSpec("wint8")).fused_moe is qmoe_supported()
+    assert ExportOptions(quantization=QuantSpec("wint8"), fused_moe=False).graph_quantization().fused_moe is False
 
 
 def test_weight_only_wint8_is_refused_in_one_line(tiny_checkpoint) -> None:
