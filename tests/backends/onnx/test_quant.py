@@ -4,6 +4,8 @@ and serving through `LLM`."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -16,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from ernie_serve.backends.onnx.backend import OnnxBackend, OnnxOptions  # noqa: E402
-from ernie_serve.backends.onnx.export import ExportOptions, export_key, export_to_dir  # noqa: E402
+from ernie_serve.backends.onnx.export import ExportOptions, export_key, export_to_dir, qmoe_supported  # noqa: E402
 from ernie_serve.backends.onnx.graph import (  # noqa: E402
     MASKED,
     MS_DOMAIN,
@@ -24,7 +26,6 @@ from ernie_serve.backends.onnx.graph import (  # noqa: E402
     dynamic_quantize_matmul_inputs,
     matmul_nbits_inputs,
     past_names,
-    qmoe_supported,
     save_graph,
 )
 from ernie_serve.models import num_parameters, read_model_config  # noqa: E402
@@ -316,6 +317,20 @@ def test_the_export_cache_key_tells_schemes_group_sizes_and_heads_apart(tiny_che
     keys = [export_key(config, str(checkpoint), 0, o)[0] for o in options]
     assert len(set(keys)) == len(keys)
     assert export_key(config, str(checkpoint), 0, options[2])[0] == keys[2]  # and stable
+
+
+def test_qmoe_is_found_on_onnxruntimes_process_wide_pool() -> None:
+    """Once the torch backend has made onnxruntime's process-wide thread pool (`share_thread_pool`), onnxruntime
+    refuses sessions with pools of their own; the QMoE probe must run on that pool, not conclude that QMoE is
+    missing. In a fresh interpreter, so this process keeps its own pools."""
+    code = (
+        "from ernie_serve.backends.torch.ort_kernels import share_thread_pool\n"
+        "share_thread_pool(1)\n"
+        "from ernie_serve.backends.onnx.export import qmoe_supported\n"
+        "print(qmoe_supported())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert run.stdout.strip().splitlines()[-1] == str(qmoe_supported())
 
 
 def test_capabilities_and_quantization_options() -> None:
