@@ -1,9 +1,9 @@
 """Weight-only quantization math shared by every backend: symmetric int8 / int4 with one scale per output
 channel, or (int4) one per group of input channels. Plain torch, no kernels: backends store the results in
-whatever layout their kernels read (the torch backend in `backends/torch/quant.py`). The layouts of the
-onnxruntime ops both the torch and the onnx backend use are here too (`matmul_nbits_layout`, `qmoe_layout`), with
-the one-time probe of whether the installed onnxruntime runs `QMoE` (`qmoe_supported`; it imports onnxruntime
-only when called).
+whatever layout their kernels read (the torch backend in `backends/torch/quant.py`). The layouts of
+onnxruntime's quantized ops are here too: `matmul_nbits_layout` (both backends) and `qmoe_layout` (the onnx
+backend's MoE layers), with the one-time probe of whether the installed onnxruntime runs `QMoE`
+(`qmoe_supported`; it imports onnxruntime only when called).
 
 Conventions: a weight is `[..., out, in]` (a linear layer's, as checkpoints store it; leading dims are stacked
 experts). `wint8` stores `q` in [-127, 127] and `wint4` in [-7, 7] (symmetric: the code -8 is never used, so a
@@ -215,13 +215,14 @@ def _qmoe_probe(bits: int) -> bool:
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
-        try:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        cpu = ["CPUExecutionProvider"]
+        try:  # (enable_fallback=0: no retry on other providers, which prints its error to stdout)
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=cpu, enable_fallback=0)
         except RuntimeError as error:  # this process has onnxruntime's process-wide pool: sessions must use it
             if "global thread pool" not in str(error):
                 raise
             options.use_per_session_threads = False
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=cpu, enable_fallback=0)
         (y,) = session.run(None, {"x": x, "router": np.array([[0.0, 5.0]], np.float32)})
     except Exception:  # noqa: BLE001 - any refusal (unknown op, attribute, layout) means: not this onnxruntime
         return False

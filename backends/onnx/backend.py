@@ -137,14 +137,16 @@ def inference_session(model: str | bytes, options: Any, providers: list[str]) ->
     pool when onnxruntime's kernels hold most of its quantized weights)."""
     import onnxruntime as ort
 
+    # on the CPU alone, onnxruntime's fallback would only retry the same provider after printing the error
+    fallback = int(providers != ["CPUExecutionProvider"])
     try:
-        return ort.InferenceSession(model, options, providers=providers)
+        return ort.InferenceSession(model, options, providers=providers, enable_fallback=fallback)
     except RuntimeError as error:
         if "global thread pool" not in str(error):
             raise
     log.info("onnxruntime's process-wide thread pool is in use in this process: this session runs on it")
     options.use_per_session_threads = False
-    return ort.InferenceSession(model, options, providers=providers)
+    return ort.InferenceSession(model, options, providers=providers, enable_fallback=fallback)
 
 
 @dataclass
