@@ -220,7 +220,11 @@ class OnnxBackend(Backend):
                     "DynamicQuantizeMatMul, which rounds activations to 8 bits); use it with --quantization wint4"
                 )
             export_options = ExportOptions(
-                quantization=spec, quantize_lm_head=options.onnx_quantize_lm_head, weight_only=options.onnx_weight_only
+                quantization=spec,
+                quantize_lm_head=options.onnx_quantize_lm_head,
+                weight_only=options.onnx_weight_only,
+                # QMoE's layout is the CPU kernel's (probed on the CPU): other providers keep per-expert kernels
+                fused_moe=None if providers == ["CPUExecutionProvider"] else False,
             )
             log.info(
                 "quantized export",
