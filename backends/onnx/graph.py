@@ -473,7 +473,7 @@ class _ErnieGraph:
     def moe_qmoe(self, i: int, x: str, block: int) -> str:
         """The routed experts of layer `i` as one onnxruntime `QMoE` node (quantized graphs), which runs each
         chosen expert on its own tokens inside the kernel: a few nodes per layer instead of `moe_sparse`'s
-        ~15 per expert, most of which run on zero rows in a decode step.
+        13 per expert, most of which run on zero rows in a decode step.
 
         QMoE routes by itself: softmax over its router input, top k, weights renormalized over the k. ERNIE
         selects by softmax + correction bias but weights by the unbiased softmax, so the router input is

@@ -185,8 +185,9 @@ def decode_rate(engine: Engine, new_tokens: int = SINGLE_DECODE_REQUEST.output_l
 
 def single_request_decode(settings: EngineSettings, repeats: int = 5) -> float:
     """Median `decode_rate` over `repeats` passes on a fresh engine (no earlier workload's cache state), after
-    one unmeasured pass of the same request: the first pass pays one-time costs (onnxruntime plans memory for
-    each new input shape, allocators grow, pages fault in) that a serving engine pays once, and llama-bench,
+    one unmeasured pass of the same request: a fresh engine's first pass pays one-time costs (allocators grow,
+    pages fault in, each runtime's first runs at each new shape; measured on the onnx backend: 168 tok/s on a
+    session's first pass against 186-188 on the next two) that a serving engine pays once, and llama-bench,
     which docs/benchmarks.md compares against, likewise warms up before it measures."""
     engine = Engine(settings)
     try:
