@@ -1,9 +1,6 @@
 """Weight-only quantization math shared by every backend: symmetric int8 / int4 with one scale per output
 channel, or (int4) one per group of input channels. Plain torch, no kernels: backends store the results in
-whatever layout their kernels read (the torch backend in `backends/torch/quant.py`). The layouts of
-onnxruntime's quantized ops are here too: `matmul_nbits_layout` (both backends) and `qmoe_layout` (the onnx
-backend's MoE layers), with the one-time probe of whether the installed onnxruntime runs `QMoE`
-(`qmoe_supported`; it imports onnxruntime only when called).
+whatever layout their kernels read (the torch backend in `backends/torch/quant.py`).
 
 Conventions: a weight is `[..., out, in]` (a linear layer's, as checkpoints store it; leading dims are stacked
 experts). `wint8` stores `q` in [-127, 127] and `wint4` in [-7, 7] (symmetric: the code -8 is never used, so a
@@ -14,7 +11,6 @@ per output channel.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -123,15 +119,16 @@ NBITS_PER_CHANNEL_BLOCK = 128  # MatMulNBits' block for one scale per output cha
 
 
 def matmul_nbits_layout(
-    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec
+    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, block: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Signed codes `[N, K]` and scales `[N, G]` in onnxruntime's `MatMulNBits` layout: B (uint8
     `[N, blocks, block * bits / 8]`: codes `q + 2^(bits-1)`, for 4 bits two a byte along K, low nibble first, the
     last block padded with code 0), its scales (float32 `[N * blocks]`) and the block size. No zero points: the
     op's default, `2^(bits-1)`, is the codes' offset. One scale per row (group size 0) is repeated over blocks of
-    `NBITS_PER_CHANNEL_BLOCK` (the op takes power-of-two blocks of 16 or more, not one block of K)."""
+    `NBITS_PER_CHANNEL_BLOCK` (the op takes power-of-two blocks of 16 or more, not one block of K), or of `block`
+    where given (onnxruntime's `QMoE` stores the same bytes per expert, with a block that fits its two widths)."""
     n, k = codes.shape
-    block = spec.group_size or NBITS_PER_CHANNEL_BLOCK
+    block = spec.group_size or block or NBITS_PER_CHANNEL_BLOCK
     blocks = -(-k // block)
     if spec.group_size == 0:
         scales = scales.expand(n, blocks)
@@ -140,103 +137,6 @@ def matmul_nbits_layout(
     if spec.bits == 4:
         unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
     return unsigned.reshape(n, blocks, -1), scales.reshape(-1).float().contiguous(), block
-
-
-def qmoe_block(spec: QuantSpec, hidden: int, intermediate: int) -> int | None:
-    """The block along K for a layer's experts as one `QMoE` node, or None where QMoE cannot hold them.
-
-    QMoE takes one block size for both products (K = hidden for gate/up, intermediate for down), a power of
-    two of 16 or more that divides both. Groups of 64 or 128 are that block; one scale per output channel
-    (wint8, and wint4 group size -1) is the largest such block up to 128, with the row's scale repeated.
-    """
-    if spec.group_size:
-        return spec.group_size if hidden % spec.group_size == 0 and intermediate % spec.group_size == 0 else None
-    for block in (128, 64, 32, 16):
-        if hidden % block == 0 and intermediate % block == 0:
-            return block
-    return None
-
-
-def qmoe_layout(
-    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's signed codes `[N, K]` and scales `[N, G]` in onnxruntime's `QMoE` layout (`qmoe_block` gives
-    `block`): codes uint8 `[N, K * bits / 8]` (`q + 2^(bits-1)`, the op's default zero point; 4-bit codes two a
-    byte along K, low nibble first) and float32 scales `[N, K / block]` (one scale per row repeated over its
-    blocks). Stack experts along a new first dimension for the op's `[E, N, ...]` inputs."""
-    n, k = codes.shape
-    if spec.group_size == 0:
-        scales = scales.expand(n, k // block)
-    unsigned = (codes.to(torch.int16) + 2 ** (spec.bits - 1)).to(torch.uint8)  # [N, K]
-    if spec.bits == 4:
-        unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)  # [N, K / 2]
-    return unsigned.contiguous(), scales.float().contiguous()
-
-
-@functools.cache
-def qmoe_supported() -> bool:
-    """Whether the installed onnxruntime runs `QMoE` as the graph uses it (float32 activations, SwiGLU with
-    gate and up interleaved, block-wise scales, accuracy_level, 4 and 8 bits): its CPU kernel gained these over
-    several releases. Probed once with two-expert nodes whose outputs are checked against numpy."""
-    try:
-        import onnxruntime  # noqa: F401
-        from onnx import helper  # noqa: F401
-    except ImportError:
-        return False
-    return all(_qmoe_probe(bits) for bits in (4, 8))
-
-
-def _qmoe_probe(bits: int) -> bool:
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    hidden = inter = block = 16
-    per_byte, offset = 8 // bits, 2 ** (bits - 1)
-    rng = np.random.default_rng(0)
-    fc1 = rng.integers(0, 256, (2, 2 * inter, hidden // per_byte), dtype=np.uint8)  # [E, 2I, H*bits/8]
-    fc2 = rng.integers(0, 256, (2, hidden, inter // per_byte), dtype=np.uint8)  # [E, H, I*bits/8]
-    s1, s2 = np.full((2, 2 * inter, 1), 0.01, np.float32), np.full((2, hidden, 1), 0.01, np.float32)
-    node = helper.make_node(
-        "QMoE", ["x", "router", "fc1", "s1", "", "fc2", "s2"], ["y"], domain="com.microsoft", k=1,
-        activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=bits,
-        block_size=block, accuracy_level=0, activation_alpha=1.0, activation_beta=0.0,
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [node], "probe",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", w]) for n, w in (("x", hidden), ("router", 2))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
-        [numpy_helper.from_array(a, n) for a, n in ((fc1, "fc1"), (s1, "s1"), (fc2, "fc2"), (s2, "s2"))],
-    )  # fmt: skip
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
-    x = rng.normal(0, 1, (1, hidden)).astype(np.float32)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        cpu = ["CPUExecutionProvider"]
-        try:  # (enable_fallback=0: no retry on other providers, which prints its error to stdout)
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=cpu, enable_fallback=0)
-        except RuntimeError as error:  # this process has onnxruntime's process-wide pool: sessions must use it
-            if "global thread pool" not in str(error):
-                raise
-            options.use_per_session_threads = False
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=cpu, enable_fallback=0)
-        (y,) = session.run(None, {"x": x, "router": np.array([[0.0, 5.0]], np.float32)})
-    except Exception:  # noqa: BLE001 - any refusal (unknown op, attribute, layout) means: not this onnxruntime
-        return False
-
-    def dequantize_expert(packed: np.ndarray) -> np.ndarray:  # [N, K*bits/8] -> [N, K]
-        codes = np.stack([packed & 0x0F, packed >> 4], -1).reshape(packed.shape[0], -1) if bits == 4 else packed
-        return (codes.astype(np.float32) - offset) * 0.01
-
-    gate_up = dequantize_expert(fc1[1]) @ x[0]  # expert 1 alone: its routing weight is 1 after normalizing
-    gate, up = gate_up[0::2], gate_up[1::2]  # interleaved rows
-    expected = dequantize_expert(fc2[1]) @ (gate / (1 + np.exp(-gate)) * up)
-    # 8-bit experts round their activations to int8 whatever the accuracy_level: a loose bound for them
-    tolerance = 1e-4 if bits == 4 else 0.05 * float(np.abs(expected).max())
-    return bool(np.allclose(y[0], expected, rtol=1e-4, atol=tolerance))
 
 
 def storage_bytes(out_features: int, in_features: int, spec: QuantSpec, scale_bytes: int = 4) -> int:

@@ -27,7 +27,6 @@ from ernie_serve.backends.onnx.graph import (
     MASKED,
     POSITION_IDS,
     past_names,
-    qmoe_block,
 )
 from ernie_serve.core.backend import (
     Backend,
@@ -231,11 +230,8 @@ class OnnxBackend(Backend):
                 scheme=spec.describe(),
                 lm_head=options.onnx_quantize_lm_head,
                 weight_only=options.onnx_weight_only,
-                # routed experts as one QMoE node per layer where this onnxruntime has it and a block fits both
-                # widths (docs/backends.md); dense models have none
-                qmoe_experts=bool(export_options.fused_moe)
-                and model_config.is_moe
-                and qmoe_block(spec, model_config.hidden_size, model_config.moe_intermediate_size) is not None,
+                # routed experts as one QMoE node per MoE layer (where a block fits both widths: docs/backends.md)
+                qmoe=export_options.fused_moe,
             )
         export = cached_export(model_config, model_path, settings.seed, export_options)
         self.graph_path = export.path  # the model.onnx this backend runs

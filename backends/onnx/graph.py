@@ -25,8 +25,8 @@ is for onnxruntime only; TensorRT builds from the float graph):
          weights take onnxruntime's u8u8 path, which does not saturate on AVX2, so the 8-bit codes stay whole
          (with int8 weights the u8s8 path saturates unless the codes are cut to 7 bits).
   experts  each MoE layer's routed experts, either scheme, as one `QMoE` node (`moe_qmoe`) where onnxruntime
-         runs it (`ernie_serve.quantization.qmoe_supported`) and one block divides both widths (`qmoe_block`); otherwise
-         each expert's two products are the kernels above (`moe_sparse`).
+         runs it (export.py's `qmoe_supported`) and one block divides both widths (`qmoe_block`); otherwise each
+         expert's two products are the kernels above (`moe_sparse`).
 
 The TensorRT flavour (`flavour="tensorrt"`, the graph the TensorRT backend builds its engine from) is the same
 model from the same builder, with three differences:
@@ -84,8 +84,6 @@ from ernie_serve.quantization import (
     QuantSpec,
     is_quantized_tensor,
     matmul_nbits_layout,
-    qmoe_block,
-    qmoe_layout,
     quantize,
 )
 
@@ -197,13 +195,31 @@ def dynamic_quantize_matmul_inputs(weight: np.ndarray) -> tuple[np.ndarray, np.n
     return unsigned.numpy(), scales[:, 0].numpy(), np.full(weight.shape[0], 128, np.uint8)
 
 
+def qmoe_block(spec: QuantSpec, hidden: int, intermediate: int) -> int | None:
+    """The block along K for a layer's experts as one `QMoE` node, or None where QMoE cannot hold them.
+
+    QMoE takes one block size for both products (K = hidden for gate/up, intermediate for down), a power of
+    two of 16 or more that divides both. Groups of 64 or 128 are that block; one scale per output channel
+    (wint8, and wint4 group size -1) is the largest such block up to 128, with the row's scale repeated.
+    """
+    if spec.group_size:
+        return spec.group_size if hidden % spec.group_size == 0 and intermediate % spec.group_size == 0 else None
+    for block in (128, 64, 32, 16):
+        if hidden % block == 0 and intermediate % block == 0:
+            return block
+    return None
+
+
 def qmoe_expert_inputs(weight: np.ndarray, spec: QuantSpec, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """One expert's float `weight` [N, K] quantized into QMoE's layout (`qmoe_layout`)."""
+    """One expert's float `weight` [N, K] quantized into QMoE's layout: codes uint8 `[N, K * bits / 8]` and float32
+    scales `[N, K / block]`, the bytes of `matmul_nbits_layout` with `block` (`qmoe_block`: it divides K, so no
+    block is padded), one row per output channel. Experts are stacked along a new first dimension."""
     import torch
 
     codes, scales = quantize(torch.from_numpy(weight), spec)  # [N, K] int8, [N, G] float32
-    packed, block_scales = qmoe_layout(codes, scales, spec, block)
-    return packed.numpy(), block_scales.numpy()
+    packed, block_scales, _ = matmul_nbits_layout(codes, scales, spec, block)  # [N, K/block, ...], [N * K/block]
+    n = weight.shape[0]
+    return packed.reshape(n, -1).numpy(), block_scales.reshape(n, -1).numpy()
 
 
 @dataclass

@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from ernie_serve.backends.onnx.backend import OnnxBackend, OnnxOptions  # noqa: E402
-from ernie_serve.backends.onnx.export import ExportOptions, export_key, export_to_dir  # noqa: E402
+from ernie_serve.backends.onnx.export import ExportOptions, export_key, export_to_dir, qmoe_supported  # noqa: E402
 from ernie_serve.backends.onnx.graph import (  # noqa: E402
     MASKED,
     MS_DOMAIN,
@@ -29,7 +29,7 @@ from ernie_serve.backends.onnx.graph import (  # noqa: E402
     save_graph,
 )
 from ernie_serve.models import num_parameters, read_model_config  # noqa: E402
-from ernie_serve.quantization import QuantSpec, dequantize, qmoe_supported, quantize  # noqa: E402
+from ernie_serve.quantization import QuantSpec, dequantize, quantize  # noqa: E402
 
 WINT4_SPECS = [QuantSpec("wint4", 128), QuantSpec("wint4", 64), QuantSpec("wint4", 0)]
 
@@ -326,7 +326,7 @@ def test_qmoe_is_found_on_onnxruntimes_process_wide_pool() -> None:
     code = (
         "from ernie_serve.backends.torch.ort_kernels import share_thread_pool\n"
         "share_thread_pool(1)\n"
-        "from ernie_serve.quantization import qmoe_supported\n"
+        "from ernie_serve.backends.onnx.export import qmoe_supported\n"
         "print(qmoe_supported())\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
