@@ -367,7 +367,7 @@ def export_command(
     lines = [
         f"exported {model} ({_describe(c)}) to {out_dir}",
         f"  {MODEL_FILE:<16} {_size((out_dir / MODEL_FILE).stat().st_size):>10}  "
-        f"{stats.num_nodes} nodes, opset {OPSET}" + (f" + {MS_DOMAIN} (onnxruntime only)" if spec else ""),
+        f"{stats.num_nodes} nodes, opset {OPSET} + {MS_DOMAIN} (onnxruntime only)",
     ]
     if data.exists():
         kind = "float32" if spec is None else f"{spec.describe()}-quantized and float32"
