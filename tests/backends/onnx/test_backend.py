@@ -139,6 +139,38 @@ def test_requests_join_and_leave_every_step_and_caches_are_freed(checkpoint, tor
     llm.engine.close()
 
 
+def test_decode_slots_grow_shrink_and_follow_requests_joining_and_leaving(checkpoint, torch_llm) -> None:
+    """Decoding requests keep their past KV in slots between steps (`_DecodeSlots`): a long request makes the
+    slots' past axis grow past `SLOT_POSITIONS` twice, shorter ones join while it decodes, it leaves first and
+    the axis shrinks; every request's tokens still equal decoding it alone."""
+    from ernie_serve import SamplingParams
+    from ernie_serve.backends.onnx.backend import SLOT_POSITIONS
+
+    llm = _onnx_llm(checkpoint)
+    engine, backend = llm.engine, llm.engine.core.backend
+    long_prompt = [10 + i % 90 for i in range(2 * SLOT_POSITIONS - 20)]  # decodes past 2 * SLOT_POSITIONS
+    work = [(long_prompt, 30), (list(range(40, 45)), 45), (list(range(60, 66)), 40), (list(range(70, 73)), 35)]
+    expected = [_greedy(torch_llm, [p], m)[0] for p, m in work]
+    joins = {0: work[0], 1: work[1], 8: work[2], 20: work[3]}  # step -> request joining then
+    ids, got, capacities = [], {}, []
+    step = 0
+    while step in joins or step < max(joins) or engine.has_unfinished_requests():
+        if step in joins:
+            prompt, length = joins[step]
+            ids.append(engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)))
+        for output in engine.step():
+            if output.finished:
+                got[output.request_id] = output.outputs[0].token_ids
+        if backend._slots.ids:
+            capacities.append((backend._slots.capacity, ids[0] in got))
+        step += 1
+    assert [got[i] for i in ids] == expected
+    assert max(c for c, _ in capacities) == 3 * SLOT_POSITIONS  # grew twice while the long request decoded
+    assert capacities[-1] == (SLOT_POSITIONS, True)  # shrank once it had left
+    assert backend._slots.ids == [] and backend._slots.data.size == 0  # freed with the last request
+    llm.engine.close()
+
+
 def test_preempted_requests_recompute_and_match(checkpoint, torch_llm) -> None:
     # 12 blocks of 4 tokens cannot hold three 10-token prompts growing to 24 tokens: the scheduler preempts.
     llm = _onnx_llm(checkpoint, num_gpu_blocks_override=12, max_model_len=48)
