@@ -1,8 +1,10 @@
 """The ONNX Runtime backend: the exported graph (see `graph.py`), one KV cache per request kept on the host.
 
 Each step, the plan's requests are grouped by how many tokens they compute (decodes together, prompt chunks of
-similar length together), each group is padded into one batch, every request's own cache is copied into the
-batch's `past_*` inputs, and the graph's `new_*` outputs are appended to each request's cache. Caches are
+similar length together) and each group is padded into one batch. A prompt group's `past_*` inputs are its
+requests' caches copied into a staging buffer; a decode group's are the decode slots (`_DecodeSlots`), which keep
+the decoding requests' past in the graph's layout from step to step. The graph's `new_*` outputs are appended to
+each request's cache (and slot). Caches are
 keyed by request id, started afresh on a request's `is_new` step and dropped by `release`. Block ids are not
 used to address memory, only counted to bound it: a request's cache never grows beyond the blocks the block
 manager gave it, so the pool size the engine chose still caps the backend's KV memory.

@@ -668,7 +668,7 @@ class _ErnieGraph:
             self.rope_cos, self.rope_sin = b.op("Cos", flat), b.op("Sin", flat)
             rows = b.op("Range", b.const(0), b.op("Size", POSITION_IDS), b.const(1))  # [T]: 0..T-1
             self.rope_rows = b.op("Reshape", rows, b.op("Shape", POSITION_IDS))  # [B, S]
-            cos = sin = ""
+            cos = sin = ""  # `attention` reads the three above instead
         else:
             trig_axes = b.const([1, 4])
             cos = b.op("Unsqueeze", b.op("Cos", angles), trig_axes)  # [B, 1, S, D/2, 1]
