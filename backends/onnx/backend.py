@@ -256,10 +256,8 @@ class _DecodeSlots:
         beyond a request's length are masked, but must be finite (0 x inf would be NaN)."""
         layers, _, kv_heads, _, head_dim = cache_shape
         data = np.zeros((layers, 2, slots, kv_heads, capacity, head_dim), np.float32)
-        for b, n in enumerate(self.lengths):
-            n = min(n, capacity)
+        for b, n in enumerate(self.lengths):  # each held request is one of the step's: n < capacity
             data[:, :, b, :, :n] = self.data[:, :, b, :, :n]
-            self.lengths[b] = n
         self.data = data
 
 

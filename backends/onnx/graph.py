@@ -424,8 +424,10 @@ class _ErnieGraph:
         hidden = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # [.., I]
         return self.linear(hidden, f"{prefix}.down_proj", f"{prefix}.down_proj")
 
-    def rope(self, x: str, cos: str, sin: str) -> str:
-        """Interleaved pairs (2i, 2i+1) rotate, GPT-J style. x [B, heads, S, D], cos/sin [B, 1, S, D/2, 1]."""
+    def rope(self, x: str) -> str:
+        """Interleaved pairs (2i, 2i+1) rotate, GPT-J style. x [B, heads, S, D]; `rope_cos`/`rope_sin`
+        [B, 1, S, D/2, 1] (made in `build`)."""
+        cos, sin = self.rope_cos, self.rope_sin
         b = self.b
         pairs = b.op("Reshape", x, b.const([0, 0, 0, -1, 2]))  # [B, heads, S, D/2, 2]
         even, odd = b.op("Split", pairs, b.const([1, 1]), axis=-1, outputs=2)  # each [B, heads, S, D/2, 1]
@@ -437,8 +439,9 @@ class _ErnieGraph:
     def rope_fused(self, x: str, heads: int) -> str:
         """The same rotation as `rope`, as one onnxruntime `RotaryEmbedding` node. x [B, S, heads * D].
 
-        Its cos/sin "caches" are this step's own angles, [T, D/2] (computed once per run in `build`, exactly as
-        `rope`'s), indexed by row numbers 0..T-1: no table of every position ever served is stored."""
+        Its cos/sin "caches" `rope_cos`/`rope_sin` are this step's own angles, [T, D/2] (computed once per run in
+        `build`, exactly as `rope`'s), indexed by `rope_rows` 0..T-1: no table of every position ever served is
+        stored."""
         return self.b.op(
             "RotaryEmbedding",
             x,
@@ -451,7 +454,7 @@ class _ErnieGraph:
         )
 
     # ----- layers -----
-    def attention(self, i: int, x: str, cos: str, sin: str, bias: str) -> str:
+    def attention(self, i: int, x: str, bias: str) -> str:
         b = self.b
         q_heads, kv_heads, d = self.q_heads, self.kv_heads, self.head_dim
         name = f"model.layers.{i}.self_attn"
@@ -471,8 +474,8 @@ class _ErnieGraph:
             q = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, q_heads, d])), perm=[0, 2, 1, 3])  # [B, Q, S, D]
             k = b.op("Transpose", b.op("Reshape", k, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3])  # [B, K, S, D]
             # RoPE in float32 (as the torch backend); q is scaled before the cast back: fewer elements than scores
-            q = self.to_dtype(b.op("Mul", self.rope(self.to_float(q), cos, sin), scale))
-            self.to_dtype(self.rope(self.to_float(k), cos, sin), name=k_new)
+            q = self.to_dtype(b.op("Mul", self.rope(self.to_float(q)), scale))
+            self.to_dtype(self.rope(self.to_float(k)), name=k_new)
         past_k, past_v = past_names(i)
         # GQA without repeating KV: query head h uses KV head h // G, so the G query heads of one KV head are
         # G*S rows of one matrix, row g*S + s: [B, Q, S, D] -> [B, K, G*S, D].
@@ -668,11 +671,10 @@ class _ErnieGraph:
             self.rope_cos, self.rope_sin = b.op("Cos", flat), b.op("Sin", flat)
             rows = b.op("Range", b.const(0), b.op("Size", POSITION_IDS), b.const(1))  # [T]: 0..T-1
             self.rope_rows = b.op("Reshape", rows, b.op("Shape", POSITION_IDS))  # [B, S]
-            cos = sin = ""  # `attention` reads the three above instead
         else:
             trig_axes = b.const([1, 4])
-            cos = b.op("Unsqueeze", b.op("Cos", angles), trig_axes)  # [B, 1, S, D/2, 1]
-            sin = b.op("Unsqueeze", b.op("Sin", angles), trig_axes)
+            self.rope_cos = b.op("Unsqueeze", b.op("Cos", angles), trig_axes)  # [B, 1, S, D/2, 1]
+            self.rope_sin = b.op("Unsqueeze", b.op("Sin", angles), trig_axes)
         # Row g*S + s of every query group uses query s's mask: [B, S, P+S] -> [B, 1, G*S, P+S]
         groups = self.q_heads // self.kv_heads
         bias = b.op("Tile", b.op("Unsqueeze", ATTENTION_BIAS, b.const([1])), b.const([1, 1, groups, 1]))
@@ -683,7 +685,7 @@ class _ErnieGraph:
         for i in progress(range(c.num_hidden_layers), "exporting to ONNX", unit="layer"):
             prefix = f"model.layers.{i}"
             h = self.rmsnorm(x, f"{prefix}.input_layernorm.weight")
-            x = b.op("Add", x, self.attention(i, h, cos, sin, bias))
+            x = b.op("Add", x, self.attention(i, h, bias))
             h = self.rmsnorm(x, f"{prefix}.post_attention_layernorm.weight")
             if c.is_moe_layer(i):
                 y = b.op("Reshape", self.moe(i, h), shape_bsh)
