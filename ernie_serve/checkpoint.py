@@ -16,7 +16,7 @@ time, never the model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -128,7 +128,7 @@ def iter_checkpoint(path: str | Path, config: ModelConfig) -> Iterator[Checkpoin
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             for source in reader.keys():
                 name = _pt_prefix(source, layout)
-                if name.startswith(IGNORED_PREFIXES) or (config.tie_word_embeddings and name == "lm_head.weight"):
+                if _skipped(name, config):
                     continue
                 tensor = reader.get_tensor(source)
                 if tensor.dtype == torch.uint16:
@@ -139,6 +139,17 @@ def iter_checkpoint(path: str | Path, config: ModelConfig) -> Iterator[Checkpoin
                 else:
                     yield from _from_paddle(CheckpointTensor(name, tensor, source, file), config)
                 del tensor  # before the next read: only the consumer may still hold this one
+
+
+def _skipped(name: str, config: ModelConfig) -> bool:
+    """Whether the -PT tensor `name` is in a checkpoint but not taken: MTP tensors, a tied model's LM head."""
+    return name.startswith(IGNORED_PREFIXES) or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def missing_tensors(path: Path, names: list[str]) -> CheckpointError:
+    """The error for a checkpoint at `path` without the on-disk tensors `names` (the first five shown)."""
+    shown = ", ".join(repr(m) for m in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return CheckpointError(f"checkpoint {path} is missing tensor {shown}")
 
 
 def _pt_prefix(source: str, layout: Layout) -> str:
@@ -206,6 +217,18 @@ class CheckpointSlicer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._stack.close()
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """Raise CheckpointError where the checkpoint lacks one of the -PT tensors `names` or holds a tensor that
+        stands for none of them (MTP tensors, and the LM head when the embeddings are tied, are allowed: they
+        are skipped). From the files' headers alone, before any tensor is read."""
+        expected = dict.fromkeys(disk_name(name, self.layout) for name in names)  # ordered: the first missing shown
+        missing = [source for source in expected if source not in self._files]
+        if missing:
+            raise missing_tensors(self.path, missing)
+        for source, file in self._files.items():
+            if source not in expected and not _skipped(_pt_prefix(source, self.layout), self.config):
+                raise CheckpointError(f"unexpected tensor {source!r} in {file.name}: not part of this config")
 
     def _locate(self, name: str) -> tuple[str, bool, int, int | None]:
         """(on-disk name, stored transposed, offset and width of this part along the fused output dim)."""

@@ -20,6 +20,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -38,6 +39,7 @@ from ernie_serve.backends.onnx.graph import (
     check_flavour,
     past_names,
 )
+from ernie_serve.checkpoint import CheckpointError
 from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
@@ -208,9 +210,9 @@ def export_key(
 
 
 def build_torch_model(model_config: ModelConfig, weights_path: str | None, seed: int, dtype: str = "float32"):
-    """Our torch model on CPU, filled by the torch backend's loader: the export's weight source. In float32, or
-    in bfloat16 for a bfloat16 graph: half the memory on a large model, and the same weights (checkpoints are
-    bfloat16, dummy weights are rounded from float32 the same way either way)."""
+    """Our torch model on CPU, filled by the torch backend's loader, in float32 or bfloat16: the weights the
+    export (`StreamedWeights`) must give the graph, for tests to compare with; the export itself never builds
+    it."""
     import torch
 
     from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
@@ -223,6 +225,66 @@ def build_torch_model(model_config: ModelConfig, weights_path: str | None, seed:
     else:
         load_safetensors(model, weights_path)
     return model
+
+
+class StreamedWeights(Mapping[str, Any]):
+    """The checkpoint tensors the graph builder asks for, each made when asked: read by name from the
+    checkpoint (only that tensor, or that part of a fused -Paddle tensor), or drawn as the torch backend's dummy
+    weights of that name. The builder quantizes and writes each one to the data file before asking for the next,
+    so an export holds one tensor (and the graph's nodes) at a time, never the model: a 21B-A3B checkpoint
+    exports on a machine that could not hold it in float32. Use it as a context manager (it keeps the checkpoint's
+    files open). Names, shapes and which tensors the checkpoint must hold are the torch model's
+    (`checkpoint_targets`), taken from a copy on the meta device; a wrong checkpoint is refused from its
+    headers before anything is read."""
+
+    def __init__(self, model_config: ModelConfig, weights_path: str | None, seed: int) -> None:
+        import torch
+
+        from ernie_serve.backends.torch.model import ErnieForCausalLM
+        from ernie_serve.checkpoint import CheckpointSlicer
+
+        meta = ErnieForCausalLM(model_config, torch.float32, torch.device("meta"))
+        self.shapes = {name: tuple(target.shape) for name, target in meta.checkpoint_targets()}
+        self.seed = seed
+        self.checkpoint = None if weights_path is None else CheckpointSlicer(weights_path, model_config)
+        if self.checkpoint is None:
+            return
+        try:
+            self.checkpoint.check_names(self.shapes)
+            for name, shape in self.shapes.items():
+                if self.checkpoint.shape(name) != shape:
+                    raise CheckpointError(
+                        f"tensor {name!r} in {weights_path} has shape {self.checkpoint.shape(name)}, expected "
+                        f"{shape} from config.json"
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    def __getitem__(self, name: str) -> Any:  # -> torch.Tensor, in the checkpoint's dtype and -PT orientation
+        from ernie_serve.backends.torch.loader import dummy_tensor
+
+        shape = self.shapes[name]
+        if self.checkpoint is None:
+            return dummy_tensor(name, shape, self.seed)
+        return self.checkpoint.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __enter__(self) -> StreamedWeights:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the checkpoint's files (dummy weights have none)."""
+        if self.checkpoint is not None:
+            self.checkpoint.__exit__(None, None, None)
 
 
 def export_to_dir(
@@ -243,10 +305,8 @@ def export_to_dir(
         raise ValueError(f"unsupported ONNX export options {options}: only opset {OPSET}")
     quant = options.graph_quantization()
     check_flavour(options.graph_flavour, options.dtype, quant)
-    model = build_torch_model(model_config, weights_path, seed, options.dtype)
-    weights = dict(model.checkpoint_targets())
-    stats = save_graph(model_config, weights, out_dir, MODEL_FILE, quant, options.graph_flavour, options.dtype)
-    del model
+    with StreamedWeights(model_config, weights_path, seed) as weights:
+        stats = save_graph(model_config, weights, out_dir, MODEL_FILE, quant, options.graph_flavour, options.dtype)
     if check:
         onnx.checker.check_model(str(Path(out_dir) / MODEL_FILE))
     return stats

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ernie_serve.backends.torch.model import ErnieForCausalLM
-from ernie_serve.checkpoint import CheckpointError, detect_layout, disk_name, iter_checkpoint
+from ernie_serve.checkpoint import CheckpointError, detect_layout, disk_name, iter_checkpoint, missing_tensors
 from ernie_serve.logging import progress
 
 __all__ = ["CheckpointError", "dummy_tensor", "init_dummy_weights", "load_safetensors"]
@@ -39,8 +39,7 @@ def load_safetensors(model: ErnieForCausalLM, path: str | Path) -> None:
     layout = detect_layout(path)
     missing = list(dict.fromkeys(disk_name(name, layout) for name in targets if name not in loaded))
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"checkpoint {path} is missing tensor {shown}")
+        raise missing_tensors(path, missing)
 
 
 @torch.inference_mode()

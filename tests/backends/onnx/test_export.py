@@ -1,10 +1,11 @@
-"""The export cache (reuse, invalidation) and the `ernie-serve export onnx` command."""
+"""The export cache (reuse, invalidation), the `ernie-serve export onnx` command, and the streamed weights."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -15,7 +16,11 @@ pytest.importorskip("onnxruntime")
 from ernie_serve import LLM, SamplingParams  # noqa: E402
 from ernie_serve.backends.onnx import export as export_mod  # noqa: E402
 from ernie_serve.backends.onnx.export import ExportOptions, cached_export, export_command, export_key  # noqa: E402
+from ernie_serve.backends.onnx.graph import save_graph  # noqa: E402
+from ernie_serve.checkpoint import CheckpointError  # noqa: E402
 from ernie_serve.models import read_model_config  # noqa: E402
+from ernie_serve.quantization import QuantSpec  # noqa: E402
+from ernie_serve.testing.checkpoints import TINY_SHAPES  # noqa: E402
 
 
 @pytest.fixture()
@@ -55,7 +60,7 @@ def test_second_start_reuses_the_export_and_a_changed_checkpoint_reexports(check
 def test_a_paddle_checkpoint_exports_and_serves_like_its_pt_original(
     paddle_checkpoint, tiny_checkpoint, cache_dir
 ) -> None:
-    """The export reads weights through the torch loader, so a -Paddle directory needs nothing of its own."""
+    """The export reads weights through the shared checkpoint reader: a -Paddle directory needs nothing of its own."""
     shape = "moe_top1_dense_tail"
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in ([5, 6, 7], list(range(10, 31)))]
@@ -128,3 +133,89 @@ def test_the_cli_works_without_the_onnx_extra() -> None:
     onnx_line = next(line for line in run.stdout.splitlines() if line.strip().startswith("onnx "))
     assert "pip install" in onnx_line
     assert "export onnx needs" in run.stderr and "Traceback" not in run.stderr
+
+
+# ----- streamed weights -----
+
+
+class _CountingWeights(export_mod.StreamedWeights):
+    """Counts the tensors handed out that are still alive, at every request."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.alive: set[int] = set()
+        self.most_alive = 0
+        self.requests = 0
+
+    def __getitem__(self, name: str):
+        tensor = super().__getitem__(name)
+        self.requests += 1
+        key = self.requests
+        self.alive.add(key)
+        weakref.finalize(tensor, self.alive.discard, key)
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return tensor
+
+
+@pytest.mark.parametrize("shape", list(TINY_SHAPES))
+@pytest.mark.parametrize("source", ["pt", "paddle", "dummy"])
+def test_the_export_streams_one_tensor_at_a_time_and_writes_what_the_whole_model_gives(
+    tiny_checkpoint, paddle_checkpoint, tmp_path, monkeypatch, shape, source
+) -> None:
+    """The exported files are byte for byte those of a graph built from the whole torch model (float32,
+    quantized with QMoE experts, and the TensorRT flavour in bfloat16), while at most a few of the tensors the
+    builder asked for are alive at any time."""
+    path = {"pt": tiny_checkpoint(shape, torch.float32), "paddle": paddle_checkpoint(shape), "dummy": None}[source]
+    config = read_model_config(path or tiny_checkpoint(shape, torch.float32))
+    made: list[_CountingWeights] = []
+    monkeypatch.setattr(export_mod, "StreamedWeights", lambda *a: made.append(_CountingWeights(*a)) or made[-1])
+    variants = [
+        ExportOptions(),
+        ExportOptions(quantization=QuantSpec.of("wint8", 128)),
+        ExportOptions(graph_flavour="tensorrt", dtype="bfloat16"),
+    ]
+    for i, options in enumerate(variants):
+        streamed, whole = tmp_path / f"streamed{i}", tmp_path / f"whole{i}"
+        export_mod.export_to_dir(config, None if path is None else str(path), streamed, 5, options, check=False)
+        model = export_mod.build_torch_model(config, None if path is None else str(path), 5, options.dtype)
+        save_graph(
+            config, dict(model.checkpoint_targets()), whole, "model.onnx", options.graph_quantization(),
+            options.graph_flavour, options.dtype,
+        )  # fmt: skip
+        for name in ("model.onnx", "model.onnx.data"):
+            assert (streamed / name).read_bytes() == (whole / name).read_bytes(), (options, name)
+    assert len(made) == len(variants)
+    for weights in made:
+        assert weights.requests >= len(weights) and not weights.alive
+        assert weights.most_alive <= 3, weights.most_alive
+
+
+def test_a_wrong_checkpoint_is_refused_from_its_headers_before_the_export_reads_it(tiny_checkpoint, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_checkpoint("moe_shared_tied", torch.float32)
+    config = read_model_config(source)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(source.glob("*.safetensors")):
+        tensors |= load_file(str(file))
+    cases = {
+        "missing tensor 'model.layers.1.mlp.experts.2.up_proj.weight'": lambda t: t.pop(
+            "model.layers.1.mlp.experts.2.up_proj.weight"
+        ),
+        "unexpected tensor 'model.layers.9.input_layernorm.weight'": lambda t: t.update(
+            {"model.layers.9.input_layernorm.weight": torch.ones(config.hidden_size)}
+        ),
+        r"has shape \(64, 63\), expected \(64, 64\)": lambda t: t.update(
+            {"model.layers.0.self_attn.o_proj.weight": torch.ones(64, 63)}
+        ),
+    }
+    for i, (message, edit) in enumerate(cases.items()):
+        broken = tmp_path / f"broken{i}"
+        broken.mkdir()
+        shutil.copy(source / "config.json", broken / "config.json")
+        edited = dict(tensors)
+        edit(edited)
+        save_file(edited, str(broken / "model.safetensors"))
+        with pytest.raises(CheckpointError, match=message):
+            export_mod.export_to_dir(config, str(broken), tmp_path / f"out{i}", 0, ExportOptions(), check=False)
+        assert not (tmp_path / f"out{i}" / "model.onnx").exists()
