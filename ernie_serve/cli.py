@@ -291,6 +291,12 @@ def _add_bench_throughput(bench_sub: Any) -> None:
         "(default: 5)",
     )
     bench.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    bench.add_argument(
+        "--bandwidth-bound",
+        action="store_true",
+        help="before each single-request decode pass, measure the machine's read bandwidth (a 1 GiB float32 sum); "
+        "print the weight bytes a decode step reads and the fraction of that bound the decode reaches",
+    )
     bench.add_argument("--skip-transformers", action="store_true", help="time ernie-serve only")
     bench.add_argument("--profile", action="store_true", help="also report where the engine's time goes")
     bench.add_argument("--output-json", default=None, help="write the results to this JSON file")
@@ -326,6 +332,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
             compare_transformers=not args.skip_transformers,
             profile=args.profile,
             threads=args.threads,
+            bandwidth_bound=args.bandwidth_bound,
             engine_settings=given,
         )
     except ValueError as exc:

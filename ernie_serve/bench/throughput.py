@@ -29,12 +29,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from ernie_serve.bench.stats import latency_ms
 from ernie_serve.bench.workload import BenchRequest, bench_checkpoint, mixed_workload, random_requests
-from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.config import EngineSettings, ModelConfig
 from ernie_serve.core.request import RequestOutput
 from ernie_serve.core.sampling_params import SamplingParams
 from ernie_serve.demo import demo_checkpoint_dir
 from ernie_serve.engine import Engine
 from ernie_serve.logging import progress
+from ernie_serve.quantization import QuantSpec, storage_bytes
 
 # Random prompt ids are drawn below this (and below the tokenizer's size), as the recorded figures were.
 WORKLOAD_VOCAB = 2000
@@ -60,6 +61,7 @@ class ThroughputConfig:
     compare_transformers: bool = True
     profile: bool = False
     threads: int | None = None  # torch (and onnxruntime) compute threads; None keeps torch's default
+    bandwidth_bound: bool = False  # measure the read bandwidth before each decode pass: the fraction of the bound
     engine_settings: dict[str, Any] = field(default_factory=dict)  # further EngineSettings fields
 
     def __post_init__(self) -> None:
@@ -102,6 +104,9 @@ class ThroughputResult:
     tpot_ms: dict[str, float] | None = None  # each request's mean inter-token latency, over requests
     kv_blocks: int | None = None  # the engine's KV pool, in blocks
     decode_tok_s: float | None = None  # single-request decode rate, median over the repeats
+    decode_read_bytes: int | None = None  # weight bytes a decode step reads (with `bandwidth_bound`)
+    read_bandwidth: float | None = None  # bytes/s, median over the decode passes (with `bandwidth_bound`)
+    bound_fraction: float | None = None  # median over the passes of read bytes x tokens/s over that bandwidth
 
     @property
     def tokens_per_second(self) -> float:
@@ -183,19 +188,77 @@ def decode_rate(engine: Engine, new_tokens: int = SINGLE_DECODE_REQUEST.output_l
     return steps / (time.perf_counter() - started)
 
 
-def single_request_decode(settings: EngineSettings, repeats: int = 5) -> float:
+def single_request_decode(
+    settings: EngineSettings, repeats: int = 5, bandwidth_threads: int | None = None
+) -> tuple[float, list[tuple[float, float]]]:
     """Median `decode_rate` over `repeats` passes on a fresh engine (no earlier workload's cache state), after
     one unmeasured pass of the same request: a fresh engine's first pass pays one-time costs (allocators grow,
     pages fault in, each runtime's first runs at each new shape; measured on the onnx backend: 168 tok/s on a
     session's first pass against 186-188 on the next two) that a serving engine pays once, and llama-bench,
-    which docs/benchmarks.md compares against, likewise warms up before it measures."""
+    which docs/benchmarks.md compares against, likewise warms up before it measures.
+
+    With `bandwidth_threads`, each pass is preceded by `read_bandwidth(bandwidth_threads)`; returns the median
+    rate and each pass's (read bandwidth, rate), empty without."""
     engine = Engine(settings)
+    passes: list[tuple[float, float]] = []
     try:
         decode_rate(engine)  # warm-up, not measured
-        rates = [decode_rate(engine) for _ in progress(range(repeats), "single-request decode", unit="pass")]
+        for _ in progress(range(repeats), "single-request decode", unit="pass"):
+            bandwidth = read_bandwidth(bandwidth_threads) if bandwidth_threads else 0.0
+            passes.append((bandwidth, decode_rate(engine)))
     finally:
         engine.close()
-    return statistics.median(rates)
+    return statistics.median(rate for _, rate in passes), [p for p in passes if p[0]]
+
+
+def read_bandwidth(threads: int, size: int = 1 << 30, repeats: int = 9) -> float:
+    """The machine's memory read bandwidth now, bytes/s: a float32 sum over `size` bytes on `threads` torch
+    threads, median of `repeats` (after one unmeasured sum). This machine's bandwidth moves by 2x between hours,
+    so the bound a decode rate is compared with is measured beside it. torch's thread count is restored: a
+    backend may have lowered it for its own ops (the torch backend does when onnxruntime holds its weights)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = torch.ones(size // 4)
+        data.sum()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            data.sum()
+            times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+    return size / statistics.median(times)
+
+
+def decode_read_bytes(config: ModelConfig, quantization: str | None, group_size: int | None, lm_head: bool) -> int:
+    """Weight bytes one single-request decode step reads: every layer's attention projections and norms, its
+    dense MLP or its router, k routed experts and shared experts, then the final norm and the LM head (and one
+    embedding row). Quantized products count codes and float32 scales (`storage_bytes`, as stored; a kernel's own
+    layout may differ by a few percent), the rest (biases too) float32; the LM head quantized when `lm_head`."""
+    spec = QuantSpec.of(quantization, group_size) if quantization else None
+
+    def product(out_features: int, in_features: int, quantized: bool = True, biased: bool = True) -> int:
+        bias = 4 * out_features if biased and config.use_bias else 0  # linear biases stay float32
+        if spec is None or not quantized:
+            return 4 * out_features * in_features + bias
+        return storage_bytes(out_features, in_features, spec) + bias
+
+    c = config
+    h, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    total = 4 * h + product(c.vocab_size, h, lm_head, biased=False) + 4 * h  # embedding row, LM head, final norm
+    for layer in range(c.num_hidden_layers):
+        total += product(q + 2 * kv, h) + product(h, q) + 2 * 4 * h  # q|k|v, o, two norms
+        if c.is_moe_layer(layer):
+            width = c.moe_intermediate_size
+            router = product(c.moe_num_experts, h, quantized=False, biased=False)
+            total += router + 4 * c.moe_num_experts  # and its correction bias
+            total += c.moe_k * (product(2 * width, h) + product(h, width))
+            shared = width * c.moe_num_shared_experts  # the shared experts are one MLP this wide
+            total += product(2 * shared, h) + product(h, shared) if shared else 0
+        else:
+            total += product(2 * c.intermediate_size, h) + product(h, c.intermediate_size)
+    return total
 
 
 # ----- transformers -----
@@ -324,7 +387,18 @@ def run(
             engine.close()
     if config.decode_repeats:
         for backend, result in zip(config.systems, results[: len(config.systems)], strict=True):
-            result.decode_tok_s = single_request_decode(engine_settings(config, backend), config.decode_repeats)
+            settings = engine_settings(config, backend)
+            threads = torch.get_num_threads() if config.bandwidth_bound else None  # what the run computes on
+            result.decode_tok_s, passes = single_request_decode(settings, config.decode_repeats, threads)
+            if passes:
+                options = settings.backend_options  # either backend's flag keeping the LM head in float32
+                lm_head = options.get("quantize_lm_head", options.get("onnx_quantize_lm_head", True))
+                read = decode_read_bytes(
+                    first.model_config, settings.quantization, settings.quantization_group_size, lm_head
+                )
+                result.decode_read_bytes = read
+                result.read_bandwidth = statistics.median(bandwidth for bandwidth, _ in passes)
+                result.bound_fraction = statistics.median(read * rate / bandwidth for bandwidth, rate in passes)
     return workload, results
 
 
@@ -378,6 +452,12 @@ def main(config: ThroughputConfig, output_json: str | None = None) -> int:
         summary["single_request_decode_tok_s"] = engines[0].decode_tok_s
         for r in engines:
             print(f"single-request decode ({r.system}, median of {config.decode_repeats}): {r.decode_tok_s:.1f} tok/s")
+            if r.bound_fraction is not None:
+                assert r.decode_read_bytes is not None and r.read_bandwidth is not None
+                print(
+                    f"  {r.decode_read_bytes / 1e9:.3f} GB of weights read per token; read bandwidth beside it "
+                    f"{r.read_bandwidth / 1e9:.1f} GB/s (median); {100 * r.bound_fraction:.0f}% of the bound"
+                )
     if len(config.quantizations) > 1:  # each system against its backend's first (e.g. float32)
         firsts = {system.split(" ")[0]: i for i, system in reversed(list(enumerate(config.systems)))}
         for system, r in zip(config.systems, engines, strict=True):

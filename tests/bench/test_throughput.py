@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-from ernie_serve.bench.throughput import WORKLOAD_VOCAB, ThroughputConfig
+from ernie_serve.bench.throughput import WORKLOAD_VOCAB, ThroughputConfig, decode_read_bytes
 from ernie_serve.bench.workload import mixed_workload
 from ernie_serve.cli import main
+from ernie_serve.models import read_model_config
 from ernie_serve.testing.checkpoints import TOKENIZER_VOCAB
 
 
@@ -121,3 +123,55 @@ def test_quantization_systems_side_by_side(bench_model: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert _row(out, "ernie-serve (torch)")[:2] == _row(out, "ernie-serve (torch wint8)")[:2] == ["2", "6"]
     assert re.search(r"^torch wint8 / torch: throughput \d+\.\d\dx, single-request decode \d+\.\d\dx$", out, re.M)
+
+
+def test_bandwidth_bound_reports_the_bytes_a_step_reads_and_the_fraction(bench_model: Path, tmp_path: Path, capsys):
+    result = tmp_path / "b.json"
+    args = ["bench", "throughput", "--model", str(bench_model), "--num-requests", "1", "--input-len", "8",
+            "--output-len", "2", "--skip-transformers", "--decode-repeats", "2", "--quantization", "none,wint4",
+            "--bandwidth-bound", "--output-json", str(result)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    config = read_model_config(bench_model)
+    for system, quantization in (("torch", None), ("torch wint4", "wint4")):
+        engine = next(r for r in json.loads(result.read_text())["results"] if r["system"] == f"ernie-serve ({system})")
+        assert engine["decode_read_bytes"] == decode_read_bytes(config, quantization, 128, True)
+        assert engine["read_bandwidth"] > 0 and engine["bound_fraction"] > 0
+        line = re.search(
+            rf"^single-request decode \(ernie-serve \({system}\), median of 2\): .*\n  (\d+\.\d+) GB of weights read "
+            r"per token; read bandwidth beside it (\d+\.\d) GB/s \(median\); (\d+)% of the bound$",
+            out,
+            re.M,
+        )
+        assert line and float(line.group(1)) == pytest.approx(engine["decode_read_bytes"] / 1e9, abs=1e-3)
+
+
+@pytest.mark.parametrize("shape", ["moe_shared_tied", "moe_interval2_untied_mqa", "dense_bias_headdim"])
+def test_decode_read_bytes_counts_what_one_token_touches(tiny_checkpoint, shape: str) -> None:
+    """Float32: every parameter's 4 bytes but the embedding (one row) and the routed experts (k of E per layer);
+    quantized: the same products as stored codes and scales. Counted here from the model's own tensors."""
+    import torch
+
+    from ernie_serve.backends.torch.model import ErnieForCausalLM
+    from ernie_serve.quantization import QuantSpec, is_quantized_tensor, storage_bytes
+
+    config = read_model_config(tiny_checkpoint(shape))
+    targets = dict(ErnieForCausalLM(config, torch.float32, torch.device("meta")).checkpoint_targets())
+    spec = QuantSpec.of("wint4", 32)
+    expected = {"float32": Fraction(0), "wint4": Fraction(0)}
+    for name, tensor in targets.items():
+        share = Fraction(1)
+        if ".mlp.experts." in name:
+            share = Fraction(config.moe_k, config.moe_num_experts)  # k of the E experts' matrices are read
+        if name == "model.embed_tokens.weight":
+            expected["float32"] += 4 * config.hidden_size
+            expected["wint4"] += 4 * config.hidden_size
+            if config.tie_word_embeddings:  # the tied head reads it whole (quantized: its quantized copy)
+                expected["float32"] += 4 * tensor.numel()
+                expected["wint4"] += storage_bytes(*tensor.shape, spec)
+            continue
+        quantized = (is_quantized_tensor(name) or name == "lm_head.weight") and tensor.dim() == 2
+        expected["float32"] += share * 4 * tensor.numel()
+        expected["wint4"] += share * (storage_bytes(*tensor.shape, spec) if quantized else 4 * tensor.numel())
+    assert decode_read_bytes(config, None, None, True) == expected["float32"]
+    assert decode_read_bytes(config, "wint4", 32, True) == expected["wint4"]
