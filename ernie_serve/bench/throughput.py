@@ -334,6 +334,8 @@ def run(
     result per system (backends in order, then transformers). `log` gets the model and workload lines."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # the onnx backend follows torch's thread count
+    # the bandwidth bound is read on the run's threads, taken before a backend may lower torch's own
+    bandwidth_threads = torch.get_num_threads() if config.bandwidth_bound else None
     reference_checkpoint = _transformers_checkpoint(config) if config.compare_transformers else None
     engines: dict[str, Engine] = {}
     startup: dict[str, float] = {}
@@ -388,8 +390,7 @@ def run(
     if config.decode_repeats:
         for backend, result in zip(config.systems, results[: len(config.systems)], strict=True):
             settings = engine_settings(config, backend)
-            threads = torch.get_num_threads() if config.bandwidth_bound else None  # what the run computes on
-            result.decode_tok_s, passes = single_request_decode(settings, config.decode_repeats, threads)
+            result.decode_tok_s, passes = single_request_decode(settings, config.decode_repeats, bandwidth_threads)
             if passes:
                 options = settings.backend_options  # either backend's flag keeping the LM head in float32
                 lm_head = options.get("quantize_lm_head", options.get("onnx_quantize_lm_head", True))
