@@ -69,7 +69,6 @@ def test_onnx_export_reports_one_step_per_layer(tiny_checkpoint, bars, tmp_path)
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
     config = read_model_config(checkpoint)
     export_to_dir(config, str(checkpoint), tmp_path / "out", check=False)
-    loading, exporting = bars
-    assert loading["description"] == "loading weights" and loading["count"] == loading["total"]
+    (exporting,) = bars  # the weights are read inside the layers' step, one tensor at a time
     assert exporting["description"] == "exporting to ONNX" and exporting["unit"] == "layer"
     assert exporting["count"] == config.num_hidden_layers
