@@ -16,7 +16,7 @@ time, never the model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -218,17 +218,27 @@ class CheckpointSlicer:
     ) -> None:
         self._stack.close()
 
-    def check_names(self, names: Iterable[str]) -> None:
-        """Raise CheckpointError where the checkpoint lacks one of the -PT tensors `names` or holds a tensor that
-        stands for none of them (MTP tensors, and the LM head when the embeddings are tied, are allowed: they
-        are skipped). From the files' headers alone, before any tensor is read."""
-        expected = dict.fromkeys(disk_name(name, self.layout) for name in names)  # ordered: the first missing shown
+    def check(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise CheckpointError where the checkpoint lacks one of the -PT tensors named in `shapes`, holds a tensor
+        that stands for none of them (MTP tensors, and the LM head when the embeddings are tied, are allowed: they
+        are skipped), or has one of another shape. From the files' headers alone, before any tensor is read."""
+        expected = dict.fromkeys(disk_name(name, self.layout) for name in shapes)  # ordered: the first missing shown
         missing = [source for source in expected if source not in self._files]
         if missing:
             raise missing_tensors(self.path, missing)
         for source, file in self._files.items():
             if source not in expected and not _skipped(_pt_prefix(source, self.layout), self.config):
                 raise CheckpointError(f"unexpected tensor {source!r} in {file.name}: not part of this config")
+        for name, shape in shapes.items():
+            self.check_shape(name, shape)
+
+    def check_shape(self, name: str, expected: tuple[int, ...]) -> None:
+        """Raise CheckpointError unless the whole -PT tensor `name` has shape `expected` (from the header)."""
+        if self.shape(name) != tuple(expected):
+            raise CheckpointError(
+                f"tensor {name!r} in {self.path} has shape {self.shape(name)}, expected {tuple(expected)} from "
+                "config.json"
+            )
 
     def _locate(self, name: str) -> tuple[str, bool, int, int | None]:
         """(on-disk name, stored transposed, offset and width of this part along the fused output dim)."""

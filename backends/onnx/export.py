@@ -39,7 +39,6 @@ from ernie_serve.backends.onnx.graph import (
     check_flavour,
     past_names,
 )
-from ernie_serve.checkpoint import CheckpointError
 from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
@@ -250,13 +249,7 @@ class StreamedWeights(Mapping[str, Any]):
         if self.checkpoint is None:
             return
         try:
-            self.checkpoint.check_names(self.shapes)
-            for name, shape in self.shapes.items():
-                if self.checkpoint.shape(name) != shape:
-                    raise CheckpointError(
-                        f"tensor {name!r} in {weights_path} has shape {self.checkpoint.shape(name)}, expected "
-                        f"{shape} from config.json"
-                    )
+            self.checkpoint.check(self.shapes)
         except BaseException:
             self.close()
             raise

@@ -453,6 +453,12 @@ class _ErnieGraph:
             num_heads=heads,
         )
 
+    def heads(self, x: str, heads: int, name: str | None = None) -> str:
+        """[B, S, heads * D] -> [B, heads, S, D]."""
+        b = self.b
+        split = b.op("Reshape", x, b.const([0, 0, heads, self.head_dim]))  # [B, S, heads, D]
+        return b.op("Transpose", split, perm=[0, 2, 1, 3], name=name)
+
     # ----- layers -----
     def attention(self, i: int, x: str, bias: str) -> str:
         b = self.b
@@ -463,16 +469,13 @@ class _ErnieGraph:
         )  # [B, S, (Q+2K)D]
         q, k, v = b.op("Split", qkv, b.const([q_heads * d, kv_heads * d, kv_heads * d]), axis=-1, outputs=3)
         v_new, k_new = new_names(i)[1], new_names(i)[0]
-        b.op("Transpose", b.op("Reshape", v, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3], name=v_new)
+        self.heads(v, kv_heads, name=v_new)  # [B, K, S, D]
         scale = b.const(d**-0.5, np.float32)
         if self.fused_rope:  # onnxruntime's RotaryEmbedding on [B, S, heads * D], before the heads move
-            q = b.op("Mul", self.rope_fused(q, q_heads), scale)
-            q = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, q_heads, d])), perm=[0, 2, 1, 3])  # [B, Q, S, D]
-            k = b.op("Reshape", self.rope_fused(k, kv_heads), b.const([0, 0, kv_heads, d]))
-            b.op("Transpose", k, perm=[0, 2, 1, 3], name=k_new)  # [B, K, S, D]
+            q = self.heads(b.op("Mul", self.rope_fused(q, q_heads), scale), q_heads)  # [B, Q, S, D]
+            self.heads(self.rope_fused(k, kv_heads), kv_heads, name=k_new)  # [B, K, S, D]
         else:
-            q = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, q_heads, d])), perm=[0, 2, 1, 3])  # [B, Q, S, D]
-            k = b.op("Transpose", b.op("Reshape", k, b.const([0, 0, kv_heads, d])), perm=[0, 2, 1, 3])  # [B, K, S, D]
+            q, k = self.heads(q, q_heads), self.heads(k, kv_heads)  # [B, Q, S, D], [B, K, S, D]
             # RoPE in float32 (as the torch backend); q is scaled before the cast back: fewer elements than scores
             q = self.to_dtype(b.op("Mul", self.rope(self.to_float(q)), scale))
             self.to_dtype(self.rope(self.to_float(k)), name=k_new)

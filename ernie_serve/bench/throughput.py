@@ -200,15 +200,17 @@ def single_request_decode(
     With `bandwidth_threads`, each pass is preceded by `read_bandwidth(bandwidth_threads)`; returns the median
     rate and each pass's (read bandwidth, rate), empty without."""
     engine = Engine(settings)
-    passes: list[tuple[float, float]] = []
+    rates: list[float] = []
+    bandwidths: list[float] = []
     try:
         decode_rate(engine)  # warm-up, not measured
         for _ in progress(range(repeats), "single-request decode", unit="pass"):
-            bandwidth = read_bandwidth(bandwidth_threads) if bandwidth_threads else 0.0
-            passes.append((bandwidth, decode_rate(engine)))
+            if bandwidth_threads:
+                bandwidths.append(read_bandwidth(bandwidth_threads))
+            rates.append(decode_rate(engine))
     finally:
         engine.close()
-    return statistics.median(rate for _, rate in passes), [p for p in passes if p[0]]
+    return statistics.median(rates), list(zip(bandwidths, rates, strict=False))
 
 
 def read_bandwidth(threads: int, size: int = 1 << 30, repeats: int = 9) -> float:
