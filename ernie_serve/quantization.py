@@ -139,6 +139,34 @@ def matmul_nbits_layout(
     return unsigned.reshape(n, blocks, -1), scales.reshape(-1).float().contiguous(), block
 
 
+def qmoe_block(spec: QuantSpec, hidden: int, intermediate: int) -> int | None:
+    """The block along K for a layer's routed experts as one onnxruntime `QMoE` node or session, or None where
+    QMoE cannot hold them.
+
+    QMoE takes one block size for both products (K = hidden for gate/up, intermediate for down), a power of
+    two of 16 or more that divides both. Groups of 64 or 128 are that block; one scale per output channel
+    (wint8, and wint4 group size -1) is the largest such block up to 128, with the row's scale repeated.
+    """
+    if spec.group_size:
+        return spec.group_size if hidden % spec.group_size == 0 and intermediate % spec.group_size == 0 else None
+    for block in (128, 64, 32, 16):
+        if hidden % block == 0 and intermediate % block == 0:
+            return block
+    return None
+
+
+def qmoe_layout(
+    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert matrix's signed codes `[N, K]` and scales `[N, G]` in `QMoE`'s layout: codes uint8
+    `[N, K * bits / 8]` and float32 scales `[N, K / block]`, the bytes of `matmul_nbits_layout` with `block`
+    (`qmoe_block`: it divides K, so no block is padded), one row per output channel. A layer's experts are
+    stacked along a new first dimension."""
+    packed, block_scales, _ = matmul_nbits_layout(codes, scales, spec, block)  # [N, K/block, ...], [N * K/block]
+    n = codes.shape[0]
+    return packed.reshape(n, -1), block_scales.reshape(n, -1)
+
+
 def storage_bytes(out_features: int, in_features: int, spec: QuantSpec, scale_bytes: int = 4) -> int:
     """Bytes of one quantized `[out, in]` weight, codes and scales (no kernel-specific padding)."""
     codes = out_features * in_features * spec.bits // 8

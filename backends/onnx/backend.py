@@ -38,6 +38,7 @@ from ernie_serve.core.backend import (
     BackendUnavailableError,
     KVCacheSpec,
 )
+from ernie_serve.ort_contrib import inference_session
 from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
@@ -133,24 +134,6 @@ def resolve_providers(requested: list[str] | None, device: str, available: list[
     if "CPUExecutionProvider" not in providers:
         providers.append("CPUExecutionProvider")
     return providers
-
-
-def inference_session(model: str | bytes, options: Any, providers: list[str]) -> Any:  # -> ort.InferenceSession
-    """`ort.InferenceSession(model, options, providers)`, on onnxruntime's process-wide thread pool where this
-    process has one: onnxruntime then refuses sessions with pools of their own (the torch backend makes that
-    pool when onnxruntime's kernels hold most of its quantized weights)."""
-    import onnxruntime as ort
-
-    # on the CPU alone, onnxruntime's fallback would only retry the same provider after printing the error
-    fallback = int(providers != ["CPUExecutionProvider"])
-    try:
-        return ort.InferenceSession(model, options, providers=providers, enable_fallback=fallback)
-    except RuntimeError as error:
-        if "global thread pool" not in str(error):
-            raise
-    log.info("onnxruntime's process-wide thread pool is in use in this process: this session runs on it")
-    options.use_per_session_threads = False
-    return ort.InferenceSession(model, options, providers=providers, enable_fallback=fallback)
 
 
 @dataclass

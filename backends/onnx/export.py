@@ -12,7 +12,6 @@ export; a changed checkpoint exports again.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -25,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import numpy as np
 import structlog
 
 from ernie_serve.backends.onnx import graph as graph_module
@@ -39,6 +37,7 @@ from ernie_serve.backends.onnx.graph import (
     check_flavour,
     past_names,
 )
+from ernie_serve.ort_contrib import qmoe_supported
 from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
@@ -49,66 +48,6 @@ log = structlog.get_logger("ernie_serve.onnx")
 MODEL_FILE = "model.onnx"
 INFO_FILE = "export.json"
 CONTENT_HASH_LIMIT = 1 << 30  # checkpoints up to 1 GiB are keyed by their bytes (about a second to hash)
-
-
-@functools.cache
-def qmoe_supported() -> bool:
-    """Whether the installed onnxruntime runs `QMoE` as the graph uses it (float32 activations, SwiGLU with
-    gate and up interleaved, block-wise scales, accuracy_level, 4 and 8 bits): its CPU kernel gained these over
-    several releases. Probed once with two-expert nodes whose outputs are checked against numpy."""
-    try:
-        import onnxruntime  # noqa: F401
-        from onnx import helper  # noqa: F401
-    except ImportError:
-        return False
-    return all(_qmoe_probe(bits) for bits in (4, 8))
-
-
-def _qmoe_probe(bits: int) -> bool:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from ernie_serve.backends.onnx.backend import inference_session  # (the backend imports this module lazily)
-
-    hidden = inter = block = 16
-    per_byte, offset = 8 // bits, 2 ** (bits - 1)
-    rng = np.random.default_rng(0)
-    fc1 = rng.integers(0, 256, (2, 2 * inter, hidden // per_byte), dtype=np.uint8)  # [E, 2I, H*bits/8]
-    fc2 = rng.integers(0, 256, (2, hidden, inter // per_byte), dtype=np.uint8)  # [E, H, I*bits/8]
-    s1, s2 = np.full((2, 2 * inter, 1), 0.01, np.float32), np.full((2, hidden, 1), 0.01, np.float32)
-    node = helper.make_node(
-        "QMoE", ["x", "router", "fc1", "s1", "", "fc2", "s2"], ["y"], domain=MS_DOMAIN, k=1,
-        activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=bits,
-        block_size=block, accuracy_level=0, activation_alpha=1.0, activation_beta=0.0,
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [node], "probe",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", w]) for n, w in (("x", hidden), ("router", 2))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
-        [numpy_helper.from_array(a, n) for a, n in ((fc1, "fc1"), (s1, "s1"), (fc2, "fc2"), (s2, "s2"))],
-    )  # fmt: skip
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
-    x = rng.normal(0, 1, (1, hidden)).astype(np.float32)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:  # on onnxruntime's process-wide pool where this process has one
-        session = inference_session(model.SerializeToString(), options, ["CPUExecutionProvider"])
-        (y,) = session.run(None, {"x": x, "router": np.array([[0.0, 5.0]], np.float32)})
-    except Exception:  # noqa: BLE001 - any refusal (unknown op, attribute, layout) means: not this onnxruntime
-        return False
-
-    def dequantize_expert(packed: np.ndarray) -> np.ndarray:  # [N, K*bits/8] -> [N, K]
-        codes = np.stack([packed & 0x0F, packed >> 4], -1).reshape(packed.shape[0], -1) if bits == 4 else packed
-        return (codes.astype(np.float32) - offset) * 0.01
-
-    gate_up = dequantize_expert(fc1[1]) @ x[0]  # expert 1 alone: its routing weight is 1 after normalizing
-    gate, up = gate_up[0::2], gate_up[1::2]  # interleaved rows
-    expected = dequantize_expert(fc2[1]) @ (gate / (1 + np.exp(-gate)) * up)
-    # 8-bit experts round their activations to int8 whatever the accuracy_level: a loose bound for them
-    tolerance = 1e-4 if bits == 4 else 0.05 * float(np.abs(expected).max())
-    return bool(np.allclose(y[0], expected, rtol=1e-4, atol=tolerance))
 
 
 @dataclass(frozen=True)

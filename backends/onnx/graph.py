@@ -83,11 +83,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from ernie_serve.logging import progress
+from ernie_serve.ort_contrib import MS_DOMAIN
 from ernie_serve.quantization import (
     NBITS_PER_CHANNEL_BLOCK,
     QuantSpec,
     is_quantized_tensor,
     matmul_nbits_layout,
+    qmoe_block,
+    qmoe_layout,
     quantize,
 )
 
@@ -103,7 +106,6 @@ MASKED = -1e9  # finite, so a fully masked row softmaxes to finite values instea
 # Tensors at least this large go to the external data file (small ones stay inline in model.onnx).
 EXTERNAL_THRESHOLD = 1024
 _ALIGN = 4096  # external tensors start at page boundaries, so onnxruntime can map them
-MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: the quantized kernels
 ONNXRUNTIME, TENSORRT = "onnxruntime", "tensorrt"  # graph flavours, see the module docstring
 FLAVOURS = (ONNXRUNTIME, TENSORRT)
 # Compute dtypes by name, as onnx.TensorProto's data types (onnx is imported lazily: the CLI runs without it).
@@ -199,31 +201,14 @@ def dynamic_quantize_matmul_inputs(weight: np.ndarray) -> tuple[np.ndarray, np.n
     return unsigned.numpy(), scales[:, 0].numpy(), np.full(weight.shape[0], 128, np.uint8)
 
 
-def qmoe_block(spec: QuantSpec, hidden: int, intermediate: int) -> int | None:
-    """The block along K for a layer's experts as one `QMoE` node, or None where QMoE cannot hold them.
-
-    QMoE takes one block size for both products (K = hidden for gate/up, intermediate for down), a power of
-    two of 16 or more that divides both. Groups of 64 or 128 are that block; one scale per output channel
-    (wint8, and wint4 group size -1) is the largest such block up to 128, with the row's scale repeated.
-    """
-    if spec.group_size:
-        return spec.group_size if hidden % spec.group_size == 0 and intermediate % spec.group_size == 0 else None
-    for block in (128, 64, 32, 16):
-        if hidden % block == 0 and intermediate % block == 0:
-            return block
-    return None
-
-
 def qmoe_expert_inputs(weight: np.ndarray, spec: QuantSpec, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """One expert's float `weight` [N, K] quantized into QMoE's layout: codes uint8 `[N, K * bits / 8]` and float32
-    scales `[N, K / block]`, the bytes of `matmul_nbits_layout` with `block` (`qmoe_block`: it divides K, so no
-    block is padded), one row per output channel. Experts are stacked along a new first dimension."""
+    """One expert's float `weight` [N, K] quantized into QMoE's layout (`qmoe_layout`): codes uint8
+    `[N, K * bits / 8]` and float32 scales `[N, K / block]`."""
     import torch
 
     codes, scales = quantize(torch.from_numpy(weight), spec)  # [N, K] int8, [N, G] float32
-    packed, block_scales, _ = matmul_nbits_layout(codes, scales, spec, block)  # [N, K/block, ...], [N * K/block]
-    n = weight.shape[0]
-    return packed.reshape(n, -1).numpy(), block_scales.reshape(n, -1).numpy()
+    packed, block_scales = qmoe_layout(codes, scales, spec, block)
+    return packed.numpy(), block_scales.numpy()
 
 
 @dataclass

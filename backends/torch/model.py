@@ -20,6 +20,7 @@ from ernie_serve.backends.torch.malloc import trim_heap
 from ernie_serve.backends.torch.ort_kernels import (
     FusedMLPKernel,
     FusedPart,
+    RoutedExpertsKernel,
     fits_one_session,
     share_thread_pool,
     uses_onnxruntime,
@@ -33,7 +34,8 @@ from ernie_serve.backends.torch.quant import (
 )
 from ernie_serve.core.config import ModelConfig
 from ernie_serve.logging import progress
-from ernie_serve.quantization import QuantSpec
+from ernie_serve.ort_contrib import qmoe_supported
+from ernie_serve.quantization import QuantSpec, qmoe_block
 
 # A projection weight: full precision `[in, out]`, or quantized (`--quantization`, see backends/torch/quant.py).
 Weight = torch.Tensor | QuantizedWeight | QuantMatrix
@@ -432,6 +434,7 @@ class SparseMoE(RowParallelOutput, nn.Module):
         self.shared = MLP(h, shared, config.use_bias, dtype, device, quant) if shared else None
         self.expert_packed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
         self.expert_fused: list[FusedMLPKernel] | None = None  # see `fuse_for_onnxruntime`
+        self.expert_qmoe: RoutedExpertsKernel | None = None  # all routed experts in one session, idem
         # expert parallelism (parallel.py): computes `residual + this rank's experts' share` instead of the paths
         # below, which assume every expert is local; takes (x, experts, weights, residual)
         self.routed_hook: Callable[..., torch.Tensor] | None = None
@@ -446,9 +449,14 @@ class SparseMoE(RowParallelOutput, nn.Module):
         return sum(packed_bytes(*pair) for pair in self.expert_packed)
 
     def fuse_for_onnxruntime(self, policy: str) -> None:
-        """Called after loading, before its quantized weights are packed: each expert as one onnxruntime
-        session where both its matrices go to onnxruntime (`fuse_for_onnxruntime`); all or none."""
-        if self.expert_fused is not None:
+        """Called after loading, before its quantized weights are packed: where every expert's two matrices go
+        to onnxruntime (`--cpu-quantized-kernels`), all routed experts as one `QMoE` session
+        (`RoutedExpertsKernel`) where this onnxruntime has it and one block fits both widths, else each expert
+        as one session (`fuse_for_onnxruntime`); all or none. Expert parallelism (`routed_hook`, set before this
+        is called) runs its experts one by one, so it keeps the latter."""
+        if self.expert_fused is not None or self.expert_qmoe is not None:
+            return
+        if self.routed_hook is None and self._fuse_into_qmoe(policy):
             return
         first = fuse_for_onnxruntime(*self.expert_weights[0], policy)
         if first is None:
@@ -456,6 +464,34 @@ class SparseMoE(RowParallelOutput, nn.Module):
         rest = [fuse_for_onnxruntime(gate_up, down, policy) for gate_up, down in self.expert_weights[1:]]
         assert all(kernel is not None for kernel in rest)
         self.expert_fused = [first, *rest]  # type: ignore[list-item]
+
+    def _fuse_into_qmoe(self, policy: str) -> bool:
+        """`fuse_for_onnxruntime`'s QMoE case; True where it made the kernel. Each expert matrix keeps a
+        `FusedPart` (its share of the bytes), so its stack lets go of the row-wise codes when packed."""
+        matrices = [matrix for pair in self.expert_weights for matrix in pair]
+        if not all(isinstance(m, QuantMatrix) and m.rows.device.type == "cpu" for m in matrices):
+            return False
+        gate_up, down = self.expert_weights[0]
+        assert isinstance(gate_up, QuantMatrix) and isinstance(down, QuantMatrix)
+        spec, hidden, intermediate = gate_up.spec, gate_up.in_features, down.in_features  # (this rank's share)
+        block = qmoe_block(spec, hidden, intermediate)
+        if not (
+            block is not None
+            and uses_onnxruntime(policy, spec, hidden, gate_up.out_features)
+            and uses_onnxruntime(policy, spec, intermediate, down.out_features)
+            and all(m.device_kernel is None for m in matrices)  # type: ignore[union-attr]
+            and qmoe_supported()
+        ):
+            return False
+        experts = (  # one expert's codes at a time
+            ((g.codes().t(), g.scales), (d.codes().t(), d.scales))  # type: ignore[union-attr]
+            for g, d in self.expert_weights
+        )
+        self.expert_qmoe = RoutedExpertsKernel.pack(experts, self.num_experts, spec, self.top_k, block)
+        share = self.expert_qmoe.nbytes() // len(matrices)
+        for matrix in matrices:
+            matrix.device_kernel = FusedPart(share)  # type: ignore[union-attr]
+        return True
 
     def run_expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
         """One expert's SwiGLU over the rows routed to it (unweighted)."""
@@ -476,9 +512,14 @@ class SparseMoE(RowParallelOutput, nn.Module):
         return experts, weights
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, H] -> residual + [T, H]
-        experts, weights = self.route(x)
         if not self.adds_residual:  # the routed paths add onto it: a zero start makes this rank's share partial
             residual = torch.zeros_like(residual)
+        if self.expert_qmoe is not None:  # QMoE weights the chosen experts itself: route only to choose them
+            logits = F.linear(x.float(), self.router_weight)  # [T, E]
+            _, experts = torch.topk(torch.softmax(logits, dim=-1) + self.score_bias, self.top_k, dim=-1)  # [T, k]
+            out = residual + self.expert_qmoe.forward(x, logits, experts)  # [T, H]
+            return self._finish(self.shared(x, out) if self.shared is not None else out)
+        experts, weights = self.route(x)
         if self.routed_hook is not None:
             out = self.routed_hook(x, experts, weights, residual)
             return self._finish(self.shared(x, out) if self.shared is not None else out)

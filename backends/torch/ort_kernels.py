@@ -12,27 +12,32 @@ torch's int8 kernel is closer to memory speed, so `--cpu-quantized-kernels auto`
 4-bit matrices of at least `AUTO_MIN_WEIGHTS` weights here (`uses_onnxruntime`).
 
 Each such matrix becomes one small ONNX graph (`x [T, K] -> MatMulNBits -> y [T, N]`) in its own inference
-session, and a SwiGLU MLP whose two matrices both come here one graph for the whole MLP (`FusedMLPKernel`);
-onnxruntime repacks the weights once when the session is made, and the row-wise codes are let go
-(`QuantizedWeight.pack_for_device`). Threads (`share_thread_pool`): where onnxruntime holds most quantized bytes, all
-sessions share onnxruntime's process-wide pool, whose worker spins between runs, and torch runs on one thread;
-elsewhere each session has its own pool with spin-waiting off, since torch's workers need the cores. (Pools of
-their own that spin were ruinous: with thousands of sessions the workers of the last few spun at once and took
-the cores from everything else, decode 25x slower.)
+session, a SwiGLU MLP whose two matrices both come here one graph for the whole MLP (`FusedMLPKernel`), and a
+MoE layer's routed experts one graph around the contrib op `QMoE` (`RoutedExpertsKernel`), which runs only the
+experts each token chose, in one call; onnxruntime repacks the weights once when the session is made, and the
+row-wise codes are let go (`QuantizedWeight.pack_for_device`).
+
+Threads (`share_thread_pool`): where onnxruntime holds most quantized bytes, all sessions share onnxruntime's
+process-wide pool, whose worker spins between runs, and torch runs on one thread; elsewhere each session has
+its own pool with spin-waiting off, since torch's workers need the cores. (Pools of their own that spin were
+ruinous: with thousands of sessions the workers of the last few spun at once and took the cores from
+everything else, decode 25x slower.)
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
 from ernie_serve.backends.torch.malloc import trim_heap
-from ernie_serve.quantization import QuantSpec, matmul_nbits_layout, storage_bytes
+from ernie_serve.ort_contrib import MS_DOMAIN
+from ernie_serve.quantization import QuantSpec, matmul_nbits_layout, qmoe_layout, storage_bytes
 
-MS_DOMAIN = "com.microsoft"
 # measured (resident memory over 100 sessions of [2560, 1536] and of [2560, 3072], 4 bits, groups of 128):
 # onnxruntime's packed weights take about 13% more than our codes and scales, and each session 0.12 MiB besides
 SESSION_OVERHEAD_BYTES = 128 * 1024
@@ -129,28 +134,60 @@ def _packed_initializers(name: str, codes: torch.Tensor, scales: torch.Tensor, s
     return [weight, numpy_helper.from_array(block_scales.numpy(), f"{name}.scales")], block
 
 
-def _session(nodes: list, initializers: list, x: tuple[str, int], y: tuple[str, int]):  # -> ort.InferenceSession
-    """A session of `nodes` from input `x` `[rows, x[1]]` to output `y` `[rows, y[1]]`, both float32."""
+def _session(
+    nodes: list,
+    initializers: list,
+    x: tuple[str, int],
+    y: tuple[str, int],
+    extra_inputs: tuple[tuple[str, int], ...] = (),
+    model_dir: str | None = None,
+):  # -> ort.InferenceSession
+    """A session of `nodes` from input `x` `[rows, x[1]]` (and `extra_inputs`, alike) to output `y` `[rows, y[1]]`,
+    all float32. With `model_dir`, whose file the initializers' external data already is (`_external_initializers`),
+    the model is written there and loaded by path, so no in-memory copy of those weights is made on the way."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
         nodes,
         "quantized_matmul",
-        [helper.make_tensor_value_info(x[0], TensorProto.FLOAT, ["rows", x[1]])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows", width]) for name, width in [x, *extra_inputs]],
         [helper.make_tensor_value_info(y[0], TensorProto.FLOAT, ["rows", y[1]])],
         initializer=initializers,
     )
     initializers.clear()  # the graph has its own copies: let the caller's go now
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    model: bytes | str = helper.make_model(graph, opset_imports=opsets).SerializeToString()
     del graph
+    if model_dir is not None:
+        path = os.path.join(model_dir, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(model)  # type: ignore[arg-type]
+        model = path
     session = ort.InferenceSession(model, _session_options(), providers=["CPUExecutionProvider"])
     # The Python session keeps the model's bytes (to rebuild itself if its providers change, which never happens
     # here): a second copy of every weight. onnxruntime has its own, repacked, so drop them.
     if hasattr(session, "_model_bytes"):
         session._model_bytes = None
     return session
+
+
+def _external_initializers(arrays: dict[str, np.ndarray], path: str) -> list:  # -> [onnx.TensorProto]
+    """Write `arrays` into the file `path`, each at a page boundary, and return initializers that point there
+    (ONNX external data, relative to the model written beside it)."""
+    from onnx import TensorProto, helper
+
+    initializers = []
+    with open(path, "wb") as f:
+        for name, array in arrays.items():
+            offset = f.seek(-f.tell() % 4096, os.SEEK_CUR)
+            array.tofile(f)
+            tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+            for key, value in (("location", os.path.basename(path)), ("offset", offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(value))
+            tensor.data_location = TensorProto.EXTERNAL
+            initializers.append(tensor)
+    return initializers
 
 
 def _held_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
@@ -248,6 +285,89 @@ class FusedMLPKernel:
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
         return _run(self.session, x).to(x.dtype)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class RoutedExpertsKernel:
+    """A MoE layer's routed experts as one onnxruntime session around the contrib op `QMoE`, which groups the
+    tokens by expert and runs only the chosen experts, inside one call: for the 21B-A3B's 64 experts, one call a
+    layer instead of one `FusedMLPKernel` call per chosen expert with torch's sort, gather, weighting and scatter
+    around them (measured side by side: docs/quantization.md, "ERNIE-4.5-21B-A3B on this 24 GB machine").
+
+    The layer still routes in torch (float32 router, the correction bias only for the choice); QMoE routes by
+    itself (softmax of its router input, top k, weights renormalized over the k), so `forward` gives it the
+    router's logits at the chosen experts and `MASKED_LOGIT` elsewhere: the softmax of that is each chosen
+    expert's probability over the chosen ones' sum, which is ERNIE's weight (its `moe_norm_min` floor never acts:
+    k of E probabilities chosen as the largest sum to at least k / E). Experts stacked, gate and up rows
+    interleaved (`swiglu_fusion=1`, the only fused layout QMoE takes on CPU); `accuracy_level=4` as for
+    `MatMulNBits` here: activations rounded to int8 per block (8-bit experts round them whatever the level)."""
+
+    MASKED_LOGIT = -1e9  # exp(MASKED_LOGIT - max) is exactly 0 in float32
+
+    def __init__(self, session, hidden: int, nbytes: int) -> None:
+        self.session, self.hidden, self._nbytes = session, hidden, nbytes
+
+    @classmethod
+    def pack(
+        cls,
+        experts: Iterable[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]],
+        num_experts: int,
+        spec: QuantSpec,
+        top_k: int,
+        block: int,
+    ) -> RoutedExpertsKernel:
+        """From each expert's (gate|up codes `[2I, H]` signed, scales `[G, 2I]`) and (down codes `[H, I]`, scales
+        `[G', H]`), taken one expert at a time (an iterator: one expert's codes alive at once); `block` from
+        `qmoe_block`. The stacked layout is one layer's (about 0.4 GB for the 21B-A3B at 4 bits), written to a
+        temporary file that onnxruntime reads: in memory the protobuf tensors, the serialized model and
+        onnxruntime's parsed copy would each hold it again, on a model that fits this machine with 1.5 GB to
+        spare. It is gone once onnxruntime has its packed copy."""
+        from onnx import helper
+
+        arrays: dict[str, np.ndarray] = {}
+        for e, ((gate_up_codes, gate_up_scales), (down_codes, down_scales)) in enumerate(experts):
+            intermediate = gate_up_codes.shape[0] // 2
+            # gate_0, up_0, gate_1, up_1, ...: row 2j is gate row j, row 2j + 1 up row j
+            interleave = torch.stack([torch.arange(intermediate), intermediate + torch.arange(intermediate)], 1)
+            interleave = interleave.flatten()  # [2I]
+            parts = {}
+            parts["fc1"], parts["fc1.scales"] = qmoe_layout(
+                gate_up_codes[interleave], gate_up_scales.t()[interleave], spec, block
+            )  # [2I, H * bits / 8], [2I, H / block]
+            parts["fc2"], parts["fc2.scales"] = qmoe_layout(down_codes, down_scales.t(), spec, block)  # [H, ...]
+            for name, part in parts.items():
+                if name not in arrays:  # stacked [E, ...], filled expert by expert
+                    arrays[name] = np.empty((num_experts, *part.shape), part.numpy().dtype)
+                arrays[name][e] = part.numpy()
+            del gate_up_codes, down_codes, parts
+        hidden = arrays["fc2"].shape[1]
+        nbytes = sum(array.nbytes for array in arrays.values())
+        node = helper.make_node(
+            "QMoE", ["x", "router", "fc1", "fc1.scales", "", "fc2", "fc2.scales"], ["y"], domain=MS_DOMAIN,
+            k=top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+            expert_weight_bits=spec.bits, block_size=block, accuracy_level=4, activation_alpha=1.0,
+            activation_beta=0.0,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="ernie-serve-qmoe-") as model_dir:
+            initializers = _external_initializers(arrays, os.path.join(model_dir, "weights.bin"))
+            del arrays
+            session = _session(
+                [node], initializers, ("x", hidden), ("y", hidden), (("router", num_experts),), model_dir
+            )
+        _trim_now_and_then(nbytes)
+        return cls(session, hidden, int(nbytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x `[T, H]`, the router's float32 logits `[T, E]` and the chosen experts `[T, k]` -> the chosen experts'
+        outputs weighted and summed, `[T, H]` in x's dtype."""
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.hidden)
+        router = torch.full_like(logits, self.MASKED_LOGIT).scatter_(1, experts, logits.gather(1, experts))  # [T, E]
+        rows = x.detach().to(torch.float32).contiguous().numpy()  # no copy for a contiguous float32 CPU x
+        out = self.session.run(None, {"x": rows, "router": router.contiguous().numpy()})[0]  # [T, H]
+        return torch.from_numpy(out).to(x.dtype)
 
     def nbytes(self) -> int:
         return self._nbytes

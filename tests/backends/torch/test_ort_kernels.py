@@ -19,12 +19,14 @@ from ernie_serve.backends.torch.ort_kernels import (
     FusedMLPKernel,
     FusedPart,
     NBitsKernel,
+    RoutedExpertsKernel,
     fits_one_session,
     uses_onnxruntime,
 )
 from ernie_serve.backends.torch.quant import Int4Kernel, QuantizedWeight
 from ernie_serve.core.backend import BackendUnavailableError
-from ernie_serve.quantization import NBITS_PER_CHANNEL_BLOCK, QuantSpec, dequantize, quantize
+from ernie_serve.ort_contrib import qmoe_supported
+from ernie_serve.quantization import NBITS_PER_CHANNEL_BLOCK, QuantSpec, dequantize, qmoe_block, quantize
 
 pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
 
@@ -136,6 +138,57 @@ def test_a_fused_mlp_is_its_two_kernels_with_silu_between(spec: QuantSpec) -> No
     assert fused.forward(x[:0]).shape == (0, hidden)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint4"), QuantSpec("wint8")], ids=str)
+def test_routed_experts_in_one_qmoe_session_are_the_chosen_experts_weighted(spec: QuantSpec) -> None:
+    """`RoutedExpertsKernel`: each token's chosen experts, weighted by the router's softmax renormalized over
+    them (ERNIE's weights): the same sums as `FusedMLPKernel`s where both round the activations alike, and
+    within 5% of the dequantized float32 math everywhere, where routing to other experts is off by 100%."""
+    if not qmoe_supported():
+        pytest.skip("this onnxruntime has no QMoE as the kernel uses it (the model then keeps one session an expert)")
+    num_experts, top_k, hidden, intermediate, tokens = 5, 2, 128, 64, 7
+    block = qmoe_block(spec, hidden, intermediate)
+    assert block is not None
+    experts, weights = [], []
+    for e in range(num_experts):
+        gate_up, gate_up_weight = _quantized(spec, hidden, 2 * intermediate, seed=2 * e)  # [2I, H]
+        down, down_weight = _quantized(spec, intermediate, hidden, seed=2 * e + 1)  # [H, I]
+        experts.append((gate_up, down))
+        weights.append((gate_up_weight, down_weight))
+    kernel = RoutedExpertsKernel.pack(iter(experts), num_experts, spec, top_k, block)
+    per_expert = [FusedMLPKernel.pack(gate_up, down, spec) for gate_up, down in experts]
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=generator)
+    logits = torch.randn(tokens, num_experts, generator=generator)  # [T, E]
+    chosen = torch.topk(logits + torch.randn(num_experts, generator=generator), top_k, dim=-1).indices  # [T, k]
+    routing = torch.softmax(logits, dim=-1).gather(1, chosen)  # [T, k]
+    routing = routing / routing.sum(-1, keepdim=True)
+
+    def exact_expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate_up_weight, down_weight = weights[e]
+        g, u = (rows @ gate_up_weight.t()).chunk(2, dim=1)
+        return (torch.nn.functional.silu(g) * u) @ down_weight.t()
+
+    def mixture(run_expert, experts_of: torch.Tensor) -> torch.Tensor:  # [T, H]
+        rows = [
+            sum(routing[t, j] * run_expert(int(experts_of[t, j]), x[t : t + 1])[0] for j in range(top_k))
+            for t in range(tokens)
+        ]
+        return torch.stack(rows)
+
+    out = kernel.forward(x, logits, chosen)  # [T, H]
+    sessions = mixture(lambda e, rows: per_expert[e].forward(rows), chosen)
+    exact = mixture(exact_expert, chosen)
+    others = mixture(exact_expert, (chosen + 1) % num_experts)
+    if spec.bits == 4 and spec.group_size:  # the same blocks, so the same rounding of the activations
+        assert torch.allclose(out, sessions, rtol=0, atol=1e-5 * sessions.abs().max())
+    # (one scale per channel: QMoE's block is the largest fitting both widths, 64 here, MatMulNBits' 128; 8-bit
+    # experts round activations per block whatever the level: different roundings, each within the bound below)
+    error = (out - exact).abs().max()
+    assert error < 0.05 * exact.abs().max() and error < (others - exact).abs().max() / 4
+    assert kernel.forward(x[:0], logits[:0], chosen[:0]).shape == (0, hidden)
+    assert kernel.forward(x.to(torch.bfloat16), logits, chosen).dtype == torch.bfloat16
+
+
 def test_experts_and_shared_experts_of_the_21b_fit_one_session() -> None:
     assert fits_one_session(2560, 1536, 2560) and fits_one_session(2560, 3072, 2560)  # an expert, the shared two
     assert not fits_one_session(2560, 12288, 2560)  # its dense first layer: two sessions
@@ -168,12 +221,14 @@ def test_without_onnxruntime_auto_is_torch_and_asking_for_it_is_an_error(monkeyp
         torch_backend.cpu_quantized_kernels("onnxruntime")
 
 
-@pytest.mark.parametrize(("scheme", "group"), [("wint4", 64), ("wint8", 128)], ids=str)
+@pytest.mark.parametrize(("scheme", "group"), [("wint4", 64), ("wint4", -1), ("wint8", 128)], ids=str)
 def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     tiny_checkpoint, first_tokens_agree, torch_threads: int, scheme: str, group: int
 ) -> None:
     """`--cpu-quantized-kernels onnxruntime`: every quantized matrix is an onnxruntime session (its row-wise
-    codes let go), torch's own ops move to one thread, and log-probabilities stay near the exact kernels'."""
+    codes let go), torch's own ops move to one thread, and log-probabilities stay near the exact kernels'.
+    The routed experts of a layer are one QMoE session where a block fits both widths (per channel: blocks of
+    32 over this model's hidden 64 and expert width 32), else one session an expert (groups of 64)."""
     checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
     settings = dict(quantization=scheme, quantization_group_size=group, block_size=4, max_num_batched_tokens=16)
     exact = LLM(model=checkpoint, exact_quantized_kernels=True, **settings)
@@ -183,7 +238,12 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     # every MLP and expert one session, the attention projections and the head one each
     assert weights and all(isinstance(m.device_kernel, NBitsKernel | FusedPart) for w in weights for m in w.matrices)
     assert all(w.rows.numel() == 0 for w in weights)
-    assert all(m.expert_fused is not None for m in model.modules() if isinstance(m, SparseMoE))
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    one_session = group == -1 or scheme == "wint8"
+    if one_session and qmoe_supported():
+        assert moes and all(m.expert_qmoe is not None and m.expert_fused is None for m in moes)
+    else:
+        assert moes and all(m.expert_fused is not None and m.expert_qmoe is None for m in moes)
     assert all(m.fused is not None for m in model.modules() if isinstance(m, MLP))
     assert torch.get_num_threads() == (1 if torch_threads > 1 else torch_threads)
     # int8 activations per block move a tiny model's log-probabilities more than torch's bfloat16 ones do
@@ -224,7 +284,8 @@ with LLM(model=checkpoint, quantization="wint4", quantization_group_size=64) as 
 quantized = dict(quantization="wint4", quantization_group_size=64)
 with LLM(model=checkpoint, cpu_quantized_kernels="onnxruntime", **quantized) as llm:
     model = llm.engine.core.backend.model
-    sessions = [k.session for m in model.modules() if isinstance(m, SparseMoE) for k in m.expert_fused]
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    sessions = [k.session for m in moes for k in (m.expert_fused or [m.expert_qmoe])]
     facts["everything"] = {
         "sessions": len(sessions),
         "own_pool": [s.get_session_options().use_per_session_threads for s in sessions],

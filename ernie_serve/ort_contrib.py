@@ -1,0 +1,95 @@
+"""onnxruntime as both backends that run it use it: the onnx backend's graphs and the torch backend's quantized CPU
+kernels (`backends/torch/ort_kernels.py`). Sessions on onnxruntime's process-wide thread pool where this process
+has one, and whether the installed onnxruntime runs the contrib op `QMoE` as they build it. onnxruntime and onnx
+are imported only when called (`pip install 'ernie-serve[onnx]'`)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import structlog
+
+log = structlog.get_logger("ernie_serve.onnxruntime")
+
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: the quantized kernels
+
+
+def inference_session(
+    model: str | bytes, options: Any, providers: list[str], say_so: bool = True
+) -> Any:  # -> ort.InferenceSession
+    """`ort.InferenceSession(model, options, providers)`, on onnxruntime's process-wide thread pool where this
+    process has one (logged unless not `say_so`): onnxruntime then refuses sessions with pools of their own (the
+    torch backend makes that pool when onnxruntime's kernels hold most of its quantized weights)."""
+    import onnxruntime as ort
+
+    # on the CPU alone, onnxruntime's fallback would only retry the same provider after printing the error
+    fallback = int(providers != ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, options, providers=providers, enable_fallback=fallback)
+    except RuntimeError as error:
+        if "global thread pool" not in str(error):
+            raise
+    if say_so:
+        log.info("onnxruntime's process-wide thread pool is in use in this process: this session runs on it")
+    options.use_per_session_threads = False
+    return ort.InferenceSession(model, options, providers=providers, enable_fallback=fallback)
+
+
+@functools.cache
+def qmoe_supported() -> bool:
+    """Whether the installed onnxruntime runs `QMoE` as both backends build it (float32 activations, SwiGLU with
+    gate and up interleaved, block-wise scales, accuracy_level, 4 and 8 bits): its CPU kernel gained these over
+    several releases. Probed once with two-expert nodes whose outputs are checked against numpy."""
+    try:
+        import onnxruntime  # noqa: F401
+        from onnx import helper  # noqa: F401
+    except ImportError:
+        return False
+    return all(_qmoe_probe(bits) for bits in (4, 8))
+
+
+def _qmoe_probe(bits: int) -> bool:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = inter = block = 16
+    per_byte, offset = 8 // bits, 2 ** (bits - 1)
+    rng = np.random.default_rng(0)
+    fc1 = rng.integers(0, 256, (2, 2 * inter, hidden // per_byte), dtype=np.uint8)  # [E, 2I, H*bits/8]
+    fc2 = rng.integers(0, 256, (2, hidden, inter // per_byte), dtype=np.uint8)  # [E, H, I*bits/8]
+    s1, s2 = np.full((2, 2 * inter, 1), 0.01, np.float32), np.full((2, hidden, 1), 0.01, np.float32)
+    node = helper.make_node(
+        "QMoE", ["x", "router", "fc1", "s1", "", "fc2", "s2"], ["y"], domain=MS_DOMAIN, k=1,
+        activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=bits,
+        block_size=block, accuracy_level=0, activation_alpha=1.0, activation_beta=0.0,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "probe",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", w]) for n, w in (("x", hidden), ("router", 2))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", hidden])],
+        [numpy_helper.from_array(a, n) for a, n in ((fc1, "fc1"), (s1, "s1"), (fc2, "fc2"), (s2, "s2"))],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    x = rng.normal(0, 1, (1, hidden)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:  # on onnxruntime's process-wide pool where this process has one
+        session = inference_session(model.SerializeToString(), options, ["CPUExecutionProvider"], say_so=False)
+        (y,) = session.run(None, {"x": x, "router": np.array([[0.0, 5.0]], np.float32)})
+    except Exception:  # noqa: BLE001 - any refusal (unknown op, attribute, layout) means: not this onnxruntime
+        return False
+
+    def dequantize_expert(packed: np.ndarray) -> np.ndarray:  # [N, K*bits/8] -> [N, K]
+        codes = np.stack([packed & 0x0F, packed >> 4], -1).reshape(packed.shape[0], -1) if bits == 4 else packed
+        return (codes.astype(np.float32) - offset) * 0.01
+
+    gate_up = dequantize_expert(fc1[1]) @ x[0]  # expert 1 alone: its routing weight is 1 after normalizing
+    gate, up = gate_up[0::2], gate_up[1::2]  # interleaved rows
+    expected = dequantize_expert(fc2[1]) @ (gate / (1 + np.exp(-gate)) * up)
+    # 8-bit experts round their activations to int8 whatever the accuracy_level: a loose bound for them
+    tolerance = 1e-4 if bits == 4 else 0.05 * float(np.abs(expected).max())
+    return bool(np.allclose(y[0], expected, rtol=1e-4, atol=tolerance))
