@@ -515,8 +515,8 @@ class _ErnieGraph:
         selects by softmax + correction bias but weights by the unbiased softmax, so the router input is
         the router's logits at the experts ERNIE chose and `MASKED` elsewhere: the softmax of that is each
         chosen expert's probability over the chosen ones' sum (the unchosen get exactly 0), its top k are
-        the chosen experts, and the renormalized weights are ERNIE's (its `moe_norm_min` floor never acts:
-        the chosen k of E probabilities sum to at least k / E). Experts are stacked `[E, ...]`, gate and up
+        the chosen experts, and the renormalized weights are ERNIE's (unless the chosen probabilities sum below
+        `moe_norm_min`, 1e-12, whose floor QMoE does not apply). Experts are stacked `[E, ...]`, gate and up
         rows interleaved in one fc1 (`swiglu_fusion=1`: CPU QMoE's only fused layout), and the activation
         is `gate * sigmoid(alpha * gate) * (up + beta)` with alpha 1 and beta 0: SiLU(gate) * up.
         `accuracy_level` as for MatMulNBits (4: activations rounded to int8 per block; 8-bit experts always

@@ -299,8 +299,8 @@ class RoutedExpertsKernel:
     The layer still routes in torch (float32 router, the correction bias only for the choice); QMoE routes by
     itself (softmax of its router input, top k, weights renormalized over the k), so `forward` gives it the
     router's logits at the chosen experts and `MASKED_LOGIT` elsewhere: the softmax of that is each chosen
-    expert's probability over the chosen ones' sum, which is ERNIE's weight (its `moe_norm_min` floor never acts:
-    k of E probabilities chosen as the largest sum to at least k / E). Experts stacked, gate and up rows
+    expert's probability over the chosen ones' sum, which is ERNIE's weight (unless those probabilities sum below
+    ERNIE's `moe_norm_min`, 1e-12, whose floor QMoE does not apply). Experts stacked, gate and up rows
     interleaved (`swiglu_fusion=1`, the only fused layout QMoE takes on CPU); `accuracy_level=4` as for
     `MatMulNBits` here: activations rounded to int8 per block (8-bit experts round them whatever the level)."""
 
