@@ -6,7 +6,7 @@ are imported only when called (`pip install 'ernie-serve[onnx]'`)."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import structlog
@@ -14,6 +14,22 @@ import structlog
 log = structlog.get_logger("ernie_serve.onnxruntime")
 
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: the quantized kernels
+EXTERNAL_ALIGN = 4096  # external tensors start at page boundaries, so onnxruntime can map them
+
+
+def external_tensor(data_file: BinaryIO, location: str, name: str, array: np.ndarray, data_type: int) -> Any:
+    """Append `array`'s bytes to `data_file` at a page boundary and return the initializer (an
+    `onnx.TensorProto` of `data_type`) that points there, as ONNX external data at `location`, the data file's
+    path relative to the model. The bytes are written from the array itself, without a copy."""
+    from onnx import TensorProto
+
+    offset = data_file.seek(-data_file.tell() % EXTERNAL_ALIGN, 1)
+    data_file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    tensor = TensorProto(name=name, data_type=data_type, dims=array.shape)
+    for key, value in (("location", location), ("offset", offset), ("length", array.nbytes)):
+        tensor.external_data.add(key=key, value=str(value))
+    tensor.data_location = TensorProto.EXTERNAL
+    return tensor
 
 
 def inference_session(

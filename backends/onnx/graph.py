@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from ernie_serve.logging import progress
-from ernie_serve.ort_contrib import MS_DOMAIN
+from ernie_serve.ort_contrib import MS_DOMAIN, external_tensor
 from ernie_serve.quantization import (
     NBITS_PER_CHANNEL_BLOCK,
     QuantSpec,
@@ -105,7 +105,6 @@ OPSET = 17  # ScatterND, GatherND batch_dims, TopK with a k input; ORT >= 1.12 a
 MASKED = -1e9  # finite, so a fully masked row softmaxes to finite values instead of NaN
 # Tensors at least this large go to the external data file (small ones stay inline in model.onnx).
 EXTERNAL_THRESHOLD = 1024
-_ALIGN = 4096  # external tensors start at page boundaries, so onnxruntime can map them
 ONNXRUNTIME, TENSORRT = "onnxruntime", "tensorrt"  # graph flavours, see the module docstring
 FLAVOURS = (ONNXRUNTIME, TENSORRT)
 # Compute dtypes by name, as onnx.TensorProto's data types (onnx is imported lazily: the CLI runs without it).
@@ -290,17 +289,8 @@ class _Builder:
 
     def _external(self, name: str, array: np.ndarray, data_type: int) -> str:
         """Append `array`'s bytes to the data file at a page boundary; the initializer points there."""
-        from onnx import TensorProto
-
         assert self.data_file is not None
-        offset = -self.data_file.tell() % _ALIGN + self.data_file.tell()
-        self.data_file.seek(offset)
-        self.data_file.write(array.tobytes())
-        proto = TensorProto(name=name, data_type=data_type, dims=array.shape)
-        for key, value in (("location", self.data_location), ("offset", offset), ("length", array.nbytes)):
-            proto.external_data.add(key=key, value=str(value))
-        proto.data_location = TensorProto.EXTERNAL
-        self.initializers.append(proto)
+        self.initializers.append(external_tensor(self.data_file, self.data_location, name, array, data_type))
         self.stats.external_bytes += array.nbytes
         return name
 

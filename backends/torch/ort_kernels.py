@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ernie_serve.backends.torch.malloc import trim_heap
-from ernie_serve.ort_contrib import MS_DOMAIN
+from ernie_serve.ort_contrib import MS_DOMAIN, external_tensor
 from ernie_serve.quantization import QuantSpec, matmul_nbits_layout, qmoe_layout, storage_bytes
 
 # measured (resident memory over 100 sessions of [2560, 1536] and of [2560, 3072], 4 bits, groups of 128):
@@ -175,19 +175,13 @@ def _session(
 def _external_initializers(arrays: dict[str, np.ndarray], path: str) -> list:  # -> [onnx.TensorProto]
     """Write `arrays` into the file `path`, each at a page boundary, and return initializers that point there
     (ONNX external data, relative to the model written beside it)."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    initializers = []
     with open(path, "wb") as f:
-        for name, array in arrays.items():
-            offset = f.seek(-f.tell() % 4096, os.SEEK_CUR)
-            array.tofile(f)
-            tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-            for key, value in (("location", os.path.basename(path)), ("offset", offset), ("length", array.nbytes)):
-                tensor.external_data.add(key=key, value=str(value))
-            tensor.data_location = TensorProto.EXTERNAL
-            initializers.append(tensor)
-    return initializers
+        return [
+            external_tensor(f, os.path.basename(path), name, array, helper.np_dtype_to_tensor_dtype(array.dtype))
+            for name, array in arrays.items()
+        ]
 
 
 def _held_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
