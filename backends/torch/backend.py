@@ -15,7 +15,7 @@ from ernie_serve.backends.torch.distributed import ParallelRuntime, RankEnv, tor
 from ernie_serve.backends.torch.loader import init_dummy_weights, load_safetensors
 from ernie_serve.backends.torch.malloc import HeapTrimmer
 from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
-from ernie_serve.backends.torch.ort_kernels import AUTO_MIN_WEIGHTS, onnxruntime_available
+from ernie_serve.backends.torch.ort_kernels import AUTO_MIN_WEIGHTS, experts_run_as_qmoe, onnxruntime_available
 from ernie_serve.backends.torch.quant import QuantizedWeight, onnxruntime_share
 from ernie_serve.core.backend import (
     Backend,
@@ -79,8 +79,10 @@ class TorchOptions(BackendOptions):
         description="torch backend with --quantization on CPU: whose int kernels multiply the quantized weights. "
         "onnxruntime: MatMulNBits for every matrix (2-3x torch's int4 kernel on large matrices; rounds activations "
         "to int8 per block of 128 or 64 inputs, like llama.cpp; needs `pip install 'ernie-serve[onnx]'`); torch: "
-        "torch's int8/int4 kernels (activations rounded to bfloat16); auto: onnxruntime's for 4-bit matrices of "
-        "2M weights or more where it is installed, torch's for the rest (docs/quantization.md)",
+        "torch's int8/int4 kernels (activations rounded to bfloat16); auto: where onnxruntime is installed, "
+        "onnxruntime's for every matrix of a MoE model whose routed experts (2M weights or more a layer) run as one "
+        "QMoE session a layer, else for 4-bit matrices of 2M weights or more; torch's for the rest "
+        "(docs/quantization.md)",
     )
     quantize_lm_head: bool = Field(
         True,
@@ -122,7 +124,10 @@ def describe_cpu_kernels(options: TorchOptions, spec: QuantSpec, policy: str) ->
         return "exact (float32 row sums / dequantized products)"
     torch_kernel = f"torch's {'int8' if spec.bits == 8 else 'int4'} kernel (activations bfloat16)"
     if policy == "onnxruntime":
-        return "onnxruntime MatMulNBits (activations int8 per block)"
+        kernels = "onnxruntime MatMulNBits and QMoE (activations int8 per block)"
+        if options.cpu_quantized_kernels == "auto":  # resolved so by `experts_run_as_qmoe`
+            return f"{kernels}: auto, for a MoE model whose routed experts run as one QMoE session a layer"
+        return kernels
     if policy == "auto" and spec.bits == 4:
         return (
             f"onnxruntime MatMulNBits (activations int8 per block) for matrices of {AUTO_MIN_WEIGHTS:,} weights "
@@ -260,6 +265,8 @@ class TorchBackend(Backend):
         if settings.quantization:  # only then: a plugin model class need not take these keywords
             spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
             policy = cpu_quantized_kernels(options.cpu_quantized_kernels)
+            if policy == "auto" and self.layout is None and experts_run_as_qmoe(self.config, spec):
+                policy = "onnxruntime"  # every matrix: its experts run as one QMoE session a layer
             quant = {
                 "quantization": spec,
                 "quantize_lm_head": options.quantize_lm_head,

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from ernie_serve.backends.torch.malloc import trim_heap
-from ernie_serve.ort_contrib import MS_DOMAIN, external_tensor
-from ernie_serve.quantization import QuantSpec, matmul_nbits_layout, qmoe_layout, storage_bytes
+from ernie_serve.core.config import ModelConfig
+from ernie_serve.ort_contrib import MS_DOMAIN, external_tensor, qmoe_supported
+from ernie_serve.quantization import QuantSpec, matmul_nbits_layout, qmoe_block, qmoe_layout, storage_bytes
 
 # measured (resident memory over 100 sessions of [2560, 1536] and of [2560, 3072], 4 bits, groups of 128):
 # onnxruntime's packed weights take about 13% more than our codes and scales, and each session 0.12 MiB besides
@@ -69,6 +70,20 @@ def uses_onnxruntime(policy: str, spec: QuantSpec, in_features: int, out_feature
     if policy == "onnxruntime":
         return True
     return policy == "auto" and spec.bits == 4 and in_features * out_features >= AUTO_MIN_WEIGHTS
+
+
+def experts_run_as_qmoe(config: ModelConfig, spec: QuantSpec) -> bool:
+    """Whether `auto` sends every quantized matrix of this model to onnxruntime (as `--cpu-quantized-kernels
+    onnxruntime` does): a MoE model whose layers' routed experts can each be one `QMoE` session (this
+    onnxruntime has it, and one block fits both widths: `qmoe_block`) and hold `AUTO_MIN_WEIGHTS` or more a
+    layer. One QMoE call a layer replaces a kernel call per chosen expert and torch's sorting around them, and
+    with every matrix on onnxruntime its shared pool takes both cores: measured on the CPU benchmark model
+    (6.3M expert weights a layer), wint8 decoded 1.6-1.9x and wint4 1.3-1.7x faster than on torch's kernels
+    (docs/quantization.md). The tiny test models' experts (thousands of weights) stay on torch's kernels."""
+    if not config.is_moe or qmoe_block(spec, config.hidden_size, config.moe_intermediate_size) is None:
+        return False
+    layer_weights = config.moe_num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    return layer_weights >= AUTO_MIN_WEIGHTS and qmoe_supported()
 
 
 _shared_pool = False  # whether this process has onnxruntime's process-wide pool: once it has, every session uses it

@@ -65,6 +65,7 @@ DEFAULT_VARIANTS = (
     Variant(QuantSpec("wint8"), exact=True),
     Variant(QuantSpec("wint8"), w8a8=True),
     Variant(QuantSpec("wint8"), lm_head=False),
+    Variant(QuantSpec("wint8"), cpu_kernels="onnxruntime"),  # what `auto` picks for the benchmark model
     Variant(QuantSpec("wint4", 128)),
     Variant(QuantSpec("wint4", 128), exact=True),
     Variant(QuantSpec("wint4", 128), cpu_kernels="auto"),

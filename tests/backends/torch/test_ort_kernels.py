@@ -4,6 +4,7 @@ it, and a model served on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from ernie_serve import LLM
+from ernie_serve import LLM, SamplingParams
 from ernie_serve.backends.torch import backend as torch_backend
 from ernie_serve.backends.torch import ort_kernels
 from ernie_serve.backends.torch.model import MLP, SparseMoE
@@ -20,6 +21,7 @@ from ernie_serve.backends.torch.ort_kernels import (
     FusedPart,
     NBitsKernel,
     RoutedExpertsKernel,
+    experts_run_as_qmoe,
     fits_one_session,
     uses_onnxruntime,
 )
@@ -251,6 +253,58 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     first_tokens_agree(fast, exact, 0.15)
     fast.close()
     assert torch.get_num_threads() == torch_threads  # given back
+
+
+def test_auto_takes_onnxruntime_for_every_matrix_of_a_moe_model_whose_experts_run_as_qmoe() -> None:
+    """`experts_run_as_qmoe`: where a MoE model's routed experts hold 2M weights or more a layer and QMoE holds
+    them, `auto` resolves to onnxruntime for every matrix; dense models, tiny experts and shapes no block fits
+    keep the matrix rule."""
+    from ernie_serve.bench.quantization import tiny_models
+    from ernie_serve.bench.workload import BENCH_MODEL
+    from ernie_serve.models import PRESETS
+
+    if not qmoe_supported():
+        pytest.skip("this onnxruntime has no QMoE as the kernel uses it: auto keeps the matrix rule")
+    wint8, wint4 = QuantSpec("wint8"), QuantSpec("wint4", 128)
+    for spec in (wint8, wint4, QuantSpec("wint4", 64), QuantSpec("wint4")):
+        assert experts_run_as_qmoe(BENCH_MODEL, spec)  # 16 experts of [512, 256]: 6.3M weights a layer
+        assert experts_run_as_qmoe(PRESETS["ernie-4.5-21b-a3b"], spec)
+        assert not experts_run_as_qmoe(PRESETS["ernie-4.5-0.3b"], spec)  # dense
+        assert all(not experts_run_as_qmoe(config, spec) for _, config in tiny_models())
+    assert not experts_run_as_qmoe(dataclasses.replace(BENCH_MODEL, moe_intermediate_size=96), wint4)  # no block
+    assert not experts_run_as_qmoe(dataclasses.replace(BENCH_MODEL, moe_num_experts=4), wint8)  # 1.6M a layer
+
+
+def test_a_moe_model_over_the_threshold_runs_on_onnxruntime_by_default(tmp_path, torch_threads: int) -> None:
+    """The default (`auto`) on a MoE model whose experts hold 2.4M weights a layer, wint8: every quantized
+    matrix an onnxruntime session, the routed experts one QMoE session a layer, torch on one thread; asking for
+    torch's kernels still gets them."""
+    from ernie_serve.bench.workload import BENCH_MODEL
+    from ernie_serve.demo import write_random_checkpoint
+    from ernie_serve.demo_tokenizer import build_demo_tokenizer
+
+    if not qmoe_supported():
+        pytest.skip("this onnxruntime has no QMoE as the kernel uses it: auto keeps the matrix rule")
+    config = dataclasses.replace(
+        BENCH_MODEL, hidden_size=128, moe_intermediate_size=384, num_hidden_layers=2, vocab_size=576
+    )
+    write_random_checkpoint(tmp_path, config, seed=0, dtype=torch.float32)
+    build_demo_tokenizer(tmp_path)
+    prompt = {"prompt_token_ids": [5, 6, 7]}
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(model=str(tmp_path), quantization="wint8", block_size=4) as llm:
+        model = llm.engine.core.backend.model
+        kernels = [m.device_kernel for w in model.modules() if isinstance(w, QuantizedWeight) for m in w.matrices]
+        assert kernels and all(isinstance(k, NBitsKernel | FusedPart) for k in kernels)
+        moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+        assert moes and all(m.expert_qmoe is not None for m in moes)
+        assert torch.get_num_threads() == 1
+        fast = llm.generate(prompt, params)[0].outputs[0].token_ids
+    with LLM(model=str(tmp_path), quantization="wint8", block_size=4, cpu_quantized_kernels="torch") as llm:
+        model = llm.engine.core.backend.model
+        kernels = [m.device_kernel for w in model.modules() if isinstance(w, QuantizedWeight) for m in w.matrices]
+        assert not any(isinstance(k, NBitsKernel | FusedPart) for k in kernels)
+        assert len(llm.generate(prompt, params)[0].outputs[0].token_ids) == len(fast) == 4
 
 
 def test_auto_keeps_a_tiny_models_matrices_on_torch_kernels(tiny_checkpoint, torch_threads: int) -> None:
