@@ -20,6 +20,8 @@ from ernie_serve.backends.torch.malloc import trim_heap
 from ernie_serve.backends.torch.ort_kernels import (
     FusedMLPKernel,
     FusedPart,
+    MoELayerKernel,
+    MoELayerParts,
     RoutedExpertsKernel,
     fits_one_session,
     share_thread_pool,
@@ -435,6 +437,7 @@ class SparseMoE(RowParallelOutput, nn.Module):
         self.expert_packed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
         self.expert_fused: list[FusedMLPKernel] | None = None  # see `fuse_for_onnxruntime`
         self.expert_qmoe: RoutedExpertsKernel | None = None  # all routed experts in one session, idem
+        self.layer_kernel: MoELayerKernel | None = None  # the norm before it and all of it in one session, idem
         # expert parallelism (parallel.py): computes `residual + this rank's experts' share` instead of the paths
         # below, which assume every expert is local; takes (x, experts, weights, residual)
         self.routed_hook: Callable[..., torch.Tensor] | None = None
@@ -448,15 +451,17 @@ class SparseMoE(RowParallelOutput, nn.Module):
         self.expert_packed = [(onednn_pack(g.t()), onednn_pack(d.t())) for g, d in self.expert_weights]
         return sum(packed_bytes(*pair) for pair in self.expert_packed)
 
-    def fuse_for_onnxruntime(self, policy: str) -> None:
+    def fuse_for_onnxruntime(self, policy: str, norm: RMSNorm | None = None) -> None:
         """Called after loading, before its quantized weights are packed: where every expert's two matrices go
-        to onnxruntime (`--cpu-quantized-kernels`), all routed experts as one `QMoE` session
-        (`RoutedExpertsKernel`) where this onnxruntime has it and one block fits both widths, else each expert
-        as one session (`fuse_for_onnxruntime`); all or none. Expert parallelism (`routed_hook`, set before this
-        is called) runs its experts one by one, so it keeps the latter."""
-        if self.expert_fused is not None or self.expert_qmoe is not None:
+        to onnxruntime (`--cpu-quantized-kernels`), all routed experts as one `QMoE` session where this
+        onnxruntime has it and one block fits both widths: with `norm` (the layer's post-attention norm) and
+        shared experts that can join it, the whole layer (`MoELayerKernel`: `forward_layer`), else the routed
+        experts alone (`RoutedExpertsKernel`); otherwise each expert as one session (`fuse_for_onnxruntime`);
+        all or none. Expert parallelism (`routed_hook`, set before this is called) runs its experts one by one,
+        so it keeps the last."""
+        if self.expert_fused is not None or self.expert_qmoe is not None or self.layer_kernel is not None:
             return
-        if self.routed_hook is None and self._fuse_into_qmoe(policy):
+        if self.routed_hook is None and self._fuse_into_qmoe(policy, norm):
             return
         first = fuse_for_onnxruntime(*self.expert_weights[0], policy)
         if first is None:
@@ -465,8 +470,8 @@ class SparseMoE(RowParallelOutput, nn.Module):
         assert all(kernel is not None for kernel in rest)
         self.expert_fused = [first, *rest]  # type: ignore[list-item]
 
-    def _fuse_into_qmoe(self, policy: str) -> bool:
-        """`fuse_for_onnxruntime`'s QMoE case; True where it made the kernel. Each expert matrix keeps a
+    def _fuse_into_qmoe(self, policy: str, norm: RMSNorm | None) -> bool:
+        """`fuse_for_onnxruntime`'s QMoE cases; True where it made a kernel. Each matrix it took keeps a
         `FusedPart` (its share of the bytes), so its stack lets go of the row-wise codes when packed."""
         matrices = [matrix for pair in self.expert_weights for matrix in pair]
         if not all(isinstance(m, QuantMatrix) and m.rows.device.type == "cpu" for m in matrices):
@@ -487,11 +492,45 @@ class SparseMoE(RowParallelOutput, nn.Module):
             ((g.codes().t(), g.scales), (d.codes().t(), d.scales))  # type: ignore[union-attr]
             for g, d in self.expert_weights
         )
-        self.expert_qmoe = RoutedExpertsKernel.pack(experts, self.num_experts, spec, self.top_k, block)
-        share = self.expert_qmoe.nbytes() // len(matrices)
+        shared = self._shared_for_layer_kernel(policy) if norm is not None else None
+        kernel: MoELayerKernel | RoutedExpertsKernel
+        if shared is not None:
+            assert norm is not None
+            gate_up_down = tuple((m.codes().t(), m.scales) for m in shared) if shared else None
+            parts = MoELayerParts(
+                norm.weight,
+                norm.eps,
+                self.router_weight,
+                self.score_bias,
+                gate_up_down,
+                self.adds_residual,  # type: ignore[arg-type]
+            )
+            kernel = self.layer_kernel = MoELayerKernel.pack(experts, self.num_experts, spec, self.top_k, block, parts)
+            matrices += shared
+        else:
+            kernel = self.expert_qmoe = RoutedExpertsKernel.pack(experts, self.num_experts, spec, self.top_k, block)
+        share = kernel.nbytes() // len(matrices)
         for matrix in matrices:
             matrix.device_kernel = FusedPart(share)  # type: ignore[union-attr]
         return True
+
+    def _shared_for_layer_kernel(self, policy: str) -> list[QuantMatrix] | None:
+        """The shared experts' two matrices where they can join a `MoELayerKernel` ([] without shared experts),
+        None where they cannot (a bias, or a matrix onnxruntime would not take)."""
+        if self.shared is None:
+            return []
+        mlp = self.shared
+        weights = (mlp.gate_up_weight, mlp.down_weight)
+        gate_up, down = (w.matrix if isinstance(w, QuantizedWeight) else w for w in weights)
+        if not (isinstance(gate_up, QuantMatrix) and isinstance(down, QuantMatrix)):
+            return None
+        if mlp.gate_up_bias is not None or mlp.down_bias is not None or gate_up.device_kernel or down.device_kernel:
+            return None
+        hidden, width = gate_up.in_features, down.in_features
+        eligible = uses_onnxruntime(policy, gate_up.spec, hidden, 2 * width) and uses_onnxruntime(
+            policy, down.spec, width, down.out_features
+        )
+        return [gate_up, down] if eligible and fits_one_session(hidden, width, down.out_features) else None
 
     def run_expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
         """One expert's SwiGLU over the rows routed to it (unweighted)."""
@@ -510,6 +549,12 @@ class SparseMoE(RowParallelOutput, nn.Module):
         weights = probs.gather(-1, experts)  # [T, k]
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
         return experts, weights
+
+    def forward_layer(self, h: torch.Tensor) -> torch.Tensor:  # [T, H] -> h + [T, H]
+        """With `layer_kernel`: the layer's whole feed-forward half from the residual stream `h` after attention
+        (the post-attention norm included)."""
+        assert self.layer_kernel is not None
+        return self._finish(self.layer_kernel.forward(h))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, H] -> residual + [T, H]
         if not self.adds_residual:  # the routed paths add onto it: a zero start makes this rank's share partial
@@ -620,6 +665,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rotation, kv_cache, meta):  # [T, H] -> [T, H]
         x = self.attn(self.input_norm(x), rotation, kv_cache, meta, residual=x)
+        if isinstance(self.mlp, SparseMoE) and self.mlp.layer_kernel is not None:
+            return self.mlp.forward_layer(x)
         return self.mlp(self.post_attention_norm(x), x)
 
 
@@ -726,10 +773,14 @@ class ErnieForCausalLM(nn.Module):
             # the MLP (or MoE: shared experts are an MLP of their own) that owns each weight, to fuse first
             mlps = [m for m in self.modules() if isinstance(m, SparseMoE | MLP)]
             owners = {id(w): m for m in mlps for w in (m.gate_up_weight, m.down_weight)}
+            norms = {id(layer.mlp): layer.post_attention_norm for layer in self.layers}  # what a MoE layer may fuse
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
                 owner = owners.get(id(weight))
-                if owner is not None and self.cpu_quantized_kernels != "torch":
-                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)  # once: its matrices then have kernels
+                if isinstance(owner, SparseMoE) and self.cpu_quantized_kernels != "torch":
+                    # once: its matrices (and its shared experts', where they join it) then have kernels
+                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels, norms[id(owner)])
+                elif owner is not None and self.cpu_quantized_kernels != "torch":
+                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)
                 # releases the row-wise codes at once, so at most one MLP's are held twice
                 weight.pack_for_device(self.cpu_quantized_kernels)
                 trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)

@@ -19,6 +19,8 @@ from ernie_serve.backends.torch.model import MLP, SparseMoE
 from ernie_serve.backends.torch.ort_kernels import (
     FusedMLPKernel,
     FusedPart,
+    MoELayerKernel,
+    MoELayerParts,
     NBitsKernel,
     RoutedExpertsKernel,
     experts_run_as_qmoe,
@@ -191,6 +193,57 @@ def test_routed_experts_in_one_qmoe_session_are_the_chosen_experts_weighted(spec
     assert kernel.forward(x.to(torch.bfloat16), logits, chosen).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
+@pytest.mark.parametrize("with_shared", [True, False], ids=["shared", "no-shared"])
+def test_a_moe_layer_in_one_session_is_its_norm_router_and_experts(spec: QuantSpec, with_shared: bool) -> None:
+    """`MoELayerKernel`: `h + shared(n) + routed(n)`, `n = rmsnorm(h)`, the same as the torch ops and the two
+    sessions it replaces (`RoutedExpertsKernel`, `FusedMLPKernel`), with the correction bias choosing experts but
+    not weighting them; without the residual on a tensor-parallel rank but the first."""
+    if not qmoe_supported():
+        pytest.skip("this onnxruntime has no QMoE as the kernel uses it (the model then keeps one session an expert)")
+    num_experts, top_k, hidden, intermediate, tokens = 6, 2, 128, 64, 9
+    block = qmoe_block(spec, hidden, intermediate)
+    assert block is not None
+    experts = [
+        (
+            _quantized(spec, hidden, 2 * intermediate, seed=2 * e)[0],
+            _quantized(spec, intermediate, hidden, 2 * e + 1)[0],
+        )
+        for e in range(num_experts)
+    ]
+    shared = (_quantized(spec, hidden, 4 * intermediate, seed=50)[0], _quantized(spec, 2 * intermediate, hidden, 51)[0])
+    generator = torch.Generator().manual_seed(3)
+    norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
+    router_weight = torch.randn(num_experts, hidden, generator=generator) * 0.1  # [E, H]
+    score_bias = torch.rand(num_experts, generator=generator) * 0.3  # as large as the probabilities: it changes choices
+    parts = MoELayerParts(norm_weight, 1e-5, router_weight, score_bias, shared if with_shared else None)
+    layer = MoELayerKernel.pack(iter(experts), num_experts, spec, top_k, block, parts)
+    routed = RoutedExpertsKernel.pack(iter(experts), num_experts, spec, top_k, block)
+    shared_kernel = FusedMLPKernel.pack(*shared, spec)
+    h = torch.randn(tokens, hidden, generator=generator) * 3
+
+    def in_torch(bias_weights: bool) -> torch.Tensor:
+        n = torch.nn.functional.rms_norm(h, (hidden,), norm_weight, 1e-5)
+        logits = n @ router_weight.t()  # [T, E]
+        chosen = torch.topk(torch.softmax(logits, -1) + score_bias, top_k, dim=-1).indices
+        if bias_weights:  # the mistake: weights from the biased scores
+            logits = torch.log(torch.softmax(logits, -1) + score_bias)
+        out = h + routed.forward(n, logits, chosen)
+        return out + shared_kernel.forward(n) if with_shared else out
+
+    expected, biased = in_torch(False), in_torch(True)
+    out = layer.forward(h)  # [T, H]
+    # (the norm in onnxruntime and in torch may differ in the last bit, which can move an int8 rounding one step)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-4 * expected.abs().max())
+    assert (biased - expected).abs().max() > 100 * (out - expected).abs().max()
+    partial = MoELayerKernel.pack(
+        iter(experts), num_experts, spec, top_k, block, dataclasses.replace(parts, adds_residual=False)
+    )
+    assert torch.allclose(partial.forward(h), expected - h, rtol=0, atol=1e-4 * expected.abs().max())
+    assert layer.forward(h[:0]).shape == (0, hidden)
+    assert layer.forward(h.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_experts_and_shared_experts_of_the_21b_fit_one_session() -> None:
     assert fits_one_session(2560, 1536, 2560) and fits_one_session(2560, 3072, 2560)  # an expert, the shared two
     assert not fits_one_session(2560, 12288, 2560)  # its dense first layer: two sessions
@@ -229,8 +282,9 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
 ) -> None:
     """`--cpu-quantized-kernels onnxruntime`: every quantized matrix is an onnxruntime session (its row-wise
     codes let go), torch's own ops move to one thread, and log-probabilities stay near the exact kernels'.
-    The routed experts of a layer are one QMoE session where a block fits both widths (per channel: blocks of
-    32 over this model's hidden 64 and expert width 32), else one session an expert (groups of 64)."""
+    Where a block fits both widths (per channel: blocks of 32 over this model's hidden 64 and expert width 32),
+    a MoE layer's norm, router, routed experts (QMoE) and shared experts are one session, else each expert is
+    one session (groups of 64)."""
     checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.bfloat16))
     settings = dict(quantization=scheme, quantization_group_size=group, block_size=4, max_num_batched_tokens=16)
     exact = LLM(model=checkpoint, exact_quantized_kernels=True, **settings)
@@ -242,11 +296,14 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     assert all(w.rows.numel() == 0 for w in weights)
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     one_session = group == -1 or scheme == "wint8"
-    if one_session and qmoe_supported():
-        assert moes and all(m.expert_qmoe is not None and m.expert_fused is None for m in moes)
+    shared_mlps = {id(m.shared) for m in moes}
+    if one_session and qmoe_supported():  # the whole feed-forward half of the layer, shared experts included
+        assert moes and all(m.layer_kernel is not None and m.expert_qmoe is m.expert_fused is None for m in moes)
+        assert all(m.fused is None for m in model.modules() if id(m) in shared_mlps)
     else:
-        assert moes and all(m.expert_fused is not None and m.expert_qmoe is None for m in moes)
-    assert all(m.fused is not None for m in model.modules() if isinstance(m, MLP))
+        assert moes and all(m.expert_fused is not None and m.expert_qmoe is m.layer_kernel is None for m in moes)
+        assert all(m.fused is not None for m in model.modules() if id(m) in shared_mlps)
+    assert all(m.fused is not None for m in model.modules() if isinstance(m, MLP) and id(m) not in shared_mlps)
     assert torch.get_num_threads() == (1 if torch_threads > 1 else torch_threads)
     # int8 activations per block move a tiny model's log-probabilities more than torch's bfloat16 ones do
     # (measured on these prompts: up to 0.07 nats, against 0.05), far less than a wrong weight would
@@ -277,8 +334,8 @@ def test_auto_takes_onnxruntime_for_every_matrix_of_a_moe_model_whose_experts_ru
 
 def test_a_moe_model_over_the_threshold_runs_on_onnxruntime_by_default(tmp_path, torch_threads: int) -> None:
     """The default (`auto`) on a MoE model whose experts hold 2.4M weights a layer, wint8: every quantized
-    matrix an onnxruntime session, the routed experts one QMoE session a layer, torch on one thread; asking for
-    torch's kernels still gets them."""
+    matrix an onnxruntime session, each MoE layer's feed-forward half one session around QMoE, torch on one
+    thread; asking for torch's kernels still gets them."""
     from ernie_serve.bench.workload import BENCH_MODEL
     from ernie_serve.demo import write_random_checkpoint
     from ernie_serve.demo_tokenizer import build_demo_tokenizer
@@ -297,7 +354,7 @@ def test_a_moe_model_over_the_threshold_runs_on_onnxruntime_by_default(tmp_path,
         kernels = [m.device_kernel for w in model.modules() if isinstance(w, QuantizedWeight) for m in w.matrices]
         assert kernels and all(isinstance(k, NBitsKernel | FusedPart) for k in kernels)
         moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
-        assert moes and all(m.expert_qmoe is not None for m in moes)
+        assert moes and all(m.layer_kernel is not None for m in moes)  # experts, shared experts, norm: one session
         assert torch.get_num_threads() == 1
         fast = llm.generate(prompt, params)[0].outputs[0].token_ids
     with LLM(model=str(tmp_path), quantization="wint8", block_size=4, cpu_quantized_kernels="torch") as llm:
@@ -339,7 +396,7 @@ quantized = dict(quantization="wint4", quantization_group_size=64)
 with LLM(model=checkpoint, cpu_quantized_kernels="onnxruntime", **quantized) as llm:
     model = llm.engine.core.backend.model
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
-    sessions = [k.session for m in moes for k in (m.expert_fused or [m.expert_qmoe])]
+    sessions = [k.session for m in moes for k in (m.expert_fused or [m.expert_qmoe or m.layer_kernel])]
     facts["everything"] = {
         "sessions": len(sessions),
         "own_pool": [s.get_session_options().use_per_session_threads for s in sessions],

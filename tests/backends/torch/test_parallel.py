@@ -183,6 +183,29 @@ def test_with_quantization_each_rank_quantizes_its_own_slice(tiny_checkpoint, sc
     assert not torch.equal(o, whole_o[:, : q // 2])  # (so the check tells the two ways apart)
 
 
+def test_moe_layers_in_one_onnxruntime_session_add_their_residual_once(tiny_checkpoint, first_tokens_agree) -> None:
+    """With onnxruntime's kernels each MoE layer's feed-forward half is one session on each rank
+    (`MoELayerKernel`); only the first rank's adds the residual before the ranks' sums are added, so TP=2
+    decodes as TP=1 does (the ranks' narrower experts take smaller activation blocks: close, not equal)."""
+    from ernie_serve.backends.torch.model import SparseMoE
+    from ernie_serve.ort_contrib import qmoe_supported
+
+    pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    if not qmoe_supported():
+        pytest.skip("this onnxruntime has no QMoE as the kernel uses it (the layers then keep one session an expert)")
+    checkpoint = str(tiny_checkpoint("moe_shared_tied", torch.float32))
+    settings = dict(quantization="wint8", cpu_quantized_kernels="onnxruntime")
+    threads = torch.get_num_threads()
+    try:
+        whole = LLM(model=checkpoint, **settings)
+        with whole, LLM(model=checkpoint, tensor_parallel_size=2, **settings) as tp:
+            moes = [m for m in tp.engine.core.backend.model.modules() if isinstance(m, SparseMoE)]
+            assert moes and all(m.layer_kernel is not None and m.adds_residual for m in moes)  # rank 0's
+            first_tokens_agree(tp, whole, 0.05)
+    finally:
+        torch.set_num_threads(threads)  # (a model on onnxruntime's kernels runs torch on one thread)
+
+
 def test_a_worker_that_fails_to_load_fails_the_start_naming_its_rank(tiny_checkpoint, tmp_path) -> None:
     """Expert 4 of layer 1 lives on rank 1 only (experts 3..5 with expert parallelism): without it, rank 0
     loads and rank 1 does not; the engine fails with rank 1's own error, and takes the group down."""
