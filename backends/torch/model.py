@@ -455,10 +455,10 @@ class SparseMoE(RowParallelOutput, nn.Module):
         """Called after loading, before its quantized weights are packed: where every expert's two matrices go
         to onnxruntime (`--cpu-quantized-kernels`), all routed experts as one `QMoE` session where this
         onnxruntime has it and one block fits both widths: with `norm` (the layer's post-attention norm) and
-        shared experts that can join it, the whole layer (`MoELayerKernel`: `forward_layer`), else the routed
-        experts alone (`RoutedExpertsKernel`); otherwise each expert as one session (`fuse_for_onnxruntime`);
-        all or none. Expert parallelism (`routed_hook`, set before this is called) runs its experts one by one,
-        so it keeps the last."""
+        shared experts that can join it, the layer's whole feed-forward half (`MoELayerKernel`, which
+        `forward_layer` runs), else the routed experts alone (`RoutedExpertsKernel`); otherwise each expert as
+        one session (`fuse_for_onnxruntime`); all or none. Expert parallelism (`routed_hook`, set before this is
+        called) runs its experts one by one, so it keeps the last."""
         if self.expert_fused is not None or self.expert_qmoe is not None or self.layer_kernel is not None:
             return
         if self.routed_hook is None and self._fuse_into_qmoe(policy, norm):
@@ -496,14 +496,11 @@ class SparseMoE(RowParallelOutput, nn.Module):
         kernel: MoELayerKernel | RoutedExpertsKernel
         if shared is not None:
             assert norm is not None
-            gate_up_down = tuple((m.codes().t(), m.scales) for m in shared) if shared else None
+            gate_up_down = None
+            if shared:  # (gate|up codes [2S, H], scales), (down codes [H, S], scales)
+                gate_up_down = tuple((m.codes().t(), m.scales) for m in shared)
             parts = MoELayerParts(
-                norm.weight,
-                norm.eps,
-                self.router_weight,
-                self.score_bias,
-                gate_up_down,
-                self.adds_residual,  # type: ignore[arg-type]
+                norm.weight, norm.eps, self.router_weight, self.score_bias, gate_up_down, self.adds_residual
             )
             kernel = self.layer_kernel = MoELayerKernel.pack(experts, self.num_experts, spec, self.top_k, block, parts)
             matrices += shared
