@@ -79,8 +79,9 @@ def experts_run_as_qmoe(config: ModelConfig, spec: QuantSpec) -> bool:
     onnxruntime has it, and one block fits both widths: `qmoe_block`) and hold `AUTO_MIN_WEIGHTS` or more a
     layer. One QMoE call a layer replaces a kernel call per chosen expert and torch's sorting around them, and
     with every matrix on onnxruntime its shared pool takes both cores: measured on the CPU benchmark model
-    (6.3M expert weights a layer), wint8 decoded 1.6-1.9x and wint4 1.3-1.7x faster than on torch's kernels
-    (docs/quantization.md). The tiny test models' experts (thousands of weights) stay on torch's kernels."""
+    (6.3M expert weights a layer), wint8 decoded 1.3-1.6x and wint4 1.3-1.7x faster than under the matrix rule
+    alone, before `MoELayerKernel` (docs/quantization.md). The tiny test models' experts (thousands of weights)
+    stay on torch's kernels."""
     if not config.is_moe or qmoe_block(spec, config.hidden_size, config.moe_intermediate_size) is None:
         return False
     layer_weights = config.moe_num_experts * 3 * config.hidden_size * config.moe_intermediate_size
@@ -338,7 +339,17 @@ def _qmoe_node(x: str, router: str, y: str, spec: QuantSpec, top_k: int, block: 
     )  # fmt: skip
 
 
-class RoutedExpertsKernel:
+class _ExpertsSession:
+    """A session over a MoE layer's stacked experts: `session`, the hidden width, and the bytes it holds."""
+
+    def __init__(self, session, hidden: int, nbytes: int) -> None:
+        self.session, self.hidden, self._nbytes = session, hidden, nbytes
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class RoutedExpertsKernel(_ExpertsSession):
     """A MoE layer's routed experts as one onnxruntime session around the contrib op `QMoE`, which groups the
     tokens by expert and runs only the chosen experts, inside one call: for the 21B-A3B's 64 experts, one call a
     layer instead of one `FusedMLPKernel` call per chosen expert with torch's sort, gather, weighting and scatter
@@ -353,9 +364,6 @@ class RoutedExpertsKernel:
     `MatMulNBits` here: activations rounded to int8 per block (8-bit experts round them whatever the level)."""
 
     MASKED_LOGIT = -1e9  # exp(MASKED_LOGIT - max) is exactly 0 in float32
-
-    def __init__(self, session, hidden: int, nbytes: int) -> None:
-        self.session, self.hidden, self._nbytes = session, hidden, nbytes
 
     @classmethod
     def pack(
@@ -394,9 +402,6 @@ class RoutedExpertsKernel:
         out = self.session.run(None, {"x": rows, "router": router.contiguous().numpy()})[0]  # [T, H]
         return torch.from_numpy(out).to(x.dtype)
 
-    def nbytes(self) -> int:
-        return self._nbytes
-
 
 @dataclass
 class MoELayerParts:
@@ -411,7 +416,7 @@ class MoELayerParts:
     adds_residual: bool = True  # False on a tensor-parallel rank but the first: its output is a partial sum
 
 
-class MoELayerKernel:
+class MoELayerKernel(_ExpertsSession):
     """The whole feed-forward half of a MoE decoder layer as one onnxruntime session, from the residual stream
     after attention `h` to `h + shared(n) + routed(n)`, `n = rmsnorm(h)`: the norm, the float32 router and the
     choice (top k of softmax + correction bias), `QMoE` over the chosen experts (as `RoutedExpertsKernel`, given
@@ -419,9 +424,6 @@ class MoELayerKernel:
     the sums. One call a layer instead of two sessions and a dozen torch ops between them: measured side by side,
     1.19-1.22x the single-request decode rate on the CPU benchmark model (whose small layers make those ops a
     large part of a step), no difference beyond the noise on the 21B-A3B's (docs/quantization.md)."""
-
-    def __init__(self, session, hidden: int, nbytes: int) -> None:
-        self.session, self.hidden, self._nbytes = session, hidden, nbytes
 
     @classmethod
     def pack(
@@ -489,9 +491,6 @@ class MoELayerKernel:
         if h.shape[0] == 0:
             return h.new_empty(0, self.hidden)
         return _run(self.session, h, "h").to(h.dtype)
-
-    def nbytes(self) -> int:
-        return self._nbytes
 
 
 class FusedPart:
