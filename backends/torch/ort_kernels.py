@@ -80,8 +80,8 @@ def experts_run_as_qmoe(config: ModelConfig, spec: QuantSpec) -> bool:
     layer. One QMoE call a layer replaces a kernel call per chosen expert and torch's sorting around them, and
     with every matrix on onnxruntime its shared pool takes both cores: measured on the CPU benchmark model
     (6.3M expert weights a layer), wint8 decoded 1.3-1.6x and wint4 1.3-1.7x faster than under the matrix rule
-    alone, before `MoELayerKernel` (docs/quantization.md). The tiny test models' experts (thousands of weights)
-    stay on torch's kernels."""
+    alone, before `MoELayerKernel` (docs/quantization.md). The tiny test models' experts (tens of thousands of
+    weights) stay on torch's kernels."""
     if not config.is_moe or qmoe_block(spec, config.hidden_size, config.moe_intermediate_size) is None:
         return False
     layer_weights = config.moe_num_experts * 3 * config.hidden_size * config.moe_intermediate_size
