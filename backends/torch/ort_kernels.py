@@ -246,6 +246,34 @@ class NBitsKernel:
         return self._nbytes
 
 
+def _swiglu_graph(
+    x: str,
+    y: str,
+    gate_up: tuple[torch.Tensor, torch.Tensor],  # codes [2I, in] signed, scales [G, 2I]
+    down: tuple[torch.Tensor, torch.Tensor],  # codes [out, I] signed, scales [G', out]
+    spec: QuantSpec,
+) -> tuple[list, list]:  # -> ([onnx.NodeProto], [onnx.TensorProto])
+    """The nodes and initializers of `y = down(silu(gate(x)) * up(x))`: `MatMulNBits -> Split -> x * Sigmoid(x)
+    -> Mul -> MatMulNBits` (a `FusedMLPKernel`, or the shared experts of a `MoELayerKernel`)."""
+    from onnx import helper, numpy_helper
+
+    (gate_up_codes, gate_up_scales), (down_codes, down_scales) = gate_up, down
+    two_i, in_features = gate_up_codes.shape
+    out_features, intermediate = down_codes.shape
+    gate_up_tensors, gate_up_block = _packed_initializers("gate_up", gate_up_codes, gate_up_scales.t(), spec)
+    down_tensors, down_block = _packed_initializers("down", down_codes, down_scales.t(), spec)
+    halves = numpy_helper.from_array(np.array([intermediate, intermediate], dtype=np.int64), "halves")
+    nodes = [
+        _matmul_node(x, "gate_up", "gate_up.y", in_features, two_i, spec.bits, gate_up_block),  # [T, 2I]
+        helper.make_node("Split", ["gate_up.y", "halves"], ["gate", "up"], axis=1),  # [T, I] each
+        helper.make_node("Sigmoid", ["gate"], ["gate.sigmoid"]),
+        helper.make_node("Mul", ["gate", "gate.sigmoid"], ["gate.silu"]),
+        helper.make_node("Mul", ["gate.silu", "up"], ["hidden"]),  # [T, I]
+        _matmul_node("hidden", "down", y, intermediate, out_features, spec.bits, down_block),  # [T, out]
+    ]
+    return nodes, [*gate_up_tensors, *down_tensors, halves]
+
+
 def fits_one_session(in_features: int, intermediate: int, out_features: int) -> bool:
     """Whether a SwiGLU MLP (`[in, 2*intermediate]` gate|up, `[intermediate, out]` down) is small enough for
     one `FusedMLPKernel` (the 21B-A3B's experts and shared experts are; its dense first MLP, 94M weights, is
@@ -271,23 +299,10 @@ class FusedMLPKernel:
         down: tuple[torch.Tensor, torch.Tensor],  # codes [out, I] signed, scales [G', out]
         spec: QuantSpec,
     ) -> FusedMLPKernel:
-        from onnx import helper, numpy_helper
-
-        (gate_up_codes, gate_up_scales), (down_codes, down_scales) = gate_up, down
-        two_i, in_features = gate_up_codes.shape
-        out_features, intermediate = down_codes.shape
-        gate_up_tensors, gate_up_block = _packed_initializers("gate_up", gate_up_codes, gate_up_scales.t(), spec)
-        down_tensors, down_block = _packed_initializers("down", down_codes, down_scales.t(), spec)
-        halves = numpy_helper.from_array(np.array([intermediate, intermediate], dtype=np.int64), "halves")
-        nodes = [
-            _matmul_node("x", "gate_up", "gate_up.y", in_features, two_i, spec.bits, gate_up_block),  # [T, 2I]
-            helper.make_node("Split", ["gate_up.y", "halves"], ["gate", "up"], axis=1),  # [T, I] each
-            helper.make_node("Sigmoid", ["gate"], ["gate.sigmoid"]),
-            helper.make_node("Mul", ["gate", "gate.sigmoid"], ["gate.silu"]),
-            helper.make_node("Mul", ["gate.silu", "up"], ["hidden"]),  # [T, I]
-            _matmul_node("hidden", "down", "y", intermediate, out_features, spec.bits, down_block),  # [T, out]
-        ]
-        session = _session(nodes, [*gate_up_tensors, *down_tensors, halves], ("x", in_features), ("y", out_features))
+        two_i, in_features = gate_up[0].shape
+        out_features, intermediate = down[0].shape
+        nodes, initializers = _swiglu_graph("x", "y", gate_up, down, spec)
+        session = _session(nodes, initializers, ("x", in_features), ("y", out_features))
         nbytes = _held_bytes(in_features, two_i, spec) + _held_bytes(intermediate, out_features, spec)
         _trim_now_and_then(storage_bytes(two_i, in_features, spec) + storage_bytes(out_features, intermediate, spec))
         return cls(session, out_features, nbytes + SESSION_OVERHEAD_BYTES)
@@ -463,22 +478,12 @@ class MoELayerKernel(_ExpertsSession):
         ]
         terms = ["routed"] + (["h"] if layer.adds_residual else [])
         if layer.shared is not None:
-            (gate_up_codes, gate_up_scales), (down_codes, down_scales) = layer.shared
-            two_s, shared_width = gate_up_codes.shape[0], gate_up_codes.shape[0] // 2
-            gate_up_tensors, gate_up_block = _packed_initializers("gate_up", gate_up_codes, gate_up_scales.t(), spec)
-            down_tensors, down_block = _packed_initializers("down", down_codes, down_scales.t(), spec)
-            small += [*gate_up_tensors, *down_tensors]
-            small.append(numpy_helper.from_array(np.array([shared_width, shared_width], dtype=np.int64), "halves"))
-            nodes += [
-                _matmul_node("n", "gate_up", "gate_up.y", hidden, two_s, spec.bits, gate_up_block),  # [T, 2S]
-                node("Split", ["gate_up.y", "halves"], ["gate", "up"], axis=1),  # [T, S] each
-                node("Sigmoid", ["gate"], ["gate.sigmoid"]),
-                node("Mul", ["gate", "gate.sigmoid"], ["gate.silu"]),
-                node("Mul", ["gate.silu", "up"], ["shared.hidden"]),
-                _matmul_node("shared.hidden", "down", "shared", shared_width, hidden, spec.bits, down_block),
-            ]
+            shared_nodes, shared_initializers = _swiglu_graph("n", "shared", *layer.shared, spec)  # [T, H]
+            nodes += shared_nodes
+            small += shared_initializers
             terms.append("shared")
-            nbytes += storage_bytes(two_s, hidden, spec) + storage_bytes(hidden, shared_width, spec)
+            two_s = layer.shared[0][0].shape[0]
+            nbytes += storage_bytes(two_s, hidden, spec) + storage_bytes(hidden, two_s // 2, spec)
         nodes.append(node("Sum", terms, ["y"]))  # [T, H]
         with tempfile.TemporaryDirectory(prefix="ernie-serve-qmoe-") as model_dir:
             initializers = _external_initializers(arrays, os.path.join(model_dir, "weights.bin"))
