@@ -18,6 +18,8 @@ from torch import nn
 
 from ernie_serve.backends.torch.malloc import trim_heap
 from ernie_serve.backends.torch.ort_kernels import (
+    PIECE_WEIGHTS,
+    AttentionInputKernel,
     FusedMLPKernel,
     FusedPart,
     MoELayerKernel,
@@ -78,6 +80,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] added to the scores: 0 where the slot
     # is real context, -inf elsewhere; None for a lone decode, which reads exactly `decode_context_len` slots
     decode_context_len: int = 0
+    # a lone decode whose blocks are consecutive in the pool: its context is the slots from this one on, read in
+    # place (no copy of its blocks: measured on the CPU benchmark model, 2 x 37 us a layer of a 10-block context)
+    decode_first_slot: int | None = None
     prefills: list[PrefillGroup] = field(default_factory=list)
 
 
@@ -238,6 +243,15 @@ def _experts(weight: nn.Parameter | QuantizedWeight) -> list[Weight]:
     return list(weight.matrices) if isinstance(weight, QuantizedWeight) else list(weight.unbind(0))
 
 
+@dataclass
+class RopeFactors:
+    """One step's RoPE factors, made once per forward for every layer."""
+
+    rotation: torch.Tensor  # [T, 1, D/2] complex64 cos + i sin (`rope_interleaved`)
+    cos: torch.Tensor | None = None  # [T, D/2] float32, where a layer rotates in onnxruntime (AttentionInputKernel)
+    sin: torch.Tensor | None = None
+
+
 def rope_interleaved(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """ERNIE's RoPE rotates adjacent pairs (2i, 2i+1), GPT-J style: as complex numbers `x[2i] + i x[2i+1]`
     that is one multiplication by `cos + i sin`, computed in float32. x `[T, heads, D]`, rotation
@@ -262,6 +276,7 @@ class Attention(RowParallelOutput, nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_packed: torch.Tensor | None = None  # see `pack_weights`
         self.o_packed: torch.Tensor | None = None
+        self.input_kernel: AttentionInputKernel | None = None  # see `fuse_for_onnxruntime`
 
     def pack_weights(self) -> int:
         """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`), or
@@ -271,21 +286,58 @@ class Attention(RowParallelOutput, nn.Module):
         self.qkv_packed, self.o_packed = onednn_pack(self.qkv_weight.t()), onednn_pack(self.o_weight.t())
         return packed_bytes(self.qkv_packed, self.o_packed)
 
+    def fuse_for_onnxruntime(self, policy: str, norm: RMSNorm) -> None:
+        """Called after loading, before its quantized weights are packed: where the q|k|v matrix goes to
+        onnxruntime (`--cpu-quantized-kernels`) in one session, `norm` (the layer's input norm), it and RoPE become
+        one session (`AttentionInputKernel`), which `forward` then starts from."""
+        weight = self.qkv_weight
+        matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
+        if self.input_kernel is not None or not isinstance(matrix, QuantMatrix) or matrix.rows.device.type != "cpu":
+            return
+        hidden, width = matrix.in_features, matrix.out_features
+        if matrix.device_kernel is not None or hidden * width > PIECE_WEIGHTS:
+            return
+        if not uses_onnxruntime(policy, matrix.spec, hidden, width):
+            return
+        self.input_kernel = AttentionInputKernel.pack(
+            norm.weight, norm.eps, (matrix.codes().t(), matrix.scales), self.qkv_bias, matrix.spec,
+            self.num_heads, self.num_kv_heads, self.head_dim,
+        )  # fmt: skip
+        matrix.device_kernel = FusedPart(self.input_kernel.nbytes())
+
+    def output_codes(self, policy: str) -> QuantMatrix | None:
+        """The output projection's matrix where the layer's `MoELayerKernel` can start from this block's output
+        (`MoELayerParts.attention_output`): on one device (no reduction between), bound for onnxruntime."""
+        weight = self.o_weight
+        matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
+        if self.reduce is not None or not self.adds_residual or not isinstance(matrix, QuantMatrix):
+            return None
+        hidden, attended = matrix.out_features, matrix.in_features
+        if matrix.device_kernel is not None or hidden * attended > PIECE_WEIGHTS:
+            return None
+        return matrix if uses_onnxruntime(policy, matrix.spec, attended, hidden) else None
+
     def forward(
         self,
-        x: torch.Tensor,  # [T, H]
-        rotation: torch.Tensor,  # [T, 1, D/2] complex RoPE factors
+        x: torch.Tensor,  # [T, H] the residual stream
+        rope: RopeFactors,
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, K, D]
         meta: AttentionMetadata,
-        residual: torch.Tensor,  # [T, H] added to the output projection
-    ) -> torch.Tensor:
+        norm: RMSNorm,  # the layer's input norm
+    ) -> torch.Tensor:  # [T, Q*D] the heads' outputs, before the output projection (`output`)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = project(x, self.qkv_weight, self.qkv_bias, packed=self.qkv_packed)  # [T, (Q+2K)*D]
-        # q and k sit side by side in the fused output: rotate both with one multiplication
-        qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
-        qk = rope_interleaved(qk, rotation)
+        if self.input_kernel is not None:
+            assert rope.cos is not None and rope.sin is not None
+            qk, v = self.input_kernel.forward(x, rope.cos, rope.sin)  # [T, (Q+K)*D] rotated, [T, K*D]
+            qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
+        else:
+            qkv = project(norm(x), self.qkv_weight, self.qkv_bias, packed=self.qkv_packed)  # [T, (Q+2K)*D]
+            # q and k sit side by side in the fused output: rotate both with one multiplication
+            qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
+            qk = rope_interleaved(qk, rope.rotation)
+            v = qkv[:, q_size + kv_size :]
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, Q, D], [T, K, D]
-        v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
         k_cache, v_cache = kv_cache
         if meta.fresh_blocks is not None:
             # Attention reads whole blocks; the unwritten tail of a block must hold finite values (masked
@@ -303,14 +355,19 @@ class Attention(RowParallelOutput, nn.Module):
             decode_only = not meta.prefills  # then every row is one decode, in order: no row gather or scatter
             qd = q if decode_only else q.index_select(0, meta.decode_rows)
             qd = qd.view(batch, self.num_kv_heads, groups, self.head_dim)
-            kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)  # [B, K, L, D]
-            vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)
-            if meta.decode_mask is None:  # one request: its exact context, no mask needed
+            if meta.decode_first_slot is not None:  # one request, its context in place
+                context = slice(meta.decode_first_slot, meta.decode_first_slot + meta.decode_context_len)
+                kd = k_cache[context].transpose(0, 1).unsqueeze(0)  # [1, K, L, D] a strided view
+                vd = v_cache[context].transpose(0, 1).unsqueeze(0)
+            else:
+                kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)  # [B, K, L, D]
+                vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)
+            if meta.decode_mask is None and meta.decode_first_slot is None:  # one request: its exact context
                 kd, vd = kd[:, :, : meta.decode_context_len], vd[:, :, : meta.decode_context_len]
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale)
             od = od.reshape(batch, self.num_heads * self.head_dim)  # [B, Q*D]
             if decode_only:
-                return self._output(od, residual)
+                return od
         out = torch.empty_like(q)  # [T, Q, D]
         if meta.decode_rows is not None:
             out.index_copy_(0, meta.decode_rows, od.view(batch, self.num_heads, self.head_dim))
@@ -334,9 +391,10 @@ class Attention(RowParallelOutput, nn.Module):
                     enable_gqa=True,
                 )
             out[rows] = op.squeeze(0).transpose(0, 1)
-        return self._output(out.flatten(1), residual)
+        return out.flatten(1)
 
-    def _output(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, Q*D] -> [T, H]
+    def output(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, Q*D] -> residual + [T, H]
+        """The output projection, added to the residual stream (`residual`, the layer's input)."""
         added = residual if self.adds_residual else None
         return self._finish(project(attended, self.o_weight, self.o_bias, added, self.o_packed))
 
@@ -451,17 +509,20 @@ class SparseMoE(RowParallelOutput, nn.Module):
         self.expert_packed = [(onednn_pack(g.t()), onednn_pack(d.t())) for g, d in self.expert_weights]
         return sum(packed_bytes(*pair) for pair in self.expert_packed)
 
-    def fuse_for_onnxruntime(self, policy: str, norm: RMSNorm | None = None) -> None:
+    def fuse_for_onnxruntime(
+        self, policy: str, norm: RMSNorm | None = None, attention: Attention | None = None
+    ) -> None:
         """Called after loading, before its quantized weights are packed: where every expert's two matrices go
         to onnxruntime (`--cpu-quantized-kernels`), all routed experts as one `QMoE` session where this
         onnxruntime has it and one block fits both widths: with `norm` (the layer's post-attention norm) and
         shared experts that can join it, the layer's whole feed-forward half (`MoELayerKernel`, which
-        `forward_layer` runs), else the routed experts alone (`RoutedExpertsKernel`); otherwise each expert as
-        one session (`fuse_for_onnxruntime`); all or none. Expert parallelism (`routed_hook`, set before this is
-        called) runs its experts one by one, so it keeps the last."""
+        `forward_layer` runs; from `attention`'s output on, its output projection included, where that can join
+        too: `Attention.output_codes`), else the routed experts alone (`RoutedExpertsKernel`); otherwise each
+        expert as one session (`fuse_for_onnxruntime`); all or none. Expert parallelism (`routed_hook`, set
+        before this is called) runs its experts one by one, so it keeps the last."""
         if self.expert_fused is not None or self.expert_qmoe is not None or self.layer_kernel is not None:
             return
-        if self.routed_hook is None and self._fuse_into_qmoe(policy, norm):
+        if self.routed_hook is None and self._fuse_into_qmoe(policy, norm, attention):
             return
         first = fuse_for_onnxruntime(*self.expert_weights[0], policy)
         if first is None:
@@ -470,7 +531,7 @@ class SparseMoE(RowParallelOutput, nn.Module):
         assert all(kernel is not None for kernel in rest)
         self.expert_fused = [first, *rest]  # type: ignore[list-item]
 
-    def _fuse_into_qmoe(self, policy: str, norm: RMSNorm | None) -> bool:
+    def _fuse_into_qmoe(self, policy: str, norm: RMSNorm | None, attention: Attention | None) -> bool:
         """`fuse_for_onnxruntime`'s QMoE cases; True where it made a kernel. Each matrix it took keeps a
         `FusedPart` (its share of the bytes), so its stack lets go of the row-wise codes when packed."""
         matrices = [matrix for pair in self.expert_weights for matrix in pair]
@@ -502,6 +563,11 @@ class SparseMoE(RowParallelOutput, nn.Module):
             parts = MoELayerParts(
                 norm.weight, norm.eps, self.router_weight, self.score_bias, gate_up_down, self.adds_residual
             )
+            output = attention.output_codes(policy) if attention is not None and self.reduce is None else None
+            if output is not None and output.spec == spec:
+                assert attention is not None  # (the layer's kernel then starts from its output)
+                parts.attention_output, parts.attention_bias = (output.codes().t(), output.scales), attention.o_bias
+                shared = [*shared, output]
             kernel = self.layer_kernel = MoELayerKernel.pack(experts, self.num_experts, spec, self.top_k, block, parts)
             matrices += shared
         else:
@@ -660,11 +726,27 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype, device, quant)
 
-    def forward(self, x, rotation, kv_cache, meta):  # [T, H] -> [T, H]
-        x = self.attn(self.input_norm(x), rotation, kv_cache, meta, residual=x)
-        if isinstance(self.mlp, SparseMoE) and self.mlp.layer_kernel is not None:
-            return self.mlp.forward_layer(x)
-        return self.mlp(self.post_attention_norm(x), x)
+    def fuse_for_onnxruntime(self, policy: str) -> None:
+        """Called after loading, before the layer's quantized weights are packed, with `--cpu-quantized-kernels`
+        `policy`: the attention's input half as one session, the MLP or MoE as one (the MoE's from the attention's
+        output on), where onnxruntime takes their matrices (see each block's `fuse_for_onnxruntime`)."""
+        self.attn.fuse_for_onnxruntime(policy, self.input_norm)
+        if isinstance(self.mlp, SparseMoE):
+            self.mlp.fuse_for_onnxruntime(policy, self.post_attention_norm, self.attn)
+            if self.mlp.shared is not None:  # where it did not join the layer's session
+                self.mlp.shared.fuse_for_onnxruntime(policy)
+        else:
+            self.mlp.fuse_for_onnxruntime(policy)
+
+    def forward(self, x, rope, kv_cache, meta):  # [T, H] -> [T, H]
+        attended = self.attn(x, rope, kv_cache, meta, self.input_norm)  # [T, Q*D]
+        kernel = self.mlp.layer_kernel if isinstance(self.mlp, SparseMoE) else None
+        if kernel is not None and kernel.takes_attention:
+            return kernel.forward_after_attention(attended, x)  # (one device: nothing to reduce)
+        h = self.attn.output(attended, x)  # [T, H]
+        if kernel is not None:
+            return self.mlp.forward_layer(h)
+        return self.mlp(self.post_attention_norm(h), h)
 
 
 class ErnieForCausalLM(nn.Module):
@@ -708,6 +790,7 @@ class ErnieForCausalLM(nn.Module):
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None  # see prepare_for_inference
+        self.rope_in_onnxruntime = False  # whether a layer rotates in onnxruntime (AttentionInputKernel), idem
         # vocab parallelism (parallel.py): the embedding lookup `[T] -> [T, H]` over this rank's rows, and the
         # gathering of every rank's logits `[S, V/N]` into `[S, V]` on the rank that samples
         self.embed_hook: Hook | None = None
@@ -729,9 +812,11 @@ class ErnieForCausalLM(nn.Module):
         hook = self.embed_hook
         x = F.embedding(input_ids, self.embed_weight) if hook is None else hook(input_ids)  # [T, H]
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2] cos + i sin
+        rope = RopeFactors(torch.polar(torch.ones_like(angles), angles).unsqueeze(1))  # [T, 1, D/2] cos + i sin
+        if self.rope_in_onnxruntime:
+            rope.cos, rope.sin = torch.cos(angles), torch.sin(angles)  # [T, D/2] each
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rotation, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         if sample_rows.shape[0] != x.shape[0]:  # else every row samples, in order
             x = x.index_select(0, sample_rows)
         logits = self._lm_head(self.norm(x))  # [S, V]
@@ -767,20 +852,18 @@ class ErnieForCausalLM(nn.Module):
             # then runs on one thread: the backend's `_hand_cores_to_onnxruntime`, by the same rule)
             if onnxruntime_share(quantized, self.cpu_quantized_kernels) >= 0.5:
                 share_thread_pool(torch.get_num_threads())
-            # the MLP (or MoE: shared experts are an MLP of their own) that owns each weight, to fuse first
-            mlps = [m for m in self.modules() if isinstance(m, SparseMoE | MLP)]
-            owners = {id(w): m for m in mlps for w in (m.gate_up_weight, m.down_weight)}
-            norms = {id(layer.mlp): layer.post_attention_norm for layer in self.layers}  # what a MoE layer may fuse
+            # the decoder layer that owns each weight, to fuse first (once: its fused matrices then have kernels)
+            owners = {id(w): layer for layer in self.layers for w in layer.modules() if isinstance(w, QuantizedWeight)}
+            fused: set[int] = set()
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
                 owner = owners.get(id(weight))
-                if isinstance(owner, SparseMoE) and self.cpu_quantized_kernels != "torch":
-                    # once: its matrices (and its shared experts', where they join it) then have kernels
-                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels, norms[id(owner)])
-                elif owner is not None and self.cpu_quantized_kernels != "torch":
+                if owner is not None and id(owner) not in fused and self.cpu_quantized_kernels != "torch":
                     owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)
-                # releases the row-wise codes at once, so at most one MLP's are held twice
+                    fused.add(id(owner))
+                # releases the row-wise codes at once, so at most one layer's are held twice
                 weight.pack_for_device(self.cpu_quantized_kernels)
                 trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
+            self.rope_in_onnxruntime = any(layer.attn.input_kernel is not None for layer in self.layers)
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:
             packable = []  # every projection is quantized, and weight-only kernels need no copy

@@ -158,19 +158,20 @@ def _session(
     y: tuple[str, int],
     extra_inputs: tuple[tuple[str, int], ...] = (),
     model_dir: str | None = None,
+    extra_outputs: tuple[tuple[str, int], ...] = (),
 ):  # -> ort.InferenceSession
-    """A session of `nodes` from input `x` `[rows, x[1]]` (and `extra_inputs`, alike) to output `y` `[rows, y[1]]`,
-    all float32. With `model_dir`, whose file the initializers' external data already is (`_external_initializers`),
-    the model is written there and loaded by path, so no in-memory copy of those weights is made on the way."""
+    """A session of `nodes` from input `x` `[rows, x[1]]` (and `extra_inputs`, alike) to output `y` `[rows, y[1]]`
+    (and `extra_outputs`, alike), all float32. With `model_dir`, whose file the initializers' external data
+    already is (`_external_initializers`), the model is written there and loaded by path, so no in-memory copy of
+    those weights is made on the way."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    def values(pairs: Iterable[tuple[str, int]]) -> list:
+        return [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows", width]) for name, width in pairs]
+
     graph = helper.make_graph(
-        nodes,
-        "quantized_matmul",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows", width]) for name, width in [x, *extra_inputs]],
-        [helper.make_tensor_value_info(y[0], TensorProto.FLOAT, ["rows", y[1]])],
-        initializer=initializers,
+        nodes, "quantized_matmul", values([x, *extra_inputs]), values([y, *extra_outputs]), initializer=initializers
     )
     initializers.clear()  # the graph has its own copies: let the caller's go now
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)]
@@ -206,9 +207,25 @@ def _held_bytes(in_features: int, out_features: int, spec: QuantSpec) -> int:
     return int(storage_bytes(out_features, in_features, spec) * (1 + PACKED_OVERHEAD))
 
 
-def _run(session, x: torch.Tensor, name: str = "x") -> torch.Tensor:  # [T, in] -> [T, out] float32
-    rows = x.detach().to(torch.float32).contiguous().numpy()  # no copy for a contiguous float32 CPU x
-    return torch.from_numpy(session.run(None, {name: rows})[0])
+def _feed(x: torch.Tensor) -> np.ndarray:
+    """x as float32 numpy, no copy where it already is float32 and contiguous (as every tensor the model passes
+    in float32 is). The checks skip what would be a no-op call each: measured, the conversions around a session
+    call took as long as onnxruntime's own per-call cost (about 20 us each), and a decode step makes 18 calls on
+    the CPU benchmark model."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return (x.detach() if x.requires_grad else x).numpy()
+
+
+def _result(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.from_numpy(array)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _run(session, x: torch.Tensor, name: str = "x") -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
+    return _result(session.run(["y"], {name: _feed(x)})[0], x.dtype)  # (naming the output: a lookup less)
 
 
 class NBitsKernel:
@@ -239,8 +256,7 @@ class NBitsKernel:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
         outs = [_run(session, x) for session in self.sessions]  # [T, piece] each
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return out.to(x.dtype)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def nbytes(self) -> int:
         return self._nbytes
@@ -310,7 +326,84 @@ class FusedMLPKernel:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
-        return _run(self.session, x).to(x.dtype)
+        return _run(self.session, x)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class AttentionInputKernel:
+    """The first half of an attention block as one onnxruntime session, from the residual stream `x` to the
+    rotated queries and keys and the values: `n = rmsnorm(x)` (`SimplifiedLayerNormalization`), `n @ W_qkv (+ b)`
+    (`MatMulNBits`), and RoPE on q and k together (onnxruntime's `RotaryEmbedding` over `[T, (Q+K) D]` as Q + K
+    heads, interleaved pairs as ERNIE rotates them; its cos/sin "caches" are this step's own `[T, D/2]`, indexed
+    from 0). One call instead of torch's norm, the projection's session and torch's complex rotation between them
+    (docs/quantization.md has the decode rate it gained)."""
+
+    def __init__(self, session, q_width: int, kv_width: int, nbytes: int) -> None:
+        self.session, self.q_width, self.kv_width, self._nbytes = session, q_width, kv_width, nbytes
+
+    @classmethod
+    def pack(
+        cls,
+        norm_weight: torch.Tensor,  # [H] the layer's input RMSNorm
+        eps: float,
+        qkv: tuple[torch.Tensor, torch.Tensor],  # codes [(Q+2K) D, H] signed, scales [G, (Q+2K) D]
+        bias: torch.Tensor | None,  # [(Q+2K) D]
+        spec: QuantSpec,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> AttentionInputKernel:
+        from onnx import helper, numpy_helper
+
+        codes, scales = qkv
+        width, hidden = codes.shape
+        q_width, kv_width = heads * head_dim, kv_heads * head_dim
+        assert width == q_width + 2 * kv_width, (width, q_width, kv_width)
+        initializers, block = _packed_initializers("qkv", codes, scales.t(), spec)
+        small = {
+            "norm.weight": norm_weight.float().numpy(),
+            "split": np.array([q_width + kv_width, kv_width], dtype=np.int64),
+            "first": np.array([0], dtype=np.int64),  # RotaryEmbedding's position ids: rows 0.. of cos and sin
+        }
+        if bias is not None:
+            small["qkv.bias"] = bias.float().numpy()
+        initializers += [numpy_helper.from_array(array, name) for name, array in small.items()]
+        node = helper.make_node
+        projected = "qkv.y" if bias is None else "qkv.unbiased"
+        nodes = [
+            node("SimplifiedLayerNormalization", ["x", "norm.weight"], ["n"], axis=-1, epsilon=eps, stash_type=1),
+            _matmul_node("n", "qkv", projected, hidden, width, spec.bits, block),  # [T, (Q+2K) D]
+            *([node("Add", [projected, "qkv.bias"], ["qkv.y"])] if bias is not None else []),
+            node("Split", ["qkv.y", "split"], ["qk.flat", "v"], axis=1),  # [T, (Q+K) D], [T, K D]
+            node("Unsqueeze", ["qk.flat", "first"], ["qk.batch"]),  # [1, T, (Q+K) D]
+            node(
+                "RotaryEmbedding",
+                ["qk.batch", "first", "cos", "sin"],
+                ["qk.rotated"],
+                domain=MS_DOMAIN,
+                interleaved=1,
+                num_heads=heads + kv_heads,
+            ),  # fmt: skip
+            node("Squeeze", ["qk.rotated", "first"], ["qk"]),  # [T, (Q+K) D]
+        ]
+        half = head_dim // 2
+        session = _session(
+            nodes, initializers, ("x", hidden), ("qk", q_width + kv_width), (("cos", half), ("sin", half)),
+            extra_outputs=(("v", kv_width),),
+        )  # fmt: skip
+        _trim_now_and_then(storage_bytes(width, hidden, spec))
+        return cls(session, q_width, kv_width, _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H]
+        cos: torch.Tensor,  # [T, D/2] float32, each row's angles
+        sin: torch.Tensor,  # [T, D/2]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # rotated q|k [T, (Q+K) D], v [T, K D], in x's dtype
+        qk, v = self.session.run(["qk", "v"], {"x": _feed(x), "cos": _feed(cos), "sin": _feed(sin)})
+        return _result(qk, x.dtype), _result(v, x.dtype)
 
     def nbytes(self) -> int:
         return self._nbytes
@@ -413,9 +506,8 @@ class RoutedExpertsKernel(_ExpertsSession):
         if x.shape[0] == 0:
             return x.new_empty(0, self.hidden)
         router = torch.full_like(logits, self.MASKED_LOGIT).scatter_(1, experts, logits.gather(1, experts))  # [T, E]
-        rows = x.detach().to(torch.float32).contiguous().numpy()  # no copy for a contiguous float32 CPU x
-        out = self.session.run(None, {"x": rows, "router": router.contiguous().numpy()})[0]  # [T, H]
-        return torch.from_numpy(out).to(x.dtype)
+        out = self.session.run(["y"], {"x": _feed(x), "router": _feed(router)})[0]  # [T, H]
+        return _result(out, x.dtype)
 
 
 @dataclass
@@ -429,6 +521,10 @@ class MoELayerParts:
     score_bias: torch.Tensor  # [E] added to the probabilities only to choose
     shared: ExpertCodes | None  # (gate|up codes [2S, H], scales [G, 2S]), (down codes [H, S], scales [G', H])
     adds_residual: bool = True  # False on a tensor-parallel rank but the first: its output is a partial sum
+    # the attention's output projection (codes [H, Q*D] signed, scales [G, H]) and bias [H], where the kernel
+    # starts from the attention's output instead of the residual stream after it (one device, no reduction)
+    attention_output: tuple[torch.Tensor, torch.Tensor] | None = None
+    attention_bias: torch.Tensor | None = None
 
 
 class MoELayerKernel(_ExpertsSession):
@@ -438,7 +534,10 @@ class MoELayerKernel(_ExpertsSession):
     the logits at the chosen experts and `MASKED_LOGIT` elsewhere), the shared experts (as `FusedMLPKernel`) and
     the sums. One call a layer instead of two sessions and a dozen torch ops between them: measured side by side,
     1.19-1.22x the single-request decode rate on the CPU benchmark model (whose small layers make those ops a
-    large part of a step), no difference beyond the noise on the 21B-A3B's (docs/quantization.md)."""
+    large part of a step), no difference beyond the noise on the 21B-A3B's (docs/quantization.md).
+
+    With `MoELayerParts.attention_output` it starts one step earlier, from the attention's output `a` and the
+    residual stream `x` before attention: `h = x + a @ W_o (+ b)` (`forward_after_attention`)."""
 
     @classmethod
     def pack(
@@ -464,7 +563,25 @@ class MoELayerKernel(_ExpertsSession):
         small = [numpy_helper.from_array(t.numpy(), name) for name, t in floats.items()]
         small.append(numpy_helper.from_array(np.array([top_k], dtype=np.int64), "k"))
         node = helper.make_node
-        nodes = [
+        nodes = []
+        inputs: tuple[tuple[str, int], tuple[tuple[str, int], ...]] = (("h", hidden), ())
+        if layer.attention_output is not None:
+            assert layer.adds_residual, "a partial sum of ranks cannot be normalized before the reduction"
+            codes, scales = layer.attention_output  # [H, Q*D], [G, H]
+            attended = codes.shape[1]
+            o_tensors, o_block = _packed_initializers("o_proj", codes, scales.t(), spec)
+            small += o_tensors
+            stream = ["o_proj.y", "residual"]
+            if layer.attention_bias is not None:
+                small.append(numpy_helper.from_array(layer.attention_bias.float().numpy(), "o_proj.bias"))
+                stream.append("o_proj.bias")
+            nodes += [
+                _matmul_node("attended", "o_proj", "o_proj.y", attended, hidden, spec.bits, o_block),  # [T, H]
+                node("Sum", stream, ["h"]),  # [T, H] the residual stream after attention
+            ]
+            inputs = (("attended", attended), (("residual", hidden),))
+            nbytes += storage_bytes(hidden, attended, spec)
+        nodes += [
             node("SimplifiedLayerNormalization", ["h", "norm.weight"], ["n"], axis=-1, epsilon=layer.eps, stash_type=1),
             node("MatMul", ["n", "router.weight"], ["logits"]),  # [T, E]
             node("Softmax", ["logits"], ["probs"], axis=-1),
@@ -488,14 +605,28 @@ class MoELayerKernel(_ExpertsSession):
         with tempfile.TemporaryDirectory(prefix="ernie-serve-qmoe-") as model_dir:
             initializers = _external_initializers(arrays, os.path.join(model_dir, "weights.bin"))
             del arrays
-            session = _session(nodes, [*initializers, *small], ("h", hidden), ("y", hidden), (), model_dir)
+            session = _session(nodes, [*initializers, *small], inputs[0], ("y", hidden), inputs[1], model_dir)
         _trim_now_and_then(nbytes)
-        return cls(session, hidden, int(nbytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES)
+        kernel = cls(session, hidden, int(nbytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES)
+        kernel.takes_attention = layer.attention_output is not None
+        return kernel
+
+    takes_attention = False  # whether it starts from the attention's output (`forward_after_attention`)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] in h's dtype
+        assert not self.takes_attention
         if h.shape[0] == 0:
             return h.new_empty(0, self.hidden)
-        return _run(self.session, h, "h").to(h.dtype)
+        return _run(self.session, h, "h")
+
+    def forward_after_attention(
+        self,
+        attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
+        residual: torch.Tensor,  # [T, H] the residual stream before attention
+    ) -> torch.Tensor:  # [T, H] in residual's dtype
+        assert self.takes_attention
+        out = self.session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
+        return _result(out, residual.dtype)
 
 
 class FusedPart:

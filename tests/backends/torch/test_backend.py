@@ -1,4 +1,4 @@
-"""The torch backend's declared capabilities and its own options."""
+"""The torch backend's declared capabilities, its own options, and how it reads a lone request's context."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from ernie_serve.backends.torch.backend import TorchBackend, TorchOptions
 from ernie_serve.backends.torch.model import _onednn_linear_available
 from ernie_serve.core.config import EngineSettings
+from ernie_serve.core.plan import ScheduledRequest, StepPlan
 from ernie_serve.models import read_model_config
 
 
@@ -57,3 +58,42 @@ def test_plugins_listing_shows_how_the_model_is_split() -> None:
     for line in TorchBackend.parallel_layout():
         assert line in out.getvalue()
     assert "torchrun" in TorchBackend.parallel_layout()[0] and "--enable-expert-parallel" in out.getvalue()
+
+
+@pytest.mark.parametrize("shape", ["moe_shared_tied", "moe_interval2_untied_mqa"])
+def test_a_lone_decode_reads_consecutive_blocks_in_place_and_scattered_ones_gathered(
+    tiny_checkpoint, monkeypatch, shape
+) -> None:
+    """A single decoding request whose blocks lie one after another in the pool attends over its slots in place
+    (no copy of its blocks); scattered, or out of order, its blocks are gathered first. Same logits either way,
+    for every decode step, across a block boundary."""
+    from ernie_serve.backends.torch import model as torch_model
+
+    checkpoint = tiny_checkpoint(shape, torch.float32)
+    backend = TorchBackend()
+    settings = EngineSettings(model=str(checkpoint), device="cpu", block_size=4)
+    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions())
+    backend.allocate_kv_cache(64, 4)
+    gathers = []
+    gather_blocks = torch_model.gather_blocks
+    monkeypatch.setattr(torch_model, "gather_blocks", lambda *args: gathers.append(1) or gather_blocks(*args))
+    prompt = [5, 17, 9, 30, 41, 8, 12, 3, 60]  # 9 tokens: blocks 0..2, the last one partly filled
+
+    def decode_logits(request_id: str, blocks: list[int], later_block: int) -> list[torch.Tensor]:
+        backend.execute(StepPlan([ScheduledRequest(request_id, prompt, 0, blocks, is_new=True, samples=True)]))
+        gathers.clear()
+        logits = []
+        for position, token in zip(range(9, 14), [7, 21, 33, 2, 50], strict=True):
+            new_blocks = [later_block] if position == 12 else []  # the fourth block, from position 12
+            step = StepPlan([ScheduledRequest(request_id, [token], position, new_blocks, is_new=False, samples=True)])
+            logits.append(backend.execute(step))
+        backend.release([request_id])
+        return logits
+
+    consecutive = decode_logits("in-place", [20, 21, 22], 23)
+    assert not gathers
+    scattered = decode_logits("gathered", [40, 31, 35], 30)
+    assert gathers
+    for a, b in zip(consecutive, scattered, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    backend.close()

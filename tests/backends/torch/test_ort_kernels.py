@@ -15,8 +15,9 @@ import torch
 from ernie_serve import LLM, SamplingParams
 from ernie_serve.backends.torch import backend as torch_backend
 from ernie_serve.backends.torch import ort_kernels
-from ernie_serve.backends.torch.model import MLP, SparseMoE
+from ernie_serve.backends.torch.model import MLP, SparseMoE, rope_interleaved
 from ernie_serve.backends.torch.ort_kernels import (
+    AttentionInputKernel,
     FusedMLPKernel,
     FusedPart,
     MoELayerKernel,
@@ -244,6 +245,79 @@ def test_a_moe_layer_in_one_session_is_its_norm_router_and_experts(spec: QuantSp
     assert layer.forward(h.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_an_attention_input_in_one_session_is_norm_projection_and_rope(spec: QuantSpec, with_bias: bool) -> None:
+    """`AttentionInputKernel`: q and k rotated and v, from the residual stream, the same as torch's norm, the
+    projection's own session and `rope_interleaved` (pairs 2i, 2i+1, not halves) at each row's positions."""
+    heads, kv_heads, head_dim, hidden, tokens = 4, 2, 32, 128, 7
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv, _ = _quantized(spec, hidden, width, seed=5)  # codes [(Q+2K) D, H], scales [G, (Q+2K) D]
+    generator = torch.Generator().manual_seed(6)
+    norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
+    bias = torch.randn(width, generator=generator) * 0.1 if with_bias else None
+    kernel = AttentionInputKernel.pack(norm_weight, 1e-5, qkv, bias, spec, heads, kv_heads, head_dim)
+    projection = NBitsKernel.pack(lambda c: qkv[0][c], qkv[1], spec, hidden)
+    x = torch.randn(tokens, hidden, generator=generator) * 3
+    positions = torch.tensor([0, 1, 2, 40, 41, 7, 300])  # rows of several requests: any positions, in any order
+    inv_freq = 1.0 / 10000 ** (torch.arange(head_dim // 2) * 2 / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2]
+
+    projected = projection.matmul(torch.nn.functional.rms_norm(x, (hidden,), norm_weight, 1e-5))
+    projected = projected if bias is None else projected + bias
+    q_k = projected[:, : (heads + kv_heads) * head_dim].reshape(tokens, heads + kv_heads, head_dim)
+    expected_qk = rope_interleaved(q_k, rotation).flatten(1)  # [T, (Q+K) D]
+    expected_v = projected[:, (heads + kv_heads) * head_dim :]
+    halves = torch.cat([q_k[..., ::2], q_k[..., 1::2]], -1)  # the mistake: rotating halves instead of pairs
+    by_halves = rope_interleaved(halves, rotation).flatten(1)
+
+    qk, v = kernel.forward(x, torch.cos(angles), torch.sin(angles))
+    scale = expected_qk.abs().max()
+    # (the norm in onnxruntime and in torch may differ in the last bit, which can move an int8 rounding one step)
+    assert torch.allclose(qk, expected_qk, rtol=0, atol=1e-4 * scale)
+    assert torch.allclose(v, expected_v, rtol=0, atol=1e-4 * expected_v.abs().max())
+    assert (by_halves - expected_qk).abs().max() > 100 * (qk - expected_qk).abs().max()
+    assert kernel.forward(x.to(torch.bfloat16), torch.cos(angles), torch.sin(angles))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
+def test_a_moe_layer_kernel_can_start_from_the_attention_output(spec: QuantSpec) -> None:
+    """`MoELayerParts.attention_output`: the kernel adds `attended @ W_o + b` to the residual stream itself,
+    then runs exactly what a kernel starting from that stream does."""
+    if not qmoe_supported():
+        pytest.skip("this onnxruntime has no QMoE as the kernel uses it (the model then keeps one session an expert)")
+    num_experts, top_k, hidden, intermediate, attended_width, tokens = 4, 2, 128, 64, 192, 5
+    block = qmoe_block(spec, hidden, intermediate)
+    assert block is not None
+    experts = [
+        (_quantized(spec, hidden, 2 * intermediate, 2 * e)[0], _quantized(spec, intermediate, hidden, 2 * e + 1)[0])
+        for e in range(num_experts)
+    ]
+    output, _ = _quantized(spec, attended_width, hidden, seed=60)  # codes [H, Q*D], scales [G, H]
+    generator = torch.Generator().manual_seed(7)
+    bias = torch.randn(hidden, generator=generator) * 0.1
+    parts = MoELayerParts(
+        1 + 0.2 * torch.randn(hidden, generator=generator), 1e-5,
+        torch.randn(num_experts, hidden, generator=generator) * 0.1, torch.zeros(num_experts), None,
+    )  # fmt: skip
+    from_stream = MoELayerKernel.pack(iter(experts), num_experts, spec, top_k, block, parts)
+    from_attention = MoELayerKernel.pack(
+        iter(experts), num_experts, spec, top_k, block,
+        dataclasses.replace(parts, attention_output=output, attention_bias=bias),
+    )  # fmt: skip
+    projection = NBitsKernel.pack(lambda c: output[0][c], output[1], spec, attended_width)
+    attended = torch.randn(tokens, attended_width, generator=generator)
+    residual = torch.randn(tokens, hidden, generator=generator) * 3
+    expected = from_stream.forward(residual + projection.matmul(attended) + bias)
+    out = from_attention.forward_after_attention(attended, residual)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-4 * expected.abs().max())
+    without_bias = from_stream.forward(residual + projection.matmul(attended))
+    assert (without_bias - expected).abs().max() > 100 * (out - expected).abs().max()
+    with pytest.raises(AssertionError):
+        from_attention.forward(residual)  # it needs the attention's output, not the stream
+
+
 def test_experts_and_shared_experts_of_the_21b_fit_one_session() -> None:
     assert fits_one_session(2560, 1536, 2560) and fits_one_session(2560, 3072, 2560)  # an expert, the shared two
     assert not fits_one_session(2560, 12288, 2560)  # its dense first layer: two sessions
@@ -297,8 +371,11 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     one_session = group == -1 or scheme == "wint8"
     shared_mlps = {id(m.shared) for m in moes}
+    # each attention's norm, q|k|v projection and RoPE: one session
+    assert all(layer.attn.input_kernel is not None for layer in model.layers) and model.rope_in_onnxruntime
     if one_session and qmoe_supported():  # the whole feed-forward half of the layer, shared experts included
         assert moes and all(m.layer_kernel is not None and m.expert_qmoe is m.expert_fused is None for m in moes)
+        assert all(m.layer_kernel.takes_attention for m in moes)  # from the attention's output projection on
         assert all(m.fused is None for m in model.modules() if id(m) in shared_mlps)
     else:
         assert moes and all(m.expert_fused is not None and m.expert_qmoe is m.layer_kernel is None for m in moes)

@@ -185,7 +185,8 @@ def test_with_quantization_each_rank_quantizes_its_own_slice(tiny_checkpoint, sc
 
 def test_moe_layers_in_one_onnxruntime_session_add_their_residual_once(tiny_checkpoint, first_tokens_agree) -> None:
     """With onnxruntime's kernels each MoE layer's feed-forward half is one session on each rank
-    (`MoELayerKernel`); only the first rank's adds the residual before the ranks' sums are added, so TP=2
+    (`MoELayerKernel`), and each attention's input half another (`AttentionInputKernel`); only the first rank's
+    layer session adds the residual before the ranks' sums are added, so TP=2
     decodes as TP=1 does (the ranks' narrower experts take smaller activation blocks: close, not equal)."""
     from ernie_serve.backends.torch.model import SparseMoE
     from ernie_serve.ort_contrib import qmoe_supported
@@ -199,8 +200,15 @@ def test_moe_layers_in_one_onnxruntime_session_add_their_residual_once(tiny_chec
     try:
         whole = LLM(model=checkpoint, **settings)
         with whole, LLM(model=checkpoint, tensor_parallel_size=2, **settings) as tp:
-            moes = [m for m in tp.engine.core.backend.model.modules() if isinstance(m, SparseMoE)]
-            assert moes and all(m.layer_kernel is not None and m.adds_residual for m in moes)  # rank 0's
+            model = tp.engine.core.backend.model  # rank 0's
+            moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+            assert moes and all(m.layer_kernel is not None and m.adds_residual for m in moes)
+            # each rank's norm, q|k|v and RoPE in one session over its own heads; the output projection stays
+            # outside the layer's session: the ranks' partial products are summed before the norm
+            assert all(layer.attn.input_kernel is not None for layer in model.layers)
+            assert not any(m.layer_kernel.takes_attention for m in moes)
+            whole_moes = [m for m in whole.engine.core.backend.model.modules() if isinstance(m, SparseMoE)]
+            assert all(m.layer_kernel.takes_attention for m in whole_moes)  # one device: it starts there
             first_tokens_agree(tp, whole, 0.05)
     finally:
         torch.set_num_threads(threads)  # (a model on onnxruntime's kernels runs torch on one thread)
