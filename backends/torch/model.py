@@ -69,20 +69,28 @@ class PrefillGroup:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token requests whose attention runs as one batch (`TorchBackend._prepare` groups them by context
+    length, so little of a group's batch is padding)."""
+
+    rows: torch.Tensor  # [B] their rows in the step, in order
+    blocks: torch.Tensor  # [B, nb] their block tables, padded with each request's own first block
+    mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] added to the scores: 0 where the slot is real
+    # context, -inf elsewhere; None for a lone request, which reads exactly `context_len` slots
+    context_len: int = 0
+    # a lone request whose blocks are consecutive in the pool: its context is the slots from this one on, read in
+    # place (no copy of its blocks: measured on the CPU benchmark model, 2 x 37 us a layer of a 10-block context)
+    first_slot: int | None = None
+
+
+@dataclass
 class AttentionMetadata:
     """Where each token's KV goes and what each query attends to; built once per step, shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] KV pool slot each new token writes
     block_size: int
     fresh_blocks: torch.Tensor | None = None  # [F] blocks written from their first slot this step: zeroed first
-    decode_rows: torch.Tensor | None = None  # [B] rows of single-token requests, batched together
-    decode_blocks: torch.Tensor | None = None  # [B, nb] their block tables, padded with a real block
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, nb * block_size] added to the scores: 0 where the slot
-    # is real context, -inf elsewhere; None for a lone decode, which reads exactly `decode_context_len` slots
-    decode_context_len: int = 0
-    # a lone decode whose blocks are consecutive in the pool: its context is the slots from this one on, read in
-    # place (no copy of its blocks: measured on the CPU benchmark model, 2 x 37 us a layer of a 10-block context)
-    decode_first_slot: int | None = None
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # the single-token requests
     prefills: list[PrefillGroup] = field(default_factory=list)
 
 
@@ -347,30 +355,13 @@ class Attention(RowParallelOutput, nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
 
-        groups = self.num_heads // self.num_kv_heads
-        if meta.decode_rows is not None:
-            batch = meta.decode_rows.shape[0]
-            # Query heads sharing a KV head become that head's "query positions" (all at the same place), so
-            # attention needs no copy of K/V per query head.
-            decode_only = not meta.prefills  # then every row is one decode, in order: no row gather or scatter
-            qd = q if decode_only else q.index_select(0, meta.decode_rows)
-            qd = qd.view(batch, self.num_kv_heads, groups, self.head_dim)
-            if meta.decode_first_slot is not None:  # one request, its context in place
-                context = slice(meta.decode_first_slot, meta.decode_first_slot + meta.decode_context_len)
-                kd = k_cache[context].transpose(0, 1).unsqueeze(0)  # [1, K, L, D] a strided view
-                vd = v_cache[context].transpose(0, 1).unsqueeze(0)
-            else:
-                kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)  # [B, K, L, D]
-                vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).transpose(1, 2)
-            if meta.decode_mask is None and meta.decode_first_slot is None:  # one request: its exact context
-                kd, vd = kd[:, :, : meta.decode_context_len], vd[:, :, : meta.decode_context_len]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale)
-            od = od.reshape(batch, self.num_heads * self.head_dim)  # [B, Q*D]
-            if decode_only:
-                return od
+        if len(meta.decode_groups) == 1 and not meta.prefills:  # every row is one decode, in order
+            return self._decode(q, meta.decode_groups[0], kv_cache, meta.block_size).flatten(1)  # [T, Q*D]
         out = torch.empty_like(q)  # [T, Q, D]
-        if meta.decode_rows is not None:
-            out.index_copy_(0, meta.decode_rows, od.view(batch, self.num_heads, self.head_dim))
+        for decodes in meta.decode_groups:
+            out.index_copy_(
+                0, decodes.rows, self._decode(q.index_select(0, decodes.rows), decodes, kv_cache, meta.block_size)
+            )
         for group in meta.prefills:
             rows = slice(group.token_start, group.token_start + group.num_tokens)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Q, n, D]
@@ -392,6 +383,29 @@ class Attention(RowParallelOutput, nn.Module):
                 )
             out[rows] = op.squeeze(0).transpose(0, 1)
         return out.flatten(1)
+
+    def _decode(
+        self,
+        q: torch.Tensor,  # [B, Q, D] one query row per request
+        group: DecodeGroup,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, K, D], this step's keys and values written
+        block_size: int,
+    ) -> torch.Tensor:  # [B, Q, D]
+        batch, (k_cache, v_cache) = q.shape[0], kv_cache
+        # Query heads sharing a KV head become that head's "query positions" (all at the same place), so
+        # attention needs no copy of K/V per query head.
+        qd = q.reshape(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)  # [B, K, G, D]
+        if group.first_slot is not None:  # one request, its context in place
+            context = slice(group.first_slot, group.first_slot + group.context_len)
+            kd = k_cache[context].transpose(0, 1).unsqueeze(0)  # [1, K, L, D] a strided view
+            vd = v_cache[context].transpose(0, 1).unsqueeze(0)
+        else:
+            kd = gather_blocks(k_cache, group.blocks, block_size).transpose(1, 2)  # [B, K, L, D]
+            vd = gather_blocks(v_cache, group.blocks, block_size).transpose(1, 2)
+            if group.mask is None:  # one request: its exact context
+                kd, vd = kd[:, :, : group.context_len], vd[:, :, : group.context_len]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=self.scale)  # [B, K, G, D]
+        return od.reshape(batch, self.num_heads, self.head_dim)
 
     def output(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, Q*D] -> residual + [T, H]
         """The output projection, added to the residual stream (`residual`, the layer's input)."""

@@ -97,3 +97,48 @@ def test_a_lone_decode_reads_consecutive_blocks_in_place_and_scattered_ones_gath
     for a, b in zip(consecutive, scattered, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     backend.close()
+
+
+def test_decodes_of_very_different_lengths_attend_in_groups_as_each_would_alone(tiny_checkpoint, monkeypatch) -> None:
+    """On CPU a batch of decoding requests attends in groups of similar context length (little padding each);
+    each request's logits are what it gets decoding alone. Contexts of 3, 5, 37, 40 and 90 tokens: the short
+    ones would otherwise be padded to 90."""
+    from ernie_serve.backends.torch import model as torch_model
+
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
+    backend = TorchBackend()
+    settings = EngineSettings(model=str(checkpoint), device="cpu", block_size=4)
+    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions())
+    backend.allocate_kv_cache(128, 4)
+    gathers = []
+    gather_blocks = torch_model.gather_blocks
+    monkeypatch.setattr(torch_model, "gather_blocks", lambda *args: gathers.append(1) or gather_blocks(*args))
+    prompts = {f"r{n}": [(7 * n + 3 * i) % 200 + 5 for i in range(n)] for n in (2, 4, 36, 39, 89)}
+    tables, next_block = {}, 0
+    for rid, prompt in prompts.items():  # blocks for the prompt and the decoded token, scattered in the pool
+        count = -(-(len(prompt) + 1) // 4)
+        tables[rid] = [(next_block + j) * 5 % 128 for j in range(count)]
+        next_block += count
+
+    def prefill(rid: str) -> None:
+        prompt = prompts[rid]
+        backend.execute(StepPlan([ScheduledRequest(rid, prompt, 0, tables[rid], is_new=True, samples=True)]))
+
+    def decode_step(rids: list[str]) -> torch.Tensor:  # [len(rids), V]
+        steps = [ScheduledRequest(rid, [11], len(prompts[rid]), [], is_new=False, samples=True) for rid in rids]
+        return backend.execute(StepPlan(steps))
+
+    alone = {}
+    for rid in prompts:
+        prefill(rid)
+        alone[rid] = decode_step([rid])[0]
+        backend.release([rid])
+    for rid in prompts:
+        prefill(rid)
+    gathers.clear()
+    together = decode_step(list(prompts))
+    layers = len(backend.model.layers)
+    assert len(gathers) > 2 * layers  # (K and V) more than one group a layer
+    for row, rid in enumerate(prompts):
+        torch.testing.assert_close(together[row], alone[rid], rtol=0, atol=1e-5)
+    backend.close()
