@@ -70,8 +70,8 @@ class PrefillGroup:
 
 @dataclass
 class DecodeGroup:
-    """Single-token requests whose attention runs as one batch (`TorchBackend._prepare` groups them by context
-    length, so little of a group's batch is padding)."""
+    """Single-token requests whose attention runs as one batch (`TorchBackend._decode_groups` groups them by
+    context length, so little of a group's batch is padding)."""
 
     rows: torch.Tensor  # [B] their rows in the step, in order
     blocks: torch.Tensor  # [B, nb] their block tables, padded with each request's own first block
@@ -255,7 +255,7 @@ def _experts(weight: nn.Parameter | QuantizedWeight) -> list[Weight]:
 class RopeFactors:
     """One step's RoPE factors, made once per forward for every layer."""
 
-    rotation: torch.Tensor  # [T, 1, D/2] complex64 cos + i sin (`rope_interleaved`)
+    rotation: torch.Tensor | None = None  # [T, 1, D/2] complex64 cos + i sin, where a layer rotates in torch
     cos: torch.Tensor | None = None  # [T, D/2] float32, where a layer rotates in onnxruntime (AttentionInputKernel)
     sin: torch.Tensor | None = None
 
@@ -339,6 +339,7 @@ class Attention(RowParallelOutput, nn.Module):
             qk, v = self.input_kernel.forward(x, rope.cos, rope.sin)  # [T, (Q+K)*D] rotated, [T, K*D]
             qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
         else:
+            assert rope.rotation is not None
             qkv = project(norm(x), self.qkv_weight, self.qkv_bias, packed=self.qkv_packed)  # [T, (Q+2K)*D]
             # q and k sit side by side in the fused output: rotate both with one multiplication
             qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
@@ -804,7 +805,8 @@ class ErnieForCausalLM(nn.Module):
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None  # see prepare_for_inference
-        self.rope_in_onnxruntime = False  # whether a layer rotates in onnxruntime (AttentionInputKernel), idem
+        # whether some layer rotates in onnxruntime (AttentionInputKernel; see prepare_for_inference), in torch
+        self.rope_in_onnxruntime, self.rope_in_torch = False, True
         # vocab parallelism (parallel.py): the embedding lookup `[T] -> [T, H]` over this rank's rows, and the
         # gathering of every rank's logits `[S, V/N]` into `[S, V]` on the rank that samples
         self.embed_hook: Hook | None = None
@@ -826,7 +828,9 @@ class ErnieForCausalLM(nn.Module):
         hook = self.embed_hook
         x = F.embedding(input_ids, self.embed_weight) if hook is None else hook(input_ids)  # [T, H]
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        rope = RopeFactors(torch.polar(torch.ones_like(angles), angles).unsqueeze(1))  # [T, 1, D/2] cos + i sin
+        rope = RopeFactors()
+        if self.rope_in_torch:
+            rope.rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2] cos + i sin
         if self.rope_in_onnxruntime:
             rope.cos, rope.sin = torch.cos(angles), torch.sin(angles)  # [T, D/2] each
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -877,7 +881,8 @@ class ErnieForCausalLM(nn.Module):
                 # releases the row-wise codes at once, so at most one layer's are held twice
                 weight.pack_for_device(self.cpu_quantized_kernels)
                 trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
-            self.rope_in_onnxruntime = any(layer.attn.input_kernel is not None for layer in self.layers)
+            in_onnxruntime = [layer.attn.input_kernel is not None for layer in self.layers]
+            self.rope_in_onnxruntime, self.rope_in_torch = any(in_onnxruntime), not all(in_onnxruntime)
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:
             packable = []  # every projection is quantized, and weight-only kernels need no copy

@@ -9,12 +9,15 @@ the way llama.cpp multiplies its q4_0 weights by q8 activations:
 **W4A8 per block, not weight-only**. docs/quantization.md has its accuracy beside the weight-only kernels'.
 For small matrices the call's fixed cost (the session, numpy, the thread wake-up) outweighs the gain, and
 torch's int8 kernel is closer to memory speed, so `--cpu-quantized-kernels auto` (the default) sends only
-4-bit matrices of at least `AUTO_MIN_WEIGHTS` weights here (`uses_onnxruntime`).
+4-bit matrices of at least `AUTO_MIN_WEIGHTS` weights here (`uses_onnxruntime`), and every matrix of a MoE model
+whose routed experts run as one `QMoE` session a layer (`experts_run_as_qmoe`).
 
 Each such matrix becomes one small ONNX graph (`x [T, K] -> MatMulNBits -> y [T, N]`) in its own inference
-session, a SwiGLU MLP whose two matrices both come here one graph for the whole MLP (`FusedMLPKernel`), and a
+session, a SwiGLU MLP whose two matrices both come here one graph for the whole MLP (`FusedMLPKernel`), a
 MoE layer's routed experts one graph around the contrib op `QMoE` (`RoutedExpertsKernel`), which runs only the
-experts each token chose, in one call; onnxruntime repacks the weights once when the session is made, and the
+experts each token chose, in one call, or with its norm, router, shared experts and the attention's output
+projection (`MoELayerKernel`), and an attention's norm, q|k|v projection and RoPE one graph
+(`AttentionInputKernel`); onnxruntime repacks the weights once when the session is made, and the
 row-wise codes are let go (`QuantizedWeight.pack_for_device`).
 
 Threads (`share_thread_pool`): where onnxruntime holds most quantized bytes, all sessions share onnxruntime's
@@ -340,8 +343,8 @@ class AttentionInputKernel:
     from 0). One call instead of torch's norm, the projection's session and torch's complex rotation between them
     (docs/quantization.md has the decode rate it gained)."""
 
-    def __init__(self, session, q_width: int, kv_width: int, nbytes: int) -> None:
-        self.session, self.q_width, self.kv_width, self._nbytes = session, q_width, kv_width, nbytes
+    def __init__(self, session, nbytes: int) -> None:
+        self.session, self._nbytes = session, nbytes
 
     @classmethod
     def pack(
@@ -366,6 +369,7 @@ class AttentionInputKernel:
             "norm.weight": norm_weight.float().numpy(),
             "split": np.array([q_width + kv_width, kv_width], dtype=np.int64),
             "first": np.array([0], dtype=np.int64),  # RotaryEmbedding's position ids: rows 0.. of cos and sin
+            "batch_axis": np.array([0], dtype=np.int64),
         }
         if bias is not None:
             small["qkv.bias"] = bias.float().numpy()
@@ -377,7 +381,7 @@ class AttentionInputKernel:
             _matmul_node("n", "qkv", projected, hidden, width, spec.bits, block),  # [T, (Q+2K) D]
             *([node("Add", [projected, "qkv.bias"], ["qkv.y"])] if bias is not None else []),
             node("Split", ["qkv.y", "split"], ["qk.flat", "v"], axis=1),  # [T, (Q+K) D], [T, K D]
-            node("Unsqueeze", ["qk.flat", "first"], ["qk.batch"]),  # [1, T, (Q+K) D]
+            node("Unsqueeze", ["qk.flat", "batch_axis"], ["qk.batch"]),  # [1, T, (Q+K) D]
             node(
                 "RotaryEmbedding",
                 ["qk.batch", "first", "cos", "sin"],
@@ -385,8 +389,8 @@ class AttentionInputKernel:
                 domain=MS_DOMAIN,
                 interleaved=1,
                 num_heads=heads + kv_heads,
-            ),  # fmt: skip
-            node("Squeeze", ["qk.rotated", "first"], ["qk"]),  # [T, (Q+K) D]
+            ),
+            node("Squeeze", ["qk.rotated", "batch_axis"], ["qk"]),  # [T, (Q+K) D]
         ]
         half = head_dim // 2
         session = _session(
@@ -394,7 +398,7 @@ class AttentionInputKernel:
             extra_outputs=(("v", kv_width),),
         )  # fmt: skip
         _trim_now_and_then(storage_bytes(width, hidden, spec))
-        return cls(session, q_width, kv_width, _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES)
+        return cls(session, _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES)
 
     def forward(
         self,
@@ -539,6 +543,8 @@ class MoELayerKernel(_ExpertsSession):
     With `MoELayerParts.attention_output` it starts one step earlier, from the attention's output `a` and the
     residual stream `x` before attention: `h = x + a @ W_o (+ b)` (`forward_after_attention`)."""
 
+    takes_attention = False  # whether it starts from the attention's output (`forward_after_attention`)
+
     @classmethod
     def pack(
         cls,
@@ -610,8 +616,6 @@ class MoELayerKernel(_ExpertsSession):
         kernel = cls(session, hidden, int(nbytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES)
         kernel.takes_attention = layer.attention_output is not None
         return kernel
-
-    takes_attention = False  # whether it starts from the attention's output (`forward_after_attention`)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] in h's dtype
         assert not self.takes_attention

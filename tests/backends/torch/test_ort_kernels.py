@@ -372,7 +372,8 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     one_session = group == -1 or scheme == "wint8"
     shared_mlps = {id(m.shared) for m in moes}
     # each attention's norm, q|k|v projection and RoPE: one session
-    assert all(layer.attn.input_kernel is not None for layer in model.layers) and model.rope_in_onnxruntime
+    assert all(layer.attn.input_kernel is not None for layer in model.layers)
+    assert model.rope_in_onnxruntime and not model.rope_in_torch  # (no complex factors made for torch)
     if one_session and qmoe_supported():  # the whole feed-forward half of the layer, shared experts included
         assert moes and all(m.layer_kernel is not None and m.expert_qmoe is m.expert_fused is None for m in moes)
         assert all(m.layer_kernel.takes_attention for m in moes)  # from the attention's output projection on
