@@ -60,6 +60,21 @@ def test_plugins_listing_shows_how_the_model_is_split() -> None:
     assert "torchrun" in TorchBackend.parallel_layout()[0] and "--enable-expert-parallel" in out.getvalue()
 
 
+def _backend_counting_gathers(checkpoint, monkeypatch, num_blocks: int) -> tuple[TorchBackend, list[int]]:
+    """A loaded backend with blocks of 4 tokens, and a list that grows by one each time attention gathers a
+    K or V cache's blocks (`gather_blocks`) instead of reading them in place."""
+    from ernie_serve.backends.torch import model as torch_model
+
+    backend = TorchBackend()
+    settings = EngineSettings(model=str(checkpoint), device="cpu", block_size=4)
+    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions())
+    backend.allocate_kv_cache(num_blocks, 4)
+    gathers: list[int] = []
+    gather_blocks = torch_model.gather_blocks
+    monkeypatch.setattr(torch_model, "gather_blocks", lambda *args: gathers.append(1) or gather_blocks(*args))
+    return backend, gathers
+
+
 @pytest.mark.parametrize("shape", ["moe_shared_tied", "moe_interval2_untied_mqa"])
 def test_a_lone_decode_reads_consecutive_blocks_in_place_and_scattered_ones_gathered(
     tiny_checkpoint, monkeypatch, shape
@@ -67,16 +82,7 @@ def test_a_lone_decode_reads_consecutive_blocks_in_place_and_scattered_ones_gath
     """A single decoding request whose blocks lie one after another in the pool attends over its slots in place
     (no copy of its blocks); scattered, or out of order, its blocks are gathered first. Same logits either way,
     for every decode step, across a block boundary."""
-    from ernie_serve.backends.torch import model as torch_model
-
-    checkpoint = tiny_checkpoint(shape, torch.float32)
-    backend = TorchBackend()
-    settings = EngineSettings(model=str(checkpoint), device="cpu", block_size=4)
-    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions())
-    backend.allocate_kv_cache(64, 4)
-    gathers = []
-    gather_blocks = torch_model.gather_blocks
-    monkeypatch.setattr(torch_model, "gather_blocks", lambda *args: gathers.append(1) or gather_blocks(*args))
+    backend, gathers = _backend_counting_gathers(tiny_checkpoint(shape, torch.float32), monkeypatch, 64)
     prompt = [5, 17, 9, 30, 41, 8, 12, 3, 60]  # 9 tokens: blocks 0..2, the last one partly filled
 
     def decode_logits(request_id: str, blocks: list[int], later_block: int) -> list[torch.Tensor]:
@@ -103,16 +109,7 @@ def test_decodes_of_very_different_lengths_attend_in_groups_as_each_would_alone(
     """On CPU a batch of decoding requests attends in groups of similar context length (little padding each);
     each request's logits are what it gets decoding alone. Contexts of 3, 5, 37, 40 and 90 tokens: the short
     ones would otherwise be padded to 90."""
-    from ernie_serve.backends.torch import model as torch_model
-
-    checkpoint = tiny_checkpoint("moe_shared_tied", torch.float32)
-    backend = TorchBackend()
-    settings = EngineSettings(model=str(checkpoint), device="cpu", block_size=4)
-    backend.load(read_model_config(checkpoint), settings, str(checkpoint), TorchOptions())
-    backend.allocate_kv_cache(128, 4)
-    gathers = []
-    gather_blocks = torch_model.gather_blocks
-    monkeypatch.setattr(torch_model, "gather_blocks", lambda *args: gathers.append(1) or gather_blocks(*args))
+    backend, gathers = _backend_counting_gathers(tiny_checkpoint("moe_shared_tied", torch.float32), monkeypatch, 128)
     prompts = {f"r{n}": [(7 * n + 3 * i) % 200 + 5 for i in range(n)] for n in (2, 4, 36, 39, 89)}
     tables, next_block = {}, 0
     for rid, prompt in prompts.items():  # blocks for the prompt and the decoded token, scattered in the pool
