@@ -34,9 +34,10 @@ log = structlog.get_logger("ernie_serve.torch")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # On CPU, a batch of decoding requests attends in groups of similar context length, each padded to at most this
-# many times its real context (`TorchBackend._decode_groups`). Measured on the CPU benchmark model's shapes, 26
+# many times its members' own blocks (`TorchBackend._decode_groups`). Measured on the CPU benchmark model's shapes, 26
 # requests of 20-380 tokens: 1.5 and 2.0 gave 3 and 2 groups and the same time, 3.5 ms a layer, against 4.6 ms
-# for a group per request and 4-16 ms for one batch (the machine was noisy that hour; every ordering held).
+# for a group per request and 4-16 ms for one batch (the machine was noisy that hour; every ordering held). That
+# was with the rule's first form, which counted context positions instead of whole blocks (docs/backends.md).
 DECODE_PADDING = 1.5
 
 
@@ -486,20 +487,21 @@ class TorchBackend(Backend):
     def _decode_groups(self, rows: list[int], tables: list[torch.Tensor], lengths: list[int]) -> list[DecodeGroup]:
         """The single-token requests (their rows, block tables and context lengths) in groups whose attention runs
         as one batch. On CPU, by context length: sorted, a group ends where the next request would make its
-        padded slots more than `DECODE_PADDING` times its real ones. One batch over every request pads each to
-        the longest context (on the mixed workload 42% of the slots attention gathered and read were padding, 25%
+        padded slots more than `DECODE_PADDING` times the slots of its members' own blocks (a gather reads whole
+        blocks, so requests of one length always share a group). One batch over every request pads each to
+        the longest context (on the mixed workload 42% of the slots attention gathered and read were padding, 28%
         in groups, and attention took 40% of its decode steps there); a group per request pays a call each."""
         bs, device = self.block_size, self.device
         limit = DECODE_PADDING if device.type == "cpu" else float("inf")  # (on a GPU, padding costs less than calls)
         members: list[list[int]] = [[]]
-        real = 0
+        own = 0  # slots of the group's members' own blocks
         for i in sorted(range(len(rows)), key=lambda i: lengths[i]):
             padded_slots = (len(members[-1]) + 1) * len(tables[i]) * bs  # request i is the group's longest
-            if members[-1] and padded_slots > limit * (real + lengths[i]):
+            if members[-1] and padded_slots > limit * (own + len(tables[i]) * bs):
                 members.append([])
-                real = 0
+                own = 0
             members[-1].append(i)
-            real += lengths[i]
+            own += len(tables[i]) * bs
         groups = []
         for member in members:
             member.sort()  # in row order: one group of every decode row is the step's rows as they are

@@ -510,7 +510,9 @@ class SparseMoE(RowParallelOutput, nn.Module):
         self.expert_packed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
         self.expert_fused: list[FusedMLPKernel] | None = None  # see `fuse_for_onnxruntime`
         self.expert_qmoe: RoutedExpertsKernel | None = None  # all routed experts in one session, idem
-        self.layer_kernel: MoELayerKernel | None = None  # the norm before it and all of it in one session, idem
+        # the norm before it and all of it in one session (from the attention's output on, its output projection
+        # and the residual included, where `layer_kernel.takes_attention`), idem
+        self.layer_kernel: MoELayerKernel | None = None
         # expert parallelism (parallel.py): computes `residual + this rank's experts' share` instead of the paths
         # below, which assume every expert is local; takes (x, experts, weights, residual)
         self.routed_hook: Callable[..., torch.Tensor] | None = None
@@ -856,8 +858,10 @@ class ErnieForCausalLM(nn.Module):
         bytes the copies take (0 elsewhere). Quantized weights are repacked instead, in place of their row-wise
         codes, for the int kernels (`QuantizedWeight.pack_for_device`): always on CUDA (torch's), and on the CPU
         (`cpu_quantized_kernels`: onnxruntime's, torch's, or by shape) unless `exact_quantized_kernels` or
-        `int8_activations` asks for the float32 or fbgemm kernels. On the CPU, an MLP or expert whose matrices
-        both go to onnxruntime becomes one session first (`fuse_for_onnxruntime`), and onnxruntime's sessions
+        `int8_activations` asks for the float32 or fbgemm kernels. On the CPU, each decoder layer is fused first
+        where its matrices go to onnxruntime (`DecoderLayer.fuse_for_onnxruntime`: the attention's norm, q|k|v
+        and RoPE as one session, a MoE layer from the attention's output on as one, an MLP or expert whose
+        matrices both go there as one), and onnxruntime's sessions
         share its process-wide pool where they hold most quantized bytes (`ort_kernels.share_thread_pool`)."""
         quantized = [m for m in self.modules() if isinstance(m, QuantizedWeight)]
         on_cuda = self.embed_weight.device.type == "cuda"

@@ -343,8 +343,8 @@ class AttentionInputKernel:
     from 0). One call instead of torch's norm, the projection's session and torch's complex rotation between them
     (docs/quantization.md has the decode rate it gained)."""
 
-    def __init__(self, session, nbytes: int) -> None:
-        self.session, self._nbytes = session, nbytes
+    def __init__(self, session, qk_width: int, v_width: int, nbytes: int) -> None:
+        self.session, self.qk_width, self.v_width, self._nbytes = session, qk_width, v_width, nbytes
 
     @classmethod
     def pack(
@@ -398,7 +398,8 @@ class AttentionInputKernel:
             extra_outputs=(("v", kv_width),),
         )  # fmt: skip
         _trim_now_and_then(storage_bytes(width, hidden, spec))
-        return cls(session, _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES)
+        nbytes = _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES
+        return cls(session, q_width + kv_width, kv_width, nbytes)
 
     def forward(
         self,
@@ -406,6 +407,8 @@ class AttentionInputKernel:
         cos: torch.Tensor,  # [T, D/2] float32, each row's angles
         sin: torch.Tensor,  # [T, D/2]
     ) -> tuple[torch.Tensor, torch.Tensor]:  # rotated q|k [T, (Q+K) D], v [T, K D], in x's dtype
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.qk_width), x.new_empty(0, self.v_width)
         qk, v = self.session.run(["qk", "v"], {"x": _feed(x), "cos": _feed(cos), "sin": _feed(sin)})
         return _result(qk, x.dtype), _result(v, x.dtype)
 
@@ -629,19 +632,23 @@ class MoELayerKernel(_ExpertsSession):
         residual: torch.Tensor,  # [T, H] the residual stream before attention
     ) -> torch.Tensor:  # [T, H] in residual's dtype
         assert self.takes_attention
+        if residual.shape[0] == 0:
+            return residual.new_empty(0, self.hidden)
         out = self.session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
         return _result(out, residual.dtype)
 
 
 class FusedPart:
-    """What each matrix of a `FusedMLPKernel`'s MLP keeps as its device kernel: its share of the session's
-    bytes (for the reports). It cannot multiply on its own; its MLP calls the fused kernel instead."""
+    """What each matrix of a session that holds several keeps as its device kernel (a `FusedMLPKernel`'s MLP,
+    a MoE layer's experts and shared experts and its attention's output projection in a `MoELayerKernel` or
+    `RoutedExpertsKernel`, an attention's q|k|v in an `AttentionInputKernel`): its share of the session's bytes
+    (for the reports). It cannot multiply on its own; its block calls that session instead."""
 
     def __init__(self, nbytes: int) -> None:
         self._nbytes = nbytes
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("this matrix is multiplied only together with its MLP's other one (FusedMLPKernel)")
+        raise RuntimeError("this matrix is multiplied only inside the fused session that holds it (FusedPart)")
 
     def nbytes(self) -> int:
         return self._nbytes

@@ -308,7 +308,7 @@ class QuantizedWeight(nn.Module):
         and, where all of them got one, let go of the row-wise codes and the scales, which nothing reads any more
         (`nbytes` counts what is kept)."""
         for matrix in self.matrices:
-            if matrix.device_kernel is None:  # not already part of an MLP's fused kernel
+            if matrix.device_kernel is None:  # not already part of a fused session (ort_kernels.FusedPart)
                 matrix.pack_for_device(cpu_kernels)
         if all(m.device_kernel is not None for m in self.matrices):  # the kernels hold their own scales too
             count, _, width = self.rows.shape

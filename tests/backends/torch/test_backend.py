@@ -107,35 +107,45 @@ def test_a_lone_decode_reads_consecutive_blocks_in_place_and_scattered_ones_gath
 
 def test_decodes_of_very_different_lengths_attend_in_groups_as_each_would_alone(tiny_checkpoint, monkeypatch) -> None:
     """On CPU a batch of decoding requests attends in groups of similar context length (little padding each);
-    each request's logits are what it gets decoding alone. Contexts of 3, 5, 37, 40 and 90 tokens: the short
+    each request's logits are what it gets decoding alone, with or without a prompt computed in the same step.
+    Contexts of 90, 3, 40, 5 and 37 tokens, in that row order (the groups' rows are not consecutive): the short
     ones would otherwise be padded to 90."""
     backend, gathers = _backend_counting_gathers(tiny_checkpoint("moe_shared_tied", torch.float32), monkeypatch, 128)
-    prompts = {f"r{n}": [(7 * n + 3 * i) % 200 + 5 for i in range(n)] for n in (2, 4, 36, 39, 89)}
+    prompts = {f"r{n}": [(7 * n + 3 * i) % 200 + 5 for i in range(n)] for n in (89, 2, 39, 4, 36, 13)}
     tables, next_block = {}, 0
     for rid, prompt in prompts.items():  # blocks for the prompt and the decoded token, scattered in the pool
         count = -(-(len(prompt) + 1) // 4)
         tables[rid] = [(next_block + j) * 5 % 128 for j in range(count)]
         next_block += count
+    decoding, prompt_in_step = list(prompts)[:5], "r13"
 
-    def prefill(rid: str) -> None:
-        prompt = prompts[rid]
-        backend.execute(StepPlan([ScheduledRequest(rid, prompt, 0, tables[rid], is_new=True, samples=True)]))
+    def prefill(rid: str) -> ScheduledRequest:
+        return ScheduledRequest(rid, prompts[rid], 0, tables[rid], is_new=True, samples=True)
 
-    def decode_step(rids: list[str]) -> torch.Tensor:  # [len(rids), V]
-        steps = [ScheduledRequest(rid, [11], len(prompts[rid]), [], is_new=False, samples=True) for rid in rids]
-        return backend.execute(StepPlan(steps))
+    def decode(rid: str) -> ScheduledRequest:
+        return ScheduledRequest(rid, [11], len(prompts[rid]), [], is_new=False, samples=True)
 
     alone = {}
-    for rid in prompts:
-        prefill(rid)
-        alone[rid] = decode_step([rid])[0]
+    for rid in decoding:
+        backend.execute(StepPlan([prefill(rid)]))
+        alone[rid] = backend.execute(StepPlan([decode(rid)]))[0]
         backend.release([rid])
-    for rid in prompts:
-        prefill(rid)
+    alone[prompt_in_step] = backend.execute(StepPlan([prefill(prompt_in_step)]))[0]
+    backend.release([prompt_in_step])
+
+    for rid in decoding:
+        backend.execute(StepPlan([prefill(rid)]))
     gathers.clear()
-    together = decode_step(list(prompts))
-    layers = len(backend.model.layers)
-    assert len(gathers) > 2 * layers  # (K and V) more than one group a layer
-    for row, rid in enumerate(prompts):
+    together = backend.execute(StepPlan([decode(rid) for rid in decoding]))  # [5, V]
+    assert len(gathers) > 2 * len(backend.model.layers)  # (K and V) more than one group a layer
+    for row, rid in enumerate(decoding):
         torch.testing.assert_close(together[row], alone[rid], rtol=0, atol=1e-5)
+    backend.release(decoding)
+
+    for rid in decoding:
+        backend.execute(StepPlan([prefill(rid)]))
+    order = [*decoding[:2], prompt_in_step, *decoding[2:]]  # a prompt's rows between the decodes'
+    mixed = backend.execute(StepPlan([prefill(rid) if rid == prompt_in_step else decode(rid) for rid in order]))
+    for row, rid in enumerate(order):
+        torch.testing.assert_close(mixed[row], alone[rid], rtol=0, atol=1e-5)
     backend.close()
