@@ -494,14 +494,14 @@ class TorchBackend(Backend):
         bs, device = self.block_size, self.device
         limit = DECODE_PADDING if device.type == "cpu" else float("inf")  # (on a GPU, padding costs less than calls)
         members: list[list[int]] = [[]]
-        own = 0  # slots of the group's members' own blocks
+        own = 0  # the group's members' own blocks
         for i in sorted(range(len(rows)), key=lambda i: lengths[i]):
-            padded_slots = (len(members[-1]) + 1) * len(tables[i]) * bs  # request i is the group's longest
-            if members[-1] and padded_slots > limit * (own + len(tables[i]) * bs):
+            blocks = len(tables[i])  # request i is the group's longest: every member padded to its blocks
+            if members[-1] and (len(members[-1]) + 1) * blocks > limit * (own + blocks):
                 members.append([])
                 own = 0
             members[-1].append(i)
-            own += len(tables[i]) * bs
+            own += blocks
         groups = []
         for member in members:
             member.sort()  # in row order: one group of every decode row is the step's rows as they are
@@ -509,9 +509,9 @@ class TorchBackend(Backend):
             if len(member) == 1:  # attention reads exactly its context: no mask
                 table = tables[member[0]]
                 group = DecodeGroup(group_rows, table[None].to(device), context_len=lengths[member[0]])
-                blocks = table.tolist()
-                if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
-                    group.first_slot = blocks[0] * bs
+                ids = table.tolist()
+                if ids == list(range(ids[0], ids[0] + len(ids))):
+                    group.first_slot = ids[0] * bs
                 groups.append(group)
                 continue
             widest = max(len(tables[i]) for i in member)

@@ -580,8 +580,8 @@ class SparseMoE(RowParallelOutput, nn.Module):
             parts = MoELayerParts(
                 norm.weight, norm.eps, self.router_weight, self.score_bias, gate_up_down, self.adds_residual
             )
-            output = attention.output_codes(policy) if attention is not None and self.reduce is None else None
-            if output is not None and output.spec == spec:
+            output = attention.output_codes(policy) if attention is not None else None  # None under TP
+            if output is not None:
                 assert attention is not None  # (the layer's kernel then starts from its output)
                 parts.attention_output, parts.attention_bias = (output.codes().t(), output.scales), attention.o_bias
                 shared = [*shared, output]
