@@ -160,27 +160,30 @@ class QuantMatrix:
 
 @dataclass
 class Int8Kernel:
-    """wint8 for CUDA: `[out, in]` int8 codes and their per-channel scales."""
+    """wint8 for CUDA and for torch's CPU kernel: `[out, in]` int8 codes and their per-channel scales."""
 
     codes: torch.Tensor  # [out, in] int8
     scales: torch.Tensor  # [out] float32
-    scales_bf16: torch.Tensor | None = None  # [out] what the CPU kernel takes, converted once
+    unit_scales: torch.Tensor | None = None  # [out] bfloat16 ones: what the CPU kernel takes (see `matmul`)
 
     def __post_init__(self) -> None:
         if not self.codes.is_cuda:
-            self.scales_bf16 = self.scales.to(torch.bfloat16)
+            self.unit_scales = torch.ones(self.scales.shape, dtype=torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out] in x's dtype
         if x.is_cuda:
             if x.shape[0] > INT8_KERNEL_MAX_ROWS:
                 return torch.mm(x, self.codes.t().to(x.dtype)) * self.scales.to(x.dtype)  # scales per column
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scales.to(x.dtype))
-        # on CPU at any row count, with bfloat16 activations: float32 ones take a path 10-40x slower
-        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.codes, self.scales_bf16)
-        return out.to(x.dtype)
+        # on CPU at any row count, with bfloat16 activations: float32 ones take a path 10-40x slower. The scales
+        # are applied after, in float32: the kernel takes them in bfloat16, which puts every output channel's
+        # scale off by up to 0.4%, the same way at every position (on the trained model, ernie_serve.testing.
+        # trained, wint8's top-1 agreement rose from 98.77% to 99.11% with this; no slower)
+        sums = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.codes, self.unit_scales)
+        return torch.mul(sums, self.scales).to(x.dtype)  # [T, out] float32 from bfloat16 sums
 
     def nbytes(self) -> int:
-        extra = 0 if self.scales_bf16 is None else self.scales_bf16.numel() * 2
+        extra = 0 if self.unit_scales is None else self.unit_scales.numel() * 2
         return self.codes.numel() + self.scales.numel() * 4 + extra
 
 

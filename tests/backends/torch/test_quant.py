@@ -155,6 +155,16 @@ def test_int4_device_kernel_needs_whole_groups_and_keeps_the_codes_otherwise() -
     torch.testing.assert_close(weight.matrix.matmul(x), x @ expected[0].t(), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_int8_kernel_applies_its_scales_in_float32() -> None:
+    """torch's CPU int8 kernel takes bfloat16 scales; ours get multiplied in float32 after it, so a scale bfloat16
+    cannot hold exactly is not rounded (a bias of up to 0.4% on every position of an output channel)."""
+    scale = 1 + 3 * 2**-9  # bfloat16 (spacing 2**-7 at 1) would round it to 1 + 2**-7
+    kernel = Int8Kernel(torch.ones(2, 256, dtype=torch.int8), torch.tensor([scale, 1.0]))
+    out = kernel.matmul(torch.ones(3, 256))  # [3, 2]: sums of 256 ones, exact in bfloat16
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.tensor([[256 * scale, 256.0]] * 3))
+
+
 def test_int8_gemm_copy_quantizes_activations_within_a_few_percent() -> None:
     """The fbgemm copy (`pack_for_gemm`) is W8A8-dynamic: close to the weight-only product, not equal (7-bit
     activations per tensor: about 2% here, twice the error int8 weights alone add to a product)."""
