@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant_bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     quant_bench.add_argument("--skip-tiny", action="store_true", help="the benchmark model only")
     quant_bench.add_argument("--kernels", action="store_true", help="time the matmul kernels instead")
+    quant_bench.add_argument(
+        "--trained",
+        action="store_true",
+        help="accuracy of a small MoE model trained here on held-out text instead (trained on first use, about "
+        "ten minutes; needs transformers: pip install 'ernie-serve[test]')",
+    )
     quant_bench.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
     quant_bench.add_argument(
         "--backend",
@@ -469,7 +475,11 @@ def _main(argv: Sequence[str] | None) -> int:
                 from ernie_serve.backends.onnx.quant_bench import main as onnx_quantization_main
 
                 return onnx_quantization_main(
-                    kernels=args.kernels, num_sequences=args.sequences, length=args.length, threads=args.threads
+                    kernels=args.kernels,
+                    num_sequences=args.sequences,
+                    length=args.length,
+                    threads=args.threads,
+                    trained=args.trained,
                 )
             from ernie_serve.bench.quantization import main as quantization_main
 
@@ -479,6 +489,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 include_tiny=not args.skip_tiny,
                 kernels=args.kernels,
                 threads=args.threads,
+                trained=args.trained,
             )
         return _cmd_bench_serve(args)
     if args.command == "export":

@@ -87,20 +87,30 @@ def decode_logits(session: Any, config: Any, tokens: torch.Tensor) -> torch.Tens
     return torch.stack(rows)
 
 
-def accuracy_table(workdir: Path, num_sequences: int, length: int) -> list[tuple[str, int, float, float, int, int]]:
+def accuracy_table(
+    workdir: Path, num_sequences: int, length: int, trained: bool = False
+) -> list[tuple[str, int, float, float, int, int]]:
     """(variant, positions, top-1, mean KL, quantized bytes, float32 bytes) of each variant on the CPU
-    benchmark model; prints each row as it comes."""
+    benchmark model over random sequences, or with `trained` on the model trained here over held-out text
+    (`ernie_serve.testing.trained`); prints each row as it comes."""
     from ernie_serve.bench.quantization import compare, sequences
-    from ernie_serve.bench.workload import BENCH_MODEL, bench_checkpoint
 
-    checkpoint = str(bench_checkpoint())
-    seqs = sequences(num_sequences, length, BENCH_MODEL.vocab_size)
+    if trained:
+        from ernie_serve.testing.trained import held_out_sequences, trained_checkpoint, trained_config
+
+        config, checkpoint = trained_config(), str(trained_checkpoint())
+        seqs = held_out_sequences(num_sequences, length)
+    else:
+        from ernie_serve.bench.workload import BENCH_MODEL, bench_checkpoint
+
+        config, checkpoint = BENCH_MODEL, str(bench_checkpoint())
+        seqs = sequences(num_sequences, length, config.vocab_size)
 
     def run(label: str, options: ExportOptions) -> tuple[list[torch.Tensor], Any]:
         out = workdir / label.split(" (")[0].replace(" ", "-").replace(",", "")
-        stats = export_to_dir(BENCH_MODEL, checkpoint, out, options=options, check=False)
+        stats = export_to_dir(config, checkpoint, out, options=options, check=False)
         session = _session(out / "model.onnx")
-        return [decode_logits(session, BENCH_MODEL, s) for s in progress(seqs, label, unit="seq")], stats
+        return [decode_logits(session, config, s) for s in progress(seqs, label, unit="seq")], stats
 
     reference, base = run("float32", ExportOptions())
     print(f"float32 export: {base.full_precision_bytes / 2**20:.1f} MiB of weights", flush=True)
@@ -226,10 +236,16 @@ def kernel_table(shapes: Sequence[tuple[int, int]], rows: Sequence[int], repeats
 
 
 def main(
-    kernels: bool = False, num_sequences: int = 16, length: int = 128, repeats: int = 7, threads: int | None = None
+    kernels: bool = False,
+    num_sequences: int = 16,
+    length: int = 128,
+    repeats: int = 7,
+    threads: int | None = None,
+    trained: bool = False,
 ) -> int:
     """`ernie-serve bench quantization --backend onnx`: print the tables; returns 0. `threads`: the accuracy
-    sessions' intra-op threads (torch's count by default); kernels always run on one."""
+    sessions' intra-op threads (torch's count by default); kernels always run on one. `trained`: the model
+    trained here, over held-out text, instead of the benchmark model."""
     if threads is not None:
         torch.set_num_threads(threads)
     if kernels:
@@ -238,6 +254,7 @@ def main(
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="onnx-quant-bench-") as workdir:
-        print(f"teacher-forced: {num_sequences} random sequences of {length} tokens, one token per graph run\n")
-        accuracy_table(Path(workdir), num_sequences, length)
+        what = "held-out windows" if trained else "random sequences"
+        print(f"teacher-forced: {num_sequences} {what} of {length} tokens, one token per graph run\n")
+        accuracy_table(Path(workdir), num_sequences, length, trained)
     return 0

@@ -15,6 +15,7 @@ and of the whole model's weights over the whole float32 model; a preset model is
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -182,10 +183,12 @@ def accuracy_rows(
     length: int,
     device: torch.device = CPU,
     dtype: torch.dtype = torch.float32,
+    prompts: list[torch.Tensor] | None = None,
 ) -> list[AccuracyRow]:
     """Teacher-forced top-1 agreement and KL of each variant against the unquantized model of the same weights
-    (float32 on the CPU; bfloat16 on a GPU, as `gpu_check --quantization` runs it)."""
-    seqs = sequences(num_sequences, length, config.vocab_size)
+    (float32 on the CPU; bfloat16 on a GPU, as `gpu_check --quantization` runs it), over `prompts` (token
+    sequences) or else `num_sequences` random sequences of `length` tokens."""
+    seqs = prompts if prompts is not None else sequences(num_sequences, length, config.vocab_size)
     base = build_model(config, checkpoint, None, device=device, dtype=dtype)
     label = str(dtype).removeprefix("torch.")
     reference = [teacher_forced_logits(base, s) for s in progress(seqs, f"{name}: {label}", unit="seq")]
@@ -346,20 +349,23 @@ def main(
     kernels: bool = False,
     kernel_repeats: int = 11,
     threads: int | None = None,
+    trained: bool = False,
 ) -> int:
-    """Print the accuracy and memory tables (and with `kernels` the kernel timings); returns 0."""
+    """Print the accuracy and memory tables (with `kernels` the kernel timings instead; with `trained` the
+    accuracy of the trained model instead); returns 0."""
     if threads is not None:
         torch.set_num_threads(threads)
     if kernels:
         torch.set_num_threads(1)  # CPU time per call is then the kernel's cost (see `interleaved_medians`)
         kernel_table(KERNEL_SHAPES, KERNEL_ROWS, kernel_repeats)
         return 0
-    from ernie_serve.bench.workload import BENCH_MODEL
-    from ernie_serve.models import PRESETS
-
     if not onnxruntime_available():
         print("onnxruntime is not installed: its kernels' rows are left out (pip install 'ernie-serve[onnx]')")
         variants = [v for v in variants if v.cpu_kernels == "torch"]
+    if trained:
+        return trained_accuracy(variants, num_sequences, length)
+    from ernie_serve.bench.workload import BENCH_MODEL
+    from ernie_serve.models import PRESETS
 
     checkpoint = bench_checkpoint()
     # the benchmark checkpoint's weights are N(0, 0.05): at this width a random network of that gain is
@@ -389,4 +395,36 @@ def main(
                 f"{row.model:<32} {row.variant:<40} {row.tensors_ratio:>12.4f} {row.model_ratio:>10.4f} "
                 f"{row.weight_gib:>11.2f}"
             )
+    return 0
+
+
+def trained_accuracy(variants: Sequence[Variant], num_sequences: int, length: int) -> int:
+    """The accuracy table of the model trained here (`ernie_serve.testing.trained`, trained on first use) over
+    held-out text; returns 0."""
+    from ernie_serve.testing.trained import held_out_sequences, trained_checkpoint, trained_config
+
+    checkpoint = trained_checkpoint()
+    config = trained_config()
+    summary = json.loads((checkpoint / "training.json").read_text())
+    print(
+        f"trained model {checkpoint.name}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens seen of "
+        f"{summary['training_tokens']:,}; training loss {summary['final_training_loss']:.3f}, held-out loss "
+        f"{summary['held_out_loss']:.3f} nats/token"
+    )
+    print(weight_statistics(config, checkpoint))
+    prompts = held_out_sequences(num_sequences, length)
+    # what kind of language model it is: how often float32's top-1 is the held-out text's next token, and
+    # how sure it is (a random model's top-1 probability is about 1/vocab)
+    model = build_model(config, checkpoint, None)
+    probs = torch.cat([teacher_forced_logits(model, p)[:-1].softmax(-1) for p in prompts])  # [P, V]
+    targets = torch.cat([p[1:] for p in prompts])  # [P]
+    del model
+    hits = float((probs.argmax(-1) == targets).float().mean())
+    print(
+        f"float32 on the held-out windows: top-1 is the next token at {hits * 100:.1f}% of positions; "
+        f"mean top-1 probability {float(probs.max(-1).values.mean()):.3f}"
+    )
+    print(f"teacher-forced: {num_sequences} held-out windows of {length} tokens, one prefill each\n")
+    print(ACCURACY_HEADER)
+    accuracy_rows("trained MoE (demo shape)", config, checkpoint, variants, num_sequences, length, prompts=prompts)
     return 0

@@ -95,7 +95,8 @@ def _transformers():
     return transformers
 
 
-def _hf_model_class(model_type: str):
+def hf_model_class(model_type: str):
+    """transformers' (config class, model class) of an ERNIE 4.5 `model_type` (the reference implementation)."""
     transformers = _transformers()
     if model_type == "ernie4_5_moe":
         return transformers.Ernie4_5_MoeConfig, transformers.Ernie4_5_MoeForCausalLM
@@ -118,7 +119,7 @@ def build_tiny_checkpoint(
     out_dir = Path(out_dir)
     options = {**_BASE, **TINY_SHAPES[shape]}
     model_type = options.pop("model_type")
-    config_cls, model_cls = _hf_model_class(model_type)
+    config_cls, model_cls = hf_model_class(model_type)
     config = config_cls(**options)
     torch.manual_seed(seed)
     model = model_cls(config).eval()

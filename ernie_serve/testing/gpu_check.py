@@ -15,7 +15,9 @@ same checks on the CPU instead, to rehearse this script on a machine without a G
 With `--quantization wint8,wint4` it adds, per scheme: teacher-forced top-1 agreement and KL against the
 unquantized bfloat16 model of the same random weights, on the tiny shapes and on `--model`'s preset (a row
 passes at the accuracy targets of docs/quantization.md: wint8 99%, wint4 90%), and a throughput row of `--model`
-with that scheme, through torch's CUDA weight-only kernels (`backends/torch/quant.py`).
+with that scheme, through torch's CUDA weight-only kernels (`backends/torch/quant.py`). `--trained-model` adds
+a row per scheme on the small MoE trained on this machine (`trained.py`), over held-out text: random weights
+are far harder on quantization than trained ones (docs/quantization.md, "Accuracy and memory").
 
 This is the base that GPU work extends with rows of its own (quantization, tensor parallelism, TensorRT).
 `python -m ernie_serve.testing.gpu_check parallel` runs the tensor-parallel checks (`gpu_parallel.py`),
@@ -34,6 +36,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--accuracy-sequences", type=int, default=8, help="sequences of 128 tokens per accuracy row (default: 8)"
     )
+    parser.add_argument(
+        "--trained-model",
+        action="store_true",
+        help="with --quantization: an accuracy row on the small MoE trained on this machine too, over held-out "
+        "text (ernie_serve.testing.trained; trained on the CPU on first use and cached)",
+    )
     parser.add_argument("--skip-conformance", action="store_true", help="run the throughput benchmark only")
     parser.add_argument("--skip-throughput", action="store_true", help="run the conformance suite only")
     parser.add_argument("--workdir", default=None, help="where conformance checkpoints go (default: a temp dir)")
@@ -146,22 +155,40 @@ def quantization_schemes(args: argparse.Namespace) -> list[str]:
 
 
 def run_quantization_accuracy(args: argparse.Namespace, scheme: str) -> list[CheckRow]:
-    """One row per model (the tiny shapes, then `--model`'s preset): `scheme` against bfloat16, random weights."""
+    """One row per model (the tiny shapes, then `--model`'s preset, with random weights; with `--trained-model`
+    the model trained here, over held-out text): `scheme` against bfloat16."""
     from ernie_serve.bench import quantization as bench
     from ernie_serve.models import PRESETS
     from ernie_serve.quantization import QuantSpec
 
-    models = bench.tiny_models()
+    models: list[tuple[str, Any, Path | None]] = [(name, config, None) for name, config in bench.tiny_models()]
     if args.model in PRESETS:
-        models.append((args.model, PRESETS[args.model]))
+        models.append((args.model, PRESETS[args.model], None))
+    if args.trained_model:
+        from ernie_serve.testing.trained import trained_checkpoint, trained_config
+
+        models.append(("trained MoE, held-out text", trained_config(), trained_checkpoint()))
     # the serving default's grouping (wint4: groups of 128), as `--quantization scheme` alone gives
     variant = bench.Variant(QuantSpec.of(scheme, EngineSettings.model_fields["quantization_group_size"].default))
     rows = []
-    for name, config in models:
+    for name, config, checkpoint in models:
         check = f"accuracy {variant.label} vs bf16, {name}"
         try:
+            prompts = None
+            if checkpoint is not None:
+                from ernie_serve.testing.trained import held_out_sequences
+
+                prompts = held_out_sequences(args.accuracy_sequences, 128)
             [row] = bench.accuracy_rows(
-                name, config, None, [variant], args.accuracy_sequences, 128, torch.device(args.device), torch.bfloat16
+                name,
+                config,
+                checkpoint,
+                [variant],
+                args.accuracy_sequences,
+                128,
+                torch.device(args.device),
+                torch.bfloat16,
+                prompts=prompts,
             )
         except Exception as exc:
             rows.append(_failed_row(check, exc))

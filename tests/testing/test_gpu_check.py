@@ -129,3 +129,17 @@ def test_quantization_rows_rehearsed_on_the_cpu(tiny_checkpoint, tmp_path: Path,
 def test_unknown_quantization_scheme_is_refused_before_any_check() -> None:
     with pytest.raises(SystemExit, match="--quantization takes wint8, wint4; got int3"):
         gpu_check.main(["--device", "cpu", "--quantization", "wint8,int3"])
+
+
+def test_trained_model_row_rehearsed_on_the_cpu(trained_model_cached, tiny_checkpoint, tmp_path: Path) -> None:
+    """`--trained-model`: one more accuracy row per scheme, on the trained model over held-out text."""
+    out_json = tmp_path / "rows.json"
+    model = tiny_checkpoint("moe_shared_tied")  # not a preset: no preset-sized accuracy row
+    argv = ["--device", "cpu", "--model", str(model), "--skip-conformance", "--skip-throughput",
+            "--quantization", "wint8", "--trained-model", "--accuracy-sequences", "1",
+            "--output-json", str(out_json)]  # fmt: skip
+    gpu_check.main(argv)
+    rows = {row["check"]: row for row in json.loads(out_json.read_text())}
+    row = rows["accuracy wint8 (per output channel) vs bf16, trained MoE, held-out text"]
+    assert "128 positions" in row["result"] and row["passed"] == (not row["failures"])
+    assert len(rows) == len(tiny_models()) + 1

@@ -1,0 +1,193 @@
+"""A small ERNIE-4.5-MoE model trained on this machine: trained weights for measuring what quantization costs.
+
+No trained ERNIE checkpoint can be downloaded where ernie-serve is tested, and random weights are a poor stand-in
+for accuracy figures: a random model's next-token distributions are nearly flat, so a rounding error flips its
+argmax far more often than it would a trained model's (docs/quantization.md, "Accuracy and memory"). This module
+trains one, deterministically, on text every Python installation carries: the reference documentation's topics
+(`pydoc_data`) and the standard library's top-level modules' source. Every tenth document is held out; accuracy
+is measured on held-out text, so the model is uncertain where a trained model would be.
+
+The model has the built-in demo model's shape (4 layers, hidden 256, 8 routed experts top-2 and a shared one,
+the first layer dense, tied embeddings) and tokenizer. It is trained with transformers' ERNIE 4.5 MoE
+implementation (with its router load-balancing loss) and saved by its `save_pretrained` in bfloat16, the layout
+of the published -PT checkpoints; transformers is a test dependency (`pip install 'ernie-serve[test]'`).
+About ten minutes on two cores; the result is cached (`cache_root()`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ernie_serve.core.config import ModelConfig
+from ernie_serve.demo import DEMO_CONFIG, cache_root
+from ernie_serve.demo_tokenizer import build_demo_tokenizer, train_demo_tokenizer
+from ernie_serve.logging import progress
+from ernie_serve.testing.checkpoints import hf_model_class
+
+TRAINED_VERSION = "1"
+TRAIN_STEPS = 800  # about ten minutes here; the held-out loss still falls at the end
+BATCH, WINDOW = 16, 128  # sequences per step, tokens per sequence
+HELD_OUT_EVERY = 10  # every tenth document (in sorted order) is held out
+EOS = 2  # the demo tokenizer's </s>: separates documents in the training stream
+
+
+def corpus_documents() -> list[str]:
+    """The corpus, in a fixed order: the documentation topics (sorted by name), then the standard library's
+    top-level `.py` files (sorted by name). Its exact text depends on the Python version."""
+    import pydoc_data.topics
+
+    topics = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)]
+    library = Path(sysconfig.get_paths()["stdlib"])
+    sources = [path.read_text(encoding="utf-8", errors="replace") for path in sorted(library.glob("*.py"))]
+    return topics + sources
+
+
+def split_documents(documents: list[str]) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents)."""
+    held_out = [doc for i, doc in enumerate(documents) if i % HELD_OUT_EVERY == 0]
+    training = [doc for i, doc in enumerate(documents) if i % HELD_OUT_EVERY != 0]
+    return training, held_out
+
+
+def token_stream(documents: list[str]) -> torch.Tensor:
+    """Every document's tokens, each followed by </s>, as one `[N]` int64 tensor."""
+    tokenizer = train_demo_tokenizer()
+    ids: list[int] = []
+    for encoding in tokenizer.encode_batch(documents):
+        ids += encoding.ids
+        ids.append(EOS)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def held_out_sequences(num: int, length: int) -> list[torch.Tensor]:
+    """`num` windows of `length` held-out tokens (the accuracy measurement's fixed prompts): every held-out
+    document cut into consecutive windows, and `num` of those taken evenly across them."""
+    _, held_out = split_documents(corpus_documents())
+    tokenizer = train_demo_tokenizer()
+    windows = [
+        torch.tensor(encoding.ids[start : start + length])
+        for encoding in tokenizer.encode_batch(held_out)
+        for start in range(0, len(encoding.ids) - length + 1, length)
+    ]
+    if len(windows) < num:
+        raise ValueError(f"the held-out text has {len(windows)} windows of {length} tokens; {num} asked")
+    stride = len(windows) / num
+    return [windows[int(i * stride)] for i in range(num)]
+
+
+def trained_config() -> ModelConfig:
+    """The trained model's shape: the demo model's."""
+    return DEMO_CONFIG
+
+
+def _hf_config(config: ModelConfig):  # -> transformers.Ernie4_5_MoeConfig
+    config_cls, _ = hf_model_class("ernie4_5_moe")
+    return config_cls(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        moe_intermediate_size=config.moe_intermediate_size,
+        moe_k=config.moe_k,
+        moe_num_experts=config.moe_num_experts,
+        moe_num_shared_experts=config.moe_num_shared_experts,
+        moe_layer_start_index=config.moe_layer_start_index,
+        moe_layer_end_index=config.moe_layer_end_index,
+        moe_layer_interval=config.moe_layer_interval,
+        tie_word_embeddings=config.tie_word_embeddings,
+        output_router_logits=True,  # the load-balancing loss: without it routing collapses onto a few experts
+        router_aux_loss_coef=0.01,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=EOS,
+    )
+
+
+def _learning_rate(step: int, steps: int, peak: float = 3e-3) -> float:
+    """Linear warm-up over the first 5% of steps, then a cosine down to a tenth of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    done = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+@torch.no_grad()
+def _held_out_loss(model, sequences: list[torch.Tensor]) -> float:
+    model.eval()
+    batch = torch.stack(sequences)  # [B, L]
+    loss = float(model(input_ids=batch, labels=batch).loss)
+    model.train()
+    return loss
+
+
+def train(out_dir: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> dict[str, float]:
+    """Train the model for `steps` steps and write the checkpoint (weights, config, tokenizer, `training.json`)
+    into `out_dir`; returns the training summary `training.json` holds."""
+    _, model_cls = hf_model_class("ernie4_5_moe")
+    training, _ = split_documents(corpus_documents())
+    stream = token_stream(training)  # [N]
+    evaluation = held_out_sequences(BATCH, WINDOW + 1)
+    torch.manual_seed(seed)
+    model = model_cls(_hf_config(trained_config())).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_learning_rate(0, steps), betas=(0.9, 0.95), weight_decay=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.monotonic()
+    losses: list[float] = []
+    bar = progress(range(steps), "training the quantization-accuracy model", unit="step")
+    for step in bar:
+        starts = torch.randint(0, stream.shape[0] - WINDOW, (BATCH,), generator=generator)  # [B]
+        batch = torch.stack([stream[s : s + WINDOW] for s in starts.tolist()])  # [B, W]
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps)
+        loss = model(input_ids=batch, labels=batch).loss  # language-model loss + router balancing loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    summary = {
+        "steps": steps,
+        "tokens_seen": steps * BATCH * WINDOW,
+        "training_tokens": int(stream.shape[0]),
+        "final_training_loss": sum(losses[-20:]) / len(losses[-20:]),  # mean of the last 20 steps
+        "held_out_loss": _held_out_loss(model, evaluation),
+        "seconds": round(time.monotonic() - started, 1),
+        "python": sysconfig.get_python_version(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    build_demo_tokenizer(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def trained_checkpoint(steps: int = TRAIN_STEPS) -> Path:
+    """The trained checkpoint's directory, trained on first call (then cached; built in a temporary directory
+    and renamed, so an interrupted run leaves nothing half-written)."""
+    target = cache_root() / f"trained-moe-v{TRAINED_VERSION}-{steps}"
+    if (target / "training.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".trained-", dir=target.parent))
+    try:
+        train(scratch, steps)
+        scratch.rename(target)
+    except OSError:
+        if not (target / "training.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
