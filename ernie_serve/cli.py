@@ -471,6 +471,14 @@ def _main(argv: Sequence[str] | None) -> int:
             return structured_main(args.requests, args.output_len, args.rounds, args.model)
         if args.bench_command == "quantization":
             configure_logging("console", args.log_level)
+            if args.trained:
+                from ernie_serve.testing.trained import trained_checkpoint
+
+                try:
+                    trained_checkpoint()  # trained on first use, by transformers
+                except ImportError as missing:
+                    _error(str(missing))
+                    return EXIT_FAILURE
             if args.backend == "onnx":
                 from ernie_serve.backends.onnx.quant_bench import main as onnx_quantization_main
 

@@ -365,3 +365,14 @@ def test_only_user_errors_are_one_line(
                 main(["generate", "--backend", backend, "--max-tokens", "2", "hi"])
     finally:
         sys.modules.pop("broken_cli_plugin", None)
+
+
+def test_bench_quantization_trained_without_transformers_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ERNIE_SERVE_CACHE", str(tmp_path))  # no trained model cached: it would have to train
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it fails
+    assert main(["bench", "quantization", "--trained"]) == 1
+    err = capsys.readouterr().err
+    assert "needs transformers: pip install 'ernie-serve[test]'" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing half-trained left behind

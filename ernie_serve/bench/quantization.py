@@ -1,7 +1,8 @@
 """`ernie-serve bench quantization`: what `--quantization` costs in accuracy and saves in memory (torch backend),
 and `--kernels`: the low-bit matmul kernels available here, timed side by side (docs/quantization.md).
 
-Accuracy is teacher-forced: fixed random token sequences (seeded) run through the float32 model and each
+Accuracy is teacher-forced: fixed random token sequences (seeded; with `--trained`, windows of held-out text
+through the model trained here, `ernie_serve.testing.trained`) run through the float32 model and each
 quantized one, the same weights before quantization; at every position, whether the quantized model's top-1
 token is the float one's, and the KL divergence `KL(p_float || p_quant)` of the next-token distributions, averaged
 over positions. Each sequence is one prefill step, so the several-row kernels compute it: the weight-only
@@ -399,8 +400,8 @@ def main(
 
 
 def trained_accuracy(variants: Sequence[Variant], num_sequences: int, length: int) -> int:
-    """The accuracy table of the model trained here (`ernie_serve.testing.trained`, trained on first use) over
-    held-out text; returns 0."""
+    """Called by `main` with `trained`: the accuracy table of the model trained here (`ernie_serve.testing.
+    trained`, trained on first use) over held-out text; returns 0."""
     from ernie_serve.testing.trained import held_out_sequences, trained_checkpoint, trained_config
 
     checkpoint = trained_checkpoint()

@@ -19,15 +19,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ernie_serve.core.config import ModelConfig
-from ernie_serve.demo import DEMO_CONFIG, cache_root
+from ernie_serve.demo import DEMO_CONFIG, cache_root, hf_config_dict
 from ernie_serve.demo_tokenizer import build_demo_tokenizer, train_demo_tokenizer
 from ernie_serve.logging import progress
 from ernie_serve.testing.checkpoints import hf_model_class
@@ -36,12 +38,13 @@ TRAINED_VERSION = "1"
 TRAIN_STEPS = 800  # about ten minutes here; the held-out loss still falls at the end
 BATCH, WINDOW = 16, 128  # sequences per step, tokens per sequence
 HELD_OUT_EVERY = 10  # every tenth document (in sorted order) is held out
-EOS = 2  # the demo tokenizer's </s>: separates documents in the training stream
+ROUTER_AUX_LOSS = 0.01  # weight of transformers' router load-balancing loss in the training loss
 
 
 def corpus_documents() -> list[str]:
     """The corpus, in a fixed order: the documentation topics (sorted by name), then the standard library's
-    top-level `.py` files (sorted by name). Its exact text depends on the Python version."""
+    top-level `.py` files (sorted by name). Its text, and so which documents are held out, depends on the Python
+    version: the cached model is kept per version (`trained_checkpoint`)."""
     import pydoc_data.topics
 
     topics = [pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics)]
@@ -51,25 +54,30 @@ def corpus_documents() -> list[str]:
 
 
 def split_documents(documents: list[str]) -> tuple[list[str], list[str]]:
-    """(training documents, held-out documents)."""
+    """(training documents, held-out documents): what `train` learns from, and what the accuracy prompts and the
+    held-out loss are cut from."""
     held_out = [doc for i, doc in enumerate(documents) if i % HELD_OUT_EVERY == 0]
     training = [doc for i, doc in enumerate(documents) if i % HELD_OUT_EVERY != 0]
     return training, held_out
 
 
 def token_stream(documents: list[str]) -> torch.Tensor:
-    """Every document's tokens, each followed by </s>, as one `[N]` int64 tensor."""
+    """Every document's tokens, each followed by </s>, as one `[N]` int64 tensor: the text `train` samples its
+    windows from."""
     tokenizer = train_demo_tokenizer()
+    eos = trained_config().eos_token_ids[0]
     ids: list[int] = []
     for encoding in tokenizer.encode_batch(documents):
         ids += encoding.ids
-        ids.append(EOS)
+        ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
 
 
 def held_out_sequences(num: int, length: int) -> list[torch.Tensor]:
     """`num` windows of `length` held-out tokens (the accuracy measurement's fixed prompts): every held-out
     document cut into consecutive windows, and `num` of those taken evenly across them."""
+    if num < 1 or length < 1:
+        raise ValueError(f"held-out windows: need at least one window of at least one token (got {num} of {length})")
     _, held_out = split_documents(corpus_documents())
     tokenizer = train_demo_tokenizer()
     windows = [
@@ -84,35 +92,16 @@ def held_out_sequences(num: int, length: int) -> list[torch.Tensor]:
 
 
 def trained_config() -> ModelConfig:
-    """The trained model's shape: the demo model's."""
+    """The trained model's shape (the demo model's): what `train` builds and what the measurements load the
+    checkpoint as."""
     return DEMO_CONFIG
 
 
-def _hf_config(config: ModelConfig):  # -> transformers.Ernie4_5_MoeConfig
+def _hf_config(config: ModelConfig) -> Any:  # a transformers Ernie4_5_MoeConfig
     config_cls, _ = hf_model_class("ernie4_5_moe")
-    return config_cls(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        moe_intermediate_size=config.moe_intermediate_size,
-        moe_k=config.moe_k,
-        moe_num_experts=config.moe_num_experts,
-        moe_num_shared_experts=config.moe_num_shared_experts,
-        moe_layer_start_index=config.moe_layer_start_index,
-        moe_layer_end_index=config.moe_layer_end_index,
-        moe_layer_interval=config.moe_layer_interval,
-        tie_word_embeddings=config.tie_word_embeddings,
-        output_router_logits=True,  # the load-balancing loss: without it routing collapses onto a few experts
-        router_aux_loss_coef=0.01,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=EOS,
-    )
+    fields = {k: v for k, v in hf_config_dict(config).items() if k != "dtype"}  # trained in float32
+    # the router load-balancing loss: without it routing collapses onto a few experts
+    return config_cls(**fields, output_router_logits=True, router_aux_loss_coef=ROUTER_AUX_LOSS)
 
 
 def _learning_rate(step: int, steps: int, peak: float = 3e-3) -> float:
@@ -125,17 +114,19 @@ def _learning_rate(step: int, steps: int, peak: float = 3e-3) -> float:
 
 
 @torch.no_grad()
-def _held_out_loss(model, sequences: list[torch.Tensor]) -> float:
+def _held_out_loss(model: Any, sequences: list[torch.Tensor]) -> float:
+    """The language-model loss (nats a token; the router's balancing loss left out) on `sequences`."""
     model.eval()
     batch = torch.stack(sequences)  # [B, L]
-    loss = float(model(input_ids=batch, labels=batch).loss)
+    loss = float(model(input_ids=batch, labels=batch, output_router_logits=False).loss)
     model.train()
     return loss
 
 
-def train(out_dir: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> dict[str, float]:
+def train(out_dir: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> dict[str, Any]:
     """Train the model for `steps` steps and write the checkpoint (weights, config, tokenizer, `training.json`)
-    into `out_dir`; returns the training summary `training.json` holds."""
+    into `out_dir`; returns the training summary `training.json` holds. Called by `trained_checkpoint` on first
+    use (and by tests, for a few steps)."""
     _, model_cls = hf_model_class("ernie4_5_moe")
     training, _ = split_documents(corpus_documents())
     stream = token_stream(training)  # [N]
@@ -152,12 +143,13 @@ def train(out_dir: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> dict[str, f
         batch = torch.stack([stream[s : s + WINDOW] for s in starts.tolist()])  # [B, W]
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps)
-        loss = model(input_ids=batch, labels=batch).loss  # language-model loss + router balancing loss
+        outputs = model(input_ids=batch, labels=batch)
+        loss = outputs.loss  # the language-model loss + ROUTER_AUX_LOSS x the router's balancing loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach() - ROUTER_AUX_LOSS * outputs.aux_loss.detach()))  # the language model's
     summary = {
         "steps": steps,
         "tokens_seen": steps * BATCH * WINDOW,
@@ -165,7 +157,7 @@ def train(out_dir: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> dict[str, f
         "final_training_loss": sum(losses[-20:]) / len(losses[-20:]),  # mean of the last 20 steps
         "held_out_loss": _held_out_loss(model, evaluation),
         "seconds": round(time.monotonic() - started, 1),
-        "python": sysconfig.get_python_version(),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out_dir)
@@ -174,19 +166,28 @@ def train(out_dir: Path, steps: int = TRAIN_STEPS, seed: int = 0) -> dict[str, f
     return summary
 
 
+def cached_checkpoint_dir(steps: int = TRAIN_STEPS) -> Path:
+    """Where `trained_checkpoint` keeps the model trained for `steps` steps: per Python version, since the corpus
+    (and so which text is held out) is this Python's."""
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return cache_root() / f"trained-moe-v{TRAINED_VERSION}-{steps}-{python}"
+
+
 def trained_checkpoint(steps: int = TRAIN_STEPS) -> Path:
-    """The trained checkpoint's directory, trained on first call (then cached; built in a temporary directory
-    and renamed, so an interrupted run leaves nothing half-written)."""
-    target = cache_root() / f"trained-moe-v{TRAINED_VERSION}-{steps}"
+    """The trained checkpoint's directory, trained on first call and cached (`cached_checkpoint_dir`); built in
+    a temporary directory and renamed, so an interrupted run leaves no half-written model where this looks."""
+    target = cached_checkpoint_dir(steps)
     if (target / "training.json").is_file():
         return target
+    if target.exists():
+        raise FileExistsError(f"{target} exists but holds no training.json: remove it, and it is trained again")
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".trained-", dir=target.parent))
     try:
         train(scratch, steps)
         scratch.rename(target)
     except OSError:
-        if not (target / "training.json").is_file():
+        if not (target / "training.json").is_file():  # else another process finished first: use its model
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -23,9 +23,9 @@ def briefly_trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_model_cached(briefly_trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh `ERNIE_SERVE_CACHE` holding the briefly trained model where `trained_checkpoint()` looks, so
     code that asks for the trained model finds it instead of training for ten minutes."""
-    from ernie_serve.testing.trained import TRAIN_STEPS, TRAINED_VERSION
+    from ernie_serve.testing.trained import cached_checkpoint_dir
 
     monkeypatch.setenv("ERNIE_SERVE_CACHE", str(tmp_path))
-    cached = tmp_path / f"trained-moe-v{TRAINED_VERSION}-{TRAIN_STEPS}"
+    cached = cached_checkpoint_dir()
     cached.symlink_to(briefly_trained_model, target_is_directory=True)
     return cached

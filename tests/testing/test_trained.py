@@ -6,16 +6,20 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from ernie_serve.bench.quantization import build_model, teacher_forced_logits
-from ernie_serve.demo_tokenizer import train_demo_tokenizer
 from ernie_serve.testing.checkpoints import hf_model_class
 from ernie_serve.testing.trained import (
+    BATCH,
     HELD_OUT_EVERY,
+    WINDOW,
+    cached_checkpoint_dir,
     corpus_documents,
     held_out_sequences,
     split_documents,
+    token_stream,
     trained_checkpoint,
     trained_config,
 )
@@ -31,24 +35,35 @@ def test_the_split_is_fixed_and_holds_out_every_tenth_document() -> None:
     assert documents[1] in training
 
 
-def test_held_out_windows_are_cut_from_held_out_documents() -> None:
+def _occurs(window: torch.Tensor, stream: torch.Tensor) -> bool:
+    """Whether the token run `window` occurs in `stream` (both int token ids), by a search over their bytes
+    that counts only matches on token boundaries."""
+    needle, haystack = window.to(torch.int32).numpy().tobytes(), stream.to(torch.int32).numpy().tobytes()
+    at = haystack.find(needle)
+    while at != -1 and at % 4:
+        at = haystack.find(needle, at + 1)
+    return at != -1
+
+
+def test_held_out_windows_come_from_held_out_text_only() -> None:
     windows = held_out_sequences(5, 40)
     assert [w.shape for w in windows] == [torch.Size([40])] * 5
     assert all(torch.equal(a, b) for a, b in zip(windows, held_out_sequences(5, 40), strict=True))
-    tokenizer = train_demo_tokenizer()
-    _, held_out = split_documents(corpus_documents())
-
-    def cuts(documents: list[str]) -> set[tuple[int, ...]]:
-        return {
-            tuple(e.ids[start : start + 40])
-            for e in tokenizer.encode_batch(documents)
-            for start in range(0, len(e.ids) - 39, 40)
-        }
-
-    held_out_cuts = cuts(held_out)
-    assert all(tuple(w.tolist()) in held_out_cuts for w in windows)
     assert len({tuple(w.tolist()) for w in windows}) == 5
+    training, held_out = split_documents(corpus_documents())
+    held_out_stream, training_stream = token_stream(held_out), token_stream(training)
+    assert all(_occurs(w, held_out_stream) for w in windows)
+    assert not any(_occurs(w, training_stream) for w in windows)  # what the model trains on
     assert len(held_out_sequences(64, 128)) == 64  # the bench's --trained --sequences 64
+    with pytest.raises(ValueError, match="at least one window"):
+        held_out_sequences(0, 128)
+
+
+def test_a_cache_entry_without_its_training_summary_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ERNIE_SERVE_CACHE", str(tmp_path))
+    cached_checkpoint_dir().mkdir()  # e.g. a copy that stopped half-way
+    with pytest.raises(FileExistsError, match="holds no training.json"):
+        trained_checkpoint()
 
 
 def test_a_short_training_run_learns_and_our_loader_reads_it_as_transformers_does(briefly_trained_model) -> None:
@@ -56,7 +71,7 @@ def test_a_short_training_run_learns_and_our_loader_reads_it_as_transformers_doe
     config = trained_config()
     # from uniform (log V nats) towards the text's statistics in a few steps
     assert summary["held_out_loss"] < math.log(config.vocab_size) - 0.5
-    assert 0 < summary["steps"] < 20 and summary["tokens_seen"] == summary["steps"] * 16 * 128
+    assert 0 < summary["steps"] < 20 and summary["tokens_seen"] == summary["steps"] * BATCH * WINDOW
     assert summary["training_tokens"] > 1_000_000
     assert (briefly_trained_model / "tokenizer.json").is_file()
 
