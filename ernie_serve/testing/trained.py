@@ -16,6 +16,7 @@ About ten minutes on two cores; the result is cached (`cache_root()`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -73,17 +74,22 @@ def token_stream(documents: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+@functools.cache
+def _held_out_token_ids() -> tuple[tuple[int, ...], ...]:
+    """Each held-out document's tokens, tokenized once per process (the corpus is fixed for a Python)."""
+    _, held_out = split_documents(corpus_documents())
+    return tuple(tuple(encoding.ids) for encoding in train_demo_tokenizer().encode_batch(held_out))
+
+
 def held_out_sequences(num: int, length: int) -> list[torch.Tensor]:
     """`num` windows of `length` held-out tokens (the accuracy measurement's fixed prompts): every held-out
     document cut into consecutive windows, and `num` of those taken evenly across them."""
     if num < 1 or length < 1:
         raise ValueError(f"held-out windows: need at least one window of at least one token (got {num} of {length})")
-    _, held_out = split_documents(corpus_documents())
-    tokenizer = train_demo_tokenizer()
     windows = [
-        torch.tensor(encoding.ids[start : start + length])
-        for encoding in tokenizer.encode_batch(held_out)
-        for start in range(0, len(encoding.ids) - length + 1, length)
+        torch.tensor(ids[start : start + length])
+        for ids in _held_out_token_ids()
+        for start in range(0, len(ids) - length + 1, length)
     ]
     if len(windows) < num:
         raise ValueError(f"the held-out text has {len(windows)} windows of {length} tokens; {num} asked")
