@@ -183,9 +183,10 @@ class TorchBackend(Backend):
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self._torch_threads_before: int | None = None  # set where onnxruntime's kernels took the cores
-        # Each running request's block table, `[blocks]` on the host: set whole on its `is_new` step, grown
-        # by `new_block_ids`, dropped by `release`.
-        self._tables: dict[str, torch.Tensor] = {}
+        # Each running request's block table, its block ids in order (a list: a step's index math is done in
+        # Python ints, see `_prepare`): set whole on its `is_new` step, grown by `new_block_ids`, dropped by
+        # `release`.
+        self._tables: dict[str, list[int]] = {}
         self._heap_trimmer: HeapTrimmer | None = None  # set by `load` for oneDNN kernels on CPU
 
     def load(
@@ -422,32 +423,30 @@ class TorchBackend(Backend):
         if self.runtime is not None and self.runtime.rank == 0:
             self._released += request_ids
 
-    def _table(self, request_id: str, new_block_ids: list[int], is_new: bool) -> torch.Tensor:
+    def _table(self, request_id: str, new_block_ids: list[int], is_new: bool) -> list[int]:
         """The request's block table after this step's additions."""
         if is_new:
-            table = torch.tensor(new_block_ids, dtype=torch.long)
+            self._tables[request_id] = list(new_block_ids)
         elif request_id not in self._tables:
             raise RuntimeError(f"request {request_id!r} continues, but it was never new or was released")
         elif new_block_ids:
-            table = torch.cat((self._tables[request_id], torch.tensor(new_block_ids, dtype=torch.long)))
-        else:
-            return self._tables[request_id]
-        self._tables[request_id] = table
-        return table
+            self._tables[request_id] += new_block_ids
+        return self._tables[request_id]
 
     def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the plan into token rows and attention metadata (all index math on the host, once)."""
+        """Flatten the plan into token rows and attention metadata (all index math on the host, once, in Python
+        ints: a single-request decode step costs a few small tensors, where torch's ops on tiny index tensors
+        took 160 us a step, 2% of the CPU benchmark model's decode step)."""
         bs, device = self.block_size, self.device
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
         sample_rows: list[int] = []
         decode_rows: list[int] = []
-        decode_tables: list[torch.Tensor] = []
+        decode_tables: list[list[int]] = []
         fresh: list[int] = []
         decode_lengths: list[int] = []
         prefills: list[PrefillGroup] = []
-        offsets = torch.arange(bs)
         for item in plan.scheduled:
             row = len(input_ids)
             n = len(item.token_ids)
@@ -455,11 +454,8 @@ class TorchBackend(Backend):
             table = self._table(item.request_id, item.new_block_ids, item.is_new)[: -(-end // bs)]  # holds 0..end
             input_ids += item.token_ids
             positions += range(start, end)
-            # slots of the new tokens only, from the blocks they land in: O(new tokens), not O(context)
-            written = table[start // bs :]
-            slots.append((written[:, None] * bs + offsets).flatten()[start % bs : start % bs + n])
-            first_new_block = -(-start // bs)  # blocks whose slot 0 is written now
-            fresh += table[first_new_block:].tolist()
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]  # the new tokens' slots only
+            fresh += table[-(-start // bs) :]  # blocks whose slot 0 is written now
             if item.samples:
                 sample_rows.append(row + n - 1)
             if n == 1:
@@ -471,20 +467,17 @@ class TorchBackend(Backend):
             else:
                 query_pos = torch.arange(start, end)[:, None]
                 mask = torch.arange(end)[None, :] <= query_pos  # [n, L]
-                prefills.append(PrefillGroup(row, n, table.to(device), end, mask.to(device)))
-        meta = AttentionMetadata(slot_mapping=torch.cat(slots).to(device), block_size=bs, prefills=prefills)
+                blocks = torch.tensor(table, device=device)
+                prefills.append(PrefillGroup(row, n, blocks, end, mask.to(device)))
+        rows = torch.tensor([input_ids, positions, slots], device=device)  # [3, T]: one tensor for the three
+        meta = AttentionMetadata(slot_mapping=rows[2], block_size=bs, prefills=prefills)
         if fresh:
             meta.fresh_blocks = torch.tensor(fresh, device=device)
         if decode_rows:
             meta.decode_groups = self._decode_groups(decode_rows, decode_tables, decode_lengths)
-        return (
-            torch.tensor(input_ids, device=device),
-            torch.tensor(positions, device=device),
-            torch.tensor(sample_rows, device=device, dtype=torch.long),
-            meta,
-        )
+        return rows[0], rows[1], torch.tensor(sample_rows, device=device, dtype=torch.long), meta
 
-    def _decode_groups(self, rows: list[int], tables: list[torch.Tensor], lengths: list[int]) -> list[DecodeGroup]:
+    def _decode_groups(self, rows: list[int], tables: list[list[int]], lengths: list[int]) -> list[DecodeGroup]:
         """The single-token requests (their rows, block tables and context lengths) in groups whose attention runs
         as one batch. On CPU, by context length: sorted, a group ends where the next request would make its
         padded slots more than `DECODE_PADDING` times the slots of its members' own blocks (a gather reads whole
@@ -507,18 +500,15 @@ class TorchBackend(Backend):
             member.sort()  # in row order: one group of every decode row is the step's rows as they are
             group_rows = torch.tensor([rows[i] for i in member], device=device)
             if len(member) == 1:  # attention reads exactly its context: no mask
-                table = tables[member[0]]
-                group = DecodeGroup(group_rows, table[None].to(device), context_len=lengths[member[0]])
-                ids = table.tolist()
-                if ids == list(range(ids[0], ids[0] + len(ids))):
+                ids = tables[member[0]]
+                group = DecodeGroup(group_rows, torch.tensor([ids], device=device), context_len=lengths[member[0]])
+                if ids[-1] - ids[0] == len(ids) - 1 and ids == list(range(ids[0], ids[-1] + 1)):
                     group.first_slot = ids[0] * bs
                 groups.append(group)
                 continue
             widest = max(len(tables[i]) for i in member)
             # pad with each request's own first block: always written, so masked reads are finite values
-            padded = torch.stack(
-                [torch.cat((tables[i], tables[i][:1].expand(widest - len(tables[i])))) for i in member]
-            )
+            padded = torch.tensor([tables[i] + tables[i][:1] * (widest - len(tables[i])) for i in member])
             context = torch.arange(widest * bs)[None, :] < torch.tensor([lengths[i] for i in member])[:, None]  # [B, L]
             # additive (0 / -inf) rather than boolean: CPU SDPA ran 1.5x faster with it at 40 requests
             mask = torch.zeros(context.shape, dtype=self.dtype).masked_fill_(~context, float("-inf"))
