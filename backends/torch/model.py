@@ -22,8 +22,10 @@ from ernie_serve.backends.torch.ort_kernels import (
     AttentionInputKernel,
     FusedMLPKernel,
     FusedPart,
+    MLPLayerKernel,
     MoELayerKernel,
     MoELayerParts,
+    NormedHeadKernel,
     RoutedExpertsKernel,
     fits_one_session,
     share_thread_pool,
@@ -221,10 +223,9 @@ def project(
     return torch.mm(x, weight) if base is None else torch.addmm(base, x, weight)  # [T, out]
 
 
-def fuse_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> FusedMLPKernel | None:
-    """One onnxruntime session for a quantized SwiGLU MLP's two CPU matrices (`FusedMLPKernel`) where
-    `--cpu-quantized-kernels` (`policy`) sends both to onnxruntime and they fit one session; each matrix keeps a
-    `FusedPart` as its kernel, so its stack lets go of the row-wise codes when packed (`pack_for_device`)."""
+def _mlp_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> tuple[QuantMatrix, QuantMatrix] | None:
+    """A quantized SwiGLU MLP's two CPU matrices where `--cpu-quantized-kernels` (`policy`) sends both to
+    onnxruntime, neither is packed yet, and they fit one session; else None."""
     if isinstance(gate_up, QuantizedWeight) and isinstance(down, QuantizedWeight):
         gate_up, down = gate_up.matrix, down.matrix
     if not (isinstance(gate_up, QuantMatrix) and isinstance(down, QuantMatrix)) or gate_up.rows.device.type != "cpu":
@@ -239,9 +240,20 @@ def fuse_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> FusedMLP
         and fits_one_session(hidden, intermediate, out)
     ):
         return None
-    kernel = FusedMLPKernel.pack((gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), spec)
-    gate_up_weights = hidden * 2 * intermediate
-    share = kernel.nbytes() * gate_up_weights // (gate_up_weights + intermediate * out)  # by weights
+    return gate_up, down
+
+
+def fuse_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> FusedMLPKernel | None:
+    """One onnxruntime session for a quantized SwiGLU MLP's two CPU matrices (`FusedMLPKernel`) where
+    `--cpu-quantized-kernels` (`policy`) sends both to onnxruntime and they fit one session; each matrix keeps a
+    `FusedPart` as its kernel, so its stack lets go of the row-wise codes when packed (`pack_for_device`)."""
+    matrices = _mlp_for_onnxruntime(gate_up, down, policy)
+    if matrices is None:
+        return None
+    gate_up, down = matrices
+    kernel = FusedMLPKernel.pack((gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), gate_up.spec)
+    gate_up_weights = gate_up.in_features * gate_up.out_features
+    share = kernel.nbytes() * gate_up_weights // (gate_up_weights + down.in_features * down.out_features)  # by weights
     gate_up.device_kernel, down.device_kernel = FusedPart(share), FusedPart(kernel.nbytes() - share)
     return kernel
 
@@ -435,6 +447,7 @@ class MLP(RowParallelOutput, nn.Module):
         self.gate_up_packed: torch.Tensor | None = None  # see `pack_weights`
         self.down_packed: torch.Tensor | None = None
         self.fused: FusedMLPKernel | None = None  # see `fuse_for_onnxruntime`
+        self.layer_kernel: MLPLayerKernel | None = None  # the layer's feed-forward half, its attention's output on
 
     def pack_weights(self) -> int:
         """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`), or
@@ -445,10 +458,32 @@ class MLP(RowParallelOutput, nn.Module):
         self.down_packed = onednn_pack(self.down_weight.t())
         return packed_bytes(self.gate_up_packed, self.down_packed)
 
-    def fuse_for_onnxruntime(self, policy: str) -> None:
-        """Called after loading, before its quantized weights are packed: see `fuse_for_onnxruntime`."""
-        if self.fused is None and self.gate_up_bias is None and self.down_bias is None:
+    def fuse_for_onnxruntime(
+        self, policy: str, norm: RMSNorm | None = None, attention: Attention | None = None
+    ) -> None:
+        """Called after loading, before its quantized weights are packed: the MLP as one session
+        (`fuse_for_onnxruntime`), or, given its layer's post-attention `norm` and `attention` whose output
+        projection can join (`Attention.output_codes`: one device, onnxruntime's), the layer's whole
+        feed-forward half from the attention's output on (`MLPLayerKernel`, which `DecoderLayer` then runs)."""
+        if self.fused is not None or self.layer_kernel is not None or self.gate_up_bias is not None:
+            return
+        if self.down_bias is not None:
+            return
+        output = None
+        if norm is not None and attention is not None and self.reduce is None and self.adds_residual:
+            output = attention.output_codes(policy)
+        matrices = _mlp_for_onnxruntime(self.gate_up_weight, self.down_weight, policy)
+        if output is None or matrices is None:
             self.fused = fuse_for_onnxruntime(self.gate_up_weight, self.down_weight, policy)
+            return
+        assert norm is not None and attention is not None
+        gate_up, down = matrices
+        kernel = self.layer_kernel = MLPLayerKernel.pack(
+            (output.codes().t(), output.scales), attention.o_bias, norm.weight, norm.eps,
+            (gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), gate_up.spec,
+        )  # fmt: skip
+        for matrix in (output, gate_up, down):
+            matrix.device_kernel = FusedPart(kernel.nbytes() // 3)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
         added = residual if self.adds_residual else None
@@ -748,17 +783,14 @@ class DecoderLayer(nn.Module):
         `policy`: the attention's input half as one session, the MLP or MoE as one (the MoE's from the attention's
         output on), where onnxruntime takes their matrices (see each block's `fuse_for_onnxruntime`)."""
         self.attn.fuse_for_onnxruntime(policy, self.input_norm)
-        if isinstance(self.mlp, SparseMoE):
-            self.mlp.fuse_for_onnxruntime(policy, self.post_attention_norm, self.attn)
-            if self.mlp.shared is not None:  # where it did not join the layer's session
-                self.mlp.shared.fuse_for_onnxruntime(policy)
-        else:
-            self.mlp.fuse_for_onnxruntime(policy)
+        self.mlp.fuse_for_onnxruntime(policy, self.post_attention_norm, self.attn)
+        if isinstance(self.mlp, SparseMoE) and self.mlp.shared is not None:  # where it did not join the layer's
+            self.mlp.shared.fuse_for_onnxruntime(policy)
 
     def forward(self, x, rope, kv_cache, meta):  # [T, H] -> [T, H]
         attended = self.attn(x, rope, kv_cache, meta, self.input_norm)  # [T, Q*D]
-        kernel = self.mlp.layer_kernel if isinstance(self.mlp, SparseMoE) else None
-        if kernel is not None and kernel.takes_attention:
+        kernel = self.mlp.layer_kernel
+        if isinstance(kernel, MLPLayerKernel) or (kernel is not None and kernel.takes_attention):
             return kernel.forward_after_attention(attended, x)  # (one device: nothing to reduce)
         h = self.attn.output(attended, x)  # [T, H]
         if kernel is not None:
@@ -807,6 +839,7 @@ class ErnieForCausalLM(nn.Module):
         else:
             self.lm_head_weight = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None  # see prepare_for_inference
+        self.head_kernel: NormedHeadKernel | None = None  # the final norm and a quantized head in onnxruntime
         # whether some layer rotates in onnxruntime (AttentionInputKernel; see prepare_for_inference), in torch
         self.rope_in_onnxruntime, self.rope_in_torch = False, True
         # vocab parallelism (parallel.py): the embedding lookup `[T] -> [T, H]` over this rank's rows, and the
@@ -839,7 +872,10 @@ class ErnieForCausalLM(nn.Module):
             x = layer(x, rope, kv_cache, meta)
         if sample_rows.shape[0] != x.shape[0]:  # else every row samples, in order
             x = x.index_select(0, sample_rows)
-        logits = self._lm_head(self.norm(x))  # [S, V]
+        if self.head_kernel is not None:
+            logits = self.head_kernel.forward(x)  # [S, V] the norm included
+        else:
+            logits = self._lm_head(self.norm(x))  # [S, V]
         return logits if self.logits_hook is None else self.logits_hook(logits)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V] float32
@@ -877,6 +913,8 @@ class ErnieForCausalLM(nn.Module):
             # the decoder layer that owns each weight, to fuse first (once: its fused matrices then have kernels)
             owners = {id(w): layer for layer in self.layers for w in layer.modules() if isinstance(w, QuantizedWeight)}
             fused: set[int] = set()
+            if self.cpu_quantized_kernels != "torch":
+                self._fuse_head_for_onnxruntime()
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
                 owner = owners.get(id(weight))
                 if owner is not None and id(owner) not in fused and self.cpu_quantized_kernels != "torch":
@@ -896,6 +934,21 @@ class ErnieForCausalLM(nn.Module):
         assert self.lm_head_weight is not None
         self.lm_head_packed = onednn_pack(self.lm_head_weight)
         return extra + packed_bytes(self.lm_head_packed)
+
+    def _fuse_head_for_onnxruntime(self) -> None:
+        """Before the head's weight is packed: the final norm and a quantized head bound for onnxruntime as one
+        session (`NormedHeadKernel`), where the head fits one."""
+        if self.lm_head_quantized is None:
+            return
+        matrix = self.lm_head_quantized.matrix
+        if matrix.rows.device.type != "cpu" or matrix.device_kernel is not None:
+            return
+        hidden, vocab, spec = matrix.in_features, matrix.out_features, matrix.spec
+        if hidden * vocab > PIECE_WEIGHTS or not uses_onnxruntime(self.cpu_quantized_kernels, spec, hidden, vocab):
+            return
+        head = (matrix.codes().t(), matrix.scales)  # [V, H], [G, V]
+        self.head_kernel = NormedHeadKernel.pack(self.norm.weight, self.norm.eps, head, spec)
+        matrix.device_kernel = FusedPart(self.head_kernel.nbytes())
 
     @torch.inference_mode()
     def quantize_tied_lm_head(self) -> None:

@@ -335,6 +335,108 @@ class FusedMLPKernel:
         return self._nbytes
 
 
+class MLPLayerKernel:
+    """The whole feed-forward half of a dense decoder layer as one onnxruntime session, from the attention's
+    output `a` and the residual stream `x` before attention: `h = x + a @ W_o (+ b)`, `n = rmsnorm(h)` (the
+    post-attention norm), `h + down(silu(gate(n)) * up(n))`. What `MoELayerKernel` with the attention's output
+    projection is to a MoE layer: one call instead of the output projection's session, torch's norm and sums,
+    and the MLP's session (ERNIE's first layer is dense; docs/quantization.md has the decode rate)."""
+
+    def __init__(self, session, hidden: int, nbytes: int) -> None:
+        self.session, self.hidden, self._nbytes = session, hidden, nbytes
+
+    @classmethod
+    def pack(
+        cls,
+        attention_output: tuple[torch.Tensor, torch.Tensor],  # codes [H, Q*D] signed, scales [G, H]
+        attention_bias: torch.Tensor | None,  # [H]
+        norm_weight: torch.Tensor,  # [H] the post-attention RMSNorm
+        eps: float,
+        gate_up: tuple[torch.Tensor, torch.Tensor],  # codes [2I, H] signed, scales [G, 2I]
+        down: tuple[torch.Tensor, torch.Tensor],  # codes [H, I] signed, scales [G', H]
+        spec: QuantSpec,
+    ) -> MLPLayerKernel:
+        from onnx import helper, numpy_helper
+
+        (o_codes, o_scales), hidden = attention_output, attention_output[0].shape[0]
+        attended, two_i = o_codes.shape[1], gate_up[0].shape[0]
+        initializers, o_block = _packed_initializers("o_proj", o_codes, o_scales.t(), spec)
+        initializers.append(numpy_helper.from_array(norm_weight.float().numpy(), "norm.weight"))
+        stream = ["o_proj.y", "residual"]
+        if attention_bias is not None:
+            initializers.append(numpy_helper.from_array(attention_bias.float().numpy(), "o_proj.bias"))
+            stream.append("o_proj.bias")
+        mlp_nodes, mlp_initializers = _swiglu_graph("n", "mlp", gate_up, down, spec)  # [T, H]
+        node = helper.make_node
+        nodes = [
+            _matmul_node("attended", "o_proj", "o_proj.y", attended, hidden, spec.bits, o_block),  # [T, H]
+            node("Sum", stream, ["h"]),  # [T, H] the residual stream after attention
+            node("SimplifiedLayerNormalization", ["h", "norm.weight"], ["n"], axis=-1, epsilon=eps, stash_type=1),
+            *mlp_nodes,
+            node("Add", ["h", "mlp"], ["y"]),  # [T, H]
+        ]
+        session = _session(
+            nodes, [*initializers, *mlp_initializers], ("attended", attended), ("y", hidden), (("residual", hidden),)
+        )
+        sizes = ((hidden, attended), (two_i, hidden), (hidden, two_i // 2))  # [out, in] of each matrix
+        _trim_now_and_then(sum(storage_bytes(out, in_, spec) for out, in_ in sizes))
+        nbytes = sum(_held_bytes(in_, out, spec) for out, in_ in sizes) + SESSION_OVERHEAD_BYTES
+        return cls(session, hidden, nbytes)
+
+    def forward_after_attention(
+        self,
+        attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
+        residual: torch.Tensor,  # [T, H] the residual stream before attention
+    ) -> torch.Tensor:  # [T, H] in residual's dtype
+        if residual.shape[0] == 0:
+            return residual.new_empty(0, self.hidden)
+        out = self.session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
+        return _result(out, residual.dtype)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class NormedHeadKernel:
+    """The final RMSNorm and the LM head as one onnxruntime session: `rmsnorm(x) @ W_head`, float32 logits. One
+    call instead of torch's norm and the head's session; the head is one session's worth of weights
+    (`PIECE_WEIGHTS`), as the benchmark model's and the 0.3B's are and the 21B-A3B's is not."""
+
+    def __init__(self, session, vocab: int, nbytes: int) -> None:
+        self.session, self.vocab, self._nbytes = session, vocab, nbytes
+
+    @classmethod
+    def pack(
+        cls,
+        norm_weight: torch.Tensor,  # [H] the final RMSNorm
+        eps: float,
+        head: tuple[torch.Tensor, torch.Tensor],  # codes [V, H] signed, scales [G, V]
+        spec: QuantSpec,
+    ) -> NormedHeadKernel:
+        from onnx import helper, numpy_helper
+
+        (codes, scales), (vocab, hidden) = head, head[0].shape
+        initializers, block = _packed_initializers("head", codes, scales.t(), spec)
+        initializers.append(numpy_helper.from_array(norm_weight.float().numpy(), "norm.weight"))
+        nodes = [
+            helper.make_node(
+                "SimplifiedLayerNormalization", ["x", "norm.weight"], ["n"], axis=-1, epsilon=eps, stash_type=1
+            ),
+            _matmul_node("n", "head", "y", hidden, vocab, spec.bits, block),  # [S, V]
+        ]
+        session = _session(nodes, initializers, ("x", hidden), ("y", vocab))
+        _trim_now_and_then(storage_bytes(vocab, hidden, spec))
+        return cls(session, vocab, _held_bytes(hidden, vocab, spec) + SESSION_OVERHEAD_BYTES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [S, H] -> [S, V] float32
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.vocab, dtype=torch.float32)
+        return _result(self.session.run(["y"], {"x": _feed(x)})[0], torch.float32)
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
 class AttentionInputKernel:
     """The first half of an attention block as one onnxruntime session, from the residual stream `x` to the
     rotated queries and keys and the values: `n = rmsnorm(x)` (`SimplifiedLayerNormalization`), `n @ W_qkv (+ b)`

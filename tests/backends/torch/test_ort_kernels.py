@@ -20,9 +20,11 @@ from ernie_serve.backends.torch.ort_kernels import (
     AttentionInputKernel,
     FusedMLPKernel,
     FusedPart,
+    MLPLayerKernel,
     MoELayerKernel,
     MoELayerParts,
     NBitsKernel,
+    NormedHeadKernel,
     RoutedExpertsKernel,
     experts_run_as_qmoe,
     fits_one_session,
@@ -318,6 +320,54 @@ def test_a_moe_layer_kernel_can_start_from_the_attention_output(spec: QuantSpec)
         from_attention.forward(residual)  # it needs the attention's output, not the stream
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_a_dense_layer_kernel_is_output_projection_residual_norm_and_mlp(spec: QuantSpec, with_bias: bool) -> None:
+    """`MLPLayerKernel`: `h = x + a @ W_o (+ b)`, then `h + mlp(rmsnorm(h))`, as the output projection's session,
+    torch's norm and a `FusedMLPKernel` compute it."""
+    hidden, intermediate, attended_width, tokens = 128, 96, 192, 5
+    output, _ = _quantized(spec, attended_width, hidden, seed=70)  # codes [H, Q*D], scales [G, H]
+    gate_up, _ = _quantized(spec, hidden, 2 * intermediate, seed=71)
+    down, _ = _quantized(spec, intermediate, hidden, seed=72)
+    generator = torch.Generator().manual_seed(8)
+    norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
+    bias = torch.randn(hidden, generator=generator) * 0.1 if with_bias else None
+    kernel = MLPLayerKernel.pack(output, bias, norm_weight, 1e-5, gate_up, down, spec)
+    projection = NBitsKernel.pack(lambda c: output[0][c], output[1], spec, attended_width)
+    mlp = FusedMLPKernel.pack(gate_up, down, spec)
+    attended = torch.randn(tokens, attended_width, generator=generator)
+    residual = torch.randn(tokens, hidden, generator=generator) * 3
+
+    h = residual + projection.matmul(attended) + (0 if bias is None else bias)
+    expected = h + mlp.forward(torch.nn.functional.rms_norm(h, (hidden,), norm_weight, 1e-5))
+    out = kernel.forward_after_attention(attended, residual)
+    # (the norm in onnxruntime and in torch may differ in the last bit, which can move an int8 rounding one step)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-4 * expected.abs().max())
+    without_norm = h + mlp.forward(h)
+    assert (without_norm - expected).abs().max() > 100 * (out - expected).abs().max()
+    assert kernel.forward_after_attention(attended[:0], residual[:0]).shape == (0, hidden)
+    assert kernel.forward_after_attention(attended, residual.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 128), QuantSpec("wint8")], ids=str)
+def test_a_normed_head_kernel_is_the_final_norm_then_the_head(spec: QuantSpec) -> None:
+    """`NormedHeadKernel`: `rmsnorm(x) @ W_head` in float32, as torch's norm and the head's own session."""
+    hidden, vocab, rows = 128, 1000, 3
+    head, _ = _quantized(spec, hidden, vocab, seed=80)  # codes [V, H], scales [G, V]
+    generator = torch.Generator().manual_seed(9)
+    norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
+    kernel = NormedHeadKernel.pack(norm_weight, 1e-6, head, spec)
+    alone = NBitsKernel.pack(lambda c: head[0][c], head[1], spec, hidden)
+    x = torch.randn(rows, hidden, generator=generator) * 4
+    expected = alone.matmul(torch.nn.functional.rms_norm(x, (hidden,), norm_weight, 1e-6))
+    logits = kernel.forward(x)
+    assert logits.shape == (rows, vocab) and logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-4 * expected.abs().max())
+    assert (alone.matmul(x) - expected).abs().max() > 100 * (logits - expected).abs().max()
+    assert kernel.forward(x.to(torch.bfloat16)).dtype == torch.float32  # logits float32 whatever comes in
+    assert kernel.forward(x[:0]).shape == (0, vocab)
+
+
 def test_experts_and_shared_experts_of_the_21b_fit_one_session() -> None:
     assert fits_one_session(2560, 1536, 2560) and fits_one_session(2560, 3072, 2560)  # an expert, the shared two
     assert not fits_one_session(2560, 12288, 2560)  # its dense first layer: two sessions
@@ -381,7 +431,12 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     else:
         assert moes and all(m.expert_fused is not None and m.expert_qmoe is m.layer_kernel is None for m in moes)
         assert all(m.fused is not None for m in model.modules() if id(m) in shared_mlps)
-    assert all(m.fused is not None for m in model.modules() if isinstance(m, MLP) and id(m) not in shared_mlps)
+    # a dense layer's feed-forward half, from the attention's output projection on, one session; the final norm
+    # and the head one
+    dense = [layer for layer in model.layers if isinstance(layer.mlp, MLP)]
+    assert dense and all(isinstance(d.mlp.layer_kernel, MLPLayerKernel) and d.mlp.fused is None for d in dense)
+    assert all(isinstance(d.attn.o_weight.matrix.device_kernel, FusedPart) for d in dense)
+    assert isinstance(model.head_kernel, NormedHeadKernel)
     assert torch.get_num_threads() == (1 if torch_threads > 1 else torch_threads)
     # int8 activations per block move a tiny model's log-probabilities more than torch's bfloat16 ones do
     # (measured on these prompts: up to 0.07 nats, against 0.05), far less than a wrong weight would
@@ -464,10 +519,10 @@ facts = {"threads": torch.get_num_threads()}
 params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 ort_kernels.AUTO_MIN_WEIGHTS = head_weights  # `auto` then sends only the LM head to onnxruntime
 with LLM(model=checkpoint, quantization="wint4", quantization_group_size=64) as llm:
-    head = llm.engine.core.backend.model.lm_head_quantized.matrix.device_kernel
+    head = llm.engine.core.backend.model.head_kernel  # the final norm and the head
     facts["head_only"] = {
         "kernel": type(head).__name__,
-        "own_pool": head.sessions[0].get_session_options().use_per_session_threads,
+        "own_pool": head.session.get_session_options().use_per_session_threads,
         "torch_threads": torch.get_num_threads(),
     }
 quantized = dict(quantization="wint4", quantization_group_size=64)
@@ -504,7 +559,7 @@ def test_thread_pools_follow_who_holds_the_weights(tiny_checkpoint) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
     threads = facts["threads"]
-    assert facts["head_only"] == {"kernel": "NBitsKernel", "own_pool": True, "torch_threads": threads}
+    assert facts["head_only"] == {"kernel": "NormedHeadKernel", "own_pool": True, "torch_threads": threads}
     everything = facts["everything"]
     assert everything["sessions"] > 0 and not any(everything["own_pool"])
     assert everything["torch_threads"] == 1 and everything["tokens"] == 4
