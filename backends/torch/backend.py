@@ -180,7 +180,7 @@ class TorchBackend(Backend):
         self.rank_weight_bytes: dict[int, dict[str, int | str]] = {}  # per rank (rank 0: all): split/replicated
         self._released: list[str] = []  # released since the last step, sent to the workers with the next plan
         self.model: ErnieForCausalLM | None = None
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[torch.Tensor] = []  # per layer, [N, 2, K, D]
         self.block_size = 0
         self._torch_threads_before: int | None = None  # set where onnxruntime's kernels took the cores
         # Each running request's block table, its block ids in order (a list: a step's index math is done in
@@ -369,17 +369,13 @@ class TorchBackend(Backend):
         if self.runtime is not None and self.runtime.rank == 0:
             self.runtime.send(("allocate", num_blocks, block_size), wait_for_ack=True)
         c = self.config  # under tensor parallelism, this rank's KV heads only
-        shape = (num_blocks * block_size, c.num_key_value_heads, c.head_dim)  # [N, K, D]
+        # [N, 2, K, D]: a slot's key and value side by side, so a step writes both with one copy and attention
+        # gathers both with one (on the CPU each torch call costs more than the copy it makes)
+        shape = (num_blocks * block_size, 2, c.num_key_value_heads, c.head_dim)
         self.block_size = block_size
         # Uninitialized on purpose (no page is touched until used): a block is zeroed when its first slot is
         # written (see `_prepare`), so attention never reads uninitialized memory.
-        self.kv_caches = [
-            (
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(c.num_hidden_layers)
-        ]
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_hidden_layers)]
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         runtime = self.runtime

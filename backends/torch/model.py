@@ -81,7 +81,8 @@ class DecodeGroup:
     # context, -inf elsewhere; None for a lone request, which reads exactly `context_len` slots
     context_len: int = 0
     # a lone request whose blocks are consecutive in the pool: its context is the slots from this one on, read in
-    # place (no copy of its blocks: measured on the CPU benchmark model, 2 x 37 us a layer of a 10-block context)
+    # place (no copy of its blocks: measured on the CPU benchmark model, 2 x 37 us a layer of a 10-block context,
+    # when keys and values were gathered one at a time)
     first_slot: int | None = None
 
 
@@ -97,11 +98,11 @@ class AttentionMetadata:
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Copy whole KV blocks out of the pool `[N, K, D]` -> `[*blocks.shape[:-1], nb * block_size, K, D]`.
-    `index_select` over block rows copies contiguous memory; per-slot advanced indexing is many times slower."""
-    per_block = cache.view(-1, block_size * cache.shape[1] * cache.shape[2])  # [N / block_size, bs*K*D]
+    """Copy whole KV blocks out of a layer's pool `[N, 2, K, D]` -> `[*blocks.shape[:-1], nb * block_size, 2, K,
+    D]`. `index_select` over block rows copies contiguous memory; per-slot advanced indexing is many times slower."""
+    per_block = cache.view(-1, block_size * cache.stride(0))  # [N / block_size, bs*2*K*D]
     rows = per_block.index_select(0, blocks.flatten())
-    return rows.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, cache.shape[1], cache.shape[2])
+    return rows.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *cache.shape[1:])
 
 
 class RMSNorm(nn.Module):
@@ -341,32 +342,32 @@ class Attention(RowParallelOutput, nn.Module):
         self,
         x: torch.Tensor,  # [T, H] the residual stream
         rope: RopeFactors,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, K, D]
+        kv_cache: torch.Tensor,  # [N, 2, K, D] each slot's key and value side by side
         meta: AttentionMetadata,
         norm: RMSNorm,  # the layer's input norm
     ) -> torch.Tensor:  # [T, Q*D] the heads' outputs, before the output projection (`output`)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if meta.fresh_blocks is not None:
+            # Attention reads whole blocks; the unwritten tail of a block must hold finite values (masked
+            # scores are zero weights, and 0 * NaN from uninitialized memory would still poison the output).
+            kv_cache.view(-1, meta.block_size * kv_cache.stride(0)).index_fill_(0, meta.fresh_blocks, 0)
         if self.input_kernel is not None:
             assert rope.cos is not None and rope.sin is not None
-            qk, v = self.input_kernel.forward(x, rope.cos, rope.sin)  # [T, (Q+K)*D] rotated, [T, K*D]
-            qk = qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
+            q, kv = self.input_kernel.forward(x, rope.cos, rope.sin)  # [T, Q*D] rotated, [T, 2*K*D] rotated k | v
+            q = q.view(-1, self.num_heads, self.head_dim)  # [T, Q, D]
+            kv = kv.view(-1, 2, self.num_kv_heads, self.head_dim)  # [T, 2, K, D]
+            kv_cache.index_copy_(0, meta.slot_mapping, kv)  # (one copy: the kernel put them side by side)
+            k, v = kv[:, 0], kv[:, 1]  # [T, K, D] each
         else:
             assert rope.rotation is not None
             qkv = project(norm(x), self.qkv_weight, self.qkv_bias, packed=self.qkv_packed)  # [T, (Q+2K)*D]
             # q and k sit side by side in the fused output: rotate both with one multiplication
             qk = qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, Q+K, D]
             qk = rope_interleaved(qk, rope.rotation)
-            v = qkv[:, q_size + kv_size :]
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, Q, D], [T, K, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        k_cache, v_cache = kv_cache
-        if meta.fresh_blocks is not None:
-            # Attention reads whole blocks; the unwritten tail of a block must hold finite values (masked
-            # scores are zero weights, and 0 * NaN from uninitialized memory would still poison the output).
-            for cache in (k_cache, v_cache):
-                cache.view(-1, meta.block_size * cache.shape[1] * cache.shape[2]).index_fill_(0, meta.fresh_blocks, 0)
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, Q, D], [T, K, D]
+            v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
+            kv_cache[:, 0].index_copy_(0, meta.slot_mapping, k)
+            kv_cache[:, 1].index_copy_(0, meta.slot_mapping, v)
 
         if len(meta.decode_groups) == 1 and not meta.prefills:  # every row is one decode, in order
             return self._decode(q, meta.decode_groups[0], kv_cache, meta.block_size).flatten(1)  # [T, Q*D]
@@ -383,13 +384,11 @@ class Attention(RowParallelOutput, nn.Module):
                 vp = v[rows].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
             else:  # continues a cached prefix
-                length = group.context_len
-                kp = gather_blocks(k_cache, group.context_blocks, meta.block_size)[:length]  # [L, K, D]
-                vp = gather_blocks(v_cache, group.context_blocks, meta.block_size)[:length]
+                context = gather_blocks(kv_cache, group.context_blocks, meta.block_size)[: group.context_len]
                 op = F.scaled_dot_product_attention(
                     qp,
-                    kp.transpose(0, 1).unsqueeze(0),  # [1, K, L, D]
-                    vp.transpose(0, 1).unsqueeze(0),
+                    context[:, 0].transpose(0, 1).unsqueeze(0),  # [1, K, L, D]
+                    context[:, 1].transpose(0, 1).unsqueeze(0),
                     attn_mask=group.mask,
                     scale=self.scale,
                     enable_gqa=True,
@@ -401,22 +400,20 @@ class Attention(RowParallelOutput, nn.Module):
         self,
         q: torch.Tensor,  # [B, Q, D] one query row per request
         group: DecodeGroup,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [N, K, D], this step's keys and values written
+        kv_cache: torch.Tensor,  # [N, 2, K, D], this step's keys and values written
         block_size: int,
     ) -> torch.Tensor:  # [B, Q, D]
-        batch, (k_cache, v_cache) = q.shape[0], kv_cache
+        batch = q.shape[0]
         # Query heads sharing a KV head become that head's "query positions" (all at the same place), so
         # attention needs no copy of K/V per query head.
         qd = q.reshape(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)  # [B, K, G, D]
         if group.first_slot is not None:  # one request, its context in place
-            context = slice(group.first_slot, group.first_slot + group.context_len)
-            kd = k_cache[context].transpose(0, 1).unsqueeze(0)  # [1, K, L, D] a strided view
-            vd = v_cache[context].transpose(0, 1).unsqueeze(0)
+            context = kv_cache[group.first_slot : group.first_slot + group.context_len].unsqueeze(0)  # [1, L, 2, K, D]
         else:
-            kd = gather_blocks(k_cache, group.blocks, block_size).transpose(1, 2)  # [B, K, L, D]
-            vd = gather_blocks(v_cache, group.blocks, block_size).transpose(1, 2)
+            context = gather_blocks(kv_cache, group.blocks, block_size)  # [B, L, 2, K, D]
             if group.mask is None:  # one request: its exact context
-                kd, vd = kd[:, :, : group.context_len], vd[:, :, : group.context_len]
+                context = context[:, : group.context_len]
+        kd, vd = context[:, :, 0].transpose(1, 2), context[:, :, 1].transpose(1, 2)  # [B, K, L, D] strided views
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=self.scale)  # [B, K, G, D]
         return od.reshape(batch, self.num_heads, self.head_dim)
 
@@ -856,7 +853,7 @@ class ErnieForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, each [N, K, D]
+        kv_caches: list[torch.Tensor],  # per layer, [N, 2, K, D]
         meta: AttentionMetadata,
         sample_rows: torch.Tensor,  # [S] rows whose next-token logits are wanted
     ) -> torch.Tensor:  # [S, V] float32

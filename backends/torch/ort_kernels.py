@@ -439,14 +439,15 @@ class NormedHeadKernel:
 
 class AttentionInputKernel:
     """The first half of an attention block as one onnxruntime session, from the residual stream `x` to the
-    rotated queries and keys and the values: `n = rmsnorm(x)` (`SimplifiedLayerNormalization`), `n @ W_qkv (+ b)`
-    (`MatMulNBits`), and RoPE on q and k together (onnxruntime's `RotaryEmbedding` over `[T, (Q+K) D]` as Q + K
-    heads, interleaved pairs as ERNIE rotates them; its cos/sin "caches" are this step's own `[T, D/2]`, indexed
-    from 0). One call instead of torch's norm, the projection's session and torch's complex rotation between them
-    (docs/quantization.md has the decode rate it gained)."""
+    rotated queries, and the rotated keys beside the values as the KV cache holds them: `n = rmsnorm(x)`
+    (`SimplifiedLayerNormalization`), `n @ W_qkv (+ b)` (`MatMulNBits`), RoPE on q and k together (onnxruntime's
+    `RotaryEmbedding` over `[T, (Q+K) D]` as Q + K heads, interleaved pairs as ERNIE rotates them; its cos/sin
+    "caches" are this step's own `[T, D/2]`, indexed from 0), then `k | v` side by side, `[T, 2 K D]`, which
+    torch writes into the layer's cache in one copy. One call instead of torch's norm, the projection's session
+    and torch's complex rotation between them (docs/quantization.md has the decode rate it gained)."""
 
-    def __init__(self, session, qk_width: int, v_width: int, nbytes: int) -> None:
-        self.session, self.qk_width, self.v_width, self._nbytes = session, qk_width, v_width, nbytes
+    def __init__(self, session, q_width: int, kv_width: int, nbytes: int) -> None:
+        self.session, self.q_width, self.kv_width, self._nbytes = session, q_width, kv_width, nbytes
 
     @classmethod
     def pack(
@@ -470,6 +471,7 @@ class AttentionInputKernel:
         small = {
             "norm.weight": norm_weight.float().numpy(),
             "split": np.array([q_width + kv_width, kv_width], dtype=np.int64),
+            "split.qk": np.array([q_width, kv_width], dtype=np.int64),
             "first": np.array([0], dtype=np.int64),  # RotaryEmbedding's position ids: rows 0.. of cos and sin
             "batch_axis": np.array([0], dtype=np.int64),
         }
@@ -493,26 +495,28 @@ class AttentionInputKernel:
                 num_heads=heads + kv_heads,
             ),
             node("Squeeze", ["qk.rotated", "batch_axis"], ["qk"]),  # [T, (Q+K) D]
+            node("Split", ["qk", "split.qk"], ["q", "k"], axis=1),  # [T, Q D], [T, K D]
+            node("Concat", ["k", "v"], ["kv"], axis=1),  # [T, 2 K D]
         ]
         half = head_dim // 2
         session = _session(
-            nodes, initializers, ("x", hidden), ("qk", q_width + kv_width), (("cos", half), ("sin", half)),
-            extra_outputs=(("v", kv_width),),
+            nodes, initializers, ("x", hidden), ("q", q_width), (("cos", half), ("sin", half)),
+            extra_outputs=(("kv", 2 * kv_width),),
         )  # fmt: skip
         _trim_now_and_then(storage_bytes(width, hidden, spec))
         nbytes = _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES
-        return cls(session, q_width + kv_width, kv_width, nbytes)
+        return cls(session, q_width, 2 * kv_width, nbytes)
 
     def forward(
         self,
         x: torch.Tensor,  # [T, H]
         cos: torch.Tensor,  # [T, D/2] float32, each row's angles
         sin: torch.Tensor,  # [T, D/2]
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # rotated q|k [T, (Q+K) D], v [T, K D], in x's dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # rotated q [T, Q D], rotated k | v [T, 2 K D], in x's dtype
         if x.shape[0] == 0:
-            return x.new_empty(0, self.qk_width), x.new_empty(0, self.v_width)
-        qk, v = self.session.run(["qk", "v"], {"x": _feed(x), "cos": _feed(cos), "sin": _feed(sin)})
-        return _result(qk, x.dtype), _result(v, x.dtype)
+            return x.new_empty(0, self.q_width), x.new_empty(0, self.kv_width)
+        q, kv = self.session.run(["q", "kv"], {"x": _feed(x), "cos": _feed(cos), "sin": _feed(sin)})
+        return _result(q, x.dtype), _result(kv, x.dtype)
 
     def nbytes(self) -> int:
         return self._nbytes

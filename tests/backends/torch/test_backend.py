@@ -62,7 +62,7 @@ def test_plugins_listing_shows_how_the_model_is_split() -> None:
 
 def _backend_counting_gathers(checkpoint, monkeypatch, num_blocks: int) -> tuple[TorchBackend, list[int]]:
     """A loaded backend with blocks of 4 tokens, and a list that grows by one each time attention gathers a
-    K or V cache's blocks (`gather_blocks`) instead of reading them in place."""
+    layer's cache blocks (`gather_blocks`, keys and values together) instead of reading them in place."""
     from ernie_serve.backends.torch import model as torch_model
 
     backend = TorchBackend()

@@ -250,8 +250,9 @@ def test_a_moe_layer_in_one_session_is_its_norm_router_and_experts(spec: QuantSp
 @pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_an_attention_input_in_one_session_is_norm_projection_and_rope(spec: QuantSpec, with_bias: bool) -> None:
-    """`AttentionInputKernel`: q and k rotated and v, from the residual stream, the same as torch's norm, the
-    projection's own session and `rope_interleaved` (pairs 2i, 2i+1, not halves) at each row's positions."""
+    """`AttentionInputKernel`: q rotated, and k rotated beside v (as the KV cache holds them), from the residual
+    stream, the same as torch's norm, the projection's own session and `rope_interleaved` (pairs 2i, 2i+1, not
+    halves) at each row's positions."""
     heads, kv_heads, head_dim, hidden, tokens = 4, 2, 32, 128, 7
     width = (heads + 2 * kv_heads) * head_dim
     qkv, _ = _quantized(spec, hidden, width, seed=5)  # codes [(Q+2K) D, H], scales [G, (Q+2K) D]
@@ -274,7 +275,9 @@ def test_an_attention_input_in_one_session_is_norm_projection_and_rope(spec: Qua
     halves = torch.cat([q_k[..., ::2], q_k[..., 1::2]], -1)  # the mistake: rotating halves instead of pairs
     by_halves = rope_interleaved(halves, rotation).flatten(1)
 
-    qk, v = kernel.forward(x, torch.cos(angles), torch.sin(angles))
+    q, kv = kernel.forward(x, torch.cos(angles), torch.sin(angles))  # [T, Q D], [T, 2 K D]
+    assert q.shape == (tokens, heads * head_dim) and kv.shape == (tokens, 2 * kv_heads * head_dim)
+    qk, v = torch.cat((q, kv[:, : kv_heads * head_dim]), 1), kv[:, kv_heads * head_dim :]
     scale = expected_qk.abs().max()
     # (the norm in onnxruntime and in torch may differ in the last bit, which can move an int8 rounding one step)
     assert torch.allclose(qk, expected_qk, rtol=0, atol=1e-4 * scale)
