@@ -136,9 +136,8 @@ def teacher_forced_logits(model: ErnieForCausalLM, tokens: torch.Tensor) -> torc
     config = model.config
     n = tokens.shape[0]
     device, dtype = model.embed_weight.device, model.embed_weight.dtype
-    slots = (n, config.num_key_value_heads, config.head_dim)  # [N, K, D]: one slot per token
-    empty = torch.empty
-    cache = [(empty(slots, dtype=dtype, device=device), empty(slots, dtype=dtype, device=device)) for _ in model.layers]
+    slots = (n, 2, config.num_key_value_heads, config.head_dim)  # [N, 2, K, D]: one slot per token
+    cache = [torch.empty(slots, dtype=dtype, device=device) for _ in model.layers]
     positions = torch.arange(n, device=device)
     meta = AttentionMetadata(slot_mapping=positions, block_size=n, prefills=[PrefillGroup(0, n)])
     return model(tokens.to(device), positions, cache, meta, positions).float().cpu()

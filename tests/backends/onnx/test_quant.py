@@ -179,8 +179,8 @@ def _torch_logits(checkpoint, spec: QuantSpec, lm_head: bool, tokens: list[int])
     load_safetensors(model.eval(), checkpoint)
     model.quantize_tied_lm_head()
     n = len(tokens)
-    slots = (n, config.num_key_value_heads, config.head_dim)  # [N, K, D]: one cache slot per token
-    cache = [(torch.empty(slots), torch.empty(slots)) for _ in range(config.num_hidden_layers)]
+    slots = (n, 2, config.num_key_value_heads, config.head_dim)  # [N, 2, K, D]: one cache slot per token
+    cache = [torch.empty(slots) for _ in range(config.num_hidden_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), block_size=n, prefills=[PrefillGroup(0, n)])
     logits = model(torch.tensor(tokens), torch.arange(n), cache, meta, torch.arange(n))  # [N, V]
     return logits[-1].float().numpy()
