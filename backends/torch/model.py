@@ -246,12 +246,14 @@ def _mlp_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> tuple[Qu
 
 def fuse_for_onnxruntime(gate_up: Weight, down: Weight, policy: str) -> FusedMLPKernel | None:
     """One onnxruntime session for a quantized SwiGLU MLP's two CPU matrices (`FusedMLPKernel`) where
-    `--cpu-quantized-kernels` (`policy`) sends both to onnxruntime and they fit one session; each matrix keeps a
-    `FusedPart` as its kernel, so its stack lets go of the row-wise codes when packed (`pack_for_device`)."""
+    `--cpu-quantized-kernels` (`policy`) sends both to onnxruntime and they fit one session."""
     matrices = _mlp_for_onnxruntime(gate_up, down, policy)
-    if matrices is None:
-        return None
-    gate_up, down = matrices
+    return None if matrices is None else _fused_mlp(*matrices)
+
+
+def _fused_mlp(gate_up: QuantMatrix, down: QuantMatrix) -> FusedMLPKernel:
+    """The `FusedMLPKernel` of two matrices `_mlp_for_onnxruntime` accepted; each keeps a `FusedPart` as its
+    kernel, so its stack lets go of the row-wise codes when packed (`pack_for_device`)."""
     kernel = FusedMLPKernel.pack((gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), gate_up.spec)
     gate_up_weights = gate_up.in_features * gate_up.out_features
     share = kernel.nbytes() * gate_up_weights // (gate_up_weights + down.in_features * down.out_features)  # by weights
@@ -462,16 +464,18 @@ class MLP(RowParallelOutput, nn.Module):
         (`fuse_for_onnxruntime`), or, given its layer's post-attention `norm` and `attention` whose output
         projection can join (`Attention.output_codes`: one device, onnxruntime's), the layer's whole
         feed-forward half from the attention's output on (`MLPLayerKernel`, which `DecoderLayer` then runs)."""
-        if self.fused is not None or self.layer_kernel is not None or self.gate_up_bias is not None:
+        if self.fused is not None or self.layer_kernel is not None:
             return
-        if self.down_bias is not None:
+        if self.gate_up_bias is not None or self.down_bias is not None:
+            return
+        matrices = _mlp_for_onnxruntime(self.gate_up_weight, self.down_weight, policy)
+        if matrices is None:
             return
         output = None
         if norm is not None and attention is not None and self.reduce is None and self.adds_residual:
             output = attention.output_codes(policy)
-        matrices = _mlp_for_onnxruntime(self.gate_up_weight, self.down_weight, policy)
-        if output is None or matrices is None:
-            self.fused = fuse_for_onnxruntime(self.gate_up_weight, self.down_weight, policy)
+        if output is None:
+            self.fused = _fused_mlp(*matrices)
             return
         assert norm is not None and attention is not None
         gate_up, down = matrices
@@ -787,7 +791,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, kv_cache, meta):  # [T, H] -> [T, H]
         attended = self.attn(x, rope, kv_cache, meta, self.input_norm)  # [T, Q*D]
         kernel = self.mlp.layer_kernel
-        if isinstance(kernel, MLPLayerKernel) or (kernel is not None and kernel.takes_attention):
+        if kernel is not None and kernel.takes_attention:
             return kernel.forward_after_attention(attended, x)  # (one device: nothing to reduce)
         h = self.attn.output(attended, x)  # [T, H]
         if kernel is not None:

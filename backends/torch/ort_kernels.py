@@ -342,6 +342,8 @@ class MLPLayerKernel:
     projection is to a MoE layer: one call instead of the output projection's session, torch's norm and sums,
     and the MLP's session (ERNIE's first layer is dense; docs/quantization.md has the decode rate)."""
 
+    takes_attention = True  # it starts from the attention's output (as `MoELayerKernel` may)
+
     def __init__(self, session, hidden: int, nbytes: int) -> None:
         self.session, self.hidden, self._nbytes = session, hidden, nbytes
 
@@ -388,13 +390,19 @@ class MLPLayerKernel:
         attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
         residual: torch.Tensor,  # [T, H] the residual stream before attention
     ) -> torch.Tensor:  # [T, H] in residual's dtype
-        if residual.shape[0] == 0:
-            return residual.new_empty(0, self.hidden)
-        out = self.session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
-        return _result(out, residual.dtype)
+        return _run_after_attention(self.session, self.hidden, attended, residual)
 
     def nbytes(self) -> int:
         return self._nbytes
+
+
+def _run_after_attention(session, hidden: int, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A layer session's call from the attention's output `[T, Q*D]` and the residual stream before attention
+    `[T, H]` (`MLPLayerKernel`, `MoELayerKernel` with the output projection) -> `[T, H]` in residual's dtype."""
+    if residual.shape[0] == 0:
+        return residual.new_empty(0, hidden)
+    out = session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
+    return _result(out, residual.dtype)
 
 
 class NormedHeadKernel:
@@ -739,10 +747,7 @@ class MoELayerKernel(_ExpertsSession):
         residual: torch.Tensor,  # [T, H] the residual stream before attention
     ) -> torch.Tensor:  # [T, H] in residual's dtype
         assert self.takes_attention
-        if residual.shape[0] == 0:
-            return residual.new_empty(0, self.hidden)
-        out = self.session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
-        return _result(out, residual.dtype)
+        return _run_after_attention(self.session, self.hidden, attended, residual)
 
 
 class FusedPart:
