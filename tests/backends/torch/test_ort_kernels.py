@@ -20,6 +20,7 @@ from ernie_serve.backends.torch.ort_kernels import (
     AttentionInputKernel,
     FusedMLPKernel,
     FusedPart,
+    KernelSession,
     MLPLayerKernel,
     MoELayerKernel,
     MoELayerParts,
@@ -381,6 +382,35 @@ def test_keeps_the_callers_dtype_and_takes_strided_input() -> None:
     x = torch.randn(128, 4).t()  # [4, 128], not contiguous
     assert kernel.matmul(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert torch.allclose(kernel.matmul(x), kernel.matmul(x.contiguous()))
+
+
+def test_kernel_sessions_skip_the_python_run_wrapper_but_still_refuse_a_bad_feed(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    kernel, _ = _kernel_and_weight(QuantSpec("wint4", 64), 128, 64)
+    (session,) = kernel.sessions
+    assert isinstance(session, KernelSession)
+    x = torch.randn(3, 128)
+    expected = session.inference_session.run(["y"], {"x": x.numpy()})[0]  # [3, 64] through the Python wrapper
+
+    def wrapper_called(*args, **kwargs):
+        raise AssertionError("InferenceSession.run was called")
+
+    monkeypatch.setattr(ort.InferenceSession, "run", wrapper_called)
+    assert torch.equal(kernel.matmul(x), torch.from_numpy(expected))
+    with pytest.raises(Exception, match="x"):  # the C session names the missing input
+        session.run(["y"], {})
+    with pytest.raises(Exception, match="dimensions"):
+        session.run(["y"], {"x": torch.randn(3, 100).numpy()})
+
+
+def test_a_kernel_session_falls_back_to_run_where_onnxruntime_has_no_c_session() -> None:
+    class PythonOnlySession:  # stands in for an onnxruntime whose Python session has no `_sess`
+        def run(self, names, feed):
+            return [feed["x"] * 2]
+
+    session = KernelSession(PythonOnlySession())
+    assert session.run(["y"], {"x": 3.0}) == [6.0]
 
 
 def test_auto_sends_only_large_four_bit_matrices() -> None:
