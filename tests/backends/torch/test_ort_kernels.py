@@ -398,7 +398,7 @@ def test_kernel_sessions_skip_the_python_run_wrapper_but_still_refuse_a_bad_feed
 
     monkeypatch.setattr(ort.InferenceSession, "run", wrapper_called)
     assert torch.equal(kernel.matmul(x), torch.from_numpy(expected))
-    with pytest.raises(Exception, match="x"):  # the C session names the missing input
+    with pytest.raises(Exception, match="Missing Input: x"):  # the C session checks the feed itself
         session.run(["y"], {})
     with pytest.raises(Exception, match="dimensions"):
         session.run(["y"], {"x": torch.randn(3, 100).numpy()})
