@@ -555,7 +555,7 @@ with LLM(model=checkpoint, quantization="wint4", quantization_group_size=64) as 
     head = llm.engine.core.backend.model.head_kernel  # the final norm and the head
     facts["head_only"] = {
         "kernel": type(head).__name__,
-        "own_pool": head.session.get_session_options().use_per_session_threads,
+        "own_pool": head.session.inference_session.get_session_options().use_per_session_threads,
         "torch_threads": torch.get_num_threads(),
     }
 quantized = dict(quantization="wint4", quantization_group_size=64)
@@ -565,7 +565,7 @@ with LLM(model=checkpoint, cpu_quantized_kernels="onnxruntime", **quantized) as 
     sessions = [k.session for m in moes for k in (m.expert_fused or [m.expert_qmoe or m.layer_kernel])]
     facts["everything"] = {
         "sessions": len(sessions),
-        "own_pool": [s.get_session_options().use_per_session_threads for s in sessions],
+        "own_pool": [s.inference_session.get_session_options().use_per_session_threads for s in sessions],
         "torch_threads": torch.get_num_threads(),
         "tokens": len(llm.generate({"prompt_token_ids": [5, 6, 7]}, params)[0].outputs[0].token_ids),
     }
