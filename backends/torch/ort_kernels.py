@@ -214,7 +214,7 @@ class KernelSession:
         if inner is not None and callable(getattr(inner, "run", None)):
             self.run: _Run = lambda names, feed: inner.run(names, feed, None)
         else:
-            self.run = lambda names, feed: inference_session.run(names, feed)
+            self.run = inference_session.run
 
 
 def _external_initializers(arrays: dict[str, np.ndarray], path: str) -> list:  # -> [onnx.TensorProto]

@@ -172,18 +172,14 @@ def _torch_logits(checkpoint, spec: QuantSpec, lm_head: bool, tokens: list[int])
     """The torch backend's quantized model, loaded as the backend loads it, on the same prompt as one prefill
     (weight-only: its several-row path multiplies by the dequantized weights in float32)."""
     from ernie_serve.backends.torch.loader import load_safetensors
-    from ernie_serve.backends.torch.model import AttentionMetadata, ErnieForCausalLM, PrefillGroup
+    from ernie_serve.backends.torch.model import ErnieForCausalLM
+    from ernie_serve.bench.quantization import teacher_forced_logits
 
     config = read_model_config(checkpoint)
     model = ErnieForCausalLM(config, torch.float32, torch.device("cpu"), quantization=spec, quantize_lm_head=lm_head)
     load_safetensors(model.eval(), checkpoint)
     model.quantize_tied_lm_head()
-    n = len(tokens)
-    slots = (n, 2, config.num_key_value_heads, config.head_dim)  # [N, 2, K, D]: one cache slot per token
-    cache = [torch.empty(slots) for _ in range(config.num_hidden_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n), block_size=n, prefills=[PrefillGroup(0, n)])
-    logits = model(torch.tensor(tokens), torch.arange(n), cache, meta, torch.arange(n))  # [N, V]
-    return logits[-1].float().numpy()
+    return teacher_forced_logits(model, torch.tensor(tokens))[-1].numpy()  # [V] after the last token
 
 
 TOKENS = [5, 77, 300, 41, 9, 123, 250, 18, 64, 400, 3, 99]
