@@ -20,6 +20,7 @@ from ernie_serve.backends.torch.malloc import trim_heap
 from ernie_serve.backends.torch.ort_kernels import (
     PIECE_WEIGHTS,
     AttentionInputKernel,
+    AttentionInputParts,
     FusedMLPKernel,
     FusedPart,
     MLPLayerKernel,
@@ -300,6 +301,8 @@ class Attention(RowParallelOutput, nn.Module):
         self.qkv_packed: torch.Tensor | None = None  # see `pack_weights`
         self.o_packed: torch.Tensor | None = None
         self.input_kernel: AttentionInputKernel | None = None  # see `fuse_for_onnxruntime`
+        # whether the previous layer's session computes this one's input half instead (`input_parts`)
+        self.input_from_previous_layer = False
 
     def pack_weights(self) -> int:
         """Called once after loading: oneDNN copies of the projections where they apply (`onednn_pack`), or
@@ -312,21 +315,37 @@ class Attention(RowParallelOutput, nn.Module):
     def fuse_for_onnxruntime(self, policy: str, norm: RMSNorm) -> None:
         """Called after loading, before its quantized weights are packed: where the q|k|v matrix goes to
         onnxruntime (`--cpu-quantized-kernels`) in one session, `norm` (the layer's input norm), it and RoPE become
-        one session (`AttentionInputKernel`), which `forward` then starts from."""
-        weight = self.qkv_weight
-        matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
-        if self.input_kernel is not None or not isinstance(matrix, QuantMatrix) or matrix.rows.device.type != "cpu":
+        one session (`AttentionInputKernel`), which `forward` then starts from (unless the previous layer's
+        session took them: `input_parts`)."""
+        parts = self.input_parts(policy, norm)
+        if parts is None:
             return
+        matrix = self.qkv_matrix
+        self.input_kernel = AttentionInputKernel.pack(parts, matrix.spec)
+        matrix.device_kernel = FusedPart(self.input_kernel.nbytes())
+
+    @property
+    def qkv_matrix(self) -> QuantMatrix | torch.Tensor:
+        weight = self.qkv_weight
+        return weight.matrix if isinstance(weight, QuantizedWeight) else weight
+
+    def input_parts(self, policy: str, norm: RMSNorm) -> AttentionInputParts | None:
+        """What its input half's session is made of (with `norm`, the layer's input norm), where the q|k|v matrix
+        goes to onnxruntime in one session and no session holds it yet; the previous layer's feed-forward
+        session takes these where it can (`DecoderLayer.fuse_for_onnxruntime`), else this block's own
+        `AttentionInputKernel`."""
+        matrix = self.qkv_matrix
+        if self.input_kernel is not None or not isinstance(matrix, QuantMatrix) or matrix.rows.device.type != "cpu":
+            return None
         hidden, width = matrix.in_features, matrix.out_features
         if matrix.device_kernel is not None or hidden * width > PIECE_WEIGHTS:
-            return
+            return None
         if not uses_onnxruntime(policy, matrix.spec, hidden, width):
-            return
-        self.input_kernel = AttentionInputKernel.pack(
-            norm.weight, norm.eps, (matrix.codes().t(), matrix.scales), self.qkv_bias, matrix.spec,
+            return None
+        return AttentionInputParts(
+            norm.weight, norm.eps, (matrix.codes().t(), matrix.scales), self.qkv_bias,
             self.num_heads, self.num_kv_heads, self.head_dim,
         )  # fmt: skip
-        matrix.device_kernel = FusedPart(self.input_kernel.nbytes())
 
     def output_codes(self, policy: str) -> QuantMatrix | None:
         """The output projection's matrix where the layer's `MoELayerKernel` can start from this block's output
@@ -347,19 +366,23 @@ class Attention(RowParallelOutput, nn.Module):
         kv_cache: torch.Tensor,  # [N, 2, K, D] each slot's key and value side by side
         meta: AttentionMetadata,
         norm: RMSNorm,  # the layer's input norm
+        # rotated q [T, Q*D] and rotated k | v [T, 2*K*D], where the previous layer's session computed them
+        computed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, Q*D] the heads' outputs, before the output projection (`output`)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if meta.fresh_blocks is not None:
             # Attention reads whole blocks; the unwritten tail of a block must hold finite values (masked
             # scores are zero weights, and 0 * NaN from uninitialized memory would still poison the output).
             kv_cache.view(-1, meta.block_size * kv_cache.stride(0)).index_fill_(0, meta.fresh_blocks, 0)
-        if self.input_kernel is not None:
-            assert rope.cos is not None and rope.sin is not None
-            q, kv = self.input_kernel.forward(x, rope.cos, rope.sin)  # [T, Q*D] rotated, [T, 2*K*D] rotated k | v
+        if computed is not None or self.input_kernel is not None:
+            if computed is None:
+                assert self.input_kernel is not None and rope.cos is not None and rope.sin is not None
+                computed = self.input_kernel.forward(x, rope.cos, rope.sin)
+            q, kv = computed  # [T, Q*D] rotated, [T, 2*K*D] rotated k | v
             q = q.view(-1, self.num_heads, self.head_dim)  # [T, Q, D]
             kv = kv.view(-1, 2, self.num_kv_heads, self.head_dim)  # [T, 2, K, D]
             kv_cache.index_copy_(0, meta.slot_mapping, kv)  # (one copy: the kernel put them side by side)
-            k, v = kv[:, 0], kv[:, 1]  # [T, K, D] each
+            k = v = None  # (a prefill's own keys and values are `kv`'s halves: taken only where one needs them)
         else:
             assert rope.rotation is not None
             qkv = project(norm(x), self.qkv_weight, self.qkv_bias, packed=self.qkv_packed)  # [T, (Q+2K)*D]
@@ -382,6 +405,8 @@ class Attention(RowParallelOutput, nn.Module):
             rows = slice(group.token_start, group.token_start + group.num_tokens)
             qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Q, n, D]
             if group.context_blocks is None:  # whole prompt in this step: causal over the new tokens only
+                if k is None or v is None:
+                    k, v = kv[:, 0], kv[:, 1]  # [T, K, D] each
                 kp = k[rows].transpose(0, 1).unsqueeze(0)  # [1, K, n, D]
                 vp = v[rows].transpose(0, 1).unsqueeze(0)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
@@ -458,12 +483,17 @@ class MLP(RowParallelOutput, nn.Module):
         return packed_bytes(self.gate_up_packed, self.down_packed)
 
     def fuse_for_onnxruntime(
-        self, policy: str, norm: RMSNorm | None = None, attention: Attention | None = None
+        self,
+        policy: str,
+        norm: RMSNorm | None = None,
+        attention: Attention | None = None,
+        next_attention: AttentionInputParts | None = None,
     ) -> None:
         """Called after loading, before its quantized weights are packed: the MLP as one session
         (`fuse_for_onnxruntime`), or, given its layer's post-attention `norm` and `attention` whose output
         projection can join (`Attention.output_codes`: one device, onnxruntime's), the layer's whole
-        feed-forward half from the attention's output on (`MLPLayerKernel`, which `DecoderLayer` then runs)."""
+        feed-forward half from the attention's output on (`MLPLayerKernel`, which `DecoderLayer` then runs),
+        with the next layer's attention input half too where `next_attention` is given."""
         if self.fused is not None or self.layer_kernel is not None:
             return
         if self.gate_up_bias is not None or self.down_bias is not None:
@@ -481,10 +511,10 @@ class MLP(RowParallelOutput, nn.Module):
         gate_up, down = matrices
         kernel = self.layer_kernel = MLPLayerKernel.pack(
             (output.codes().t(), output.scales), attention.o_bias, norm.weight, norm.eps,
-            (gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), gate_up.spec,
+            (gate_up.codes().t(), gate_up.scales), (down.codes().t(), down.scales), gate_up.spec, next_attention,
         )  # fmt: skip
         for matrix in (output, gate_up, down):
-            matrix.device_kernel = FusedPart(kernel.nbytes() // 3)
+            matrix.device_kernel = FusedPart(kernel.nbytes() // 3)  # (with the next layer's q|k|v where it holds it)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # [T, H] -> [T, H]
         added = residual if self.adds_residual else None
@@ -563,19 +593,24 @@ class SparseMoE(RowParallelOutput, nn.Module):
         return sum(packed_bytes(*pair) for pair in self.expert_packed)
 
     def fuse_for_onnxruntime(
-        self, policy: str, norm: RMSNorm | None = None, attention: Attention | None = None
+        self,
+        policy: str,
+        norm: RMSNorm | None = None,
+        attention: Attention | None = None,
+        next_attention: AttentionInputParts | None = None,
     ) -> None:
         """Called after loading, before its quantized weights are packed: where every expert's two matrices go
         to onnxruntime (`--cpu-quantized-kernels`), all routed experts as one `QMoE` session where this
         onnxruntime has it and one block fits both widths: with `norm` (the layer's post-attention norm) and
         shared experts that can join it, the layer's whole feed-forward half (`MoELayerKernel`, which
         `forward_layer` runs; from `attention`'s output on, its output projection included, where that can join
-        too: `Attention.output_codes`), else the routed experts alone (`RoutedExpertsKernel`); otherwise each
+        too: `Attention.output_codes`, and then with `next_attention`, the next layer's attention input half,
+        where given), else the routed experts alone (`RoutedExpertsKernel`); otherwise each
         expert as one session (`fuse_for_onnxruntime`); all or none. Expert parallelism (`routed_hook`, set
         before this is called) runs its experts one by one, so it keeps the last."""
         if self.expert_fused is not None or self.expert_qmoe is not None or self.layer_kernel is not None:
             return
-        if self.routed_hook is None and self._fuse_into_qmoe(policy, norm, attention):
+        if self.routed_hook is None and self._fuse_into_qmoe(policy, norm, attention, next_attention):
             return
         first = fuse_for_onnxruntime(*self.expert_weights[0], policy)
         if first is None:
@@ -584,7 +619,13 @@ class SparseMoE(RowParallelOutput, nn.Module):
         assert all(kernel is not None for kernel in rest)
         self.expert_fused = [first, *rest]  # type: ignore[list-item]
 
-    def _fuse_into_qmoe(self, policy: str, norm: RMSNorm | None, attention: Attention | None) -> bool:
+    def _fuse_into_qmoe(
+        self,
+        policy: str,
+        norm: RMSNorm | None,
+        attention: Attention | None,
+        next_attention: AttentionInputParts | None,
+    ) -> bool:
         """`fuse_for_onnxruntime`'s QMoE cases; True where it made a kernel. Each matrix it took keeps a
         `FusedPart` (its share of the bytes), so its stack lets go of the row-wise codes when packed."""
         matrices = [matrix for pair in self.expert_weights for matrix in pair]
@@ -620,6 +661,7 @@ class SparseMoE(RowParallelOutput, nn.Module):
             if output is not None:
                 assert attention is not None  # (the layer's kernel then starts from its output)
                 parts.attention_output, parts.attention_bias = (output.codes().t(), output.scales), attention.o_bias
+                parts.next_attention = next_attention
                 shared = [*shared, output]
             kernel = self.layer_kernel = MoELayerKernel.pack(experts, self.num_experts, spec, self.top_k, block, parts)
             matrices += shared
@@ -779,24 +821,48 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.use_bias, dtype, device, quant)
 
-    def fuse_for_onnxruntime(self, policy: str) -> None:
-        """Called after loading, before the layer's quantized weights are packed, with `--cpu-quantized-kernels`
-        `policy`: the attention's input half as one session, the MLP or MoE as one (the MoE's from the attention's
-        output on), where onnxruntime takes their matrices (see each block's `fuse_for_onnxruntime`)."""
+    def fuse_for_onnxruntime(self, policy: str, next_layer: DecoderLayer | None = None) -> None:
+        """Called after loading, before the layer's quantized weights (and `next_layer`'s) are packed, with
+        `--cpu-quantized-kernels` `policy`: the attention's input half as one session (unless the previous
+        layer's took it), the MLP or MoE as one (from the attention's output on, and on to `next_layer`'s
+        attention input half, where each can join), where onnxruntime takes their matrices (see each block's
+        `fuse_for_onnxruntime`)."""
         self.attn.fuse_for_onnxruntime(policy, self.input_norm)
-        self.mlp.fuse_for_onnxruntime(policy, self.post_attention_norm, self.attn)
+        following, next_attention = None, None
+        # (only a session from the attention's output on ends at the whole residual stream: one device)
+        if next_layer is not None and self.attn.output_codes(policy) is not None:
+            following = next_layer.attn
+            next_attention = following.input_parts(policy, next_layer.input_norm)
+        self.mlp.fuse_for_onnxruntime(policy, self.post_attention_norm, self.attn, next_attention)
+        kernel = self.mlp.layer_kernel
+        if following is not None and kernel is not None and kernel.next_widths is not None:
+            matrix = following.qkv_matrix
+            assert isinstance(matrix, QuantMatrix)
+            matrix.device_kernel = FusedPart(0)  # (its bytes are counted in this layer's session)
+            following.input_from_previous_layer = True
         if isinstance(self.mlp, SparseMoE) and self.mlp.shared is not None:  # where it did not join the layer's
             self.mlp.shared.fuse_for_onnxruntime(policy)
 
-    def forward(self, x, rope, kv_cache, meta):  # [T, H] -> [T, H]
-        attended = self.attn(x, rope, kv_cache, meta, self.input_norm)  # [T, Q*D]
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, H] the residual stream
+        rope: RopeFactors,
+        kv_cache: torch.Tensor,  # [N, 2, K, D]
+        meta: AttentionMetadata,
+        computed: tuple[torch.Tensor, torch.Tensor] | None = None,  # its attention's input, from the previous layer
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:  # [T, H], the next layer's, where computed
+        attended = self.attn(x, rope, kv_cache, meta, self.input_norm, computed)  # [T, Q*D]
         kernel = self.mlp.layer_kernel
-        if kernel is not None and kernel.takes_attention:
-            return kernel.forward_after_attention(attended, x)  # (one device: nothing to reduce)
+        if kernel is not None and kernel.takes_attention:  # (one device: nothing to reduce)
+            if kernel.next_widths is not None:
+                assert rope.cos is not None and rope.sin is not None
+                y, q, kv = kernel.forward_chained(attended, x, rope.cos, rope.sin)
+                return y, (q, kv)
+            return kernel.forward_after_attention(attended, x), None
         h = self.attn.output(attended, x)  # [T, H]
         if kernel is not None:
-            return self.mlp.forward_layer(h)
-        return self.mlp(self.post_attention_norm(h), h)
+            return self.mlp.forward_layer(h), None
+        return self.mlp(self.post_attention_norm(h), h), None
 
 
 class ErnieForCausalLM(nn.Module):
@@ -869,8 +935,9 @@ class ErnieForCausalLM(nn.Module):
             rope.rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(1)  # [T, 1, D/2] cos + i sin
         if self.rope_in_onnxruntime:
             rope.cos, rope.sin = torch.cos(angles), torch.sin(angles)  # [T, D/2] each
+        computed = None  # a layer's attention input, where the previous layer's session computed it
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
+            x, computed = layer(x, rope, kv_cache, meta, computed)
         if sample_rows.shape[0] != x.shape[0]:  # else every row samples, in order
             x = x.index_select(0, sample_rows)
         if self.head_kernel is not None:
@@ -913,18 +980,20 @@ class ErnieForCausalLM(nn.Module):
                 share_thread_pool(torch.get_num_threads())
             # the decoder layer that owns each weight, to fuse first (once: its fused matrices then have kernels)
             owners = {id(w): layer for layer in self.layers for w in layer.modules() if isinstance(w, QuantizedWeight)}
+            following = dict(zip(map(id, self.layers), [*self.layers[1:], None], strict=True))
             fused: set[int] = set()
             if self.cpu_quantized_kernels != "torch":
                 self._fuse_head_for_onnxruntime()
             for weight in progress(quantized, "repacking quantized weights", unit="weight"):
                 owner = owners.get(id(weight))
                 if owner is not None and id(owner) not in fused and self.cpu_quantized_kernels != "torch":
-                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels)
+                    owner.fuse_for_onnxruntime(self.cpu_quantized_kernels, following[id(owner)])
                     fused.add(id(owner))
                 # releases the row-wise codes at once, so at most one layer's are held twice
                 weight.pack_for_device(self.cpu_quantized_kernels)
                 trim_heap()  # the packing's temporaries, freed, would stay in the heap (malloc.py)
-            in_onnxruntime = [layer.attn.input_kernel is not None for layer in self.layers]
+            attentions = [layer.attn for layer in self.layers]
+            in_onnxruntime = [a.input_kernel is not None or a.input_from_previous_layer for a in attentions]
             self.rope_in_onnxruntime, self.rope_in_torch = any(in_onnxruntime), not all(in_onnxruntime)
         packable = [m for m in self.modules() if isinstance(m, Attention | MLP | SparseMoE)]
         if self.quantization is not None and not self.int8_activations:

@@ -17,8 +17,9 @@ session, a SwiGLU MLP whose two matrices both come here one graph for the whole 
 MoE layer's routed experts one graph around the contrib op `QMoE` (`RoutedExpertsKernel`), which runs only the
 experts each token chose, in one call, or with its norm, router, shared experts and the attention's output
 projection (`MoELayerKernel`), and an attention's norm, q|k|v projection and RoPE one graph
-(`AttentionInputKernel`); onnxruntime repacks the weights once when the session is made, and the
-row-wise codes are let go (`QuantizedWeight.pack_for_device`).
+(`AttentionInputKernel`), which the previous layer's feed-forward session holds instead where that session starts
+from its attention's output (`_LayerFromAttention`: two sessions a decode layer become one); onnxruntime repacks
+the weights once when the session is made, and the row-wise codes are let go (`QuantizedWeight.pack_for_device`).
 
 Threads (`share_thread_pool`): where onnxruntime holds most quantized bytes, all sessions share onnxruntime's
 process-wide pool, whose worker spins between runs, and torch runs on one thread; elsewhere each session has
@@ -40,7 +41,7 @@ import torch
 
 from ernie_serve.backends.torch.malloc import trim_heap
 from ernie_serve.core.config import ModelConfig
-from ernie_serve.ort_contrib import MS_DOMAIN, external_tensor, qmoe_supported
+from ernie_serve.ort_contrib import MS_DOMAIN, external_tensor, qmoe_router_weights_supported, qmoe_supported
 from ernie_serve.quantization import QuantSpec, matmul_nbits_layout, qmoe_block, qmoe_layout, storage_bytes
 
 # measured (resident memory over 100 sessions of [2560, 1536] and of [2560, 3072], 4 bits, groups of 128):
@@ -359,17 +360,74 @@ class FusedMLPKernel:
         return self._nbytes
 
 
-class MLPLayerKernel:
+class _LayerFromAttention:
+    """What `MLPLayerKernel` and `MoELayerKernel` share where their session starts from the attention's output `a`
+    and the residual stream `x` before attention, and ends at the residual stream after the layer, `y`
+    (`forward_after_attention`); where it also holds the next layer's attention input half (`next_widths`), it
+    ends at that layer's rotated q and k | v as well (`forward_chained`): the two layers' sessions as one call.
+    Measured in a decode step of the CPU benchmark model, each call between them cost about 47 us beyond its
+    nodes (a trivial session added after each layer's, paired in one process; docs/quantization.md)."""
+
+    session: KernelSession
+    hidden: int
+    takes_attention = False  # whether it starts from the attention's output
+    next_widths: tuple[int, int] | None = None  # the next layer's (Q D, 2 K D), where it computes them too
+
+    def _chain(
+        self, nodes: list, initializers: list, next_attention: AttentionInputParts | None, spec: QuantSpec
+    ) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """Appends the next layer's attention input half to a layer graph ending at `y` (where given); returns the
+        session's extra (name, width) inputs and outputs."""
+        if next_attention is None:
+            return (), ()
+        chained_nodes, chained_initializers = _attention_input_graph("y", next_attention, spec, prefix="next.")
+        nodes += chained_nodes
+        initializers += chained_initializers
+        self.next_widths = next_attention.widths
+        half = next_attention.head_dim // 2
+        return (("cos", half), ("sin", half)), (("q", self.next_widths[0]), ("kv", self.next_widths[1]))
+
+    def forward_after_attention(
+        self,
+        attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
+        residual: torch.Tensor,  # [T, H] the residual stream before attention
+    ) -> torch.Tensor:  # [T, H] in residual's dtype
+        assert self.takes_attention and self.next_widths is None
+        if residual.shape[0] == 0:
+            return residual.new_empty(0, self.hidden)
+        out = self.session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
+        return _result(out, residual.dtype)
+
+    def forward_chained(
+        self,
+        attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
+        residual: torch.Tensor,  # [T, H] the residual stream before attention
+        cos: torch.Tensor,  # [T, D/2] float32, each row's angles
+        sin: torch.Tensor,  # [T, D/2]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> this layer's output `[T, H]`, the next layer's rotated q `[T, Q D]` and rotated k | v `[T, 2 K D]`, in
+        residual's dtype."""
+        assert self.takes_attention and self.next_widths is not None
+        q_width, kv_width = self.next_widths
+        if residual.shape[0] == 0:
+            return residual.new_empty(0, self.hidden), residual.new_empty(0, q_width), residual.new_empty(0, kv_width)
+        feed = {"attended": _feed(attended), "residual": _feed(residual), "cos": _feed(cos), "sin": _feed(sin)}
+        y, q, kv = self.session.run(["y", "q", "kv"], feed)
+        return _result(y, residual.dtype), _result(q, residual.dtype), _result(kv, residual.dtype)
+
+
+class MLPLayerKernel(_LayerFromAttention):
     """The whole feed-forward half of a dense decoder layer as one onnxruntime session, from the attention's
     output `a` and the residual stream `x` before attention: `h = x + a @ W_o (+ b)`, `n = rmsnorm(h)` (the
-    post-attention norm), `h + down(silu(gate(n)) * up(n))`. What `MoELayerKernel` with the attention's output
-    projection is to a MoE layer: one call instead of the output projection's session, torch's norm and sums,
-    and the MLP's session (ERNIE's first layer is dense; docs/quantization.md has the decode rate)."""
+    post-attention norm), `y = h + down(silu(gate(n)) * up(n))`, and with `next_attention` the next layer's
+    attention input half from `y` (`AttentionInputKernel`'s graph). What `MoELayerKernel` with the attention's
+    output projection is to a MoE layer: one call instead of the output projection's session, torch's norm and
+    sums, and the MLP's session (ERNIE's first layer is dense; docs/quantization.md has the decode rate)."""
 
     takes_attention = True  # it starts from the attention's output (as `MoELayerKernel` may)
 
-    def __init__(self, session, hidden: int, nbytes: int) -> None:
-        self.session, self.hidden, self._nbytes = session, hidden, nbytes
+    def __init__(self, hidden: int) -> None:
+        self.hidden, self._nbytes = hidden, 0
 
     @classmethod
     def pack(
@@ -381,10 +439,12 @@ class MLPLayerKernel:
         gate_up: tuple[torch.Tensor, torch.Tensor],  # codes [2I, H] signed, scales [G, 2I]
         down: tuple[torch.Tensor, torch.Tensor],  # codes [H, I] signed, scales [G', H]
         spec: QuantSpec,
+        next_attention: AttentionInputParts | None = None,
     ) -> MLPLayerKernel:
         from onnx import helper, numpy_helper
 
         (o_codes, o_scales), hidden = attention_output, attention_output[0].shape[0]
+        kernel = cls(hidden)
         attended, two_i = o_codes.shape[1], gate_up[0].shape[0]
         initializers, o_block = _packed_initializers("o_proj", o_codes, o_scales.t(), spec)
         initializers.append(numpy_helper.from_array(norm_weight.float().numpy(), "norm.weight"))
@@ -401,32 +461,21 @@ class MLPLayerKernel:
             *mlp_nodes,
             node("Add", ["h", "mlp"], ["y"]),  # [T, H]
         ]
-        session = _session(
-            nodes, [*initializers, *mlp_initializers], ("attended", attended), ("y", hidden), (("residual", hidden),)
-        )
-        sizes = ((hidden, attended), (two_i, hidden), (hidden, two_i // 2))  # [out, in] of each matrix
+        initializers += mlp_initializers
+        extra_inputs, extra_outputs = kernel._chain(nodes, initializers, next_attention, spec)
+        kernel.session = _session(
+            nodes, initializers, ("attended", attended), ("y", hidden), (("residual", hidden), *extra_inputs),
+            extra_outputs=extra_outputs,
+        )  # fmt: skip
+        sizes = [(hidden, attended), (two_i, hidden), (hidden, two_i // 2)]  # [out, in] of each matrix
+        if next_attention is not None:
+            sizes.append(tuple(next_attention.qkv[0].shape))
         _trim_now_and_then(sum(storage_bytes(out, in_, spec) for out, in_ in sizes))
-        nbytes = sum(_held_bytes(in_, out, spec) for out, in_ in sizes) + SESSION_OVERHEAD_BYTES
-        return cls(session, hidden, nbytes)
-
-    def forward_after_attention(
-        self,
-        attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
-        residual: torch.Tensor,  # [T, H] the residual stream before attention
-    ) -> torch.Tensor:  # [T, H] in residual's dtype
-        return _run_after_attention(self.session, self.hidden, attended, residual)
+        kernel._nbytes = sum(_held_bytes(in_, out, spec) for out, in_ in sizes) + SESSION_OVERHEAD_BYTES
+        return kernel
 
     def nbytes(self) -> int:
         return self._nbytes
-
-
-def _run_after_attention(session, hidden: int, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """A layer session's call from the attention's output `[T, Q*D]` and the residual stream before attention
-    `[T, H]` (`MLPLayerKernel`, `MoELayerKernel` with the output projection) -> `[T, H]` in residual's dtype."""
-    if residual.shape[0] == 0:
-        return residual.new_empty(0, hidden)
-    out = session.run(["y"], {"attended": _feed(attended), "residual": _feed(residual)})[0]  # [T, H]
-    return _result(out, residual.dtype)
 
 
 class NormedHeadKernel:
@@ -470,6 +519,73 @@ class NormedHeadKernel:
         return self._nbytes
 
 
+@dataclass
+class AttentionInputParts:
+    """What an attention's input half is made of, for `AttentionInputKernel` or the previous layer's session
+    (`MLPLayerKernel`, `MoELayerParts.next_attention`): the layer's input norm, its q|k|v codes and RoPE's shape."""
+
+    norm_weight: torch.Tensor  # [H] the layer's input RMSNorm
+    eps: float
+    qkv: tuple[torch.Tensor, torch.Tensor]  # codes [(Q+2K) D, H] signed, scales [G, (Q+2K) D]
+    bias: torch.Tensor | None  # [(Q+2K) D]
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """The widths of its two outputs: rotated q `Q D`, rotated k beside v `2 K D`."""
+        return self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim
+
+
+def _attention_input_graph(x: str, parts: AttentionInputParts, spec: QuantSpec, prefix: str) -> tuple[list, list]:
+    """The nodes and initializers of `AttentionInputKernel`'s computation from the graph value `x` `[T, H]`, given
+    the graph inputs `cos` and `sin` `[T, D/2]`, to the graph outputs `q` `[T, Q D]` and `kv` `[T, 2 K D]`; every
+    other name begins with `prefix` (so it can join another layer's graph)."""
+    from onnx import helper, numpy_helper
+
+    codes, scales = parts.qkv
+    width, hidden = codes.shape
+    q_width, kv_width = parts.heads * parts.head_dim, parts.kv_heads * parts.head_dim
+    assert width == q_width + 2 * kv_width, (width, q_width, kv_width)
+    initializers, block = _packed_initializers(f"{prefix}qkv", codes, scales.t(), spec)
+    small = {
+        "norm.weight": parts.norm_weight.float().numpy(),
+        "split": np.array([q_width + kv_width, kv_width], dtype=np.int64),
+        "split.qk": np.array([q_width, kv_width], dtype=np.int64),
+        "first": np.array([0], dtype=np.int64),  # RotaryEmbedding's position ids: rows 0.. of cos and sin
+        "batch_axis": np.array([0], dtype=np.int64),
+    }
+    if parts.bias is not None:
+        small["qkv.bias"] = parts.bias.float().numpy()
+    initializers += [numpy_helper.from_array(array, prefix + name) for name, array in small.items()]
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attributes):  # -> onnx.NodeProto
+        named = [name if name in ("cos", "sin", "q", "kv", x) else prefix + name for name in (*inputs, *outputs)]
+        return helper.make_node(op, named[: len(inputs)], named[len(inputs) :], **attributes)
+
+    projected = "qkv.y" if parts.bias is None else "qkv.unbiased"
+    nodes = [
+        node("SimplifiedLayerNormalization", [x, "norm.weight"], ["n"], axis=-1, epsilon=parts.eps, stash_type=1),
+        _matmul_node(prefix + "n", prefix + "qkv", prefix + projected, hidden, width, spec.bits, block),  # [T, (Q+2K)D]
+        *([node("Add", [projected, "qkv.bias"], ["qkv.y"])] if parts.bias is not None else []),
+        node("Split", ["qkv.y", "split"], ["qk.flat", "v"], axis=1),  # [T, (Q+K) D], [T, K D]
+        node("Unsqueeze", ["qk.flat", "batch_axis"], ["qk.batch"]),  # [1, T, (Q+K) D]
+        node(
+            "RotaryEmbedding",
+            ["qk.batch", "first", "cos", "sin"],
+            ["qk.rotated"],
+            domain=MS_DOMAIN,
+            interleaved=1,
+            num_heads=parts.heads + parts.kv_heads,
+        ),
+        node("Squeeze", ["qk.rotated", "batch_axis"], ["qk"]),  # [T, (Q+K) D]
+        node("Split", ["qk", "split.qk"], ["q", "k"], axis=1),  # [T, Q D], [T, K D]
+        node("Concat", ["k", "v"], ["kv"], axis=1),  # [T, 2 K D]
+    ]
+    return nodes, initializers
+
+
 class AttentionInputKernel:
     """The first half of an attention block as one onnxruntime session, from the residual stream `x` to the
     rotated queries, and the rotated keys beside the values as the KV cache holds them: `n = rmsnorm(x)`
@@ -477,68 +593,24 @@ class AttentionInputKernel:
     `RotaryEmbedding` over `[T, (Q+K) D]` as Q + K heads, interleaved pairs as ERNIE rotates them; its cos/sin
     "caches" are this step's own `[T, D/2]`, indexed from 0), then `k | v` side by side, `[T, 2 K D]`, which
     torch writes into the layer's cache in one copy. One call instead of torch's norm, the projection's session
-    and torch's complex rotation between them (docs/quantization.md has the decode rate it gained)."""
+    and torch's complex rotation between them (docs/quantization.md has the decode rate it gained). Only the
+    first layer's runs on its own where each layer's feed-forward session also computes the next layer's
+    (`MoELayerParts.next_attention`, `MLPLayerKernel.pack`)."""
 
     def __init__(self, session, q_width: int, kv_width: int, nbytes: int) -> None:
         self.session, self.q_width, self.kv_width, self._nbytes = session, q_width, kv_width, nbytes
 
     @classmethod
-    def pack(
-        cls,
-        norm_weight: torch.Tensor,  # [H] the layer's input RMSNorm
-        eps: float,
-        qkv: tuple[torch.Tensor, torch.Tensor],  # codes [(Q+2K) D, H] signed, scales [G, (Q+2K) D]
-        bias: torch.Tensor | None,  # [(Q+2K) D]
-        spec: QuantSpec,
-        heads: int,
-        kv_heads: int,
-        head_dim: int,
-    ) -> AttentionInputKernel:
-        from onnx import helper, numpy_helper
-
-        codes, scales = qkv
-        width, hidden = codes.shape
-        q_width, kv_width = heads * head_dim, kv_heads * head_dim
-        assert width == q_width + 2 * kv_width, (width, q_width, kv_width)
-        initializers, block = _packed_initializers("qkv", codes, scales.t(), spec)
-        small = {
-            "norm.weight": norm_weight.float().numpy(),
-            "split": np.array([q_width + kv_width, kv_width], dtype=np.int64),
-            "split.qk": np.array([q_width, kv_width], dtype=np.int64),
-            "first": np.array([0], dtype=np.int64),  # RotaryEmbedding's position ids: rows 0.. of cos and sin
-            "batch_axis": np.array([0], dtype=np.int64),
-        }
-        if bias is not None:
-            small["qkv.bias"] = bias.float().numpy()
-        initializers += [numpy_helper.from_array(array, name) for name, array in small.items()]
-        node = helper.make_node
-        projected = "qkv.y" if bias is None else "qkv.unbiased"
-        nodes = [
-            node("SimplifiedLayerNormalization", ["x", "norm.weight"], ["n"], axis=-1, epsilon=eps, stash_type=1),
-            _matmul_node("n", "qkv", projected, hidden, width, spec.bits, block),  # [T, (Q+2K) D]
-            *([node("Add", [projected, "qkv.bias"], ["qkv.y"])] if bias is not None else []),
-            node("Split", ["qkv.y", "split"], ["qk.flat", "v"], axis=1),  # [T, (Q+K) D], [T, K D]
-            node("Unsqueeze", ["qk.flat", "batch_axis"], ["qk.batch"]),  # [1, T, (Q+K) D]
-            node(
-                "RotaryEmbedding",
-                ["qk.batch", "first", "cos", "sin"],
-                ["qk.rotated"],
-                domain=MS_DOMAIN,
-                interleaved=1,
-                num_heads=heads + kv_heads,
-            ),
-            node("Squeeze", ["qk.rotated", "batch_axis"], ["qk"]),  # [T, (Q+K) D]
-            node("Split", ["qk", "split.qk"], ["q", "k"], axis=1),  # [T, Q D], [T, K D]
-            node("Concat", ["k", "v"], ["kv"], axis=1),  # [T, 2 K D]
-        ]
-        half = head_dim // 2
+    def pack(cls, parts: AttentionInputParts, spec: QuantSpec) -> AttentionInputKernel:
+        nodes, initializers = _attention_input_graph("x", parts, spec, prefix="")
+        (width, hidden), half = parts.qkv[0].shape, parts.head_dim // 2
+        q_width, kv_width = parts.widths
         session = _session(
             nodes, initializers, ("x", hidden), ("q", q_width), (("cos", half), ("sin", half)),
-            extra_outputs=(("kv", 2 * kv_width),),
+            extra_outputs=(("kv", kv_width),),
         )  # fmt: skip
         _trim_now_and_then(storage_bytes(width, hidden, spec))
-        nbytes = _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES
-        return cls(session, q_width, 2 * kv_width, nbytes)
+        return cls(session, q_width, kv_width, _held_bytes(hidden, width, spec) + SESSION_OVERHEAD_BYTES)
 
     def forward(
         self,
@@ -581,12 +653,19 @@ def _stacked_experts(experts: Iterable[ExpertCodes], num_experts: int, spec: Qua
     return arrays
 
 
-def _qmoe_node(x: str, router: str, y: str, spec: QuantSpec, top_k: int, block: int):  # -> onnx.NodeProto
-    """QMoE over the initializers `_stacked_experts` names, renormalizing the softmax of `router` over its top k."""
+def _qmoe_node(
+    x: str, router: str, y: str, spec: QuantSpec, top_k: int, block: int, weights: str | None = None
+):  # -> onnx.NodeProto
+    """QMoE over the initializers `_stacked_experts` names: the top k of `router`, weighted by the softmax of
+    `router` renormalized over them, or with `weights` (`qmoe_router_weights_supported`) by `weights` at them,
+    renormalized."""
     from onnx import helper
 
+    inputs = [x, router, "fc1", "fc1.scales", "", "fc2", "fc2.scales"]
+    if weights is not None:
+        inputs += [""] * 7 + [weights]  # (no biases, fc3 or zero points: router_weights is input 14)
     return helper.make_node(
-        "QMoE", [x, router, "fc1", "fc1.scales", "", "fc2", "fc2.scales"], [y], domain=MS_DOMAIN,
+        "QMoE", inputs, [y], domain=MS_DOMAIN,
         k=top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
         expert_weight_bits=spec.bits, block_size=block, accuracy_level=4, activation_alpha=1.0,
         activation_beta=0.0,
@@ -671,21 +750,25 @@ class MoELayerParts:
     # starts from the attention's output instead of the residual stream after it (one device, no reduction)
     attention_output: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_bias: torch.Tensor | None = None
+    # the next layer's attention input half, where the kernel computes it too (`forward_chained`; with
+    # `attention_output` only)
+    next_attention: AttentionInputParts | None = None
 
 
-class MoELayerKernel(_ExpertsSession):
+class MoELayerKernel(_ExpertsSession, _LayerFromAttention):
     """The whole feed-forward half of a MoE decoder layer as one onnxruntime session, from the residual stream
-    after attention `h` to `h + shared(n) + routed(n)`, `n = rmsnorm(h)`: the norm, the float32 router and the
-    choice (top k of softmax + correction bias), `QMoE` over the chosen experts (as `RoutedExpertsKernel`, given
-    the logits at the chosen experts and `MASKED_LOGIT` elsewhere), the shared experts (as `FusedMLPKernel`) and
-    the sums. One call a layer instead of two sessions and a dozen torch ops between them: measured side by side,
+    after attention `h` to `h + shared(n) + routed(n)`, `n = rmsnorm(h)`: the norm, the float32 router, `QMoE` over
+    the chosen experts (choosing by softmax + correction bias and weighting by the softmax, both given as they are
+    where `QMoE` takes `router_weights`: `qmoe_router_weights_supported`; else, as `RoutedExpertsKernel`, given the
+    logits at the experts a `TopK` chose and `MASKED_LOGIT` elsewhere), the shared experts (as `FusedMLPKernel`)
+    and the sums. One call a layer instead of two sessions and a dozen torch ops between them: measured side by side,
     1.19-1.22x the single-request decode rate on the CPU benchmark model (whose small layers make those ops a
     large part of a step), no difference beyond the noise on the 21B-A3B's (docs/quantization.md).
 
     With `MoELayerParts.attention_output` it starts one step earlier, from the attention's output `a` and the
-    residual stream `x` before attention: `h = x + a @ W_o (+ b)` (`forward_after_attention`)."""
-
-    takes_attention = False  # whether it starts from the attention's output (`forward_after_attention`)
+    residual stream `x` before attention: `h = x + a @ W_o (+ b)` (`forward_after_attention`), and with
+    `MoELayerParts.next_attention` too it ends one step later, at the next layer's rotated q and k | v
+    (`forward_chained`)."""
 
     @classmethod
     def pack(
@@ -706,10 +789,8 @@ class MoELayerKernel(_ExpertsSession):
             "norm.weight": layer.norm_weight.float(),  # [H]
             "router.weight": layer.router_weight.float().t().contiguous(),  # [H, E]
             "router.bias": layer.score_bias.float().flatten(),  # [E]
-            "masked": torch.tensor(RoutedExpertsKernel.MASKED_LOGIT),
         }
         small = [numpy_helper.from_array(t.numpy(), name) for name, t in floats.items()]
-        small.append(numpy_helper.from_array(np.array([top_k], dtype=np.int64), "k"))
         node = helper.make_node
         nodes = []
         inputs: tuple[tuple[str, int], tuple[tuple[str, int], ...]] = (("h", hidden), ())
@@ -733,14 +814,21 @@ class MoELayerKernel(_ExpertsSession):
             node("SimplifiedLayerNormalization", ["h", "norm.weight"], ["n"], axis=-1, epsilon=layer.eps, stash_type=1),
             node("MatMul", ["n", "router.weight"], ["logits"]),  # [T, E]
             node("Softmax", ["logits"], ["probs"], axis=-1),
-            node("Add", ["probs", "router.bias"], ["choice"]),
-            node("TopK", ["choice", "k"], ["choice.top", "chosen"], axis=-1, largest=1, sorted=1),  # [T, k]
-            node("GatherElements", ["logits", "chosen"], ["chosen.logits"], axis=1),  # [T, k]
-            node("Shape", ["logits"], ["logits.shape"]),
-            node("Expand", ["masked", "logits.shape"], ["masked.all"]),  # [T, E]
-            node("ScatterElements", ["masked.all", "chosen", "chosen.logits"], ["router"], axis=1),  # [T, E]
-            _qmoe_node("n", "router", "routed", spec, top_k, block),  # [T, H]
+            node("Add", ["probs", "router.bias"], ["choice"]),  # [T, E] only to choose
         ]
+        if qmoe_router_weights_supported():  # five nodes fewer (1.02x decode, docs/quantization.md)
+            nodes.append(_qmoe_node("n", "choice", "routed", spec, top_k, block, weights="probs"))  # [T, H]
+        else:
+            small.append(numpy_helper.from_array(np.array([top_k], dtype=np.int64), "k"))
+            small.append(numpy_helper.from_array(np.array(RoutedExpertsKernel.MASKED_LOGIT, np.float32), "masked"))
+            nodes += [
+                node("TopK", ["choice", "k"], ["choice.top", "chosen"], axis=-1, largest=1, sorted=1),  # [T, k]
+                node("GatherElements", ["logits", "chosen"], ["chosen.logits"], axis=1),  # [T, k]
+                node("Shape", ["logits"], ["logits.shape"]),
+                node("Expand", ["masked", "logits.shape"], ["masked.all"]),  # [T, E]
+                node("ScatterElements", ["masked.all", "chosen", "chosen.logits"], ["router"], axis=1),  # [T, E]
+                _qmoe_node("n", "router", "routed", spec, top_k, block),  # [T, H]
+            ]
         terms = ["routed"] + (["h"] if layer.adds_residual else [])
         if layer.shared is not None:
             shared_nodes, shared_initializers = _swiglu_graph("n", "shared", *layer.shared, spec)  # [T, H]
@@ -750,13 +838,21 @@ class MoELayerKernel(_ExpertsSession):
             two_s = layer.shared[0][0].shape[0]
             nbytes += storage_bytes(two_s, hidden, spec) + storage_bytes(hidden, two_s // 2, spec)
         nodes.append(node("Sum", terms, ["y"]))  # [T, H]
+        kernel = cls(None, hidden, 0)
+        kernel.takes_attention = layer.attention_output is not None
+        assert kernel.takes_attention or layer.next_attention is None, "the next layer's input needs the whole layer"
+        extra_inputs, extra_outputs = kernel._chain(nodes, small, layer.next_attention, spec)
+        if layer.next_attention is not None:
+            nbytes += storage_bytes(*layer.next_attention.qkv[0].shape, spec)
         with tempfile.TemporaryDirectory(prefix="ernie-serve-qmoe-") as model_dir:
             initializers = _external_initializers(arrays, os.path.join(model_dir, "weights.bin"))
             del arrays
-            session = _session(nodes, [*initializers, *small], inputs[0], ("y", hidden), inputs[1], model_dir)
+            kernel.session = _session(
+                nodes, [*initializers, *small], inputs[0], ("y", hidden), (*inputs[1], *extra_inputs), model_dir,
+                extra_outputs,
+            )  # fmt: skip
         _trim_now_and_then(nbytes)
-        kernel = cls(session, hidden, int(nbytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES)
-        kernel.takes_attention = layer.attention_output is not None
+        kernel._nbytes = int(nbytes * (1 + PACKED_OVERHEAD)) + SESSION_OVERHEAD_BYTES
         return kernel
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] in h's dtype
@@ -764,14 +860,6 @@ class MoELayerKernel(_ExpertsSession):
         if h.shape[0] == 0:
             return h.new_empty(0, self.hidden)
         return _run(self.session, h, "h")
-
-    def forward_after_attention(
-        self,
-        attended: torch.Tensor,  # [T, Q*D] the attention's output before its projection
-        residual: torch.Tensor,  # [T, H] the residual stream before attention
-    ) -> torch.Tensor:  # [T, H] in residual's dtype
-        assert self.takes_attention
-        return _run_after_attention(self.session, self.hidden, attended, residual)
 
 
 class FusedPart:

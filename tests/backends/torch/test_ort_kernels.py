@@ -18,6 +18,7 @@ from ernie_serve.backends.torch import ort_kernels
 from ernie_serve.backends.torch.model import MLP, SparseMoE, rope_interleaved
 from ernie_serve.backends.torch.ort_kernels import (
     AttentionInputKernel,
+    AttentionInputParts,
     FusedMLPKernel,
     FusedPart,
     KernelSession,
@@ -33,7 +34,7 @@ from ernie_serve.backends.torch.ort_kernels import (
 )
 from ernie_serve.backends.torch.quant import Int4Kernel, QuantizedWeight
 from ernie_serve.core.backend import BackendUnavailableError
-from ernie_serve.ort_contrib import qmoe_supported
+from ernie_serve.ort_contrib import qmoe_router_weights_supported, qmoe_supported
 from ernie_serve.quantization import NBITS_PER_CHANNEL_BLOCK, QuantSpec, dequantize, qmoe_block, quantize
 
 pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
@@ -199,12 +200,19 @@ def test_routed_experts_in_one_qmoe_session_are_the_chosen_experts_weighted(spec
 
 @pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
 @pytest.mark.parametrize("with_shared", [True, False], ids=["shared", "no-shared"])
-def test_a_moe_layer_in_one_session_is_its_norm_router_and_experts(spec: QuantSpec, with_shared: bool) -> None:
+@pytest.mark.parametrize("router_weights", [True, False], ids=["router-weights", "masked-logits"])
+def test_a_moe_layer_in_one_session_is_its_norm_router_and_experts(
+    spec: QuantSpec, with_shared: bool, router_weights: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`MoELayerKernel`: `h + shared(n) + routed(n)`, `n = rmsnorm(h)`, the same as the torch ops and the two
     sessions it replaces (`RoutedExpertsKernel`, `FusedMLPKernel`), with the correction bias choosing experts but
-    not weighting them; without the residual on a tensor-parallel rank but the first."""
+    not weighting them, whether `QMoE` is given both (`router_weights`) or masked logits (an onnxruntime without
+    that input); without the residual on a tensor-parallel rank but the first."""
     if not qmoe_supported():
         pytest.skip("this onnxruntime has no QMoE as the kernel uses it (the model then keeps one session an expert)")
+    if router_weights and not qmoe_router_weights_supported():
+        pytest.skip("this onnxruntime's QMoE has no router_weights input (the kernel masks the logits instead)")
+    monkeypatch.setattr(ort_kernels, "qmoe_router_weights_supported", lambda: router_weights)
     num_experts, top_k, hidden, intermediate, tokens = 6, 2, 128, 64, 9
     block = qmoe_block(spec, hidden, intermediate)
     assert block is not None
@@ -260,7 +268,9 @@ def test_an_attention_input_in_one_session_is_norm_projection_and_rope(spec: Qua
     generator = torch.Generator().manual_seed(6)
     norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
     bias = torch.randn(width, generator=generator) * 0.1 if with_bias else None
-    kernel = AttentionInputKernel.pack(norm_weight, 1e-5, qkv, bias, spec, heads, kv_heads, head_dim)
+    kernel = AttentionInputKernel.pack(
+        AttentionInputParts(norm_weight, 1e-5, qkv, bias, heads, kv_heads, head_dim), spec
+    )
     projection = NBitsKernel.pack(lambda c: qkv[0][c], qkv[1], spec, hidden)
     x = torch.randn(tokens, hidden, generator=generator) * 3
     positions = torch.tensor([0, 1, 2, 40, 41, 7, 300])  # rows of several requests: any positions, in any order
@@ -351,6 +361,72 @@ def test_a_dense_layer_kernel_is_output_projection_residual_norm_and_mlp(spec: Q
     assert (without_norm - expected).abs().max() > 100 * (out - expected).abs().max()
     assert kernel.forward_after_attention(attended[:0], residual[:0]).shape == (0, hidden)
     assert kernel.forward_after_attention(attended, residual.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def _attention_input(spec: QuantSpec, hidden: int, seed: int) -> AttentionInputParts:
+    heads, kv_heads, head_dim = 4, 2, 32
+    qkv, _ = _quantized(spec, hidden, (heads + 2 * kv_heads) * head_dim, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
+    return AttentionInputParts(norm_weight, 1e-5, qkv, None, heads, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("wint4", 64), QuantSpec("wint8")], ids=str)
+@pytest.mark.parametrize("layer_kind", ["dense", "moe"])
+def test_a_layer_kernel_can_end_at_the_next_layers_attention_input(spec: QuantSpec, layer_kind: str) -> None:
+    """`MLPLayerKernel.pack(next_attention=...)`, `MoELayerParts.next_attention`: one session gives the layer's
+    output and the next layer's rotated q and k | v, as the layer's own kernel followed by that layer's
+    `AttentionInputKernel` compute them; the next layer's own norm and matrix, not this one's."""
+    hidden, attended_width, tokens = 128, 192, 6
+    generator = torch.Generator().manual_seed(9)
+    output, _ = _quantized(spec, attended_width, hidden, seed=90)  # codes [H, Q*D], scales [G, H]
+    norm_weight = 1 + 0.2 * torch.randn(hidden, generator=generator)
+    following, unrelated = _attention_input(spec, hidden, seed=91), _attention_input(spec, hidden, seed=92)
+    if layer_kind == "dense":
+        gate_up, down = _quantized(spec, hidden, 2 * 96, seed=93)[0], _quantized(spec, 96, hidden, seed=94)[0]
+
+        def pack(next_attention: AttentionInputParts | None):
+            return MLPLayerKernel.pack(output, None, norm_weight, 1e-5, gate_up, down, spec, next_attention)
+    else:
+        if not qmoe_supported():
+            pytest.skip("this onnxruntime has no QMoE as the kernel uses it")
+        num_experts, top_k, intermediate = 4, 2, 64
+        block = qmoe_block(spec, hidden, intermediate)
+        assert block is not None
+        experts = [
+            (_quantized(spec, hidden, 2 * intermediate, 2 * e)[0], _quantized(spec, intermediate, hidden, 2 * e + 1)[0])
+            for e in range(num_experts)
+        ]
+        parts = MoELayerParts(
+            norm_weight, 1e-5, torch.randn(num_experts, hidden, generator=generator) * 0.1, torch.zeros(num_experts),
+            None, attention_output=output,
+        )  # fmt: skip
+
+        def pack(next_attention: AttentionInputParts | None):
+            layer = dataclasses.replace(parts, next_attention=next_attention)
+            return MoELayerKernel.pack(iter(experts), num_experts, spec, top_k, block, layer)
+
+    alone, chained = pack(None), pack(following)
+    assert alone.next_widths is None and chained.next_widths == (4 * 32, 2 * 2 * 32)
+    attended = torch.randn(tokens, attended_width, generator=generator)
+    residual = torch.randn(tokens, hidden, generator=generator) * 3
+    angles = torch.tensor([0.0, 1, 2, 9, 30, 31])[:, None] * (1.0 / 10000 ** (torch.arange(16) / 16))[None, :]
+    cos, sin = torch.cos(angles), torch.sin(angles)  # [T, D/2]
+
+    y, q, kv = chained.forward_chained(attended, residual, cos, sin)
+    expected_y = alone.forward_after_attention(attended, residual)
+    expected_q, expected_kv = AttentionInputKernel.pack(following, spec).forward(expected_y, cos, sin)
+    assert torch.allclose(y, expected_y, rtol=0, atol=1e-5 * expected_y.abs().max())
+    assert torch.allclose(q, expected_q, rtol=0, atol=1e-4 * expected_q.abs().max())
+    assert torch.allclose(kv, expected_kv, rtol=0, atol=1e-4 * expected_kv.abs().max())
+    other_q, _ = AttentionInputKernel.pack(unrelated, spec).forward(expected_y, cos, sin)
+    assert (other_q - expected_q).abs().max() > 100 * (q - expected_q).abs().max()
+    assert [t.shape for t in chained.forward_chained(attended[:0], residual[:0], cos[:0], sin[:0])] == [
+        (0, hidden), (0, 4 * 32), (0, 2 * 2 * 32)
+    ]  # fmt: skip
+    assert all(t.dtype == torch.bfloat16 for t in chained.forward_chained(attended, residual.bfloat16(), cos, sin))
+    with pytest.raises(AssertionError):
+        chained.forward_after_attention(attended, residual)  # its session needs the angles and gives three outputs
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("wint4", 128), QuantSpec("wint8")], ids=str)
@@ -454,8 +530,17 @@ def test_a_model_on_onnxruntime_kernels_is_close_to_the_exact_one(
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     one_session = group == -1 or scheme == "wint8"
     shared_mlps = {id(m.shared) for m in moes}
-    # each attention's norm, q|k|v projection and RoPE: one session
-    assert all(layer.attn.input_kernel is not None for layer in model.layers)
+    # each attention's norm, q|k|v projection and RoPE: one session, the previous layer's where that layer's
+    # feed-forward half is one session from its attention's output on (the dense first layer's always is)
+    assert model.layers[0].attn.input_kernel is not None
+    for previous, layer in zip(model.layers[:-1], model.layers[1:], strict=True):
+        kernel = previous.mlp.layer_kernel
+        chained = kernel is not None and kernel.takes_attention
+        assert layer.attn.input_from_previous_layer is chained and (layer.attn.input_kernel is None) is chained
+        assert kernel is None or kernel.next_widths == ((layer.attn.num_heads * layer.attn.head_dim,
+            2 * layer.attn.num_kv_heads * layer.attn.head_dim) if chained else None)  # fmt: skip
+    assert model.layers[-1].mlp.layer_kernel is None or model.layers[-1].mlp.layer_kernel.next_widths is None
+    assert model.layers[1].attn.input_from_previous_layer  # (after the dense layer)
     assert model.rope_in_onnxruntime and not model.rope_in_torch  # (no complex factors made for torch)
     if one_session and qmoe_supported():  # the whole feed-forward half of the layer, shared experts included
         assert moes and all(m.layer_kernel is not None and m.expert_qmoe is m.expert_fused is None for m in moes)
