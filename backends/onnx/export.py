@@ -37,7 +37,7 @@ from ernie_serve.backends.onnx.graph import (
     check_flavour,
     past_names,
 )
-from ernie_serve.ort_contrib import qmoe_supported
+from ernie_serve.ort_contrib import qmoe_router_weights_supported, qmoe_supported
 from ernie_serve.quantization import QuantSpec
 
 if TYPE_CHECKING:
@@ -65,11 +65,16 @@ class ExportOptions:
     # with `quantization`: each MoE layer's routed experts as one QMoE node (graph.py, `moe_qmoe`); None
     # resolves to whether the installed onnxruntime runs QMoE, so the key says which graph was built
     fused_moe: bool | None = None
+    # with `fused_moe`: QMoE given ERNIE's choice and weights as they are (graph.py, `moe_qmoe`); None resolves
+    # to whether the installed onnxruntime's QMoE takes them
+    qmoe_router_weights: bool | None = None
 
     def __post_init__(self) -> None:
         if self.fused_moe is None:
             fused = self.quantization is not None and self.graph_flavour == ONNXRUNTIME and qmoe_supported()
             object.__setattr__(self, "fused_moe", fused)
+        if self.qmoe_router_weights is None:
+            object.__setattr__(self, "qmoe_router_weights", bool(self.fused_moe) and qmoe_router_weights_supported())
 
     def graph_quantization(self) -> GraphQuantization | None:
         if self.quantization is None:
@@ -79,6 +84,7 @@ class ExportOptions:
             self.quantize_lm_head,
             accuracy_level=0 if self.weight_only else 4,
             fused_moe=bool(self.fused_moe),
+            router_weights=bool(self.fused_moe and self.qmoe_router_weights),
         )
 
 

@@ -171,6 +171,9 @@ class GraphQuantization:
     # Routed experts as one `QMoE` node per layer where the shapes allow (`qmoe_block`), instead of the
     # unrolled per-expert subgraphs; the exporter sets it only where onnxruntime runs QMoE (`qmoe_supported`)
     fused_moe: bool = False
+    # QMoE given ERNIE's choice and weights as they are (its `router_weights` input) instead of masked logits;
+    # the exporter sets it only where onnxruntime takes that input (`qmoe_router_weights_supported`)
+    router_weights: bool = False
 
     def block_size(self) -> int:
         """MatMulNBits' block along K (wint4)."""
@@ -487,38 +490,53 @@ class _ErnieGraph:
     def route(self, rows: str, name: str) -> tuple[str, str, str]:
         """Router in float32 for rows [T, H]: (logits [T, E], probs [T, E], the top-k experts [T, k] int64).
         The correction bias only selects: probs are not biased."""
-        b, c = self.b, self.config
+        logits, probs, selection = self.router_scores(rows, name)
+        _, experts = self.b.op(
+            "TopK", selection, self.b.const([self.config.moe_k]), axis=-1, largest=1, sorted=1, outputs=2
+        )
+        return logits, probs, experts
+
+    def router_scores(self, rows: str, name: str) -> tuple[str, str, str]:
+        """(logits [T, E], probs = softmax(logits), the scores that choose: probs + correction bias), float32."""
+        b = self.b
         router_weight = b.weight(f"{name}.gate.weight", self.w(f"{name}.gate.weight").T)  # [H, E] float32
         logits = b.op("MatMul", self.to_float(rows), router_weight)  # [T, E]
         probs = b.op("Softmax", logits, axis=-1)
         bias_name = f"{name}.moe_statics.e_score_correction_bias"
         selection = b.op("Add", probs, b.weight(bias_name, self.w(bias_name).reshape(-1)))  # [T, E]
-        _, experts = b.op("TopK", selection, b.const([c.moe_k]), axis=-1, largest=1, sorted=1, outputs=2)
-        return logits, probs, experts
+        return logits, probs, selection
 
     def moe_qmoe(self, i: int, x: str, block: int) -> str:
         """The routed experts of layer `i` as one onnxruntime `QMoE` node (quantized graphs), which runs each
         chosen expert on its own tokens inside the kernel: a few nodes per layer instead of `moe_sparse`'s
         13 per expert, most of which run on zero rows in a decode step.
 
-        QMoE routes by itself: softmax over its router input, top k, weights renormalized over the k. ERNIE
-        selects by softmax + correction bias but weights by the unbiased softmax, so the router input is
-        the router's logits at the experts ERNIE chose and `MASKED` elsewhere: the softmax of that is each
-        chosen expert's probability over the chosen ones' sum (the unchosen get exactly 0), its top k are
-        the chosen experts, and the renormalized weights are ERNIE's (unless the chosen probabilities sum below
-        `moe_norm_min`, 1e-12, whose floor QMoE does not apply). Experts are stacked `[E, ...]`, gate and up
-        rows interleaved in one fc1 (`swiglu_fusion=1`: CPU QMoE's only fused layout), and the activation
-        is `gate * sigmoid(alpha * gate) * (up + beta)` with alpha 1 and beta 0: SiLU(gate) * up.
+        ERNIE selects by softmax + correction bias but weights by the unbiased softmax. Where QMoE takes
+        `router_weights` (`GraphQuantization.router_weights`), it is given both as they are: it takes the top k
+        of its router input and weights them by `router_weights` there, renormalized over the k. Otherwise QMoE
+        routes by itself (softmax over its router input, top k, weights renormalized over the k), so the router
+        input is the router's logits at the experts ERNIE chose (a `TopK`) and `MASKED` elsewhere: the softmax
+        of that is each chosen expert's probability over the chosen ones' sum (the unchosen get exactly 0), its
+        top k are the chosen experts, and the renormalized weights are ERNIE's. Either way, unless the chosen
+        probabilities sum below `moe_norm_min`, 1e-12, whose floor QMoE does not apply. Experts are stacked
+        `[E, ...]`, gate and up rows interleaved in one fc1 (`swiglu_fusion=1`: CPU QMoE's only fused layout),
+        and the activation is `gate * sigmoid(alpha * gate) * (up + beta)` with alpha 1 and beta 0: SiLU(gate) *
+        up.
         `accuracy_level` as for MatMulNBits (4: activations rounded to int8 per block; 8-bit experts always
         round them, like `DynamicQuantizeMatMul`)."""
         assert self.quant is not None
         b, c, spec, name = self.b, self.config, self.quant.spec, f"model.layers.{i}.mlp"
         h, inter, num_experts = c.hidden_size, c.moe_intermediate_size, c.moe_num_experts
         rows = b.op("Reshape", x, b.const([-1, h]))  # [T, H]
-        logits, _, experts = self.route(rows, name)  # [T, E], [T, k]
-        chosen = b.op("GatherElements", logits, experts, axis=1)  # [T, k]
-        masked = b.op("Expand", b.const(MASKED, np.float32), b.op("Shape", logits))  # [T, E]
-        router = b.op("ScatterElements", masked, experts, chosen, axis=1)  # [T, E]
+        weights: list[str] = []
+        if self.quant.router_weights:
+            _, probs, router = self.router_scores(rows, name)  # [T, E] each: QMoE chooses by one, weights by the other
+            weights = [""] * 7 + [probs]  # (no biases, fc3 or zero points: router_weights is input 14)
+        else:
+            logits, _, experts = self.route(rows, name)  # [T, E], [T, k]
+            chosen = b.op("GatherElements", logits, experts, axis=1)  # [T, k]
+            masked = b.op("Expand", b.const(MASKED, np.float32), b.op("Shape", logits))  # [T, E]
+            router = b.op("ScatterElements", masked, experts, chosen, axis=1)  # [T, E]
         interleave = np.stack([np.arange(inter), inter + np.arange(inter)], 1).reshape(-1)  # gate_j, up_j, ...
         fc1_codes, fc1_scales, fc2_codes, fc2_scales = [], [], [], []
         for e in range(num_experts):
@@ -537,6 +555,7 @@ class _ErnieGraph:
             "",  # no fc1 bias
             b.weight(f"{name}.experts.fc2.qweight", np.stack(fc2_codes), parameters=num_experts * h * inter),
             b.weight(f"{name}.experts.fc2.scales", np.stack(fc2_scales), parameters=0),  # [E, H, I / block]
+            *weights,
         ]
         out = b.op(
             "QMoE", rows, router, *inputs, domain=MS_DOMAIN, k=c.moe_k, activation_type="swiglu", swiglu_fusion=1,

@@ -29,6 +29,7 @@ from ernie_serve.backends.onnx.graph import (  # noqa: E402
     save_graph,
 )
 from ernie_serve.models import num_parameters, read_model_config  # noqa: E402
+from ernie_serve.ort_contrib import qmoe_router_weights_supported  # noqa: E402
 from ernie_serve.quantization import QuantSpec, dequantize, quantize  # noqa: E402
 
 WINT4_SPECS = [QuantSpec("wint4", 128), QuantSpec("wint4", 64), QuantSpec("wint4", 0)]
@@ -183,17 +184,39 @@ def _torch_logits(checkpoint, spec: QuantSpec, lm_head: bool, tokens: list[int])
 
 
 TOKENS = [5, 77, 300, 41, 9, 123, 250, 18, 64, 400, 3, 99]
-GRAPH_CASES = {  # shape, spec, LM head quantized, routed experts as QMoE nodes
-    "moe_shared_tied wint4 g128": ("moe_shared_tied", QuantSpec("wint4", 128), True, False),
-    "moe_interval2_untied_mqa wint4 g64": ("moe_interval2_untied_mqa", QuantSpec("wint4", 64), True, False),
-    "dense_bias_headdim wint4 per-channel fp32 head": ("dense_bias_headdim", QuantSpec("wint4", 0), False, False),
-    "moe_top1_dense_tail wint4 g128 fp32 head": ("moe_top1_dense_tail", QuantSpec("wint4", 128), False, False),
+# shape, spec, LM head quantized, routed experts as QMoE nodes, QMoE given ERNIE's weights (`router_weights`)
+GRAPH_CASES = {
+    "moe_shared_tied wint4 g128": ("moe_shared_tied", QuantSpec("wint4", 128), True, False, False),
+    "moe_interval2_untied_mqa wint4 g64": ("moe_interval2_untied_mqa", QuantSpec("wint4", 64), True, False, False),
+    "dense_bias_headdim wint4 per-channel fp32 head": (
+        "dense_bias_headdim",
+        QuantSpec("wint4", 0),
+        False,
+        False,
+        False,
+    ),
+    "moe_top1_dense_tail wint4 g128 fp32 head": ("moe_top1_dense_tail", QuantSpec("wint4", 128), False, False, False),
     # QMoE: per-channel scales over blocks of 32 (shared experts beside it) and of 16 (top-1, a dense tail)
-    "moe_shared_tied wint4 per-channel QMoE": ("moe_shared_tied", QuantSpec("wint4", 0), True, True),
-    "moe_top1_dense_tail wint4 per-channel QMoE": ("moe_top1_dense_tail", QuantSpec("wint4", 0), False, True),
-    "moe_interval2_untied_mqa wint4 per-channel QMoE": ("moe_interval2_untied_mqa", QuantSpec("wint4", 0), True, True),
+    "moe_shared_tied wint4 per-channel QMoE": ("moe_shared_tied", QuantSpec("wint4", 0), True, True, True),
+    "moe_top1_dense_tail wint4 per-channel QMoE": ("moe_top1_dense_tail", QuantSpec("wint4", 0), False, True, True),
+    "moe_interval2_untied_mqa wint4 per-channel QMoE": (
+        "moe_interval2_untied_mqa",
+        QuantSpec("wint4", 0),
+        True,
+        True,
+        True,
+    ),  # fmt: skip
     # QMoE with groups of 64 along K: a tiny shape whose hidden and expert widths are multiples of 64
-    "moe_g64 wint4 g64 QMoE": ("moe_g64", QuantSpec("wint4", 64), True, True),
+    "moe_g64 wint4 g64 QMoE": ("moe_g64", QuantSpec("wint4", 64), True, True, True),
+    # QMoE given masked logits, as on an onnxruntime whose QMoE has no router_weights input
+    "moe_shared_tied wint4 per-channel QMoE masked logits": (
+        "moe_shared_tied",
+        QuantSpec("wint4", 0),
+        True,
+        True,
+        False,
+    ),
+    "moe_g64 wint4 g64 QMoE masked logits": ("moe_g64", QuantSpec("wint4", 64), True, True, False),
 }
 
 
@@ -225,19 +248,22 @@ def test_exact_kernels_give_the_torch_backends_quantized_logits(case: str, graph
     """With MatMulNBits and QMoE computing in float32 (accuracy_level 0), the graph is the torch backend's
     weight-only quantized model exactly, up to float32 summation order: the same tensors quantized (fused or
     not, experts, shared experts, LM head or not), the same codes and scales, and QMoE's own routing given
-    ERNIE's choice (biased selection, unbiased weights). A tensor quantized on one side only would move the
-    logits by about the quantization error itself, 1e-2 and more here."""
-    shape, spec, lm_head, fused_moe = GRAPH_CASES[case]
+    ERNIE's choice (biased selection, unbiased weights: given as they are, or as masked logits). A tensor
+    quantized on one side only would move the logits by about the quantization error itself, 1e-2 and more
+    here."""
+    shape, spec, lm_head, fused_moe, router_weights = GRAPH_CASES[case]
     if fused_moe and not qmoe_supported():
         pytest.skip("this onnxruntime has no CPU QMoE with float32 activations")
+    if router_weights and not qmoe_router_weights_supported():
+        pytest.skip("this onnxruntime's QMoE has no router_weights input")
     checkpoint = graph_checkpoint(shape)
-    quant = GraphQuantization(spec, lm_head, accuracy_level=0, fused_moe=fused_moe)
+    quant = GraphQuantization(spec, lm_head, accuracy_level=0, fused_moe=fused_moe, router_weights=router_weights)
     config, session = _export(checkpoint, quant, tmp_path)
     if fused_moe:
         model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
-        assert sum(n.op_type == "QMoE" for n in model.graph.node) == sum(
-            config.is_moe_layer(i) for i in range(config.num_hidden_layers)
-        )
+        qmoe = [n for n in model.graph.node if n.op_type == "QMoE"]
+        assert len(qmoe) == sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+        assert all((len(n.input) > 14 and n.input[14] != "") is router_weights for n in qmoe)
     expected = _torch_logits(checkpoint, spec, lm_head, TOKENS)
     np.testing.assert_allclose(_prefill_logits(session, config, TOKENS), expected, rtol=0, atol=2e-4)
     unquantized = _torch_logits(checkpoint, spec, not lm_head, TOKENS)  # the head the other way
@@ -309,6 +335,7 @@ def test_the_export_cache_key_tells_schemes_group_sizes_and_heads_apart(tiny_che
         ExportOptions(quantization=QuantSpec("wint4", 128), quantize_lm_head=False),
         ExportOptions(quantization=QuantSpec("wint4", 128), weight_only=True),
         ExportOptions(quantization=QuantSpec("wint4", 128), fused_moe=not qmoe_supported()),
+        ExportOptions(quantization=QuantSpec("wint4", 128), qmoe_router_weights=not qmoe_router_weights_supported()),
     ]
     keys = [export_key(config, str(checkpoint), 0, o)[0] for o in options]
     assert len(set(keys)) == len(keys)
@@ -333,12 +360,16 @@ def test_capabilities_and_quantization_options() -> None:
     assert OnnxBackend.capabilities.quantization == ("wint8", "wint4")
     assert OnnxOptions().onnx_quantize_lm_head is True and OnnxOptions().onnx_weight_only is False
     assert ExportOptions(quantization=QuantSpec("wint4", 64), weight_only=True).graph_quantization() == (
-        GraphQuantization(QuantSpec("wint4", 64), accuracy_level=0, fused_moe=qmoe_supported())
-    )
+        GraphQuantization(
+            QuantSpec("wint4", 64), accuracy_level=0, fused_moe=qmoe_supported(),
+            router_weights=qmoe_router_weights_supported(),
+        )
+    )  # fmt: skip
     # QMoE only in quantized onnxruntime graphs, and only where onnxruntime runs it
     assert ExportOptions().fused_moe is False
     assert ExportOptions(quantization=QuantSpec("wint8")).fused_moe is qmoe_supported()
     assert ExportOptions(quantization=QuantSpec("wint8"), fused_moe=False).graph_quantization().fused_moe is False
+    assert ExportOptions(quantization=QuantSpec("wint8"), fused_moe=False).qmoe_router_weights is False
 
 
 def test_weight_only_wint8_is_refused_in_one_line(tiny_checkpoint) -> None:
