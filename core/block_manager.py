@@ -159,6 +159,18 @@ class KVBlockManager:
         request.block_ids = []
         self._per_request.pop(request.request_id, None)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix and put the free list back in block order, as on a fresh pool, where no
+        request holds a block (else False, and nothing changes). Between benchmark rounds, so a workload sent
+        again computes its prompts as it did the first time; the lookup counters (`stats`) keep counting."""
+        if any(block.ref_count for block in self.blocks):
+            return False
+        for block in self.blocks:
+            block.cache_id, block.cache_key = None, None
+        self._cached.clear()
+        self._free = OrderedDict((i, None) for i in range(self.num_blocks))
+        return True
+
     def check_invariants(self, live_requests: list[Request]) -> None:
         """Every block is either free or referenced exactly as often as live requests hold it."""
         counts = [0] * self.num_blocks

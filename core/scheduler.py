@@ -63,6 +63,12 @@ class Scheduler(ABC):
         """Called after every step for metrics; schedulers without counters may keep this default."""
         return SchedulerStats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Called on an idle engine (`Engine.reset_prefix_cache`, between benchmark rounds): forget every
+        cached prefix, so the next requests compute their prompts as on a fresh engine. False where it cannot
+        (a request still holds blocks). Schedulers without a prefix cache may keep this default."""
+        return True
+
     def shrink_after_oom(self, plan: StepPlan) -> list[str]:
         """Called when the backend ran out of memory running `plan`: preempt requests and plan smaller steps,
         returning the ids preempted (the engine releases their backend state). [] fails the plan's requests."""
@@ -117,6 +123,9 @@ class FCFSScheduler(Scheduler):
         return None
 
     # ----- interface -----
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
     def add_request(self, request: Request) -> None:
         max_tokens = request.sampling_params.max_tokens
         max_len = self.config.max_model_len  # max_tokens=None: it may grow to the context limit

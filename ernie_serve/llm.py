@@ -59,6 +59,11 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (`Engine.reset_prefix_cache`): the next prompts are computed whole, as on a
+        fresh LLM. True once done (`generate` returns with nothing left running)."""
+        return self.engine.reset_prefix_cache()
+
     def close(self) -> None:
         """Release the backend (threads, memory, devices); the LLM cannot generate afterwards."""
         self.engine.close()

@@ -68,6 +68,25 @@ def test_shared_system_prompt_is_computed_once(checkpoint) -> None:
     assert again[0].outputs[0].token_ids == second.outputs[0].token_ids
 
 
+def test_reset_prefix_cache_makes_the_next_prompt_compute_whole(checkpoint) -> None:
+    """`LLM.reset_prefix_cache` (vLLM's): refused while a request runs, then the same prompt is computed
+    whole and gives the same tokens; the hit counters keep counting."""
+    llm = LLM(model=checkpoint, block_size=4)
+    prompt = {"prompt_token_ids": list(range(100, 140))}
+    params = SamplingParams(temperature=0, max_tokens=3)
+    first = llm.generate(prompt, params)[0]
+    assert llm.generate(prompt, params)[0].metrics["num_cached_tokens"] == 36  # 9 full blocks of 4
+    llm.engine.add_request(list(range(10, 20)), SamplingParams(max_tokens=2))
+    assert not llm.reset_prefix_cache()  # a request is unfinished
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.reset_prefix_cache()
+    after = llm.generate(prompt, params)[0]
+    assert after.metrics["num_cached_tokens"] == 0
+    assert after.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.engine.core.scheduler.stats().prefix_cache_hits == 36
+
+
 def test_abort_frees_blocks_in_any_state(checkpoint) -> None:
     llm = LLM(model=checkpoint, block_size=4, max_num_seqs=1)
     engine = llm.engine

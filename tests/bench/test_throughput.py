@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ernie_serve.bench.throughput import WORKLOAD_VOCAB, ThroughputConfig, decode_read_bytes
+from ernie_serve.bench.throughput import WORKLOAD_VOCAB, ThroughputConfig, decode_rate, decode_read_bytes
 from ernie_serve.bench.workload import mixed_workload
 from ernie_serve.cli import main
+from ernie_serve.core.config import EngineSettings
+from ernie_serve.engine import Engine
 from ernie_serve.models import read_model_config
 from ernie_serve.testing.checkpoints import TOKENIZER_VOCAB
 
@@ -54,6 +56,25 @@ def test_mixed_workload_by_default(bench_model: Path, capsys) -> None:
     requested = sum(r.output_len for r in mixed_workload(1, vocab=min(WORKLOAD_VOCAB, TOKENIZER_VOCAB)))
     assert _row(out, "ernie-serve (torch)")[:2] == ["1", str(requested)]
     assert not re.search(r"^(transformers|single-request decode) ", out, re.M)
+
+
+def test_every_round_meets_the_workload_uncached(bench_model: Path, tmp_path: Path) -> None:
+    """The rounds send the same prompts (and the warm-up the first one): each round starts with the prefix
+    cache emptied, so the last round found none of its prompt tokens cached. The decode passes likewise."""
+    result = tmp_path / "r.json"
+    args = ["bench", "throughput", "--model", str(bench_model), "--num-requests", "3", "--input-len", "40",
+            "--output-len", "2", "--skip-transformers", "--rounds", "2", "--decode-repeats", "2",
+            "--output-json", str(result)]  # fmt: skip
+    assert main(args) == 0
+    (engine,) = json.loads(result.read_text())["results"]
+    assert engine["cached_prompt_tokens"] == 0
+
+
+def test_each_decode_pass_starts_uncached(bench_model: Path) -> None:
+    """`decode_rate` sends the same prompt each pass: none of its tokens may come from the pass before."""
+    with Engine(EngineSettings(model=str(bench_model))) as engine:
+        assert decode_rate(engine, 2) > 0 and decode_rate(engine, 2) > 0
+        assert engine.core.scheduler.stats().prefix_cache_hits == 0
 
 
 def test_profile_breaks_the_step_down(bench_model: Path, tmp_path: Path, capsys) -> None:

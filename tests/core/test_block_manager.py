@@ -406,3 +406,26 @@ def test_usage_counts_blocks_held_by_live_requests() -> None:
     assert bm.usage == pytest.approx(0.4)
     release(bm, b, live)
     assert bm.usage == 0.0
+
+
+def test_reset_prefix_cache_forgets_every_prefix_and_restores_block_order() -> None:
+    """As on a fresh pool: nothing found, and a request gets blocks 0, 1, 2 ... again (so a benchmark round
+    run again computes its prompts, in consecutive blocks, as the first did). Refused while a block is held."""
+    bm = KVBlockManager(8, 2)
+    live: list[Request] = []
+    a = make_request("a", [1, 2, 3, 4, 5, 6, 7])
+    admit(bm, a, live)
+    compute(bm, a, live)
+    assert not bm.reset_prefix_cache()  # a holds its blocks
+    assert len(bm.find_cached_prefix(make_request("probe", [1, 2, 3, 4, 5, 6, 7]))) == 3
+    release(bm, a, live)
+    again = make_request("again", [1, 2, 3, 4, 5, 6, 7])
+    assert len(bm.find_cached_prefix(again)) == 3
+    assert bm.reset_prefix_cache()
+    assert bm.find_cached_prefix(again) == []
+    assert bm.num_free_blocks == 8 and all(block.cache_id is None for block in bm.blocks)
+    admit(bm, again, live)
+    assert again.block_ids == [0, 1, 2, 3]
+    compute(bm, again, live)  # and caches anew
+    assert len(bm.find_cached_prefix(make_request("probe", [1, 2, 3, 4, 5, 6, 7]))) == 3
+    assert bm.stats.queries == 0  # (admit here skips the scheduler's counting; the counters are not reset)
