@@ -90,13 +90,16 @@ def _qmoe_probe(bits: int, router_weights: bool = False) -> bool:
     fc2 = rng.integers(0, 256, (experts, hidden, inter // per_byte), dtype=np.uint8)  # [E, H, I*bits/8]
     s1 = np.full((experts, 2 * inter, 1), 0.01, np.float32)
     s2 = np.full((experts, hidden, 1), 0.01, np.float32)
-    inputs = ["x", "router", "fc1", "s1", "", "fc2", "s2"] + (["", "", "", "", "", "", "", "weights"] * router_weights)
+    inputs = ["x", "router", "fc1", "s1", "", "fc2", "s2"]
+    widths = [("x", hidden), ("router", experts)]
+    if router_weights:  # input 14, after the biases, fc3 and zero points left out
+        inputs += [""] * 7 + ["weights"]
+        widths.append(("weights", experts))
     node = helper.make_node(
         "QMoE", inputs, ["y"], domain=MS_DOMAIN, k=top_k,
         activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=bits,
         block_size=block, accuracy_level=0, activation_alpha=1.0, activation_beta=0.0,
     )  # fmt: skip
-    widths = [("x", hidden), ("router", experts)] + [("weights", experts)] * router_weights
     graph = helper.make_graph(
         [node], "probe",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", w]) for n, w in widths],
