@@ -378,7 +378,7 @@ def run(
             for backend, engine in engines.items():
                 description = f"{backend}, round {round_index + 1}/{config.rounds}"
                 # every round meets the workload as new: prompts cached by the warm-up or an earlier round
-                # would skip their prefill (measured: 1.3-1.5x the torch backend's mixed workload)
+                # would skip their prefill (measured: 1.33-1.68x the torch backend's mixed workload)
                 if not engine.reset_prefix_cache():
                     raise RuntimeError(f"{backend}: the engine is not idle between rounds")
                 elapsed, last_outputs[backend] = run_workload(engine, workload, description)
