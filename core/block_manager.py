@@ -160,15 +160,14 @@ class KVBlockManager:
         self._per_request.pop(request.request_id, None)
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix and put the free list back in block order, as on a fresh pool, where no
-        request holds a block (else False, and nothing changes). Between benchmark rounds, so a workload sent
-        again computes its prompts as it did the first time; the lookup counters (`stats`) keep counting."""
+        """Forget every cached prefix and restore block order, as on a fresh pool; False, changing nothing, while a
+        request holds a block. The lookup counters (`stats`) keep counting."""
         if any(block.ref_count for block in self.blocks):
             return False
         for block in self.blocks:
-            block.cache_id, block.cache_key = None, None
+            block.cache_id = block.cache_key = None
         self._cached.clear()
-        self._free = OrderedDict((i, None) for i in range(self.num_blocks))
+        self._free = OrderedDict.fromkeys(range(self.num_blocks))
         return True
 
     def check_invariants(self, live_requests: list[Request]) -> None:

@@ -155,10 +155,6 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix (`Scheduler.reset_prefix_cache`); False while requests are unfinished."""
-        return not self.has_unfinished_requests() and self.scheduler.reset_prefix_cache()
-
     # ----- the step -----
     def step(self) -> list[EngineCoreOutput]:
         """Run one step: an output for every request that sampled a token or finished. If it raises, the caller

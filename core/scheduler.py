@@ -64,9 +64,8 @@ class Scheduler(ABC):
         return SchedulerStats()
 
     def reset_prefix_cache(self) -> bool:
-        """Called on an idle engine (`Engine.reset_prefix_cache`, between benchmark rounds): forget every
-        cached prefix, so the next requests compute their prompts as on a fresh engine. False where it cannot
-        (a request still holds blocks). Schedulers without a prefix cache may keep this default."""
+        """Called on an idle engine (`Engine.reset_prefix_cache`): forget every cached prefix; False where a request
+        still holds blocks. Schedulers without a prefix cache may keep this default."""
         return True
 
     def shrink_after_oom(self, plan: StepPlan) -> list[str]:
@@ -280,14 +279,11 @@ class FCFSScheduler(Scheduler):
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
-        if token_id in params.stop_token_ids and request.num_output_tokens >= params.min_tokens:
+        may_stop = request.num_output_tokens >= params.min_tokens
+        if may_stop and token_id in params.stop_token_ids:
             request.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
-        if (
-            not params.ignore_eos
-            and token_id in request.eos_token_ids
-            and request.num_output_tokens >= params.min_tokens
-        ):
+        if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if any(p.is_finished for p in request.logits_processors):  # its grammar took its last token
             return RequestStatus.FINISHED_STOPPED

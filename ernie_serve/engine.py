@@ -174,7 +174,7 @@ class Engine:
         """Forget every cached prefix, as vLLM's `LLM.reset_prefix_cache` does: the next requests compute their
         whole prompts, as on a fresh engine (benchmarks call it between rounds of the same workload). Returns
         False, changing nothing, while requests are unfinished."""
-        return not self.has_unfinished_requests() and self.core.reset_prefix_cache()
+        return not self.has_unfinished_requests() and self.core.scheduler.reset_prefix_cache()
 
     def close(self) -> None:
         """Release the backend (threads, memory, devices). Called once, when the engine is done."""

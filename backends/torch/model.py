@@ -135,6 +135,11 @@ def _weight(
     return QuantizedWeight(count[0] if count else 1, in_features, out_features, quant, device)
 
 
+def _matrix(weight: Weight) -> QuantMatrix | torch.Tensor:
+    """The one matrix a projection weight holds: a quantized weight's `QuantMatrix`, else the weight itself."""
+    return weight.matrix if isinstance(weight, QuantizedWeight) else weight
+
+
 def _target(weight: nn.Parameter | QuantizedWeight, index: int | None, columns: slice) -> torch.Tensor | QuantTarget:
     """What the checkpoint tensor of `columns` of `weight` (matrix `index` of a stack) fills: a transposed view
     of a float weight in the checkpoint's `[out, in]` shape, or a quantizing target."""
@@ -203,7 +208,7 @@ def project(
     Projection weights are stored `[in, out]`, the layout the row sums need; quantized ones take the same
     decision with their own kernels (`QuantMatrix.row_sums` / `.matmul`)."""
     if not isinstance(weight, torch.Tensor):
-        matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
+        matrix = _matrix(weight)
         # fbgemm's int8 GEMM and torch's int8/int4 kernels also win at one row
         if sums_weight_rows(x) and matrix.packed is None and matrix.device_kernel is None:
             out = matrix.row_sums(x, split_bags(matrix.in_features))  # [1, out]
@@ -320,21 +325,16 @@ class Attention(RowParallelOutput, nn.Module):
         parts = self.input_parts(policy, norm)
         if parts is None:
             return
-        matrix = self.qkv_matrix
+        matrix = _matrix(self.qkv_weight)
         self.input_kernel = AttentionInputKernel.pack(parts, matrix.spec)
         matrix.device_kernel = FusedPart(self.input_kernel.nbytes())
-
-    @property
-    def qkv_matrix(self) -> QuantMatrix | torch.Tensor:
-        weight = self.qkv_weight
-        return weight.matrix if isinstance(weight, QuantizedWeight) else weight
 
     def input_parts(self, policy: str, norm: RMSNorm) -> AttentionInputParts | None:
         """What its input half's session is made of (with `norm`, the layer's input norm), where the q|k|v matrix
         goes to onnxruntime in one session and no session holds it yet; the previous layer's feed-forward
         session takes these where it can (`DecoderLayer.fuse_for_onnxruntime`), else this block's own
         `AttentionInputKernel`."""
-        matrix = self.qkv_matrix
+        matrix = _matrix(self.qkv_weight)
         if self.input_kernel is not None or not isinstance(matrix, QuantMatrix) or matrix.rows.device.type != "cpu":
             return None
         hidden, width = matrix.in_features, matrix.out_features
@@ -350,8 +350,7 @@ class Attention(RowParallelOutput, nn.Module):
     def output_codes(self, policy: str) -> QuantMatrix | None:
         """The output projection's matrix where the layer's `MoELayerKernel` can start from this block's output
         (`MoELayerParts.attention_output`): on one device (no reduction between), bound for onnxruntime."""
-        weight = self.o_weight
-        matrix = weight.matrix if isinstance(weight, QuantizedWeight) else weight
+        matrix = _matrix(self.o_weight)
         if self.reduce is not None or not self.adds_residual or not isinstance(matrix, QuantMatrix):
             return None
         hidden, attended = matrix.out_features, matrix.in_features
@@ -678,8 +677,7 @@ class SparseMoE(RowParallelOutput, nn.Module):
         if self.shared is None:
             return []
         mlp = self.shared
-        weights = (mlp.gate_up_weight, mlp.down_weight)
-        gate_up, down = (w.matrix if isinstance(w, QuantizedWeight) else w for w in weights)
+        gate_up, down = _matrix(mlp.gate_up_weight), _matrix(mlp.down_weight)
         if not (isinstance(gate_up, QuantMatrix) and isinstance(down, QuantMatrix)):
             return None
         if mlp.gate_up_bias is not None or mlp.down_bias is not None or gate_up.device_kernel or down.device_kernel:
@@ -836,7 +834,7 @@ class DecoderLayer(nn.Module):
         self.mlp.fuse_for_onnxruntime(policy, self.post_attention_norm, self.attn, next_attention)
         kernel = self.mlp.layer_kernel
         if following is not None and kernel is not None and kernel.next_widths is not None:
-            matrix = following.qkv_matrix
+            matrix = _matrix(following.qkv_weight)
             assert isinstance(matrix, QuantMatrix)
             matrix.device_kernel = FusedPart(0)  # (its bytes are counted in this layer's session)
             following.input_from_previous_layer = True
