@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,7 +143,9 @@ def test_requests_join_and_leave_every_step_and_caches_are_freed(checkpoint, tor
 def test_decode_slots_grow_shrink_and_follow_requests_joining_and_leaving(checkpoint, torch_llm) -> None:
     """Decoding requests keep their past KV in slots between steps (`_DecodeSlots`): a long request makes the
     slots' past axis grow past `SLOT_POSITIONS` twice, shorter ones join while it decodes, it leaves first and
-    the axis shrinks; every request's tokens still equal decoding it alone."""
+    the axis shrinks; every request's tokens still equal decoding it alone. The slots' buffers outlive the
+    requests: the same work again lays its slots out in them, over the earlier runs' keys and values, with the
+    same tokens, and by its third run allocates no buffer."""
     from ernie_serve import SamplingParams
     from ernie_serve.backends.onnx.backend import SLOT_POSITIONS
 
@@ -152,22 +155,34 @@ def test_decode_slots_grow_shrink_and_follow_requests_joining_and_leaving(checkp
     work = [(long_prompt, 30), (list(range(40, 45)), 45), (list(range(60, 66)), 40), (list(range(70, 73)), 35)]
     expected = [_greedy(torch_llm, [p], m)[0] for p, m in work]
     joins = {0: work[0], 1: work[1], 8: work[2], 20: work[3]}  # step -> request joining then
-    ids, got, capacities = [], {}, []
-    step = 0
-    while step in joins or step < max(joins) or engine.has_unfinished_requests():
-        if step in joins:
-            prompt, length = joins[step]
-            ids.append(engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)))
-        for output in engine.step():
-            if output.finished:
-                got[output.request_id] = output.outputs[0].token_ids
-        if backend._slots.ids:
-            capacities.append((backend._slots.capacity, ids[0] in got))
-        step += 1
-    assert [got[i] for i in ids] == expected
+
+    def run() -> list[tuple[int, bool]]:
+        ids, got, capacities = [], {}, []
+        step = 0
+        while step in joins or step < max(joins) or engine.has_unfinished_requests():
+            if step in joins:
+                prompt, length = joins[step]
+                params = SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)
+                ids.append(engine.add_request(prompt, params))
+            for output in engine.step():
+                if output.finished:
+                    got[output.request_id] = output.outputs[0].token_ids
+            if backend._slots.ids:
+                capacities.append((backend._slots.capacity, ids[0] in got))
+            step += 1
+        assert [got[i] for i in ids] == expected
+        return capacities
+
+    capacities = run()
     assert max(c for c, _ in capacities) == 3 * SLOT_POSITIONS  # grew twice while the long request decoded
     assert capacities[-1] == (SLOT_POSITIONS, True)  # shrank once it had left
-    assert backend._slots.ids == [] and backend._slots.data.size == 0  # freed with the last request
+    assert backend._slots.ids == [] and backend._slots.data.size == 0  # no layout once the last request left
+    kept = backend._slots._buffers
+    assert all(buffer.size for buffer in kept) and all(np.any(buffer != 0) for buffer in kept)  # old keys, values
+    assert run() == capacities  # the layouts alternate buffers: this run can grow the one the largest did not use
+    kept = backend._slots._buffers
+    assert run() == capacities
+    assert {id(buffer) for buffer in backend._slots._buffers} == {id(buffer) for buffer in kept}  # no new buffer
     llm.engine.close()
 
 
