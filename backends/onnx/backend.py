@@ -100,8 +100,9 @@ class OnnxOptions(BackendOptions):
     )
     onnx_weight_only: bool = Field(
         False,
-        description="onnx backend with --quantization wint4: MatMulNBits computes in float32 with the dequantized "
-        "weights (weight-only, several times slower) instead of rounding activations to int8 per block",
+        description="onnx backend with --quantization: MatMulNBits computes in float32 with the dequantized "
+        "weights (weight-only, several times slower) instead of rounding activations to int8 per block "
+        "(wint8: its routed experts unrolled, since QMoE's 8-bit experts always round them)",
     )
 
 
@@ -267,7 +268,7 @@ class OnnxBackend(Backend):
     # Caches are per request, so a prefix-cache hit (a new request whose first tokens' KV lives in another
     # request's blocks) has nothing to read from: the scheduler must compute every prompt from position 0.
     # "cuda" through onnxruntime-gpu's CUDA and TensorRT providers; keys and values stay on the host.
-    # --quantization: onnxruntime's contrib kernels, MatMulNBits (wint4) and DynamicQuantizeMatMul (wint8); see
+    # --quantization: onnxruntime's contrib kernels, MatMulNBits (4 or 8 bits) and QMoE for routed experts; see
     # graph.py. Both have CPU kernels; on CUDA, onnxruntime falls back to CPU for any op its provider lacks.
     capabilities = BackendCapabilities(prefix_caching=False, quantization=("wint8", "wint4"), devices=("cpu", "cuda"))
     options_class = OnnxOptions
@@ -307,11 +308,6 @@ class OnnxBackend(Backend):
             )
         if settings.quantization:
             spec = QuantSpec.of(settings.quantization, settings.quantization_group_size)
-            if options.onnx_weight_only and spec.bits == 8:
-                raise BackendConfigError(
-                    "--onnx-weight-only: onnxruntime has no fast weight-only int8 kernel here (wint8 runs "
-                    "DynamicQuantizeMatMul, which rounds activations to 8 bits); use it with --quantization wint4"
-                )
             export_options = ExportOptions(
                 quantization=spec,
                 quantize_lm_head=options.onnx_quantize_lm_head,

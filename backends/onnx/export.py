@@ -60,7 +60,9 @@ class ExportOptions:
     opset: int = OPSET
     quantization: QuantSpec | None = None  # `--quantization` and its group size (`QuantSpec.of`), or None
     quantize_lm_head: bool = True  # with `quantization`: the LM head quantized too
-    weight_only: bool = False  # wint4: MatMulNBits at accuracy_level 0 (float32 activations) instead of 4
+    # MatMulNBits at accuracy_level 0 (float32 activations) instead of 4; wint8's experts then unrolled, since
+    # QMoE's 8-bit experts round their activations at every level
+    weight_only: bool = False
     graph_flavour: str = ONNXRUNTIME  # "tensorrt": the graph TensorRT builds from (graph.py's docstring)
     # with `quantization`: each MoE layer's routed experts as one QMoE node (graph.py, `moe_qmoe`); None
     # resolves to whether the installed onnxruntime runs QMoE, so the key says which graph was built
@@ -71,7 +73,9 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         if self.fused_moe is None:
-            fused = self.quantization is not None and self.graph_flavour == ONNXRUNTIME and qmoe_supported()
+            quant = self.quantization
+            fused = quant is not None and self.graph_flavour == ONNXRUNTIME and qmoe_supported()
+            fused = fused and not (self.weight_only and quant is not None and quant.bits == 8)
             object.__setattr__(self, "fused_moe", fused)
         if self.qmoe_router_weights is None:
             object.__setattr__(self, "qmoe_router_weights", bool(self.fused_moe) and qmoe_router_weights_supported())

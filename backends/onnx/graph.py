@@ -21,10 +21,12 @@ flavour, below):
          (the op takes power-of-two blocks of 16 or more, not one block of K). accuracy_level=4 lets the kernel
          quantize the activations to int8 per block: not weight-only (docs/quantization.md has its accuracy);
          `--onnx-weight-only` exports accuracy_level=0 instead (float32 activations, slower).
-  wint8  `DynamicQuantizeMatMul`: codes `q + 128` as uint8 `[K, N]`, zero point 128 and one scale per output
-         channel. It quantizes the activations to uint8 per call: W8A8-dynamic, not weight-only. Unsigned
-         weights take onnxruntime's u8u8 path, which does not saturate on AVX2, so the 8-bit codes stay whole
-         (with int8 weights the u8s8 path saturates unless the codes are cut to 7 bits).
+  wint8  `MatMulNBits` bits=8, the same layout one code a byte (`q + 128`, `[N, K/128, 128]`), each row's
+         one scale repeated over its blocks of 128. accuracy_level=4 rounds the activations to int8 per row
+         and block, as for wint4: W8A8 per block. Not `DynamicQuantizeMatMul`, which rounds each call's whole
+         input with one scale, so a request's logits moved with the rows batched beside it (by up to 1.4 on
+         the CPU benchmark model; 2e-6 with `MatMulNBits`), and which was no faster where measured last
+         (docs/quantization.md, "onnx backend").
   experts  each MoE layer's routed experts, either scheme, as one `QMoE` node (`moe_qmoe`) where onnxruntime
          runs it (export.py's `qmoe_supported`) and one block divides both widths (`qmoe_block`); otherwise each
          expert's two products are the kernels above (`moe_sparse`).
@@ -100,7 +102,7 @@ if TYPE_CHECKING:
     from ernie_serve.core.config import ModelConfig
 
 # Bump when the graph's math, inputs or outputs change: it is part of the export cache key.
-GRAPH_VERSION = "2"
+GRAPH_VERSION = "3"
 OPSET = 17  # ScatterND, GatherND batch_dims, TopK with a k input; ORT >= 1.12 and TensorRT >= 8.6 accept it
 MASKED = -1e9  # finite, so a fully masked row softmaxes to finite values instead of NaN
 # Tensors at least this large go to the external data file (small ones stay inline in model.onnx).
@@ -176,31 +178,22 @@ class GraphQuantization:
     router_weights: bool = False
 
     def block_size(self) -> int:
-        """MatMulNBits' block along K (wint4)."""
+        """MatMulNBits' block along K."""
         return self.spec.group_size or NBITS_PER_CHANNEL_BLOCK
 
     def matmul_nbits_attributes(self, k: int, n: int) -> dict[str, int]:
-        return {"K": k, "N": n, "bits": 4, "block_size": self.block_size(), "accuracy_level": self.accuracy_level}
+        bits, block, level = self.spec.bits, self.block_size(), self.accuracy_level
+        return {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level}
 
 
 def matmul_nbits_inputs(weight: np.ndarray, quant: GraphQuantization) -> tuple[np.ndarray, np.ndarray]:
-    """wint4 `weight` [N, K] as MatMulNBits' B (uint8 `[N, blocks, block / 2]`) and scales (float32
+    """`weight` [N, K] as MatMulNBits' B (uint8 `[N, blocks, block * bits / 8]`) and scales (float32
     `[N * blocks]`): `matmul_nbits_layout`, which the torch backend's onnxruntime kernels share."""
     import torch
 
     codes, scales = quantize(torch.from_numpy(weight), quant.spec)  # [N, K] int8, [N, G] float32
     packed, block_scales, _ = matmul_nbits_layout(codes, scales, quant.spec)
     return packed.numpy(), block_scales.numpy()
-
-
-def dynamic_quantize_matmul_inputs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """wint8 `weight` [N, K] as DynamicQuantizeMatMul's B (uint8 `[K, N]`, codes `q + 128`), b_scale (float32
-    `[N]`, one per output channel) and b_zero_point (uint8 `[N]`, all 128)."""
-    import torch
-
-    codes, scales = quantize(torch.from_numpy(weight), QuantSpec("wint8"))  # [N, K] int8, [N, 1]
-    unsigned = (codes.t().to(torch.int16) + 128).to(torch.uint8)  # [K, N] in 1..255
-    return unsigned.numpy(), scales[:, 0].numpy(), np.full(weight.shape[0], 128, np.uint8)
 
 
 def qmoe_expert_inputs(weight: np.ndarray, spec: QuantSpec, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -377,17 +370,9 @@ class _ErnieGraph:
         assert self.quant is not None
         b, quant = self.b, self.quant
         n, k = weight.shape
-        if quant.spec.bits == 8:
-            codes, scales, zero_point = dynamic_quantize_matmul_inputs(weight)
-            inputs = [
-                b.weight(f"{name}.qweight", codes, parameters=n * k),  # [K, N]
-                b.weight(f"{name}.scales", scales, parameters=0),  # [N]
-                b.weight(f"{name}.zero_point", zero_point, parameters=0),  # [N]
-            ]
-            return b.op("DynamicQuantizeMatMul", x, *inputs, domain=MS_DOMAIN)
         packed, scales = matmul_nbits_inputs(weight, quant)
         inputs = [
-            b.weight(f"{name}.qweight", packed, parameters=n * k),  # [N, blocks, block / 2]
+            b.weight(f"{name}.qweight", packed, parameters=n * k),  # [N, blocks, block * bits / 8]
             b.weight(f"{name}.scales", scales, parameters=0),  # [N * blocks]
         ]
         return b.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, **quant.matmul_nbits_attributes(k, n))
@@ -522,8 +507,8 @@ class _ErnieGraph:
         `[E, ...]`, gate and up rows interleaved in one fc1 (`swiglu_fusion=1`: CPU QMoE's only fused layout),
         and the activation is `gate * sigmoid(alpha * gate) * (up + beta)` with alpha 1 and beta 0: SiLU(gate) *
         up.
-        `accuracy_level` as for MatMulNBits (4: activations rounded to int8 per block; 8-bit experts always
-        round them, like `DynamicQuantizeMatMul`)."""
+        `accuracy_level` as for MatMulNBits (4: activations rounded to int8 per row and block; 8-bit experts
+        always round them, so a weight-only wint8 export unrolls them instead: `ExportOptions`)."""
         assert self.quant is not None
         b, c, spec, name = self.b, self.config, self.quant.spec, f"model.layers.{i}.mlp"
         h, inter, num_experts = c.hidden_size, c.moe_intermediate_size, c.moe_num_experts

@@ -23,16 +23,17 @@ from ernie_serve.backends.onnx.graph import (  # noqa: E402
     MASKED,
     MS_DOMAIN,
     GraphQuantization,
-    dynamic_quantize_matmul_inputs,
     matmul_nbits_inputs,
     past_names,
     save_graph,
 )
+from ernie_serve.backends.onnx.quant_bench import dynamic_quantize_matmul_inputs  # noqa: E402
 from ernie_serve.models import num_parameters, read_model_config  # noqa: E402
 from ernie_serve.ort_contrib import qmoe_router_weights_supported  # noqa: E402
 from ernie_serve.quantization import QuantSpec, dequantize, quantize  # noqa: E402
 
-WINT4_SPECS = [QuantSpec("wint4", 128), QuantSpec("wint4", 64), QuantSpec("wint4", 0)]
+# MatMulNBits carries both schemes: wint4 in its three groupings, wint8 per channel (blocks of 128)
+NBITS_SPECS = [QuantSpec("wint4", 128), QuantSpec("wint4", 64), QuantSpec("wint4", 0), QuantSpec("wint8")]
 
 
 def _one_node_session(node: onnx.NodeProto, k: int, n: int, initializers: list[onnx.TensorProto]):
@@ -65,12 +66,12 @@ def _problem(k: int, n: int, rows: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return weight.numpy(), x.numpy()
 
 
-@pytest.mark.parametrize("spec", WINT4_SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("spec", NBITS_SPECS, ids=lambda s: s.describe())
 @pytest.mark.parametrize("k", [96, 256, 200])  # one short block; whole blocks; a padded last block
 def test_matmul_nbits_layout_is_the_dequantized_weight(spec: QuantSpec, k: int) -> None:
     """With accuracy_level 0 the kernel computes in float32 with the weight it decodes from our B, scales and
     its default zero point, so it equals a float32 product with `dequantize()`'s weight up to summation order:
-    any misplaced nibble, block or scale would be off by the size of a weight."""
+    any misplaced nibble, code, block or scale would be off by the size of a weight."""
     weight, x = _problem(k, 48, rows=5)
     session = _matmul_nbits(weight, GraphQuantization(spec, accuracy_level=0))
     expected = x @ dequantize(*quantize(torch.from_numpy(weight), spec), spec).numpy().T  # [M, N]
@@ -101,7 +102,7 @@ def _activation_bound(x: np.ndarray, dequantized: np.ndarray, block: int, levels
     return bound
 
 
-@pytest.mark.parametrize("spec", WINT4_SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("spec", NBITS_SPECS, ids=lambda s: s.describe())
 @pytest.mark.parametrize("rows", [1, 16])
 def test_matmul_nbits_fast_path_errs_only_by_its_int8_activations(spec: QuantSpec, rows: int) -> None:
     """accuracy_level 4 (what the export uses) also rounds the activations to int8 per block; with the same
@@ -154,18 +155,23 @@ def _export(checkpoint, quant: GraphQuantization | None, out):
 
 def _prefill_logits(session, config, tokens: list[int]) -> np.ndarray:
     """Logits `[V]` after one sequence's prompt, as one graph run."""
-    n = len(tokens)
+    return _batch_prefill_logits(session, config, [tokens])[0]
+
+
+def _batch_prefill_logits(session, config, prompts: list[list[int]]) -> np.ndarray:
+    """Logits `[B, V]` after each prompt (all of one length), the prompts batched in one graph run."""
+    b, n = len(prompts), len(prompts[0])
     feed = {
-        "input_ids": np.array([tokens]),
-        "position_ids": np.arange(n)[None],
-        "attention_bias": np.triu(np.full((n, n), MASKED, np.float32), 1)[None],
-        "logits_index": np.array([n - 1]),
+        "input_ids": np.array(prompts),
+        "position_ids": np.tile(np.arange(n), (b, 1)),
+        "attention_bias": np.tile(np.triu(np.full((n, n), MASKED, np.float32), 1), (b, 1, 1)),
+        "logits_index": np.full(b, n - 1),
     }
-    empty = np.zeros((1, config.num_key_value_heads, 0, config.head_dim), np.float32)
+    empty = np.zeros((b, config.num_key_value_heads, 0, config.head_dim), np.float32)
     for layer in range(config.num_hidden_layers):
         for name in past_names(layer):
             feed[name] = empty
-    return session.run(["logits"], feed)[0][0]
+    return session.run(["logits"], feed)[0]
 
 
 @torch.inference_mode()
@@ -196,6 +202,10 @@ GRAPH_CASES = {
         False,
     ),
     "moe_top1_dense_tail wint4 g128 fp32 head": ("moe_top1_dense_tail", QuantSpec("wint4", 128), False, False, False),
+    # wint8 through MatMulNBits: exact at accuracy_level 0 with the experts unrolled (QMoE's 8-bit experts round
+    # their activations at every level)
+    "moe_shared_tied wint8": ("moe_shared_tied", QuantSpec("wint8"), True, False, False),
+    "dense_bias_headdim wint8 fp32 head": ("dense_bias_headdim", QuantSpec("wint8"), False, False, False),
     # QMoE: per-channel scales over blocks of 32 (shared experts beside it) and of 16 (top-1, a dense tail)
     "moe_shared_tied wint4 per-channel QMoE": ("moe_shared_tied", QuantSpec("wint4", 0), True, True, True),
     "moe_top1_dense_tail wint4 per-channel QMoE": ("moe_top1_dense_tail", QuantSpec("wint4", 0), False, True, True),
@@ -272,8 +282,8 @@ def test_exact_kernels_give_the_torch_backends_quantized_logits(case: str, graph
 
 @pytest.mark.parametrize("scheme", ["wint4", "wint8"])
 def test_fast_kernels_stay_near_the_torch_backends_quantized_logits(scheme: str, tiny_checkpoint, tmp_path) -> None:
-    """The exported kernels (MatMulNBits accuracy_level 4, DynamicQuantizeMatMul) also round activations to 8
-    bits per call: per product at most a few 1e-3 of its size (the bounds above), so after the tiny model's
+    """The exported kernels (MatMulNBits accuracy_level 4, 4- or 8-bit) also round activations to 8 bits per
+    block: per product at most a few 1e-3 of its size (the bounds above), so after the tiny model's
     layers the logits stay within a few percent of their spread, and the greedy token mostly agrees."""
     checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
     spec = QuantSpec.of(scheme, 128)
@@ -281,6 +291,25 @@ def test_fast_kernels_stay_near_the_torch_backends_quantized_logits(scheme: str,
     got, expected = _prefill_logits(session, config, TOKENS), _torch_logits(checkpoint, spec, True, TOKENS)
     assert np.abs(got - expected).max() < 0.05 * (expected.max() - expected.min())
     assert np.abs(got - expected).max() > 1e-5  # it is not the exact path
+
+
+@pytest.mark.parametrize("scheme", ["wint4", "wint8"])
+def test_a_prompts_quantized_logits_do_not_depend_on_the_prompts_batched_with_it(
+    scheme: str, tiny_checkpoint, tmp_path
+) -> None:
+    """The default export rounds each row's activations on their own (per row and block), so a prompt's
+    logits are the same alone and batched with others, up to float32 summation order. wint8's kernel before,
+    `DynamicQuantizeMatMul`, rounded each call's whole input with one scale: the other rows moved a row's
+    logits (by up to 1.4 on the CPU benchmark model)."""
+    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
+    config = read_model_config(checkpoint)
+    export_to_dir(config, str(checkpoint), tmp_path, options=ExportOptions(quantization=QuantSpec.of(scheme, 128)))
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    others = [[(7 * t + 11) % config.vocab_size for t in TOKENS], [config.vocab_size - 1] * len(TOKENS)]
+    alone = _prefill_logits(session, config, TOKENS)
+    batched = _batch_prefill_logits(session, config, [TOKENS, *others])
+    np.testing.assert_allclose(batched[0], alone, rtol=0, atol=1e-5)
+    assert np.abs(batched[1] - alone).max() > 0.1  # the other rows are different prompts
 
 
 @pytest.mark.parametrize("fused_moe", [False, True])
@@ -292,7 +321,7 @@ def test_the_quantized_graph_quantizes_what_the_torch_backend_does(fused_moe: bo
         pytest.skip("this onnxruntime has no CPU QMoE with float32 activations")
     checkpoint = tiny_checkpoint("moe_top1_dense_tail", torch.bfloat16)
     config = read_model_config(checkpoint)
-    for spec, op in ((QuantSpec("wint4", 0), "MatMulNBits"), (QuantSpec("wint8"), "DynamicQuantizeMatMul")):
+    for spec in (QuantSpec("wint4", 0), QuantSpec("wint8")):
         out = tmp_path / spec.scheme
         options = ExportOptions(quantization=spec, fused_moe=fused_moe)
         stats = export_to_dir(config, str(checkpoint), out, options=options)
@@ -302,7 +331,9 @@ def test_the_quantized_graph_quantizes_what_the_torch_backend_does(fused_moe: bo
         routed = 0 if fused_moe else config.moe_num_experts
         mlps = sum(routed + config.moe_num_shared_experts if m else 1 for m in moe)
         # per layer qkv (fused) + o, per MLP gate_up (fused) + down, and the LM head
-        assert ops[op] == 2 * config.num_hidden_layers + 2 * mlps + 1
+        assert ops["MatMulNBits"] == 2 * config.num_hidden_layers + 2 * mlps + 1
+        bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert bits == {spec.bits}
         assert ops["QMoE"] == (sum(moe) if fused_moe else 0)
         initializers = {t.name: t for t in model.graph.initializer}
         for node in (n for n in model.graph.node if n.op_type == "QMoE"):
@@ -370,15 +401,10 @@ def test_capabilities_and_quantization_options() -> None:
     assert ExportOptions(quantization=QuantSpec("wint8")).fused_moe is qmoe_supported()
     assert ExportOptions(quantization=QuantSpec("wint8"), fused_moe=False).graph_quantization().fused_moe is False
     assert ExportOptions(quantization=QuantSpec("wint8"), fused_moe=False).qmoe_router_weights is False
-
-
-def test_weight_only_wint8_is_refused_in_one_line(tiny_checkpoint) -> None:
-    from ernie_serve import LLM
-    from ernie_serve.core.backend import BackendConfigError
-
-    checkpoint = tiny_checkpoint("moe_shared_tied", torch.bfloat16)
-    with pytest.raises(BackendConfigError, match="--onnx-weight-only: .* use it with --quantization wint4"):
-        LLM(model=str(checkpoint), backend="onnx", quantization="wint8", onnx_weight_only=True)
+    # weight-only wint8 unrolls the experts: QMoE's 8-bit experts round their activations at every level
+    assert ExportOptions(quantization=QuantSpec("wint8"), weight_only=True).graph_quantization() == (
+        GraphQuantization(QuantSpec("wint8"), accuracy_level=0, fused_moe=False)
+    )
 
 
 def test_export_command_writes_a_quantized_graph(tiny_checkpoint, tmp_path) -> None:
