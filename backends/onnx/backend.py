@@ -172,7 +172,7 @@ class _DecodeSlots:
 
     A layout change writes into a buffer an earlier layout used (`_relayout`), and both buffers stay when the
     last request leaves: memory the process has not written before costs far more to write than reused memory
-    (a layout change on the CPU benchmark model's mixed workload took 100-300 ms into fresh pages here, 2-3 ms
+    (a layout change on the CPU benchmark model's mixed workload took 100-300 ms into fresh pages here, 2-4 ms
     into reused ones). A buffer that must grow is allocated at twice the layout, so a workload's buffers stop
     growing after a few layouts. The price: the two buffers stay allocated, and the pages layouts wrote in
     them stay resident (after four rounds of that workload, buffers of 240 and 288 MB and 336 MB more resident
