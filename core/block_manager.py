@@ -162,10 +162,9 @@ class KVBlockManager:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix and restore block order, as on a fresh pool; False, changing nothing, while a
         request holds a block. The lookup counters (`stats`) keep counting."""
-        if any(block.ref_count for block in self.blocks):
+        if len(self._free) < self.num_blocks:  # the free list holds exactly the unreferenced blocks
             return False
-        for block in self.blocks:
-            block.cache_id = block.cache_key = None
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
         self._cached.clear()
         self._free = OrderedDict.fromkeys(range(self.num_blocks))
         return True

@@ -79,9 +79,8 @@ class EngineCore:
         self.backend.load(model_config, settings, weights_path, options)
         self.weight_bytes = self.backend.weight_bytes  # fixed once loaded; the gateway exports it as a gauge
 
-        num_blocks, self.max_model_len = self._size_kv_pool()
-        self.num_blocks = num_blocks
-        self.backend.allocate_kv_cache(num_blocks, settings.block_size)
+        self.num_blocks, self.max_model_len = self._size_kv_pool()
+        self.backend.allocate_kv_cache(self.num_blocks, settings.block_size)
         if settings.enable_prefix_caching and not capabilities.prefix_caching:
             log.info("prefix caching turned off: this backend keeps one KV cache per request", backend=settings.backend)
         self.scheduler: Scheduler = get_scheduler_class(settings.scheduler)(
@@ -90,7 +89,7 @@ class EngineCore:
                 max_num_batched_tokens=settings.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 block_size=settings.block_size,
-                num_blocks=num_blocks,
+                num_blocks=self.num_blocks,
                 enable_chunked_prefill=settings.enable_chunked_prefill,
                 enable_prefix_caching=settings.enable_prefix_caching and capabilities.prefix_caching,
             )
@@ -105,10 +104,8 @@ class EngineCore:
         pool can hold for one request."""
         s, spec = self.settings, self.backend.kv_cache_spec()
         bytes_per_block = spec.bytes_per_token * s.block_size
-        model_len = min(
-            s.max_model_len or self.model_config.max_position_embeddings,
-            self.model_config.max_position_embeddings,
-        )
+        positions = self.model_config.max_position_embeddings
+        model_len = min(s.max_model_len or positions, positions)
         # every sequence at the longest context: more blocks could never be used (a tiny model on a 141 GB GPU
         # would otherwise get hundreds of millions, and the block manager a list of them)
         wanted = s.max_num_seqs * -(-model_len // s.block_size)
@@ -149,8 +146,7 @@ class EngineCore:
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[EngineCoreOutput]:
         """Called between steps to end requests early: the client went away (aborted) or a stop string was hit
         (stopped). Frees their blocks and backend state; returns their final outputs (no new tokens)."""
-        ended = self.scheduler.abort_requests(request_ids, status)
-        return self._finish(ended)
+        return self._finish(self.scheduler.abort_requests(request_ids, status))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -226,9 +222,7 @@ class EngineCore:
         whose own parameters caused the fault is never retried; the others keep running. If the scheduler
         itself failed before making a plan, every unfinished request belonged to the step."""
         ids = self._step_request_ids
-        if ids is None:
-            ids = list(self._requests)
-        return self.finish_requests(ids, RequestStatus.FINISHED_ERROR)
+        return self.finish_requests(list(self._requests) if ids is None else ids, RequestStatus.FINISHED_ERROR)
 
     def close(self) -> None:
         self.backend.close()

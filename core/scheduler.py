@@ -146,10 +146,7 @@ class FCFSScheduler(Scheduler):
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            (self.running if request.status == RequestStatus.RUNNING else self.waiting).remove(request)
             self._finish(request, status)
             aborted.append(request)
         return aborted
@@ -283,13 +280,11 @@ class FCFSScheduler(Scheduler):
         if may_stop and token_id in params.stop_token_ids:
             request.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
-        if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+        eos = may_stop and not params.ignore_eos and token_id in request.eos_token_ids
+        if eos or any(p.is_finished for p in request.logits_processors):  # or its grammar took its last token
             return RequestStatus.FINISHED_STOPPED
-        if any(p.is_finished for p in request.logits_processors):  # its grammar took its last token
-            return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
+        at_max_tokens = params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
+        if at_max_tokens or request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -297,12 +292,9 @@ class FCFSScheduler(Scheduler):
         """Evict by recompute: drop its blocks and put it back in the waiting queue (its next schedule is
         `is_new`, with a fresh table). If it was already in this step's plan, take it out; returns the tokens
         that gives back to the step budget."""
-        returned = 0
-        for item in scheduled:
-            if item.request_id == request.request_id:
-                scheduled.remove(item)
-                returned = len(item.token_ids)
-                break
+        item = next((item for item in scheduled if item.request_id == request.request_id), None)
+        if item is not None:
+            scheduled.remove(item)
         self.running.remove(request)
         self.block_manager.free(request)
         request.status = RequestStatus.WAITING
@@ -312,7 +304,7 @@ class FCFSScheduler(Scheduler):
         preempted.append(request.request_id)
         self.waiting.insert(0, request)
         self.waiting.sort(key=self.waiting_order_key)
-        return returned
+        return 0 if item is None else len(item.token_ids)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
